@@ -1,0 +1,14 @@
+"""retentive: Retentive Networks (RetNet) for language and vision in PyTorch.
+
+The math lives in ``retentive.ops`` (``retention(q, k, v, decay, mode=...)``), the modules in
+``retentive.layers`` and the models in ``retentive.models``; the README shows the API.
+"""
+
+from . import ops
+from .layers import FeedForward, MultiScaleRetention, RetNetBlock
+from .models import RetNet
+from .ops import RetentionState, retention
+
+__version__ = "0.1.0"
+
+__all__ = ["FeedForward", "MultiScaleRetention", "RetNet", "RetNetBlock", "RetentionState", "ops", "retention"]

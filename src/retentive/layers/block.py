@@ -1,0 +1,58 @@
+"""The RetNet block (pre-norm): Y = X + MSR(LN(X)); X' = Y + FFN(LN(Y))."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import RetentionState
+from .feedforward import FeedForward
+from .retention import MultiScaleRetention
+
+
+class RetNetBlock(nn.Module):
+    """One RetNet layer.
+
+    Args:
+        dim_model, num_heads, value_factor, gate_fn: as in :class:`MultiScaleRetention`.
+        ffn_dim: hidden width of the FFN; ffn_activation: see :class:`FeedForward`.
+        dropout: on each residual branch (and in the FFN).
+        norm_eps: LayerNorm epsilon. msr_kwargs: further options of :class:`MultiScaleRetention`.
+    """
+
+    def __init__(
+        self,
+        dim_model: int,
+        num_heads: int,
+        ffn_dim: int,
+        *,
+        value_factor: int = 2,
+        gate_fn: str = "swish",
+        ffn_activation: str = "gelu",
+        ffn_bias: bool = True,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **msr_kwargs,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim_model, eps=norm_eps, **kw)
+        self.retention = MultiScaleRetention(dim_model, num_heads, gate_fn, value_factor, **msr_kwargs, **kw)
+        self.norm2 = nn.LayerNorm(dim_model, eps=norm_eps, **kw)
+        self.ffn = FeedForward(dim_model, ffn_dim, ffn_activation, ffn_bias, dropout, **kw)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, *, state: RetentionState | None = None, return_state: bool = False, **retention_kwargs
+    ) -> Tensor | tuple[Tensor, RetentionState]:
+        """x: (B, T, d) -> (B, T, d); ``retention_kwargs`` choose the form (see MultiScaleRetention)."""
+        h = self.norm1(x)
+        if return_state:
+            y, new_state = self.retention(h, state=state, return_state=True, **retention_kwargs)
+        else:
+            y = self.retention(h, state=state, **retention_kwargs)
+        x = x + self.dropout(y)
+        x = x + self.dropout(self.ffn(self.norm2(x)))
+        return (x, new_state) if return_state else x

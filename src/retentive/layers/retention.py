@@ -1,0 +1,205 @@
+"""Gated multi-scale retention (MSR), SPEC §5: MSR(X) = (gate(X W_G) ⊙ HeadNorm(retention)) W_O."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import MODES, RetentionState, apply_rotary, log_gamma, retention, rotary_cos_sin
+from ..ops.decay import DecaySpec
+
+GATES = {"swish": F.silu, "silu": F.silu, "gelu": F.gelu, "none": None}
+HEAD_NORMS = ("groupnorm", "rmsnorm", "layernorm", "none")
+
+
+class HeadNorm(nn.Module):
+    """Normalize each head's Dv features per token.
+
+    ``groupnorm``: GroupNorm with one group per head (paper), learnable per-channel affine.
+    ``rmsnorm``: RMS per head, no affine (later torchscale). ``layernorm``: per head, no affine.
+    ``none``: identity (ViR).
+    """
+
+    def __init__(self, kind: str, num_heads: int, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if kind not in HEAD_NORMS:
+            raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {kind!r}")
+        self.kind, self.eps, self.head_dim = kind, eps, head_dim
+        if kind == "groupnorm":
+            self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+            self.bias = nn.Parameter(torch.zeros(num_heads * head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, H, Dv) -> (B, T, H * Dv)."""
+        if self.kind == "rmsnorm":
+            x = F.rms_norm(x, (self.head_dim,), eps=self.eps)
+        elif self.kind in ("groupnorm", "layernorm"):
+            x = F.layer_norm(x, (self.head_dim,), eps=self.eps)
+        x = x.flatten(-2)
+        return x * self.weight + self.bias if self.kind == "groupnorm" else x
+
+
+class MultiScaleRetention(nn.Module):
+    """Multi-scale retention with a gate, a norm per head, and an output projection.
+
+    Args:
+        dim_model: d, the model width; dk = d / num_heads per head.
+        num_heads: H; each head has its own decay gamma.
+        gate_fn: ``"swish"`` (paper), ``"gelu"`` (seed repository) or ``"none"`` (no gate, ViR).
+        value_factor: W_V, W_G map d -> value_factor * d; dv = value_factor * d / H.
+        head_norm: ``"groupnorm"`` | ``"rmsnorm"`` | ``"layernorm"`` | ``"none"``.
+        decay: a schedule (``"retnet"``, ``"linspace"``) or one gamma per head.
+        rotary: rotate q and k by the paper's Theta at absolute positions.
+        bias: biases in the projections.
+        normalize_attn, normalize_retn: the decay and retention normalizations (SPEC §2), used when
+            forward does not say otherwise.
+    """
+
+    def __init__(
+        self,
+        dim_model: int,
+        num_heads: int,
+        gate_fn: str = "swish",
+        value_factor: int = 2,
+        *,
+        head_norm: str = "groupnorm",
+        decay: DecaySpec = "retnet",
+        rotary: bool = True,
+        bias: bool = False,
+        normalize_attn: bool = False,
+        normalize_retn: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if dim_model < 1 or num_heads < 1 or dim_model % num_heads:
+            raise ValueError(f"dim_model ({dim_model}) must be a positive multiple of num_heads ({num_heads})")
+        if not (isinstance(value_factor, int) and value_factor >= 1):
+            raise ValueError(f"value_factor must be an integer >= 1, got {value_factor!r}")
+        if gate_fn not in GATES:
+            raise ValueError(f"gate_fn must be one of {tuple(GATES)}, got {gate_fn!r}")
+        self.dim_model, self.num_heads = dim_model, num_heads
+        self.key_dim = dim_model // num_heads  # dk
+        self.value_dim = value_factor * dim_model // num_heads  # dv
+        if rotary and self.key_dim % 2:
+            raise ValueError(f"rotary needs an even head dim, got dim_model / num_heads = {self.key_dim}")
+        self.gate_fn, self.rotary = gate_fn, rotary
+        self.normalize_attn, self.normalize_retn = normalize_attn, normalize_retn
+        # gamma (H,) float64, kept out of parameters and buffers so that .to(bfloat16) cannot collapse it
+        self.gamma = log_gamma(decay, num_heads).exp()
+
+        kw = {"device": device, "dtype": dtype}
+        dv_all = value_factor * dim_model
+        self.q_proj = nn.Linear(dim_model, dim_model, bias=bias, **kw)
+        self.k_proj = nn.Linear(dim_model, dim_model, bias=bias, **kw)
+        self.v_proj = nn.Linear(dim_model, dv_all, bias=bias, **kw)
+        self.g_proj = nn.Linear(dim_model, dv_all, bias=bias, **kw) if GATES[gate_fn] else None
+        self.out_proj = nn.Linear(dv_all, dim_model, bias=bias, **kw)
+        self.head_norm = HeadNorm(head_norm, num_heads, self.value_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier init with gain 2^-1/2 on q, k, v, g (torchscale), plain Xavier on the output."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+            if proj is not None:
+                nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj):
+            if proj is not None and proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: str | None = "causal",
+        num_chunks: int | None = None,
+        normalize_attn: bool | None = None,
+        normalize_retn: bool | None = None,
+        *,
+        mode: str | None = None,
+        chunk_size: int | None = None,
+        state: RetentionState | None = None,
+        padding_mask: Tensor | None = None,
+        return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, RetentionState]:
+        """Apply MSR to ``x`` (B, T, d).
+
+        The form is chosen by ``mode`` (with ``chunk_size``) or, as in the seed repository, by
+        ``num_chunks``: None is the parallel form, k is the chunkwise form with ceil(T / k)-token chunks.
+        ``attn_mask="causal"`` is causal retention, None bidirectional. ``padding_mask`` (B, T), True on
+        real tokens, marks left padding: padded tokens add nothing to the state and each row's first real
+        token sits at position 0. Returns y (B, T, d), and the new state if ``return_state``.
+        """
+        mode, chunk_size = resolve_form(x, mode, chunk_size, num_chunks)
+        if attn_mask not in ("causal", None):
+            raise ValueError(f"attn_mask must be 'causal' or None (bidirectional), got {attn_mask!r}")
+        B, T, _ = x.shape
+        H, Dk, Dv = self.num_heads, self.key_dim, self.value_dim
+        if state is None and padding_mask is not None:
+            state = RetentionState.zeros(B, H, Dk, Dv, offset=-left_padding(padding_mask, T), device=x.device)
+
+        q = self.q_proj(x).view(B, T, H, Dk).transpose(1, 2)  # (B, H, T, Dk)
+        k = self.k_proj(x).view(B, T, H, Dk).transpose(1, 2)  # (B, H, T, Dk)
+        v = self.v_proj(x).view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
+        if padding_mask is not None:
+            keep = padding_mask[:, None, :, None].to(x.dtype)  # (B, 1, T, 1)
+            k, v = k * keep, v * keep
+        if self.rotary:
+            offset = 0 if state is None else state.offset[:, None]
+            positions = (offset + torch.arange(T, device=x.device)).expand(B, T)  # (B, T)
+            cos, sin = rotary_cos_sin(positions, Dk, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        o, new_state = retention(
+            q,
+            k,
+            v,
+            self.gamma,
+            mode=mode,
+            chunk_size=chunk_size,
+            state=state,
+            causal=attn_mask == "causal",
+            normalize_decay=self.normalize_attn if normalize_attn is None else normalize_attn,
+            normalize_retention=self.normalize_retn if normalize_retn is None else normalize_retn,
+            output_state=return_state,
+        )
+        y = self.head_norm(o.transpose(1, 2))  # (B, T, H * Dv)
+        if self.g_proj is not None:
+            y = GATES[self.gate_fn](self.g_proj(x)) * y
+        y = self.out_proj(y)  # (B, T, d)
+        return (y, new_state) if return_state else y
+
+
+def resolve_form(x: Tensor, mode: str | None, chunk_size: int | None, num_chunks: int | None) -> tuple[str, int]:
+    """(mode, chunk_size) from either the library's or the seed repository's arguments."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, length, dim_model), got shape {tuple(x.shape)}")
+    T = x.shape[1]
+    if num_chunks is not None:
+        if mode not in (None, "chunkwise"):
+            raise ValueError(f"num_chunks={num_chunks} asks for the chunkwise form but mode={mode!r}")
+        if not isinstance(num_chunks, int) or not 1 <= num_chunks <= T:
+            raise ValueError(
+                f"num_chunks must be an integer in [1, T={T}] (at most one chunk per token), got {num_chunks!r}"
+            )
+        return "chunkwise", math.ceil(T / num_chunks)
+    mode = "parallel" if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    chunk_size = 64 if chunk_size is None else chunk_size
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return mode, chunk_size
+
+
+def left_padding(padding_mask: Tensor, length: int) -> Tensor:
+    """Number of leading pad tokens per row, (B,); refuses masks that are not left padding."""
+    if padding_mask.shape[-1] != length or padding_mask.dim() != 2:
+        raise ValueError(f"padding_mask must be (batch, {length}), got shape {tuple(padding_mask.shape)}")
+    mask = padding_mask.bool()
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError("padding_mask must be left padding (zeros, then ones in each row): pad prompts on the left")
+    return (~mask).sum(-1)

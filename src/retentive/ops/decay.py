@@ -1,0 +1,92 @@
+"""Per-head decay (multi-scale gamma) and the decay sums used by the normalizations (SPEC §2-3).
+
+Everything is kept as ``log(gamma)`` in float32 (float64 for the float64 reference): in bf16 the
+gammas collapse to 1.0 and positions past 256 stop being distinct.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+SCHEDULES = ("retnet", "linspace")
+
+DecaySpec = str | Sequence[float] | Tensor
+
+
+def gamma_schedule(schedule: str, num_heads: int) -> Tensor:
+    """Per-head decay gamma, shape ``(num_heads,)``, float64.
+
+    ``"retnet"``: gamma_h = 1 - 2^(-5-h) (paper Eq. 8).
+    ``"linspace"``: gamma_h = 1 - exp(linspace(ln 1/32, ln 1/512, H)) (paper §3.1, ViR).
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    h = torch.arange(num_heads, dtype=torch.float64)
+    if schedule == "retnet":
+        return 1 - torch.pow(2.0, -5 - h)
+    if schedule == "linspace":
+        return 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64))
+    raise ValueError(f"decay schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def log_gamma(decay: DecaySpec, num_heads: int) -> Tensor:
+    """``log(gamma)`` per head, shape ``(num_heads,)``, float64 on the CPU.
+
+    Args:
+        decay: a schedule name (``"retnet"``, ``"linspace"``) or the gammas themselves, one per head,
+            each in (0, 1). Half-precision gammas are refused: they cannot hold 1 - 2^-12.
+        num_heads: H, the number of heads the gammas must cover.
+    """
+    if isinstance(decay, str):
+        if decay == "retnet":  # log1p keeps 1 - 2^-(5+h) exact even where float32 would round it to 1
+            return torch.log1p(-torch.pow(2.0, -5 - torch.arange(num_heads, dtype=torch.float64)))
+        return torch.log(gamma_schedule(decay, num_heads))
+    if isinstance(decay, Tensor) and decay.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"decay must be float32 or float64, got {decay.dtype}: gammas near 1 collapse in half precision"
+        )
+    gamma = torch.as_tensor(decay, dtype=torch.float64).detach().cpu()
+    if gamma.shape != (num_heads,):
+        raise ValueError(f"decay must have one gamma per head, shape ({num_heads},), got {tuple(gamma.shape)}")
+    if not bool(((gamma > 0) & (gamma < 1)).all()):
+        raise ValueError(f"every gamma in decay must lie in (0, 1), got {gamma.tolist()}")
+    return torch.log(gamma)
+
+
+def decay_powers(log_g: Tensor, exponents: Tensor) -> Tensor:
+    """gamma^e as exp(e * log gamma), e >= 0 (never a negative power, which overflows).
+
+    Args:
+        log_g: (H,)
+        exponents: (...,) non-negative
+    Returns:
+        (H, ...)
+    """
+    return torch.exp(log_g.view(-1, *([1] * exponents.dim())) * exponents)
+
+
+def causal_decay_matrix(log_g: Tensor, length: int) -> Tensor:
+    """D_nm = gamma^(n-m) for n >= m, else 0. Returns (H, length, length)."""
+    idx = torch.arange(length, device=log_g.device, dtype=log_g.dtype)
+    delta = idx[:, None] - idx[None, :]  # (L, L)
+    return decay_powers(log_g, delta.clamp(min=0)) * (delta >= 0)
+
+
+def decay_sum(log_g: Tensor, positions: Tensor) -> Tensor:
+    """c_n = sum_{m=0..n} gamma^(n-m) = (1 - gamma^(n+1)) / (1 - gamma), at absolute positions n.
+
+    Positions below 0 (left padding) are clamped to 0 so that padded rows stay finite.
+
+    Args:
+        log_g: (H,)
+        positions: (B, T) integer positions
+    Returns:
+        (B, H, T)
+    """
+    n1 = positions.clamp(min=0).to(log_g.dtype)[:, None, :] + 1  # (B, 1, T)
+    lg = log_g.view(1, -1, 1)
+    return torch.expm1(n1 * lg) / torch.expm1(lg)

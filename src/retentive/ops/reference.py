@@ -1,0 +1,160 @@
+"""Retention in plain PyTorch: the spec in code (SPEC §1-2).
+
+Every form returns the *unnormalized* pieces, so that the normalizations of SPEC §2 are applied
+once, identically, by :func:`retentive.ops.retention`:
+
+    o_n = sum_{m<=n} gamma^(n-m) (q_n . k_m) v_m      (numerator, (B, H, T, Dv))
+    r_n = sum_{m<=n} gamma^(n-m) (q_n . k_m)          (row sum, (B, H, T), = q_n . z_n)
+
+plus the final state (S, z). q is expected already scaled and rotated. All inputs share one dtype,
+float32 or float64 (the public function upcasts half precision), so state and sums accumulate there.
+
+``naive`` builds the whole T x T matrix straight from the definition (normalizations included) and is
+the independent truth the tests use in float64.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .decay import causal_decay_matrix, decay_powers
+
+
+class Pieces(NamedTuple):
+    o: Tensor  # (B, H, T, Dv) unnormalized output
+    r: Tensor | None  # (B, H, T) row sums q_n . z_n, when asked for
+    S: Tensor  # (B, H, Dk, Dv) final state
+    z: Tensor  # (B, H, Dk) final key sum
+
+
+def naive(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    *,
+    causal: bool = True,
+    normalize_decay: bool = False,
+    normalize_retention: bool = False,
+) -> Tensor:
+    """O = (Q K^T ⊙ D̃) V / max(|row sum|, 1), by definition, with no state. Returns (B, H, T, Dv)."""
+    T = q.shape[-2]
+    idx = torch.arange(T, device=q.device, dtype=q.dtype)
+    delta = idx[:, None] - idx[None, :]
+    D = decay_powers(log_g, delta.abs())  # (H, T, T)
+    if causal:
+        D = D * (delta >= 0)
+    if normalize_decay:
+        D = D / D.sum(-1, keepdim=True).sqrt()
+    R = (q @ k.transpose(-1, -2)) * D  # (B, H, T, T)
+    if normalize_retention:
+        R = R / R.sum(-1, keepdim=True).abs().clamp(min=1)
+    return R @ v
+
+
+def chunk_pieces(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, S: Tensor | None, z: Tensor | None, *, with_rowsum: bool
+) -> Pieces:
+    """Chunkwise recurrent form over N equal chunks at once (SPEC §1, the mamba ``ssd_minimal`` way).
+
+    Args:
+        q, k: (B, H, N, C, Dk); v: (B, H, N, C, Dv): N chunks of C tokens.
+        log_g: (H,); S: (B, H, Dk, Dv) and z: (B, H, Dk) the state before the first chunk, or None.
+    Returns:
+        Pieces with o: (B, H, N, C, Dv), r: (B, H, N, C).
+    """
+    B, H, N, C, Dk = q.shape
+    Dv = v.shape[-1]
+    j = torch.arange(C, device=q.device, dtype=q.dtype)
+    D = causal_decay_matrix(log_g, C)[:, None]  # (H, 1, C, C)
+    g_in = decay_powers(log_g, j + 1)[:, None, :, None]  # (H, 1, C, 1) gamma^(j+1): state -> token j
+    g_out = decay_powers(log_g, C - 1 - j)[:, None, :, None]  # (H, 1, C, 1) gamma^(C-1-l): token l -> end
+    g_chunk = torch.exp(log_g * C)[:, None]  # (H, 1) gamma^C: across one chunk
+
+    # 1. inside each chunk: the parallel form
+    A = (q @ k.transpose(-1, -2)) * D  # (B, H, N, C, C)
+    o = A @ v  # (B, H, N, C, Dv)
+    r = A.sum(-1) if with_rowsum else None  # (B, H, N, C)
+
+    # 2. what each chunk adds to the state, decayed to its end
+    k_out = k * g_out  # (B, H, N, C, Dk)
+    kv = k_out.transpose(-1, -2) @ v  # (B, H, N, Dk, Dv)
+    ks = k_out.sum(-2)  # (B, H, N, Dk)
+
+    # 3. the state entering each chunk: a short scan over chunks
+    S = q.new_zeros(B, H, Dk, Dv) if S is None else S
+    z = q.new_zeros(B, H, Dk) if z is None else z
+    S_in, z_in = [], []
+    for i in range(N):
+        S_in.append(S)
+        z_in.append(z)
+        S = g_chunk[..., None] * S + kv[:, :, i]  # (B, H, Dk, Dv)
+        z = g_chunk * z + ks[:, :, i]
+    S_in = torch.stack(S_in, dim=2)  # (B, H, N, Dk, Dv)
+    z_in = torch.stack(z_in, dim=2)  # (B, H, N, Dk)
+
+    # 4. across chunks: what the state brings to each token
+    q_in = q * g_in  # (B, H, N, C, Dk)
+    o = o + q_in @ S_in
+    if with_rowsum:
+        r = r + (q_in @ z_in[..., None]).squeeze(-1)
+    return Pieces(o, r, S, z)
+
+
+def chunkwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    S: Tensor | None,
+    z: Tensor | None,
+    *,
+    chunk_size: int,
+    with_rowsum: bool,
+) -> Pieces:
+    """Chunks of ``chunk_size`` tokens; the last one is shorter when chunk_size does not divide T.
+
+    The parallel form is the case chunk_size >= T: one chunk, with the carried state as cross term.
+    Args: q, k (B, H, T, Dk); v (B, H, T, Dv). Returns Pieces with o (B, H, T, Dv), r (B, H, T).
+    """
+    T = q.shape[-2]
+    C = min(chunk_size, T)
+    full = T - T % C
+    outs = []
+    for start, end, n in ((0, full, full // C), (full, T, 1)):  # the full chunks, then the short one
+        if end == start:
+            continue
+        q_, k_, v_ = (x[:, :, start:end].unflatten(2, (n, -1)) for x in (q, k, v))  # (B, H, n, C', D)
+        p = chunk_pieces(q_, k_, v_, log_g, S, z, with_rowsum=with_rowsum)
+        S, z = p.S, p.z
+        outs.append(p)
+    o = torch.cat([p.o.flatten(2, 3) for p in outs], dim=2)
+    r = torch.cat([p.r.flatten(2, 3) for p in outs], dim=2) if with_rowsum else None
+    return Pieces(o, r, S, z)
+
+
+def recurrent(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, S: Tensor | None, z: Tensor | None, *, with_rowsum: bool
+) -> Pieces:
+    """One token at a time: S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n; z_n = gamma z_{n-1} + k_n.
+
+    Args: q, k (B, H, T, Dk); v (B, H, T, Dv). Returns Pieces with o (B, H, T, Dv), r (B, H, T).
+    """
+    B, H, T, Dk = q.shape
+    gamma = log_g.exp()[:, None]  # (H, 1)
+    S = q.new_zeros(B, H, Dk, v.shape[-1]) if S is None else S
+    z = q.new_zeros(B, H, Dk) if z is None else z
+    outs, rows = [], []
+    for t in range(T):
+        q_t, k_t = q[:, :, t], k[:, :, t]  # (B, H, Dk)
+        S = gamma[..., None] * S + k_t[..., :, None] * v[:, :, t, None, :]  # (B, H, Dk, Dv)
+        z = gamma * z + k_t
+        outs.append((q_t[..., None, :] @ S).squeeze(-2))  # (B, H, Dv)
+        if with_rowsum:
+            rows.append((q_t * z).sum(-1))  # (B, H)
+    o = torch.stack(outs, dim=2)
+    r = torch.stack(rows, dim=2) if with_rowsum else None
+    return Pieces(o, r, S, z)

@@ -1,0 +1,109 @@
+"""``retention(q, k, v, decay, mode=...)``: the one entry point to the three forms (SPEC §1-4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .decay import DecaySpec, decay_sum, log_gamma
+from .state import RetentionState
+
+Mode = Literal["parallel", "chunkwise", "recurrent"]
+MODES = ("parallel", "chunkwise", "recurrent")
+
+
+def retention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: DecaySpec = "retnet",
+    *,
+    mode: Mode = "parallel",
+    chunk_size: int = 64,
+    state: RetentionState | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    normalize_decay: bool = False,
+    normalize_retention: bool = False,
+    output_state: bool = False,
+) -> tuple[Tensor, RetentionState | None]:
+    """Multi-scale retention of every head, in any of its three forms; they agree up to rounding.
+
+    o_n = sum_{m<=n} gamma^(n-m) (q_n . k_m) v_m, optionally normalized (SPEC §2):
+    ``normalize_decay`` divides row n by sqrt(c_n), c_n = sum_{m<=n} gamma^(n-m);
+    ``normalize_retention`` then divides it by max(|sum_m of its retention scores|, 1).
+
+    Args:
+        q, k: (B, H, T, Dk), already rotated (see :mod:`retentive.ops.rotary`).
+        v: (B, H, T, Dv), same dtype as q and k.
+        decay: a schedule (``"retnet"``, ``"linspace"``) or one gamma per head in (0, 1).
+        mode: ``"parallel"`` (training), ``"chunkwise"`` (long sequences), ``"recurrent"`` (decoding).
+        chunk_size: tokens per chunk in the chunkwise form, >= 1; need not divide T.
+        state: what an earlier call returned, to continue a stream; None starts at position 0.
+        causal: False gives bidirectional retention, D_nm = gamma^|n-m| (SPEC §4); no state then.
+        scale: multiplies q . k; defaults to Dk^-1/2.
+        output_state: also return the state after the last token.
+    Returns:
+        o: (B, H, T, Dv) in the dtype of v.
+        state: the new :class:`RetentionState` (S, z in float32, or float64 for float64 inputs), or None.
+    """
+    _check(q, k, v, mode, chunk_size, state, causal)
+    B, H, T, Dk = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)  # half precision computes, and keeps state, in float32
+    log_g = log_gamma(decay, H).to(q.device, dtype)
+    scale = Dk**-0.5 if scale is None else scale
+    q, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
+    S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
+    offset = torch.zeros(B, dtype=torch.long, device=q.device) if state is None else state.offset
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> reference.Pieces:
+        if mode == "recurrent":
+            return reference.recurrent(q, k, v, log_g, S, z, with_rowsum=normalize_retention)
+        size = T if mode == "parallel" else chunk_size
+        return reference.chunkwise(q, k, v, log_g, S, z, chunk_size=size, with_rowsum=normalize_retention)
+
+    p = run(q, k, v)
+    o, r = p.o, p.r
+    positions = offset[:, None] + torch.arange(T, device=q.device)  # (B, T)
+    c = decay_sum(log_g, positions) if normalize_decay else None  # (B, H, T)
+    if not causal:  # forward pass + backward pass - the diagonal counted twice
+        back = run(q.flip(2), k.flip(2), v.flip(2))
+        qk = (q * k).sum(-1)  # (B, H, T)
+        o = o + back.o.flip(2) - qk[..., None] * v
+        r = r + back.r.flip(2) - qk if normalize_retention else None
+        c = c + c.flip(2) - 1 if normalize_decay else None
+
+    if normalize_decay:
+        o = o / c.sqrt()[..., None]
+        r = r / c.sqrt() if normalize_retention else None
+    if normalize_retention:
+        o = o / r.abs().clamp(min=1)[..., None]
+    new_state = RetentionState(p.S, p.z, offset + T) if output_state and causal else None
+    return o.to(v.dtype), new_state
+
+
+def _check(
+    q: Tensor, k: Tensor, v: Tensor, mode: str, chunk_size: int, state: RetentionState | None, causal: bool
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, length, dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}: cast them first")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must match q in (batch, heads, length), got {tuple(v.shape[:3])} and {tuple(q.shape[:3])}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "chunkwise" and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if state is not None:
+        if not causal:
+            raise ValueError("bidirectional retention (causal=False) carries no state: pass state=None")
+        state.check(q.shape[0], q.shape[1], q.shape[3], v.shape[3])
