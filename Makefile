@@ -20,8 +20,8 @@ demo: setup
 	$(VENV)/bin/retentive demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup lint
 	$(PY) -m pytest -q
