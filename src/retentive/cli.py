@@ -1,9 +1,12 @@
-"""Command line: ``retentive demo``."""
+"""Command line: ``retentive demo`` | ``retentive bench``."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +44,18 @@ def demo(args: argparse.Namespace) -> None:
             print(f"  position {context:>6,}: {1e3 * times[len(times) // 2]:.3f} ms/token, state {state_bytes:,} bytes")
 
 
+def bench(args: argparse.Namespace, extra: list[str]) -> None:
+    """Run benchmarks/run.py (speed) or benchmarks/quality.py (``--quality``) from the source checkout."""
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / ("quality.py" if args.quality else "run.py")
+    if not script.exists():
+        raise SystemExit(f"retentive bench runs from a source checkout; {script} is missing (git clone the repository)")
+    python = args.python or sys.executable
+    extra = (["--quick"] if args.quick else []) + extra
+    print(f"$ {python} {script.relative_to(root)} {' '.join(extra)}", flush=True)
+    raise SystemExit(subprocess.call([python, str(script), *extra], cwd=root))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="retentive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,8 +63,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 8192])
     p.add_argument("--steps", type=int, default=50)
     p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
-    args.func(args)
+    p = sub.add_parser(
+        "bench",
+        help="RetNet vs the Transformer vs the peers: tables, JSON and plots in docs/ (other options go to the script)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    p.add_argument("--quality", action="store_true", help="the perplexity comparison instead of speed")
+    p.add_argument("--python", help="the interpreter to run under (the peers' environment: .venv-peers/bin/python)")
+    p.set_defaults(func=bench)
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "bench" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "bench":
+        args.func(args, extra)
+    else:
+        args.func(args)
 
 
 if __name__ == "__main__":
