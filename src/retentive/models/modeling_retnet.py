@@ -7,10 +7,13 @@ is a :class:`RetNetCache`: one retention state per layer, whose size does not de
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -31,6 +34,26 @@ class RetNetPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules: ClassVar[list[str]] = [RetNetBlock.__name__]
     _is_stateful = True  # the cache cannot be rolled back: no assisted decoding
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """Load a model saved with ``save_pretrained`` from a local directory (nothing is downloaded).
+
+        A missing directory or a missing, truncated or corrupt weights file raises OSError naming the path.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such checkpoint directory (write one with model.save_pretrained)")
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path / 'model.safetensors'}: no weights file in the checkpoint directory")
+        for file in files:
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except Exception as e:
+                raise OSError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
+        return super().from_pretrained(path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
