@@ -213,15 +213,15 @@ def test_beam_search_shapes_and_scores_match_the_parallel_form(model: RetNetForC
 def test_tiny_model_overfits_one_batch() -> None:
     model = small_model(torch.float32, dim_model=64).train()
     ids = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None
-    for _ in range(120):
+    for _ in range(60):
         loss = model(ids, labels=ids).loss
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert first > 3.5 and loss.item() < 0.1, (first, loss.item())
+    assert first > 3.5 and loss.item() < 0.05, (first, loss.item())
 
 
 # --- save / load ------------------------------------------------------------------------------------------------
