@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
-from retentive import RetNetConfig, RetNetForCausalLM
+from retentive import MultiScaleRetention, RetNetConfig, RetNetForCausalLM
 from retentive.models import RetNetCache
 
 logging.disable_progress_bar()
@@ -128,6 +129,20 @@ def test_greedy_generate_equals_the_parallel_argmax_at_every_step(model: RetNetF
     parallel = model(seq, mode="parallel", use_cache=False).logits[0, 6:-1]  # (12, V): the logits behind each new token
     assert torch.equal(parallel.argmax(-1), seq[0, 7:])
     torch.testing.assert_close(torch.cat(out.logits), parallel.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_prefills_in_the_chunkwise_form_then_steps_recurrently(model: RetNetForCausalLM) -> None:
+    calls = []
+    forward = MultiScaleRetention.forward
+
+    def spy(self, x, *args, **kwargs):
+        calls.append((kwargs["mode"], kwargs["chunk_size"], x.shape[1]))
+        return forward(self, x, *args, **kwargs)
+
+    with mock.patch.object(MultiScaleRetention, "forward", spy):
+        model.generate(prompts([10])[0], max_new_tokens=3, do_sample=False)
+    chunk = model.config.chunk_size
+    assert calls == [("chunkwise", chunk, 10)] * 2 + [("recurrent", chunk, 1)] * 4  # 2 layers; token 3 is never read
 
 
 def test_generation_stops_at_eos_and_max_length(model: RetNetForCausalLM) -> None:

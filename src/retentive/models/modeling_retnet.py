@@ -176,6 +176,8 @@ class RetNetModel(RetNetPreTrainedModel):
                 f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per row "
                 "(for generate(), a prompt of at least one token, e.g. the BOS token)"
             )
+        if torch.compiler.is_compiling():  # reading values back would break the graph
+            return
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
