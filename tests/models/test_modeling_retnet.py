@@ -82,6 +82,19 @@ def test_float32_forms_agree_within_float32_tolerance() -> None:
         torch.testing.assert_close(model(ids, mode=mode, use_cache=False).logits, parallel, rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_model_keeps_a_float32_state_and_follows_the_float32_model() -> None:
+    model = small_model(torch.float32)
+    half = small_model(torch.float32).to(torch.bfloat16)
+    ids = prompts([40])[0]
+    want = model(ids, use_cache=False).logits
+    out = half(ids, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16
+    assert all(s.S.dtype == s.z.dtype == torch.float32 for s in out.past_key_values.states)
+    torch.testing.assert_close(out.logits.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    step = half(ids[:, :1], past_key_values=out.past_key_values).logits
+    assert step.dtype == torch.bfloat16 and bool(step.isfinite().all())
+
+
 def test_prefill_then_cached_steps_equal_the_full_forward_with_left_padding(model: RetNetForCausalLM) -> None:
     rows = prompts([11, 4, 8])
     ids, mask = left_pad(rows)
