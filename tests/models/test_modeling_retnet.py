@@ -158,6 +158,15 @@ def test_generate_prefills_in_the_chunkwise_form_then_steps_recurrently(model: R
     assert calls == [("chunkwise", chunk, 10)] * 2 + [("recurrent", chunk, 1)] * 4  # 2 layers; token 3 is never read
 
 
+def test_generation_continues_from_its_returned_cache(model: RetNetForCausalLM) -> None:
+    prompt = prompts([7], seed=5)[0]
+    whole = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    first = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert first.past_key_values.get_seq_length() == 11  # the last generated token is not read yet
+    rest = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=7, do_sample=False)
+    assert torch.equal(rest, whole)
+
+
 def test_generation_stops_at_eos_and_max_length(model: RetNetForCausalLM) -> None:
     prompt = prompts([5])[0]
     free = model.generate(prompt, max_new_tokens=8, do_sample=False)
