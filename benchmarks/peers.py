@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retentive import RetentionState, RetNet
+from retentive import RetentionState
 from retentive.baselines import count_parameters, llama_config_matching
+from retentive.models import RetNetCache, RetNetConfig, RetNetForCausalLM
 
 
 @dataclass(frozen=True)
@@ -51,56 +52,54 @@ def shift_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
 
 
-class BackboneLM(nn.Module):
-    """Token embedding, the :class:`retentive.RetNet` backbone, an output head (until RetNetForCausalLM)."""
-
-    def __init__(self, dims: Dims) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(dims.vocab_size, dims.dim_model)
-        self.net = RetNet(dims.num_layers, dims.num_heads, dims.dim_model)
-        self.head = nn.Linear(dims.dim_model, dims.vocab_size, bias=False)
-
-    def forward(self, tokens: Tensor, **kwargs) -> Tensor | tuple[Tensor, list[RetentionState]]:
-        """tokens (B, T) -> logits (B, T, V), and the state if ``return_state``; kwargs go to RetNet."""
-        out = self.net(self.embed(tokens), **kwargs)
-        if kwargs.get("return_state"):
-            return self.head(out[0]), out[1]
-        return self.head(out)
+def retnet_config(dims: Dims, **overrides) -> RetNetConfig:
+    """retentive's RetNetConfig at ``dims`` (FFN 2d, value factor 2: 12d² per layer); the head is untied,
+    as the peers' heads are, so that every model holds the same embedding parameters."""
+    return RetNetConfig(
+        vocab_size=dims.vocab_size,
+        dim_model=dims.dim_model,
+        num_layers=dims.num_layers,
+        num_heads=dims.num_heads,
+        tie_word_embeddings=False,
+        **overrides,
+    )
 
 
 class Retentive:
-    """This library: chunkwise prefill, recurrent decode; training in ``mode`` (parallel | chunkwise)."""
+    """This library's RetNetForCausalLM: chunkwise prefill, recurrent decode; training in ``mode``."""
 
     name = "retentive"
 
     def __init__(self, dims: Dims, mode: str = "chunkwise", chunk_size: int = 256) -> None:
         self.dims, self.mode, self.chunk_size = dims, mode, chunk_size
-        self.model = BackboneLM(dims)
+        self.model = RetNetForCausalLM(retnet_config(dims, chunk_size=chunk_size))
 
-    def prefill(self, tokens: Tensor) -> list[RetentionState]:
-        _, state = self.model(tokens, mode="chunkwise", chunk_size=self.chunk_size, return_state=True)
-        return state
+    def prefill(self, tokens: Tensor) -> RetNetCache:
+        return self.model(tokens, use_cache=True, mode="chunkwise", logits_to_keep=1).past_key_values
 
-    def synthetic_state(self, batch_size: int, context: int) -> list[RetentionState]:
-        msr = self.model.net.blocks[0].retention
-        H, Dk, Dv = msr.num_heads, msr.key_dim, msr.value_dim
-        return [
+    def synthetic_state(self, batch_size: int, context: int) -> RetNetCache:
+        cfg = self.model.config
+        dk, dv = cfg.head_dims
+        states = [
             RetentionState(
-                torch.randn(batch_size, H, Dk, Dv), torch.randn(batch_size, H, Dk), torch.full((batch_size,), context)
+                torch.randn(batch_size, cfg.num_heads, dk, dv),
+                torch.randn(batch_size, cfg.num_heads, dk),
+                torch.full((batch_size,), context),
             )
-            for _ in range(self.dims.num_layers)
+            for _ in range(cfg.num_layers)
         ]
+        return RetNetCache(states, seen_tokens=context)
 
-    def decode_step(self, token: Tensor, state: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
-        logits, state = self.model(token, mode="recurrent", state=state, return_state=True)
-        return logits[:, -1], state
+    def decode_step(self, token: Tensor, state: RetNetCache) -> tuple[Tensor, RetNetCache]:
+        out = self.model(token, past_key_values=state, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
 
     def train_loss(self, tokens: Tensor) -> Tensor:
-        return shift_loss(self.model(tokens, mode=self.mode, chunk_size=self.chunk_size), tokens)
+        return shift_loss(self.model(tokens, mode=self.mode, use_cache=False).logits, tokens)
 
     @staticmethod
-    def cache_bytes(state: list[RetentionState]) -> int:
-        return sum(s.nbytes() for s in state)
+    def cache_bytes(state: RetNetCache) -> int:
+        return state.nbytes()
 
 
 class Transformer:
@@ -112,7 +111,7 @@ class Transformer:
         from transformers import LlamaForCausalLM
 
         self.dims = dims
-        target = count_parameters(BackboneLM(dims))
+        target = count_parameters(RetNetForCausalLM(retnet_config(dims)))
         config = llama_config_matching(dims.dim_model, dims.num_layers, dims.num_heads, dims.vocab_size, target)
         self.model = LlamaForCausalLM(config)
 
@@ -188,7 +187,7 @@ class TorchScale:
             )
             return RetNetDecoder(cfg, embed_tokens=nn.Embedding(dims.vocab_size, dims.dim_model))
 
-        ffn = solve_width(build, count_parameters(BackboneLM(dims)))
+        ffn = solve_width(build, count_parameters(RetNetForCausalLM(retnet_config(dims))))
         self.model = build(ffn)
         self.position = 0
 
@@ -253,7 +252,7 @@ class YetAnotherRetNet:
                 dims.vocab_size, dims.dim_model, dims.num_heads, dims.num_layers, dropout=0.0, dim_feedforward=ffn
             )
 
-        self.model = build(solve_width(build, count_parameters(BackboneLM(dims))))
+        self.model = build(solve_width(build, count_parameters(RetNetForCausalLM(retnet_config(dims)))))
 
     def _chunks(self, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
         states: list[Tensor] = []

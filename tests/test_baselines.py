@@ -7,7 +7,15 @@ from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 from retentive import RetNet
-from retentive.baselines import count_parameters, llama_config_matching, retnet_preset_for
+from retentive.baselines import (
+    count_parameters,
+    llama_config_matching,
+    model_from_preset,
+    retnet_preset_for,
+    transformer_config_from_preset,
+    transformer_presets,
+)
+from retentive.models import RetNetConfig, RetNetForCausalLM
 
 
 @settings(max_examples=8, deadline=None)
@@ -57,3 +65,35 @@ def test_preset_names_mirror_retnet():
     assert retnet_preset_for("transformer-tiny") == "retnet-tiny"
     with pytest.raises(ValueError, match="transformer-"):
         retnet_preset_for("retnet-tiny")
+
+
+@pytest.mark.parametrize("name", ["transformer-tiny", "transformer-small", "transformer-1.3b"])
+def test_presets_mirror_the_retnet_presets(name):
+    retnet_cfg = RetNetConfig.from_preset(retnet_preset_for(name))
+    config = transformer_config_from_preset(name)
+    with torch.device("meta"):
+        want = count_parameters(RetNetForCausalLM(retnet_cfg))
+        got = count_parameters(LlamaForCausalLM(config))
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size) == (
+        retnet_cfg.dim_model,
+        retnet_cfg.num_layers,
+        retnet_cfg.num_heads,
+        retnet_cfg.vocab_size,
+    )
+    assert config.tie_word_embeddings == retnet_cfg.tie_word_embeddings
+    assert abs(got - want) <= 0.02 * want
+
+
+def test_every_retnet_preset_has_a_baseline_and_one_trainer_api():
+    assert "transformer-tiny" in transformer_presets() and len(transformer_presets()) >= 3
+    tokens = torch.randint(0, 64, (2, 9))
+    for name in ("retnet-tiny", "transformer-tiny"):
+        model = model_from_preset(name, vocab_size=64)
+        out = model(input_ids=tokens, labels=tokens)
+        assert out.logits.shape == (2, 9, 64) and out.loss.ndim == 0
+    with torch.device("meta"):
+        retnet, twin = (
+            model_from_preset("retnet-tiny", vocab_size=64),
+            model_from_preset("transformer-tiny", vocab_size=64),
+        )
+    assert abs(count_parameters(twin) - count_parameters(retnet)) <= 0.02 * count_parameters(retnet)

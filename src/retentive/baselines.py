@@ -4,8 +4,8 @@ The baseline is the implementation users already trust (SDPA attention, rotary p
 configured with the RetNet's width d, depth, heads and vocabulary; only the MLP width is solved so that
 the parameter counts agree (within 2%, in practice within a few hundred parameters).
 
-    >>> from retentive.baselines import transformer_from_preset
-    >>> model = transformer_from_preset("transformer-tiny")   # mirrors retnet-tiny
+    >>> from retentive.baselines import model_from_preset
+    >>> model = model_from_preset("transformer-tiny")   # mirrors retnet-tiny; "retnet-tiny" gives the RetNet
 """
 
 from __future__ import annotations
@@ -80,6 +80,13 @@ def transformer_matching(model: nn.Module, dim_model: int, num_layers: int, num_
     return LlamaForCausalLM(config)
 
 
+def transformer_presets() -> tuple[str, ...]:
+    """The baseline presets, one per RetNet preset: ``transformer-tiny``, ``transformer-small``, ..."""
+    from .models import PRESETS
+
+    return tuple(PREFIX + name.removeprefix("retnet-") for name in PRESETS)
+
+
 def retnet_preset_for(name: str) -> str:
     """The RetNet preset a baseline preset mirrors: ``"transformer-tiny"`` -> ``"retnet-tiny"``."""
     if not name.startswith(PREFIX):
@@ -87,11 +94,17 @@ def retnet_preset_for(name: str) -> str:
     return "retnet-" + name.removeprefix(PREFIX)
 
 
-def transformer_config_from_preset(name: str) -> LlamaConfig:
-    """The ``LlamaConfig`` of ``transformer-<size>``, matched to ``RetNetConfig.from_preset("retnet-<size>")``."""
+def transformer_config_from_preset(name: str, **overrides) -> LlamaConfig:
+    """The ``LlamaConfig`` of ``transformer-<size>``: the twin of ``RetNetConfig.from_preset("retnet-<size>")``.
+
+    Args:
+        name: ``"transformer-<size>"`` for each RetNet preset ``"retnet-<size>"``.
+        overrides: RetNetConfig fields changed before matching (e.g. ``vocab_size`` of a trained tokenizer),
+            so that the twin of the changed RetNet is built.
+    """
     from .models import RetNetConfig, RetNetForCausalLM
 
-    cfg = RetNetConfig.from_preset(retnet_preset_for(name))
+    cfg = RetNetConfig.from_preset(retnet_preset_for(name), **overrides)
     with torch.device("meta"):
         target = count_parameters(RetNetForCausalLM(cfg))
     return llama_config_matching(
@@ -105,10 +118,19 @@ def transformer_config_from_preset(name: str) -> LlamaConfig:
 
 
 def transformer_from_preset(name: str, **overrides) -> LlamaForCausalLM:
-    """A freshly initialized ``LlamaForCausalLM`` for ``transformer-<size>``; ``overrides`` set config fields."""
-    config = transformer_config_from_preset(name)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ValueError(f"LlamaConfig has no field {key!r}")
-        setattr(config, key, value)
-    return LlamaForCausalLM(config)
+    """A freshly initialized ``LlamaForCausalLM`` for ``transformer-<size>`` (overrides: RetNetConfig fields)."""
+    return LlamaForCausalLM(transformer_config_from_preset(name, **overrides))
+
+
+def model_from_preset(name: str, **overrides) -> nn.Module:
+    """A fresh causal LM for any preset: ``retnet-*`` (RetNetForCausalLM) or ``transformer-*`` (its Llama twin).
+
+    ``overrides`` are RetNetConfig fields (``vocab_size=...``); a Transformer is matched to the changed RetNet.
+
+    Both take ``model(input_ids=..., labels=...)`` and return ``.loss`` and ``.logits``, so one trainer trains either.
+    """
+    if name.startswith(PREFIX):
+        return transformer_from_preset(name, **overrides)
+    from .models import RetNetConfig, RetNetForCausalLM
+
+    return RetNetForCausalLM(RetNetConfig.from_preset(name, **overrides))
