@@ -119,7 +119,8 @@ class RetNetModel(RetNetPreTrainedModel):
         """Hidden states of ``input_ids`` (B, T), continuing ``past_key_values`` if given.
 
         Args:
-            input_ids: (B, T) token ids in [0, vocab_size).
+            input_ids: (B, T) token ids in [0, vocab_size); others raise ValueError (on accelerators, only
+                without a filled cache: checking every decoded token would cost a host sync per token).
             attention_mask: (B, T) 1 on real tokens, 0 on LEFT padding. Padding belongs to the first call of
                 a stream: padded tokens add nothing to the state and each row's positions start at its first
                 real token. With a cache that already holds a state, the mask is ignored.
@@ -132,12 +133,14 @@ class RetNetModel(RetNetPreTrainedModel):
             BaseModelOutputWithPast with last_hidden_state (B, T, d) and past_key_values (or None).
         """
         _reject_unused(kwargs)
-        self._check_input_ids(input_ids)
-        B, T = input_ids.shape
         if past_key_values is not None and not isinstance(past_key_values, RetNetCache):
             raise TypeError(
                 f"past_key_values must be a RetNetCache (what this model returns), got {type(past_key_values).__name__}"
             )
+        # reading ids back is a host sync; on accelerators the decoding steps after a cache skip it
+        check_range = input_ids.device.type == "cpu" or past_key_values is None or past_key_values.states is None
+        self._check_input_ids(input_ids, check_range)
+        B, T = input_ids.shape
         if use_cache is None:
             use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
         states = None if past_key_values is None else past_key_values.states
@@ -165,7 +168,7 @@ class RetNetModel(RetNetPreTrainedModel):
             return (x,) if cache is None else (x, cache)
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
 
-    def _check_input_ids(self, input_ids: Tensor) -> None:
+    def _check_input_ids(self, input_ids: Tensor, check_range: bool) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {shape}")
@@ -176,7 +179,7 @@ class RetNetModel(RetNetPreTrainedModel):
                 f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per row "
                 "(for generate(), a prompt of at least one token, e.g. the BOS token)"
             )
-        if torch.compiler.is_compiling():  # reading values back would break the graph
+        if not check_range or torch.compiler.is_compiling():  # reading values back would break the graph
             return
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
         if lo < 0 or hi >= self.config.vocab_size:
