@@ -94,7 +94,8 @@ def demo(args: argparse.Namespace) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a RetNet language model on a text corpus (torchrun for several processes)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="retnet-tiny", help="RetNetConfig preset (default retnet-tiny)")
+    g.add_argument("--preset", default="retnet-tiny",
+                   help="RetNetConfig preset (default retnet-tiny), or transformer-<size>: its Llama twin")  # fmt: skip
     g.add_argument("--config", default=None, help="a RetNetConfig config.json, instead of the preset")
     g.add_argument("--set", type=_model_override, action="append", default=[], metavar="KEY=VALUE",
                    help="change one config field, e.g. --set dropout=0.1 (repeatable)")  # fmt: skip
