@@ -118,7 +118,7 @@ def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
     missing = {m: peers.available(m) for m in models if peers.available(m)}
     present = [m for m in models if m not in missing]
     results: dict = {"plan": plan, "missing": missing, "decode": {}, "prefill": {}, "train": {}}
-    results["matmul"] = one({"task": "matmul", "n": plan["matmul_n"]})
+    matmul = one({"task": "matmul", "n": plan["matmul_n"]})
     for model in present:
         decode = {"task": "decode", "model": model, "batch": plan["decode_batch"], "steps": plan["decode_steps"]}
         results["decode"][model] = {str(c): one(decode | {"context": c}) for c in plan["contexts"]}
@@ -143,6 +143,8 @@ def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
                 cell |= memory if "error" not in memory else {"memory_error": memory["error"]}
             row[str(tokens)] = cell
         results["train"][label] = row
+    # the peak again at the end, the best of both: a busy moment must not lower the reference
+    results["matmul"] = max((matmul, one({"task": "matmul", "n": plan["matmul_n"]})), key=lambda r: r.get("gflops", 0))
     return results
 
 
