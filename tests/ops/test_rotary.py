@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 
-from retentive.ops import apply_rotary, rotary_angles, rotary_cos_sin
+from retentive.ops import apply_rotary, rotary_angles, rotary_phase
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D) rotated at positions (B, T)."""
-    cos, sin = rotary_cos_sin(positions, x.shape[-1], x.dtype)
-    return apply_rotary(x, cos, sin)
+    return apply_rotary(x, rotary_phase(positions, x.shape[-1]))
 
 
 @pytest.mark.parametrize("head_dim", [2, 8, 24, 100])
@@ -52,12 +51,13 @@ def test_scores_depend_on_relative_position_only(shift):
     torch.testing.assert_close(moved, base, rtol=0, atol=1e-9)
 
 
-def test_far_positions_keep_their_phase_in_float32_output():
+def test_far_positions_keep_their_phase_in_float32():
     """Phases are formed in float64: at position 2^24 + 1 float32 positions would round to 2^24."""
     n = 2**24 + 1
-    cos, sin = rotary_cos_sin(torch.tensor([[n]]), 4, torch.float32)
-    assert math.isclose(cos[0, 0, 0, 0].item(), math.cos(n), abs_tol=1e-6)
-    assert math.isclose(sin[0, 0, 0, 0].item(), math.sin(n), abs_tol=1e-6)
+    x = torch.tensor([[[[1.0, 0.0]]]])  # float32: the pair (1, 0) rotated by n * angle_0 = n
+    got = rotate(x, torch.tensor([[n]])).flatten().tolist()
+    assert math.isclose(got[0], math.cos(n), abs_tol=1e-6) and math.isclose(got[1], math.sin(n), abs_tol=1e-6)
+    assert rotate(x.to(torch.bfloat16), torch.tensor([[n]])).dtype == torch.bfloat16
 
 
 def test_a_stream_resumed_at_offset_continues_the_rotation():
