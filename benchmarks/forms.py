@@ -77,7 +77,7 @@ def fwd_bwd(mode: str, T: int, cfg: dict, repeats: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident size
     before = _kib("VmRSS")
     first = run()
-    peak = _kib("VmHWM") - before
+    peak = max(0, _kib("VmHWM") - before)
     del first  # the first run pays for one-time setup: time the repeats
     return {"seconds": statistics.median(run() for _ in range(repeats)), "peak_bytes": peak, "repeats": repeats}
 
@@ -100,13 +100,16 @@ def decode_steps(cfg: dict) -> dict:
     return {str(P): {"seconds": statistics.median(t), "state_bytes": nbytes[P]} for P, t in times.items()}
 
 
+FLOOR = {"peak_bytes": 2**20, "seconds": 0.01}  # below these, a measured growth is noise
+
+
 def extrapolate(history: list[tuple[int, dict]], T: int, key: str, power: float) -> float:
-    """``key`` at length T from the last measurements, growing as T^p with p at least ``power``
-    (more where the last two points grew faster, as the recurrent backward does)."""
-    (T1, r1) = history[-1]
-    if len(history) > 1:
+    """``key`` at length T from the last measurements, growing as T^p with p at least ``power`` (more,
+    up to 3, where the last two measurements grew faster, as the recurrent form's backward does)."""
+    T1, r1 = history[-1]
+    if len(history) > 1 and history[-2][1][key] > FLOOR[key]:
         T0, r0 = history[-2]
-        power = max(power, math.log(max(r1[key], 1e-9) / max(r0[key], 1e-9)) / math.log(T1 / T0))
+        power = min(3.0, max(power, math.log(r1[key] / r0[key]) / math.log(T1 / T0)))
     return r1[key] * (T / T1) ** power
 
 
