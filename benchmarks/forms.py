@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Retention forms"
 FULL = {"lengths": [512, 1024, 2048, 4096, 8192, 16384], "heads": 4, "dk": 64, "dv": 128, "chunk_size": 64,
         "repeats": 3, "steps": 200}  # fmt: skip
-QUICK = {"lengths": [32, 64, 128, 256, 512], "heads": 2, "dk": 16, "dv": 32, "chunk_size": 16,
+QUICK = {"lengths": [16, 32, 64, 128, 256], "heads": 4, "dk": 16, "dv": 32, "chunk_size": 16,
          "repeats": 1, "steps": 20}  # fmt: skip
 NORMS = {"normalize_decay": True, "normalize_retention": True}
 FORMS = ("parallel", "chunkwise", "recurrent", "decode")  # decode: the recurrent step at growing positions

@@ -99,7 +99,7 @@ def test_causality(normalize):
             assert (y2[:, j] - y[:, j]).abs().max() > 1e-6
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     T=st.integers(2, 120),
     cuts=st.lists(st.floats(0, 1), min_size=1, max_size=5),
