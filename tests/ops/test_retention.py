@@ -127,7 +127,7 @@ def test_state_reference_agrees_with_naive_from_an_empty_state():
 @st.composite
 def problems(draw, max_len: int = 4096, cost: int = 2**23):
     """(B, H, T, dk, dv) with B*H*T*T bounded by ``cost``: long sequences come with one small head."""
-    T = draw(st.one_of(st.integers(1, 64), st.integers(1, max_len)))
+    T = draw(st.one_of(st.integers(1, 64), st.integers(1, max_len // 8), st.integers(1, max_len)))
     cap = max(1, cost // (T * T))
     B = draw(st.integers(1, min(3, cap)))
     H = draw(st.integers(1, max(1, min(4, cap // B))))
@@ -137,7 +137,7 @@ def problems(draw, max_len: int = 4096, cost: int = 2**23):
     return B, H, T, dk, dv
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     shape=problems(),
     mode=st.sampled_from(["parallel", "chunkwise", "recurrent"]),
