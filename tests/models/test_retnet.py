@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retentive import RetNet
-from retentive.ops import RetentionState
+from retentive.ops import RetentionState, log_gamma
 
 F64 = torch.float64
 NORMS = list(itertools.product([False, True], repeat=2))
@@ -91,9 +91,12 @@ def test_chunkwise_prefill_then_recurrent_decode_with_left_padding():
 
 
 def test_to_bfloat16_keeps_every_gamma():
-    net = RetNet(2, 8, 64, decay=[1 - 2.0**-h for h in range(5, 13)]).to(torch.bfloat16)
-    for b in net.blocks:  # the gammas stay float64 Python numbers, outside parameters and buffers
-        assert b.retention.decay == tuple(1 - 2.0**-h for h in range(5, 13))
+    net = RetNet(2, 8, 64)
+    gammas = [log_gamma(b.retention.decay, 8).exp() for b in net.blocks]
+    net = net.to(torch.bfloat16)
+    for b, g in zip(net.blocks, gammas, strict=True):
+        torch.testing.assert_close(log_gamma(b.retention.decay, 8).exp(), g, rtol=0, atol=0)
+        assert (g < 1).all() and g.max() == 1 - 2**-12
     y = net(torch.randn(1, 50, 64, dtype=torch.bfloat16), mode="chunkwise", chunk_size=16)
     assert y.dtype == torch.bfloat16 and y.isfinite().all()
 
