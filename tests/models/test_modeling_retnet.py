@@ -199,6 +199,10 @@ def test_batched_left_padded_greedy_equals_one_by_one(model: RetNetForCausalLM) 
     rows = prompts([3, 9, 6, 1])
     ids, mask = left_pad(rows)
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    uncached = model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False
+    )
+    assert torch.equal(uncached, batch)  # the parallel form over the whole sequence at every step
     for b, row in enumerate(rows):
         alone = model.generate(row, max_new_tokens=10, do_sample=False)
         assert torch.equal(batch[b, ids.shape[1] :], alone[0, row.shape[1] :])
