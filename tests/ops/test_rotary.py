@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 
-from retentive.ops import apply_rotary, rotary_angles, rotary_cos_sin
+from retentive.ops import apply_rotary, rotary_angles, rotary_phase
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D) rotated at positions (B, T)."""
-    cos, sin = rotary_cos_sin(positions, x.shape[-1], x.dtype)
-    return apply_rotary(x, cos, sin)
+    return apply_rotary(x, rotary_phase(positions, x.shape[-1]))
 
 
 @pytest.mark.parametrize("head_dim", [2, 8, 24, 100])
@@ -55,9 +54,11 @@ def test_scores_depend_on_relative_position_only(shift):
 def test_far_positions_keep_their_phase_in_float32_output():
     """Phases are formed in float64: at position 2^24 + 1 float32 positions would round to 2^24."""
     n = 2**24 + 1
-    cos, sin = rotary_cos_sin(torch.tensor([[n]]), 4, torch.float32)
-    assert math.isclose(cos[0, 0, 0, 0].item(), math.cos(n), abs_tol=1e-6)
-    assert math.isclose(sin[0, 0, 0, 0].item(), math.sin(n), abs_tol=1e-6)
+    x = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 1, 1, 4)  # (cos, sin) of the phase lands in the first pair
+    got = rotate(x, torch.tensor([[n]]))
+    assert got.dtype == torch.float32
+    assert math.isclose(got[0, 0, 0, 0].item(), math.cos(n), abs_tol=1e-6)
+    assert math.isclose(got[0, 0, 0, 1].item(), math.sin(n), abs_tol=1e-6)
 
 
 def test_a_stream_resumed_at_offset_continues_the_rotation():
