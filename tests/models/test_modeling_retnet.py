@@ -30,6 +30,15 @@ def small_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) 
     return RetNetForCausalLM(small_config(**overrides)).to(dtype).eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test models are tiny: one thread is faster, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model() -> RetNetForCausalLM:
     return small_model()
