@@ -65,6 +65,7 @@ def test_loss_is_the_shifted_cross_entropy_ignoring_minus_100(model: RetNetForCa
     labels = ids.clone()
     labels[0, 3] = -100
     out = model(ids, labels=labels)
+    assert out.past_key_values is None  # scoring needs no state
     logp = out.logits.log_softmax(-1)[:, :-1]  # (B, T-1, V): position t predicts t + 1
     keep = labels[:, 1:] != -100
     nll = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
