@@ -187,10 +187,17 @@ def test_generation_stops_at_eos_and_max_length(model: RetNetForCausalLM) -> Non
     assert model.generate(prompt, max_length=9, do_sample=False).shape == (1, 9)
 
 
-def test_repetition_penalty_forbids_repeats(model: RetNetForCausalLM) -> None:
-    prompt = prompts([6])[0]
-    out = model.generate(prompt, max_new_tokens=20, do_sample=False, repetition_penalty=1e6)
-    assert len(set(out[0].tolist())) == len(set(prompt[0].tolist())) + 20  # every new token is new
+def test_repetition_penalty_picks_the_penalized_parallel_argmax(model: RetNetForCausalLM) -> None:
+    """Each token is the argmax of the parallel form's logits with every token seen so far penalized."""
+    prompt, penalty = prompts([6])[0], 3.0
+    seq = model.generate(prompt, max_new_tokens=12, do_sample=False, repetition_penalty=penalty)[0]
+    assert not torch.equal(seq, model.generate(prompt, max_new_tokens=12, do_sample=False)[0])  # it matters here
+    logits = model(seq[None], use_cache=False).logits[0]  # (T, V)
+    for t in range(6, len(seq)):
+        score = logits[t - 1].clone()
+        seen = seq[:t].unique()
+        score[seen] = torch.where(score[seen] < 0, score[seen] * penalty, score[seen] / penalty)
+        assert score.argmax() == seq[t]
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model: RetNetForCausalLM) -> None:
