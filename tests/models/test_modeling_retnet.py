@@ -258,11 +258,8 @@ def test_beam_search_shapes_and_scores_match_the_parallel_form(model: RetNetForC
         torch.testing.assert_close(out.sequences_scores[i], want.float(), rtol=1e-5, atol=1e-5)
     scores = out.sequences_scores.view(2, 3)
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())  # best beam first
-    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    for b, row in enumerate(prompt):  # beam search finds a sequence at least as likely as greedy's
-        g = torch.cat([row[0], greedy[b, ids.shape[1] :]])[None]
-        lp = model(g, use_cache=False).logits.log_softmax(-1)[0, row.shape[1] - 1 : -1]
-        assert scores[b, 0] >= lp.gather(-1, g[0, row.shape[1] :, None]).sum() - 1e-6
+    for group in out.sequences.view(2, 3, -1):  # the returned beams of one prompt are distinct
+        assert len({tuple(s.tolist()) for s in group}) == 3
 
 
 # --- training ---------------------------------------------------------------------------------------------------
