@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from retentive.layers import GATES, HEAD_NORMS, MultiScaleRetention
 from retentive.ops import RetentionState
+from retentive.ops.decay import log_gamma_on
 
 F64 = torch.float64
 NORMS = list(itertools.product([False, True], repeat=2))  # (normalize_attn, normalize_retn)
@@ -71,7 +72,7 @@ def test_seed_api_num_chunks_agree_with_parallel(normalize_attn, normalize_retn)
         got = layer(x, attn_mask="causal", num_chunks=num_chunks, normalize_attn=normalize_attn,
                     normalize_retn=normalize_retn)  # fmt: skip
         torch.testing.assert_close(got, want, **TIGHT)
-    assert layer.v_proj.out_features == layer.g_proj.out_features == 64 and layer.out_proj.in_features == 64
+    assert layer.split == [64, 64, 64] and layer.out_proj.in_features == 64  # [q k | v | g]: dv_all = 2 * 32
 
 
 def test_attn_mask_none_is_bidirectional():
@@ -166,10 +167,10 @@ def test_left_padding_gives_the_unpadded_result_and_state(form):
 
 def test_bfloat16_module_keeps_its_gammas_and_stays_close():
     layer = MultiScaleRetention(64, 8, "swish", 2)  # 8 heads: gamma up to 1 - 2^-12, which bf16 rounds to 1
-    gamma = layer.gamma.clone()
     half = layer.to(torch.bfloat16)
-    assert half.gamma.dtype == F64 and torch.equal(half.gamma, gamma) and (half.gamma < 1).all()
-    assert half.q_proj.weight.dtype == torch.bfloat16
+    assert half.decay == "retnet" and half.in_proj.weight.dtype == torch.bfloat16
+    gamma = log_gamma_on(half.decay, 8, torch.device("cpu"), torch.float32).exp()  # what the ops compute with
+    assert (gamma < 1).all() and gamma[-1] == torch.tensor(1 - 2.0**-12, dtype=torch.float32)
     wide = MultiScaleRetention(64, 8, "swish", 2).double()
     wide.load_state_dict({k: v.double() for k, v in half.state_dict().items()})  # the same (bf16-rounded) weights
     torch.manual_seed(5)
