@@ -46,6 +46,8 @@ def train(args: argparse.Namespace) -> None:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in run.result.eval.items())
         print(f"trained to step {run.trainer.step} in {run.result.seconds:.0f} s; {summary}")
         print(f"checkpoint: {run.result.checkpoint}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def generate(args: argparse.Namespace) -> None:
