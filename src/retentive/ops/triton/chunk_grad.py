@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays
+from .common import block_size, chunk_decays, mma
 
 
 @triton.jit
@@ -61,17 +61,17 @@ def chunk_grad_qk_kernel(
         tile_T = (rk[None, :] < Dk) & (rv[:, None] < Dv)
         S_T = tl.load(h + state + rk[None, :] * Dv + rv[:, None], mask=tile_T, other=0.0)  # (BV, BK)
         dH_T = tl.load(dh + state + rk[None, :] * Dv + rv[:, None], mask=tile_T, other=0.0)  # (BV, BK)
-        d_scores += tl.dot(dO, tl.trans(vt), input_precision=PRECISION)
-        dq_cross += tl.dot(dO, S_T.to(dO.dtype), input_precision=PRECISION)
-        dk_cross += tl.dot(vt, dH_T.to(vt.dtype), input_precision=PRECISION)
+        d_scores += mma(dO, tl.trans(vt), PRECISION)
+        dq_cross += mma(dO, S_T.to(dO.dtype), PRECISION)
+        dk_cross += mma(vt, dH_T.to(vt.dtype), PRECISION)
 
     g_in, g_out, D = chunk_decays(lg, j, length)
     rows_k = row_mask[:, None] & (rk[None, :] < Dk)
     qt = tl.load(q + i_bh * T * Dk + rows[:, None] * Dk + rk[None, :], mask=rows_k, other=0.0)  # (BC, BK)
     kt = tl.load(k + i_bh * T * Dk + rows[:, None] * Dk + rk[None, :], mask=rows_k, other=0.0)  # (BC, BK)
     d_scores = (d_scores * D).to(qt.dtype)
-    dq_t = dq_cross * g_in[:, None] + tl.dot(d_scores, kt, input_precision=PRECISION)
-    dk_t = dk_cross * g_out[:, None] + tl.dot(tl.trans(d_scores), qt, input_precision=PRECISION)
+    dq_t = dq_cross * g_in[:, None] + mma(d_scores, kt, PRECISION)
+    dk_t = dk_cross * g_out[:, None] + mma(tl.trans(d_scores), qt, PRECISION)
     out = i_bh * T * Dk + rows[:, None] * Dk + rk[None, :]
     tl.store(dq + out, dq_t.to(dq.dtype.element_ty), mask=rows_k)
     tl.store(dk + out, dk_t.to(dk.dtype.element_ty), mask=rows_k)
@@ -124,13 +124,13 @@ def chunk_grad_v_kernel(
             mask=(rk[:, None] < Dk) & (rv[None, :] < Dv),
             other=0.0,
         )
-        scores_T += tl.dot(kt, qT, input_precision=PRECISION)
-        dv_cross += tl.dot(kt, dH.to(kt.dtype), input_precision=PRECISION)
+        scores_T += mma(kt, qT, PRECISION)
+        dv_cross += mma(kt, dH.to(kt.dtype), PRECISION)
 
     _, g_out, D = chunk_decays(lg, j, length)
     rows_v = row_mask[:, None] & (rv[None, :] < Dv)
     dO = tl.load(do + i_bh * T * Dv + rows[:, None] * Dv + rv[None, :], mask=rows_v, other=0.0)  # (BC, BV)
-    dv_t = dv_cross * g_out[:, None] + tl.dot((scores_T * tl.trans(D)).to(dO.dtype), dO, input_precision=PRECISION)
+    dv_t = dv_cross * g_out[:, None] + mma((scores_T * tl.trans(D)).to(dO.dtype), dO, PRECISION)
     tl.store(dv + i_bh * T * Dv + rows[:, None] * Dv + rv[None, :], dv_t.to(dv.dtype.element_ty), mask=rows_v)
 
 

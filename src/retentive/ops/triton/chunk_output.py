@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays
+from .common import block_size, chunk_decays, mma
 
 
 @triton.jit
@@ -62,8 +62,8 @@ def chunk_output_kernel(
             mask=(rk[:, None] < Dk) & (rv[None, :] < Dv),
             other=0.0,
         )
-        scores += tl.dot(qt, kT, input_precision=PRECISION)
-        cross += tl.dot(qt, S, input_precision=PRECISION)
+        scores += mma(qt, kT, PRECISION)
+        cross += mma(qt, S, PRECISION)
 
     g_in, _, D = chunk_decays(lg, j, length)
     vt = tl.load(  # (BC, BV)
@@ -71,7 +71,7 @@ def chunk_output_kernel(
         mask=row_mask[:, None] & (rv[None, :] < Dv),
         other=0.0,
     )
-    out = cross * g_in[:, None] + tl.dot((scores * D).to(vt.dtype), vt, input_precision=PRECISION)
+    out = cross * g_in[:, None] + mma((scores * D).to(vt.dtype), vt, PRECISION)
     tl.store(
         o + i_bh * T * Dv + rows[:, None] * Dv + rv[None, :],
         out.to(o.dtype.element_ty),

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays
+from .common import block_size, chunk_decays, mma
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def chunk_state_kernel(
         )
         _, g_out, _ = chunk_decays(lg, j, length)
         k_out = (kT * g_out[None, :]).to(vt.dtype)  # keys decayed to the chunk end
-        S = S * tl.exp(length.to(tl.float32) * lg) + tl.dot(k_out, vt, input_precision=PRECISION)
+        S = S * tl.exp(length.to(tl.float32) * lg) + mma(k_out, vt, PRECISION)
     tl.store(S_final + i_bh * Dk * Dv + tile, S, mask=tile_mask)
 
 

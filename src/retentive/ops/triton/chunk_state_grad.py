@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays
+from .common import block_size, chunk_decays, mma
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def chunk_state_grad_kernel(
         )
         g_in, _, _ = chunk_decays(lg, j, length)
         q_in = (qT * g_in[None, :]).to(dO.dtype)
-        dH = dH * tl.exp(length.to(tl.float32) * lg) + tl.dot(q_in, dO, input_precision=PRECISION)
+        dH = dH * tl.exp(length.to(tl.float32) * lg) + mma(q_in, dO, PRECISION)
     tl.store(dS0 + i_bh * Dk * Dv + tile, dH, mask=tile_mask)
 
 

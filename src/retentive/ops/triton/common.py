@@ -35,6 +35,15 @@ def chunk_decays(log_g, j, length):
     return g_in, g_out, D
 
 
+@triton.jit
+def mma(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in float32; PRECISION "upcast" works around Triton 3.9's interpreter, whose
+    dot multiplies the raw bits of bfloat16 operands as integers."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
 def block_size(dim: int, limit: int = MAX_TILE) -> int:
     """A power-of-two tile >= 16 (the smallest tl.dot operand) covering ``dim`` up to ``limit``."""
     return min(limit, max(16, triton.next_power_of_2(dim)))
@@ -51,6 +60,8 @@ def chunk_block(chunk_size: int) -> tuple[int, int]:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs are multiplied in full float32 ("ieee"), not tf32, to keep the 1e-5 tolerance."""
+    if dtype == torch.bfloat16 and interpreted():
+        return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
