@@ -5,7 +5,7 @@ Layout: q, k (B, H, T, Dk); v (B, H, T, Dv); state S (B, H, Dk, Dv), z (B, H, Dk
 
 from .decay import SCHEDULES, decay_sum, gamma_schedule, log_gamma
 from .retention import MODES, retention
-from .rotary import apply_rotary, rotary_angles, rotary_cos_sin
+from .rotary import apply_rotary, rotary_angles, rotary_phase
 from .state import RetentionState
 
 __all__ = [
@@ -18,5 +18,5 @@ __all__ = [
     "log_gamma",
     "retention",
     "rotary_angles",
-    "rotary_cos_sin",
+    "rotary_phase",
 ]
