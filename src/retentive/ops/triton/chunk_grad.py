@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, mma
+from .common import block_size, chunk_decays, launch_options, mma
 
 
 @triton.jit
@@ -156,9 +156,11 @@ def chunk_grads(
     chunk_grad_qk_kernel[(triton.cdiv(Dk, BK), NT, BH)](
         q, k, v, h, do, dh, log_g, dq, dk, T, H, NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, PRECISION=precision,
+        **launch_options("chunk_grad_qk_kernel"),
     )  # fmt: skip
     chunk_grad_v_kernel[(triton.cdiv(Dv, BV), NT, BH)](
         q, k, do, dh, log_g, dv, T, H, NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, PRECISION=precision,
+        **launch_options("chunk_grad_v_kernel"),
     )  # fmt: skip
     return dq, dk, dv

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, mma
+from .common import block_size, chunk_decays, launch_options, mma
 
 
 @triton.jit
@@ -90,5 +90,6 @@ def chunk_output(q: Tensor, k: Tensor, v: Tensor, h: Tensor, log_g: Tensor, chun
     chunk_output_kernel[grid](
         q, k, v, h, log_g, o, T, log_g.numel(), NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, PRECISION=precision,
+        **launch_options("chunk_output_kernel"),
     )  # fmt: skip
     return o

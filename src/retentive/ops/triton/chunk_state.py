@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, mma
+from .common import block_size, chunk_decays, launch_options, mma
 
 
 @triton.jit
@@ -90,5 +90,6 @@ def chunk_states(
     chunk_state_kernel[grid](
         k, v, log_g, S0 if S0 is not None else S, h, S, T, log_g.numel(), NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, HAS_S0=S0 is not None, PRECISION=precision,
+        **launch_options("chunk_state_kernel"),
     )  # fmt: skip
     return h, S

@@ -16,6 +16,22 @@ from torch import Tensor
 MAX_CHUNK = 64  # tokens per chunk the kernels use at most: 64 x 64 score tiles suit the tensor cores
 MAX_TILE = 64  # head-dim tile (Dk or Dv) one program holds; larger heads are looped over or split
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (warps, pipelining stages) per kernel: with 4 warps the chunk kernels spill at dk 256 on sm_90, with 8
+# they do not (benchmarks/compile_kernels.py); untimed
+LAUNCH = {
+    "chunk_state_kernel": (8, 2),
+    "chunk_output_kernel": (8, 2),
+    "chunk_state_grad_kernel": (8, 2),
+    "chunk_grad_qk_kernel": (8, 2),
+    "chunk_grad_v_kernel": (8, 2),
+    "recurrent_step_kernel": (4, 1),
+}
+
+
+def launch_options(kernel_name: str) -> dict[str, int]:
+    """``num_warps`` and ``num_stages`` for a kernel launch."""
+    warps, stages = LAUNCH[kernel_name]
+    return {"num_warps": warps, "num_stages": stages}
 
 
 @triton.jit

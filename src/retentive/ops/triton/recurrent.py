@@ -18,7 +18,9 @@ from torch import Tensor
 from ..reference import Pieces
 from ..state import RetentionState
 from .chunk import chunkwise
-from .common import block_size, check_runnable
+from .common import block_size, check_runnable, launch_options
+
+STEP_BV = 32  # Dv columns of S per program: Dk x 32 float32 (32 KB at dk 256) keeps 8 x 16 programs busy at batch 1
 
 
 @triton.jit
@@ -103,12 +105,13 @@ def _step(
     o = v.new_empty(B, H, 1, Dv)
     r = torch.empty(B, H, 1, device=q.device, dtype=torch.float32)
     z_out = torch.empty_like(z)
-    BV = block_size(Dv, limit=32)
+    BV = block_size(Dv, limit=STEP_BV)
     recurrent_step_kernel[(triton.cdiv(Dv, BV), B * H)](
         q.contiguous(), k.contiguous(), v.contiguous(), log_g.float().contiguous(), offset.contiguous(),
         S, z, S_out, z_out, o, r, scale, H,
         Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=BV,
         NORMALIZE_DECAY=normalize_decay, NORMALIZE_RETENTION=normalize_retention,
+        **launch_options("recurrent_step_kernel"),
     )  # fmt: skip
     return o, r, z_out
 
