@@ -2,6 +2,7 @@
 
     python benchmarks/compile_kernels.py            # bf16, retnet-1.3b head dims (dk 256, dv 512) and dk = 64
     python benchmarks/compile_kernels.py --warps 8  # another number of warps per program
+    python benchmarks/compile_kernels.py --dims 256x512  # only these head dims
 
 For each kernel and launch configuration: registers per thread, stack bytes (non-zero means spills to
 local memory), shared memory, and whether the matrix products became Hopper's ``wgmma``. This is what the
@@ -53,6 +54,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--warps", type=int, default=None, help="warps per program (default: what the launchers use)")
     p.add_argument("--stages", type=int, default=None, help="software-pipelining stages (default: the launchers')")
+    p.add_argument("--dims", nargs="+", default=["256x512", "64x64"], help="head dims to compile for, DKxDV")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
     import triton
@@ -68,7 +70,7 @@ def main() -> None:
 
     print("| kernel | dk | dv | warps | stages | registers | stack (spill) bytes | shared KB | wgmma |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for Dk, Dv in ((256, 512), (64, 64)):
+    for Dk, Dv in (map(int, dims.split("x")) for dims in args.dims):
         tiles = dict(Dk=Dk, Dv=Dv, BC=64, BK=block_size(Dk), BV=block_size(Dv), PRECISION="tf32")
         step = dict(Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=STEP_BV)
         kernels = [
