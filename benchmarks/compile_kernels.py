@@ -1,12 +1,12 @@
 """Compile every retention kernel for Hopper (sm_90) ahead of time, without a GPU, and report its resources.
 
     python benchmarks/compile_kernels.py            # bf16, retnet-1.3b head dims (dk 256, dv 512) and dk = 64
-    python benchmarks/compile_kernels.py --warps 8  # another number of warps per program
-    python benchmarks/compile_kernels.py --dims 256x512  # only these head dims
+    python benchmarks/compile_kernels.py --dims 256x512 --first  # these head dims, the first launch config only
 
-For each kernel and launch configuration: registers per thread, stack bytes (non-zero means spills to
-local memory), shared memory, and whether the matrix products became Hopper's ``wgmma``. This is what the
-compiler says, not a timing: it catches spills and slow paths before any GPU time is spent.
+For each kernel and each launch configuration it is tuned over (warps, stages): registers per thread,
+stack bytes (non-zero means spills to local memory), shared memory, and whether the matrix products became
+Hopper's ``wgmma``. This is what the compiler says, not a timing: it catches spills and slow paths before
+any GPU time is spent.
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ def resources(cubin: bytes, triton_dir: Path) -> tuple[int, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--warps", type=int, default=None, help="warps per program (default: what the launchers use)")
-    p.add_argument("--stages", type=int, default=None, help="software-pipelining stages (default: the launchers')")
     p.add_argument("--dims", nargs="+", default=["256x512", "64x64"], help="head dims to compile for, DKxDV")
+    p.add_argument("--first", action="store_true", help="only the first launch configuration of each kernel")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
     import triton
@@ -65,7 +64,7 @@ def main() -> None:
     from retentive.ops.triton.chunk_output import chunk_output_kernel
     from retentive.ops.triton.chunk_state import chunk_state_kernel
     from retentive.ops.triton.chunk_state_grad import chunk_state_grad_kernel
-    from retentive.ops.triton.common import LAUNCH, block_size
+    from retentive.ops.triton.common import LAUNCHES, block_size
     from retentive.ops.triton.recurrent import STEP_BV, recurrent_step_kernel
 
     print("| kernel | dk | dv | warps | stages | registers | stack (spill) bytes | shared KB | wgmma |")
@@ -82,17 +81,18 @@ def main() -> None:
             (recurrent_step_kernel, {**step, "NORMALIZE_DECAY": True, "NORMALIZE_RETENTION": True}),
         ]
         for kernel, constexprs in kernels:
-            name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-            warps, stages = LAUNCH.get(name, (4, 2))
-            warps, stages = args.warps or warps, args.stages or stages
-            src = ASTSource(fn=kernel, signature=signature(kernel, constexprs), constexprs=constexprs)
-            compiled = triton.compile(
-                src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
-            )
-            reg, stack = resources(compiled.asm["cubin"], Path(triton.__file__).parent)
-            wgmma = "wgmma" in compiled.asm["ptx"]
-            shared = compiled.metadata.shared / 1024
-            print(f"| {name} | {Dk} | {Dv} | {warps} | {stages} | {reg} | {stack} | {shared:.0f} | {wgmma} |")
+            autotuned = isinstance(kernel, triton.runtime.Autotuner)
+            fn = kernel.fn if autotuned else kernel  # the jitted function
+            launches = LAUNCHES if autotuned else [(4, 1)]  # the decode step is launched as (4, 1)
+            launches = launches[:1] if args.first else launches
+            for warps, stages in launches:
+                src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+                options = {"num_warps": warps, "num_stages": stages}
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+                reg, stack = resources(compiled.asm["cubin"], Path(triton.__file__).parent)
+                wgmma = "wgmma" in compiled.asm["ptx"]
+                shared = compiled.metadata.shared // 1024
+                print(f"| {fn.__name__} | {Dk} | {Dv} | {warps} | {stages} | {reg} | {stack} | {shared} | {wgmma} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""What the kernel tests share: the device, the error measure, the SPEC §7 tolerances."""
+"""What the kernel tests share: the device, the error measure, the SPEC §7 tolerances.
+
+Without a GPU the kernels run in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1.
+"""
 
 import pytest
 import torch

@@ -15,9 +15,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, launch_options, mma
+from .common import block_size, chunk_decays, mma, tuned
 
 
+@tuned
 @triton.jit
 def chunk_grad_qk_kernel(
     q,  # (BH, T, Dk)
@@ -77,6 +78,7 @@ def chunk_grad_qk_kernel(
     tl.store(dk + out, dk_t.to(dk.dtype.element_ty), mask=rows_k)
 
 
+@tuned
 @triton.jit
 def chunk_grad_v_kernel(
     q,  # (BH, T, Dk)
@@ -156,11 +158,9 @@ def chunk_grads(
     chunk_grad_qk_kernel[(triton.cdiv(Dk, BK), NT, BH)](
         q, k, v, h, do, dh, log_g, dq, dk, T, H, NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, PRECISION=precision,
-        **launch_options("chunk_grad_qk_kernel"),
     )  # fmt: skip
     chunk_grad_v_kernel[(triton.cdiv(Dv, BV), NT, BH)](
         q, k, do, dh, log_g, dv, T, H, NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, PRECISION=precision,
-        **launch_options("chunk_grad_v_kernel"),
     )  # fmt: skip
     return dq, dk, dv

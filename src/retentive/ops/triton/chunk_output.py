@@ -12,9 +12,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, launch_options, mma
+from .common import block_size, chunk_decays, mma, tuned
 
 
+@tuned
 @triton.jit
 def chunk_output_kernel(
     q,  # (BH, T, Dk)
@@ -90,6 +91,5 @@ def chunk_output(q: Tensor, k: Tensor, v: Tensor, h: Tensor, log_g: Tensor, chun
     chunk_output_kernel[grid](
         q, k, v, h, log_g, o, T, log_g.numel(), NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, PRECISION=precision,
-        **launch_options("chunk_output_kernel"),
     )  # fmt: skip
     return o

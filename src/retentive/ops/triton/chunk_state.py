@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, launch_options, mma
+from .common import block_size, chunk_decays, mma, tuned
 
 
+@tuned
 @triton.jit
 def chunk_state_kernel(
     k,  # (BH, T, Dk)
@@ -90,6 +91,5 @@ def chunk_states(
     chunk_state_kernel[grid](
         k, v, log_g, S0 if S0 is not None else S, h, S, T, log_g.numel(), NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, HAS_S0=S0 is not None, PRECISION=precision,
-        **launch_options("chunk_state_kernel"),
     )  # fmt: skip
     return h, S

@@ -15,9 +15,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, launch_options, mma
+from .common import block_size, chunk_decays, mma, tuned
 
 
+@tuned
 @triton.jit
 def chunk_state_grad_kernel(
     q,  # (BH, T, Dk)
@@ -85,6 +86,5 @@ def chunk_state_grads(
     chunk_state_grad_kernel[grid](
         q, do, log_g, dS if dS is not None else dS0, dh, dS0, T, log_g.numel(), NT, chunk,
         Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, HAS_DS=dS is not None, PRECISION=precision,
-        **launch_options("chunk_state_grad_kernel"),
     )  # fmt: skip
     return dh, dS0

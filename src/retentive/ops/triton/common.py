@@ -16,22 +16,17 @@ from torch import Tensor
 MAX_CHUNK = 64  # tokens per chunk the kernels use at most: 64 x 64 score tiles suit the tensor cores
 MAX_TILE = 64  # head-dim tile (Dk or Dv) one program holds; larger heads are looped over or split
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# (warps, pipelining stages) per kernel: with 4 warps the chunk kernels spill at dk 256 on sm_90, with 8
-# they do not (benchmarks/compile_kernels.py); untimed
-LAUNCH = {
-    "chunk_state_kernel": (8, 2),
-    "chunk_output_kernel": (8, 2),
-    "chunk_state_grad_kernel": (8, 2),
-    "chunk_grad_qk_kernel": (8, 2),
-    "chunk_grad_v_kernel": (8, 2),
-    "recurrent_step_kernel": (4, 1),
-}
+# (warps, pipelining stages) the chunk kernels are tuned over on a GPU. With 4 warps they spill at dk 256
+# on sm_90, with 8 they do not (benchmarks/compile_kernels.py), so 8 comes first: the interpreter takes it.
+LAUNCHES = ((8, 2), (8, 3), (4, 2), (8, 1))
 
 
-def launch_options(kernel_name: str) -> dict[str, int]:
-    """``num_warps`` and ``num_stages`` for a kernel launch."""
-    warps, stages = LAUNCH[kernel_name]
-    return {"num_warps": warps, "num_stages": stages}
+def tuned(kernel):
+    """Autotune a chunk kernel over LAUNCHES, once per head-dim and tile shape. The chunk kernels only write
+    their outputs, so trial runs are harmless. In the interpreter, where timing means nothing, no trials."""
+    launches = LAUNCHES[:1] if interpreted() else LAUNCHES
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in launches]
+    return triton.autotune(configs=configs, key=["Dk", "Dv", "BC", "BK", "BV", "PRECISION"])(kernel)
 
 
 @triton.jit

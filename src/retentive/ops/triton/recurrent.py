@@ -18,7 +18,7 @@ from torch import Tensor
 from ..reference import Pieces
 from ..state import RetentionState
 from .chunk import chunkwise
-from .common import block_size, check_runnable, launch_options
+from .common import block_size, check_runnable
 
 STEP_BV = 32  # Dv columns of S per program: Dk x 32 float32 (32 KB at dk 256) keeps 8 x 16 programs busy at batch 1
 
@@ -111,7 +111,7 @@ def _step(
         S, z, S_out, z_out, o, r, scale, H,
         Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=BV,
         NORMALIZE_DECAY=normalize_decay, NORMALIZE_RETENTION=normalize_retention,
-        **launch_options("recurrent_step_kernel"),
+        num_warps=4, num_stages=1,
     )  # fmt: skip
     return o, r, z_out
 
