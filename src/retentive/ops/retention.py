@@ -60,7 +60,7 @@ def retention(
     _check(q, k, v, mode, chunk_size, state, causal)
     B, H, T, Dk = q.shape
     forms = _forms(backend, q)
-    dtype = torch.promote_types(q.dtype, torch.float32)  # half precision keeps state, and sums, in float32
+    out_dtype, dtype = v.dtype, torch.promote_types(q.dtype, torch.float32)  # half precision keeps sums in float32
     work = dtype if forms is reference else q.dtype  # the kernels multiply half precision on the tensor cores
     log_g = log_gamma_on(decay, H, q.device, dtype)  # (H,)
     scale = Dk**-0.5 if scale is None else scale
@@ -91,7 +91,7 @@ def retention(
     if normalize_retention:
         o = o / r.abs().clamp(min=1)[..., None]
     new_state = RetentionState(p.S, p.z, offset + T) if output_state and causal else None
-    return o.to(v.dtype), new_state
+    return o.to(out_dtype), new_state
 
 
 def _forms(backend: str, q: Tensor) -> ModuleType:
