@@ -4,11 +4,12 @@ Layout: q, k (B, H, T, Dk); v (B, H, T, Dv); state S (B, H, Dk, Dv), z (B, H, Dk
 """
 
 from .decay import SCHEDULES, decay_sum, gamma_schedule, log_gamma
-from .retention import MODES, retention
+from .retention import BACKENDS, MODES, retention
 from .rotary import apply_rotary, rotary_angles, rotary_phase
 from .state import RetentionState
 
 __all__ = [
+    "BACKENDS",
     "MODES",
     "SCHEDULES",
     "RetentionState",
