@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import MODES, RetentionState, apply_rotary, log_gamma, retention, rotary_cos_sin
+from ..ops import MODES, RetentionState, apply_rotary, log_gamma, retention, rotary_phase
 from ..ops.decay import DecaySpec
 
 GATES = {"swish": F.silu, "silu": F.silu, "gelu": F.gelu, "none": None}
@@ -34,12 +34,14 @@ class HeadNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, H, Dv) -> (B, T, H * Dv)."""
+        if self.kind == "groupnorm":  # (B*T, H*Dv) with H groups: one fused op, affine included
+            B, T, H, Dv = x.shape
+            return F.group_norm(x.reshape(B * T, H * Dv), H, self.weight, self.bias, self.eps).view(B, T, H * Dv)
         if self.kind == "rmsnorm":
             x = F.rms_norm(x, (self.head_dim,), eps=self.eps)
-        elif self.kind in ("groupnorm", "layernorm"):
+        elif self.kind == "layernorm":
             x = F.layer_norm(x, (self.head_dim,), eps=self.eps)
-        x = x.flatten(-2)
-        return x * self.weight + self.bias if self.kind == "groupnorm" else x
+        return x.flatten(-2)
 
 
 class MultiScaleRetention(nn.Module):
@@ -88,27 +90,27 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"rotary needs an even head dim, got dim_model / num_heads = {self.key_dim}")
         self.gate_fn, self.rotary = gate_fn, rotary
         self.normalize_attn, self.normalize_retn = normalize_attn, normalize_retn
-        # gamma (H,) float64, kept out of parameters and buffers so that .to(bfloat16) cannot collapse it
-        self.gamma = log_gamma(decay, num_heads).exp()
+        # the decay spec (a name or a tuple of float64 gammas) stays out of parameters and buffers, so that
+        # .to(bfloat16) cannot collapse it; being hashable, the ops cache its log per device and dtype
+        self.decay = decay if isinstance(decay, str) else tuple(log_gamma(decay, num_heads).exp().tolist())
+        log_gamma(self.decay, num_heads)  # validate now, not at the first forward
 
         kw = {"device": device, "dtype": dtype}
+        # W_Q, W_K, W_V (and W_G) as one matmul: [q k | v | g] = x W_in   (nanoGPT's c_attn)
         dv_all = value_factor * dim_model
-        self.q_proj = nn.Linear(dim_model, dim_model, bias=bias, **kw)
-        self.k_proj = nn.Linear(dim_model, dim_model, bias=bias, **kw)
-        self.v_proj = nn.Linear(dim_model, dv_all, bias=bias, **kw)
-        self.g_proj = nn.Linear(dim_model, dv_all, bias=bias, **kw) if GATES[gate_fn] else None
+        self.split = [2 * dim_model, dv_all] + [dv_all] * (GATES[gate_fn] is not None)
+        self.in_proj = nn.Linear(dim_model, sum(self.split), bias=bias, **kw)
         self.out_proj = nn.Linear(dv_all, dim_model, bias=bias, **kw)
         self.head_norm = HeadNorm(head_norm, num_heads, self.value_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier init with gain 2^-1/2 on q, k, v, g (torchscale), plain Xavier on the output."""
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
-            if proj is not None:
-                nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)
+        """Xavier init with gain 2^-1/2 on each of W_Q, W_K, W_V, W_G (torchscale), plain Xavier on W_O."""
+        for w in self.in_proj.weight.split([self.dim_model] * 2 + self.split[1:]):  # W_Q, W_K, W_V, W_G
+            nn.init.xavier_uniform_(w, gain=2**-0.5)
         nn.init.xavier_uniform_(self.out_proj.weight)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj):
-            if proj is not None and proj.bias is not None:
+        for proj in (self.in_proj, self.out_proj):
+            if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
     def forward(
@@ -141,23 +143,23 @@ class MultiScaleRetention(nn.Module):
         if state is None and padding_mask is not None:
             state = RetentionState.zeros(B, H, Dk, Dv, offset=-left_padding(padding_mask, T), device=x.device)
 
-        q = self.q_proj(x).view(B, T, H, Dk).transpose(1, 2)  # (B, H, T, Dk)
-        k = self.k_proj(x).view(B, T, H, Dk).transpose(1, 2)  # (B, H, T, Dk)
-        v = self.v_proj(x).view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
+        qk, v, *g = self.in_proj(x).split(self.split, dim=-1)
+        qk = qk.view(B, T, 2 * H, Dk).transpose(1, 2)  # (B, 2H, T, Dk): q heads, then k heads
+        v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
+        if self.rotary:  # one rotation for q and k together
+            offset = 0 if state is None else state.offset[:, None]
+            positions = (offset + torch.arange(T, device=x.device)).expand(B, T)  # (B, T)
+            qk = apply_rotary(qk, rotary_phase(positions, Dk))
+        q, k = qk.chunk(2, dim=1)  # (B, H, T, Dk) each
         if padding_mask is not None:
             keep = padding_mask[:, None, :, None].to(x.dtype)  # (B, 1, T, 1)
             k, v = k * keep, v * keep
-        if self.rotary:
-            offset = 0 if state is None else state.offset[:, None]
-            positions = (offset + torch.arange(T, device=x.device)).expand(B, T)  # (B, T)
-            cos, sin = rotary_cos_sin(positions, Dk, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         o, new_state = retention(
             q,
             k,
             v,
-            self.gamma,
+            self.decay,
             mode=mode,
             chunk_size=chunk_size,
             state=state,
@@ -167,8 +169,8 @@ class MultiScaleRetention(nn.Module):
             output_state=return_state,
         )
         y = self.head_norm(o.transpose(1, 2))  # (B, T, H * Dv)
-        if self.g_proj is not None:
-            y = GATES[self.gate_fn](self.g_proj(x)) * y
+        if g:
+            y = GATES[self.gate_fn](g[0]) * y
         y = self.out_proj(y)  # (B, T, d)
         return (y, new_state) if return_state else y
 

@@ -7,7 +7,7 @@ from .decay import SCHEDULES, decay_sum, gamma_schedule, log_gamma
 from .decay2d import log_decay_1d, manhattan_log_decay, rmt_log_gamma
 from .masa import decomposed_manhattan_attention, manhattan_attention
 from .retention import MODES, retention
-from .rotary import apply_rotary, rotary_angles, rotary_cos_sin
+from .rotary import apply_rotary, rotary_angles, rotary_phase
 from .state import RetentionState
 
 __all__ = [
@@ -25,5 +25,5 @@ __all__ = [
     "retention",
     "rmt_log_gamma",
     "rotary_angles",
-    "rotary_cos_sin",
+    "rotary_phase",
 ]

@@ -6,6 +6,7 @@ gammas collapse to 1.0 and positions past 256 stop being distinct.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -55,6 +56,21 @@ def log_gamma(decay: DecaySpec, num_heads: int) -> Tensor:
     if not bool(((gamma > 0) & (gamma < 1)).all()):
         raise ValueError(f"every gamma in decay must lie in (0, 1), got {gamma.tolist()}")
     return torch.log(gamma)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_log_gamma(
+    decay: str | tuple[float, ...], num_heads: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    return log_gamma(decay, num_heads).to(device, dtype)
+
+
+def log_gamma_on(decay: DecaySpec, num_heads: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`log_gamma` moved to ``device`` and ``dtype``; cached for hashable specs (names, tuples),
+    which keeps per-token decoding free of this work."""
+    if isinstance(decay, str | tuple):
+        return _cached_log_gamma(decay, num_heads, torch.device(device), dtype)
+    return log_gamma(decay, num_heads).to(device, dtype)
 
 
 def decay_powers(log_g: Tensor, exponents: Tensor) -> Tensor:

@@ -66,7 +66,7 @@ def chunk_pieces(
     Returns:
         Pieces with o: (B, H, N, C, Dv), r: (B, H, N, C).
     """
-    B, H, N, C, Dk = q.shape
+    B, H, _, C, Dk = q.shape
     Dv = v.shape[-1]
     j = torch.arange(C, device=q.device, dtype=q.dtype)
     D = causal_decay_matrix(log_g, C)[:, None]  # (H, 1, C, C)
@@ -88,11 +88,11 @@ def chunk_pieces(
     S = q.new_zeros(B, H, Dk, Dv) if S is None else S
     z = q.new_zeros(B, H, Dk) if z is None else z
     S_in, z_in = [], []
-    for i in range(N):
+    for kv_i, ks_i in zip(kv.unbind(2), ks.unbind(2), strict=True):  # unbind, not kv[:, :, i]: one backward, not N
         S_in.append(S)
         z_in.append(z)
-        S = g_chunk[..., None] * S + kv[:, :, i]  # (B, H, Dk, Dv)
-        z = g_chunk * z + ks[:, :, i]
+        S = g_chunk[..., None] * S + kv_i  # (B, H, Dk, Dv)
+        z = g_chunk * z + ks_i
     S_in = torch.stack(S_in, dim=2)  # (B, H, N, Dk, Dv)
     z_in = torch.stack(z_in, dim=2)  # (B, H, N, Dk)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .decay import DecaySpec, decay_sum, log_gamma
+from .decay import DecaySpec, decay_sum, log_gamma_on
 from .state import RetentionState
 
 Mode = Literal["parallel", "chunkwise", "recurrent"]
@@ -53,11 +53,11 @@ def retention(
     _check(q, k, v, mode, chunk_size, state, causal)
     B, H, T, Dk = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)  # half precision computes, and keeps state, in float32
-    log_g = log_gamma(decay, H).to(q.device, dtype)
+    log_g = log_gamma_on(decay, H, q.device, dtype)  # (H,)
     scale = Dk**-0.5 if scale is None else scale
     q, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
     S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
-    offset = torch.zeros(B, dtype=torch.long, device=q.device) if state is None else state.offset
+    offset = q.new_zeros(B, dtype=torch.long) if state is None else state.offset  # (B,)
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> reference.Pieces:
         if mode == "recurrent":
@@ -66,9 +66,9 @@ def retention(
         return reference.chunkwise(q, k, v, log_g, S, z, chunk_size=size, with_rowsum=normalize_retention)
 
     p = run(q, k, v)
-    o, r = p.o, p.r
-    positions = offset[:, None] + torch.arange(T, device=q.device)  # (B, T)
-    c = decay_sum(log_g, positions) if normalize_decay else None  # (B, H, T)
+    o, r, c = p.o, p.r, None
+    if normalize_decay:
+        c = decay_sum(log_g, offset[:, None] + torch.arange(T, device=q.device))  # (B, H, T)
     if not causal:  # forward pass + backward pass - the diagonal counted twice
         back = run(q.flip(2), k.flip(2), v.flip(2))
         qk = (q * k).sum(-1)  # (B, H, T)

@@ -1,46 +1,43 @@
 """The paper's Theta: an xPos-style rotary rotation at absolute positions (SPEC §1).
 
-Pair (x_2i, x_2i+1) at position n is rotated by n * angle_i with angle_i = 10000^(-i/(dk/2-1)).
-Then q_n . k_m depends on n - m only. Angles are formed in float64 (positions past 2^16 in float32
-would lose about 1e-2 rad) and the rotation runs in the input's dtype.
+Pair (x_2i, x_2i+1) at position n is rotated by n * angle_i with angle_i = 10000^(-i/(dk/2-1)):
+(a, b) -> (a cos - b sin, a sin + b cos), i.e. the complex product (a + ib) e^(i n angle_i).
+Then q_n . k_m depends on n - m only. Phases are formed in float64 (in float32, positions past 2^16
+would lose about 1e-2 rad); the rotation itself runs in float32 (complex64) or float64.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
 
 
+@functools.lru_cache(maxsize=16)
 def rotary_angles(head_dim: int, device: torch.device | None = None) -> Tensor:
-    """angle_i = 10000^(-linspace(0, 1, dk/2)), shape (dk/2,), float64."""
+    """angle_i = 10000^(-linspace(0, 1, dk/2)), shape (dk/2,), float64 (float32 where float64 is missing)."""
     if head_dim % 2:
         raise ValueError(f"rotary needs an even head dimension, got {head_dim}: use an even dim_model / num_heads")
-    return 10000.0 ** -torch.linspace(0, 1, head_dim // 2, dtype=torch.float64, device=device)
+    dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+    return 10000.0 ** -torch.linspace(0, 1, head_dim // 2, dtype=dtype, device=device)
 
 
-def rotary_cos_sin(positions: Tensor, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of n * angle_i for each position.
-
-    Args:
-        positions: (B, T) integer absolute positions
-    Returns:
-        cos, sin: (B, 1, T, dk/2) in ``dtype``, ready to broadcast over heads.
-    """
-    float64_ok = positions.device.type != "mps"
-    angle_dtype = torch.float64 if float64_ok else torch.float32
-    angles = rotary_angles(head_dim, positions.device).to(angle_dtype)
-    phase = positions.to(angle_dtype)[:, None, :, None] * angles  # (B, 1, T, dk/2)
-    return phase.cos().to(dtype), phase.sin().to(dtype)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs: (a, b) -> (a cos - b sin, a sin + b cos).
+def rotary_phase(positions: Tensor, head_dim: int) -> Tensor:
+    """e^(i n angle_i) for each absolute position n.
 
     Args:
-        x: (B, H, T, D), D even
-        cos, sin: (B, 1, T, D/2)
+        positions: (B, T) integer positions
     Returns:
-        (B, H, T, D)
+        (B, 1, T, dk/2) complex128 (complex64 where float64 is missing), ready to broadcast over heads.
     """
-    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, D/2) each
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    angles = rotary_angles(head_dim, positions.device)
+    phase = positions.to(angles.dtype)[:, None, :, None] * angles  # (B, 1, T, dk/2)
+    return torch.polar(torch.ones_like(phase), phase)
+
+
+def apply_rotary(x: Tensor, phase: Tensor) -> Tensor:
+    """Rotate interleaved pairs of ``x`` (B, H, T, D) by ``phase`` (B, 1, T, D/2); returns x's shape and dtype."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pairs = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)).contiguous())  # (B, H, T, D/2)
+    return torch.view_as_real(pairs * phase.to(pairs.dtype)).flatten(-2).to(x.dtype)
