@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops import apply_rotary, rotary_cos_sin
+from ..ops import apply_rotary, rotary_phase
 from ..ops.decay2d import rmt_log_gamma
 from ..ops.masa import decomposed_manhattan_attention, manhattan_attention
 from .conv import DepthwiseConv2d
@@ -67,8 +67,8 @@ class ManhattanSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
         v = self.v_proj(x)  # (B, height, width, C)
         raster = torch.arange(N, device=x.device)[None]  # (1, N): n = y * width + x
-        cos, sin = rotary_cos_sin(raster, D, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        phase = rotary_phase(raster, D)  # (1, 1, N, D/2)
+        q, k = apply_rotary(q, phase), apply_rotary(k, phase)
         attention = decomposed_manhattan_attention if self.decomposed else manhattan_attention
         o = attention(q, k, v.view(B, N, H, D).transpose(1, 2), self.log_gamma, height, width)  # (B, H, N, D)
         o = o.transpose(1, 2).reshape(B, height, width, C)  # (B, height, width, C)
