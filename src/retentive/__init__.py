@@ -6,7 +6,16 @@ The math lives in ``retentive.ops`` (``retention(q, k, v, decay, mode=...)``), t
 
 from . import ops
 from .layers import FeedForward, MultiScaleRetention, RetNetBlock
-from .models import RetNet, RMTConfig, RMTForImageClassification, ViRConfig, ViRForImageClassification
+from .models import (
+    RetNet,
+    RetNetConfig,
+    RetNetForCausalLM,
+    RetNetModel,
+    RMTConfig,
+    RMTForImageClassification,
+    ViRConfig,
+    ViRForImageClassification,
+)
 from .ops import RetentionState, retention
 
 __version__ = "0.1.0"
@@ -18,6 +27,9 @@ __all__ = [
     "RMTForImageClassification",
     "RetNet",
     "RetNetBlock",
+    "RetNetConfig",
+    "RetNetForCausalLM",
+    "RetNetModel",
     "RetentionState",
     "ViRConfig",
     "ViRForImageClassification",
