@@ -48,7 +48,7 @@ def test_models_are_shaped_for_the_data():
     vir = build_vision_model("vir-tiny", 1, (8, 8), 10)
     assert vir.config.patch_size == 2 and vir.config.image_size == 8
     vit = build_vision_model("vit-tiny", 1, (28, 28), 10)
-    assert vit.config.patch_size == vir.config.patch_size * 2 and vit.config.hidden_size == vir.config.dim
+    assert vit.config.patch_size == 7 and vit.config.hidden_size == vir.config.dim
     n_vir = sum(p.numel() for p in build_vision_model("vir-tiny", 1, (28, 28), 10).parameters())
     n_vit = sum(p.numel() for p in vit.parameters())
     assert abs(n_vir - n_vit) / n_vit < 0.01, "the baseline has the same size"

@@ -66,10 +66,10 @@ VIR_PRESETS = {
     "vir-small/16": ViRConfig(dim=384, depth=12, num_heads=6),
     "vir-base/16": ViRConfig(dim=768, depth=12, num_heads=12),
     "vir-large/16": ViRConfig(dim=1024, depth=24, num_heads=16),
-    # 28 x 28 grayscale (Fashion-MNIST): 7 x 7 patches of 4 x 4 pixels, 50 tokens with the class token
+    # 28 x 28 grayscale (Fashion-MNIST): 4 x 4 patches of 7 x 7 pixels, 17 tokens with the class token
     "vir-tiny": ViRConfig(
         image_size=28,
-        patch_size=4,
+        patch_size=7,
         in_channels=1,
         num_classes=10,
         dim=96,
