@@ -23,14 +23,23 @@ class HeadNorm(nn.Module):
     ``none``: identity (ViR).
     """
 
-    def __init__(self, kind: str, num_heads: int, head_dim: int, eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        kind: str,
+        num_heads: int,
+        head_dim: int,
+        eps: float = 1e-6,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if kind not in HEAD_NORMS:
             raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {kind!r}")
         self.kind, self.eps, self.head_dim = kind, eps, head_dim
         if kind == "groupnorm":
-            self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
-            self.bias = nn.Parameter(torch.zeros(num_heads * head_dim))
+            self.weight = nn.Parameter(torch.ones(num_heads * head_dim, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_heads * head_dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, H, Dv) -> (B, T, H * Dv)."""
@@ -101,7 +110,7 @@ class MultiScaleRetention(nn.Module):
         self.split = [2 * dim_model, dv_all] + [dv_all] * (GATES[gate_fn] is not None)
         self.in_proj = nn.Linear(dim_model, sum(self.split), bias=bias, **kw)
         self.out_proj = nn.Linear(dv_all, dim_model, bias=bias, **kw)
-        self.head_norm = HeadNorm(head_norm, num_heads, self.value_dim)
+        self.head_norm = HeadNorm(head_norm, num_heads, self.value_dim, **kw)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -52,7 +52,7 @@ def retention(
     """
     _check(q, k, v, mode, chunk_size, state, causal)
     B, H, T, Dk = q.shape
-    dtype = torch.promote_types(q.dtype, torch.float32)  # half precision computes, and keeps state, in float32
+    out_dtype, dtype = v.dtype, torch.promote_types(q.dtype, torch.float32)  # half precision computes in float32
     log_g = log_gamma_on(decay, H, q.device, dtype)  # (H,)
     scale = Dk**-0.5 if scale is None else scale
     q, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
@@ -82,7 +82,7 @@ def retention(
     if normalize_retention:
         o = o / r.abs().clamp(min=1)[..., None]
     new_state = RetentionState(p.S, p.z, offset + T) if output_state and causal else None
-    return o.to(v.dtype), new_state
+    return o.to(out_dtype), new_state
 
 
 def _check(

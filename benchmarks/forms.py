@@ -1,0 +1,263 @@
+"""Forward+backward time and peak memory of the three forms of retention, side by side (issue 2).
+
+    python benchmarks/forms.py          # T = 512 ... 16,384; writes "Retention forms" in docs/benchmarks.md
+    python benchmarks/forms.py --quick  # tiny sizes, a few seconds (what the test runs)
+
+What is measured: ``retentive.ops.retention`` on one row of H=4 heads, dk=64, dv=128 (the retention of a
+d=256 layer with value_factor 2), float32, both normalizations on, then ``.backward()`` of a random linear
+loss: the median wall time of a few repeats, and the peak extra resident memory of the first run.
+
+Peak memory on a CPU: tracemalloc does not see torch's allocations, so the measurements run in a
+worker process started with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): every
+buffer above that is its own mapping, returned to the system when freed, so resident memory follows
+live tensors. Each form first runs once at a tiny length (one-time setup); before each measured run the
+worker resets the kernel's high-water mark (``/proc/self/clear_refs``) and reads the resident size; the
+peak is ``VmHWM - VmRSS before``: inputs excluded; outputs, saved activations and gradients included.
+Linux only.
+
+It also checks the issue's two claims and prints PASS or FAIL: the chunkwise form's cost grows linearly
+(16x the tokens costs at most 20x the time) and the recurrent step's cost does not grow with the
+position (the step at the last position within 1.2x of the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from retentive.ops import retention
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Retention forms"
+FULL = {"lengths": [512, 1024, 2048, 4096, 8192, 16384], "heads": 4, "dk": 64, "dv": 128, "chunk_size": 64,
+        "repeats": 3, "steps": 200}  # fmt: skip
+QUICK = {"lengths": [32, 64, 128, 256, 512], "heads": 2, "dk": 16, "dv": 32, "chunk_size": 16,
+         "repeats": 1, "steps": 20}  # fmt: skip
+NORMS = {"normalize_decay": True, "normalize_retention": True}
+FORMS = ("parallel", "chunkwise", "recurrent", "decode")  # decode: the recurrent step at growing positions
+
+
+# ---- inside a worker process ----
+
+
+def _kib(key: str) -> int:
+    """A field of /proc/self/status, in bytes."""
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+def _inputs(cfg: dict, T: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    H, dk, dv = cfg["heads"], cfg["dk"], cfg["dv"]
+    return tuple(torch.randn(1, H, T, d, requires_grad=requires_grad) for d in (dk, dk, dv))
+
+
+def fwd_bwd(mode: str, T: int, cfg: dict) -> dict:
+    """Peak extra memory of one forward+backward, then the median time of ``repeats`` more."""
+    q, k, v = _inputs(cfg, T, requires_grad=True)
+    w = torch.randn(1, cfg["heads"], T, cfg["dv"])
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        o, _ = retention(q, k, v, mode=mode, chunk_size=cfg["chunk_size"], **NORMS)
+        (o * w).sum().backward()
+        q.grad = k.grad = v.grad = None
+        return time.perf_counter() - t0
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident size
+    before = _kib("VmRSS")
+    first = run()
+    peak = _kib("VmHWM") - before
+    del first  # the first run pays for one-time setup: time the repeats
+    return {"seconds": statistics.median(run() for _ in range(cfg["repeats"])), "peak_bytes": peak}
+
+
+def decode_steps(cfg: dict) -> dict:
+    """Median time of one recurrent step (T=1) after a chunkwise prefill to each position, interleaved."""
+    states = {}
+    with torch.no_grad():
+        for P in cfg["lengths"]:
+            _, states[P] = retention(*_inputs(cfg, P, False), mode="chunkwise", chunk_size=256, output_state=True,
+                                     **NORMS)  # fmt: skip
+        step = _inputs(cfg, 1, False)
+        times: dict[int, list[float]] = {P: [] for P in cfg["lengths"]}
+        for _ in range(cfg["steps"]):  # round-robin over positions: load on the machine hits them alike
+            for P, state in states.items():
+                t0 = time.perf_counter()
+                retention(*step, mode="recurrent", state=state, output_state=True, **NORMS)
+                times[P].append(time.perf_counter() - t0)
+    nbytes = {P: s.nbytes() for P, s in states.items()}
+    return {str(P): {"seconds": statistics.median(t), "state_bytes": nbytes[P]} for P, t in times.items()}
+
+
+def measure_form(form: str, job: dict) -> dict:
+    """Measure one form at growing T; skip a T whose memory or time, extrapolated, exceeds the limits."""
+    cfg = job["cfg"]
+    torch.manual_seed(0)
+    if form == "decode":
+        return decode_steps(cfg)
+    fwd_bwd(form, 8, {**cfg, "repeats": 1})  # one-time setup (kernels, autograd threads) outside the measurements
+    power = 2 if form == "parallel" else 1  # how memory grows with T (time too, for the recurrent loop)
+    results, last = {}, None
+    for T in cfg["lengths"]:
+        if last is not None:
+            T0, r0 = last
+            need = r0["peak_bytes"] * (T / T0) ** power
+            secs = r0["seconds"] * (T / T0) ** power * (1 + cfg["repeats"])
+            if need > job["max_gib"] * 2**30:
+                results[str(T)] = {"skipped": f"needs ~{need / 2**30:.1f} GiB (extrapolated from T={T0})"}
+                continue
+            if secs > job["max_seconds"]:
+                results[str(T)] = {"skipped": f"~{secs:.0f} s estimated (a Python loop per token)"}
+                continue
+        results[str(T)] = fwd_bwd(form, T, cfg)
+        last = (T, results[str(T)])
+    return results
+
+
+def worker(job: dict) -> dict:
+    """Every form, one after the other, in this (worker) process."""
+    torch.set_num_threads(job["threads"])
+    results = {}
+    for form in FORMS:
+        t0 = time.perf_counter()
+        results[form] = measure_form(form, job)
+        print(f"{form}: measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return results
+
+
+# ---- the driver ----
+
+
+def spawn(job: dict) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)  # progress on stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cell(r: dict) -> tuple[str, str]:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}", "-"
+    return f"{1e3 * r['seconds']:.1f}", f"{r['peak_bytes'] / 2**20:.1f}"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        m = re.search(r"model name\s*:\s*(.+)", info.read_text())
+        cpu = m.group(1).strip() if m else cpu
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, load average {load:.1f} at start"
+
+
+def claims(results: dict, decode: dict, lengths: list[int]) -> list[tuple[str, bool]]:
+    """(description, holds) for the linear chunkwise cost and the position-independent recurrent step."""
+    out = []
+    chunk = results["chunkwise"]
+    for T0 in lengths:
+        T1 = 16 * T0
+        if T1 in lengths and "seconds" in chunk[str(T0)] and "seconds" in chunk[str(T1)]:
+            ratio = chunk[str(T1)]["seconds"] / chunk[str(T0)]["seconds"]
+            out.append((f"chunkwise fwd+bwd: T={T1:,} costs {ratio:.1f}x T={T0:,} (at most 20x)", ratio <= 20))
+    first, last = decode[str(lengths[0])]["seconds"], decode[str(lengths[-1])]["seconds"]
+    ratio = last / first
+    out.append((f"recurrent step: position {lengths[-1]:,} costs {ratio:.2f}x position {lengths[0]:,} (at most 1.2x)",
+                ratio <= 1.2))  # fmt: skip
+    return out
+
+
+def markdown(args: argparse.Namespace, cfg: dict, results: dict, decode: dict, checks: list, host: str) -> str:
+    forms = [("parallel", "parallel"), ("chunkwise", f"chunkwise ({cfg['chunk_size']})"), ("recurrent", "recurrent")]
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{args.command}`  ",
+        f"Machine: {host}; torch {torch.__version__}, {args.threads} thread(s); "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
+        f"`retentive.ops.retention`, one row, {cfg['heads']} heads, dk={cfg['dk']}, dv={cfg['dv']}, float32, both "
+        "normalizations on; forward + backward of a random linear loss. Time: median of "
+        f"{cfg['repeats']} run(s) after a first one. Peak: extra resident memory of one forward+backward "
+        "(inputs excluded), "
+        "`VmHWM` after a reset minus `VmRSS` before, in a worker process whose glibc mmap threshold is fixed "
+        "at 64 KiB so that freed tensors leave the resident set (see the docstring of `benchmarks/forms.py`).",
+        "",
+        "| T | " + " | ".join(f"{name} ms | {name} peak MiB" for _, name in forms) + " |",
+        "|---:|" + "---:|---:|" * len(forms),
+    ]
+    for T in cfg["lengths"]:
+        cells = [c for form, _ in forms for c in cell(results[form][str(T)])]
+        lines.append(f"| {T:,} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Recurrent decode step (T=1, after a chunkwise prefill to the position; median of {cfg['steps']} steps, "
+        "positions interleaved):",
+        "",
+        "| position | ms / token | state bytes |",
+        "|---:|---:|---:|",
+    ]
+    for P in cfg["lengths"]:
+        d = decode[str(P)]
+        lines.append(f"| {P:,} | {1e3 * d['seconds']:.3f} | {d['state_bytes']:,} |")
+    lines += ["", "Claims:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
+    if args.quick:
+        lines += ["", "(--quick: tiny sizes, a smoke run; the claims need the full sizes.)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the "Retention forms" section of ``path`` (or append it), leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, a few seconds)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file to update")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--max-gib", type=float, default=6.0, help="skip a run whose extrapolated peak exceeds this")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="skip a run estimated to take longer")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if not Path("/proc/self/clear_refs").exists():
+        raise SystemExit("benchmarks/forms.py measures memory through /proc (Linux only)")
+    args.command = (
+        "python benchmarks/forms.py"
+        + (" --quick" if args.quick else "")
+        + (f" --threads {args.threads}" if args.threads != 1 else "")
+    )
+    cfg = QUICK if args.quick else FULL
+    host = machine()
+    job = {"cfg": cfg, "threads": args.threads, "max_gib": args.max_gib, "max_seconds": args.max_seconds}
+    results = spawn(job)
+    decode = results.pop("decode")
+    checks = claims(results, decode, cfg["lengths"])
+    section = markdown(args, cfg, results, decode, checks, host)
+    write_section(args.out, section)
+    print(section)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
