@@ -63,4 +63,4 @@ def test_command_line(tmp_path, capsys):
     main(["train-vision", "--model", "rmt-tiny", "--data", "digits", "--steps", "2", "--batch-size", "16",
           "--warmup", "1", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "rmt-tiny on digits: test accuracy" in out and (tmp_path / "checkpoints").is_dir()
+    assert "rmt-tiny (" in out and "on digits: test accuracy" in out and (tmp_path / "checkpoints").is_dir()
