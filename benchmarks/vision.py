@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models at 32 and 64 px (a smoke run)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file to update")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "vision_throughput.png")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip a run whose extrapolated peak exceeds this")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="skip a run estimated to take longer")
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = QUICK if args.quick else FULL
     resolutions = cfg["resolutions"] + (cfg["gpu_resolutions"] if device.type == "cuda" else [])
     command = "python benchmarks/vision.py" + (" --quick" if args.quick else "")
-    command += f" --threads {args.threads}" if args.threads != 2 else ""
+    command += f" --threads {args.threads}" if args.threads != 1 else ""
     host = machine(device)
     job = {"cfg": cfg, "resolutions": resolutions, "threads": args.threads, "device": args.device,
            "max_gib": args.max_gib, "max_seconds": args.max_seconds}  # fmt: skip
