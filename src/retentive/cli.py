@@ -1,11 +1,13 @@
-"""Command line: ``retentive demo | train | generate``."""
+"""Command line: ``retentive demo | train | generate | train-vision | bench``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -223,6 +225,29 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=train_vision)
 
 
+def bench(args: argparse.Namespace, extra: list[str]) -> None:
+    """Run benchmarks/run.py (speed) or benchmarks/quality.py (``--quality``) from the source checkout."""
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / ("quality.py" if args.quality else "run.py")
+    if not script.exists():
+        raise SystemExit(f"retentive bench runs from a source checkout; {script} is missing (git clone the repository)")
+    python = args.python or sys.executable
+    extra = (["--quick"] if args.quick else []) + extra
+    print(f"$ {python} {script.relative_to(root)} {' '.join(extra)}", flush=True)
+    raise SystemExit(subprocess.call([python, str(script), *extra], cwd=root))
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="RetNet vs the Transformer vs the peers: tables, JSON and plots in docs/ (other options go to the script)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    p.add_argument("--quality", action="store_true", help="the perplexity comparison instead of speed")
+    p.add_argument("--python", help="the interpreter to run under (the peers' environment: .venv-peers/bin/python)")
+    p.set_defaults(func=bench)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="retentive", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -231,12 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     _add_train(sub)
     _add_generate(sub)
     _add_train_vision(sub)
-    args = parser.parse_args(argv)
+    _add_bench(sub)
+    args, extra = parser.parse_known_args(argv)  # bench passes what it does not know on to its script
+    if args.command != "bench" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "train-vision" and args.out is None:
         args.out = f"runs/{args.model}-{args.data}"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
+        if args.command == "bench":
+            args.func(args, extra)
+        else:
+            args.func(args)
     except (FileExistsError, FileNotFoundError, ValueError, ModuleNotFoundError, CheckpointError) as e:
         if args.verbose:
             raise
