@@ -6,9 +6,33 @@ The math lives in ``retentive.ops`` (``retention(q, k, v, decay, mode=...)``), t
 
 from . import ops
 from .layers import FeedForward, MultiScaleRetention, RetNetBlock
-from .models import RetNet
+from .models import (
+    RetNet,
+    RetNetConfig,
+    RetNetForCausalLM,
+    RetNetModel,
+    RMTConfig,
+    RMTForImageClassification,
+    ViRConfig,
+    ViRForImageClassification,
+)
 from .ops import RetentionState, retention
 
 __version__ = "0.1.0"
 
-__all__ = ["FeedForward", "MultiScaleRetention", "RetNet", "RetNetBlock", "RetentionState", "ops", "retention"]
+__all__ = [
+    "FeedForward",
+    "MultiScaleRetention",
+    "RMTConfig",
+    "RMTForImageClassification",
+    "RetNet",
+    "RetNetBlock",
+    "RetNetConfig",
+    "RetNetForCausalLM",
+    "RetNetModel",
+    "RetentionState",
+    "ViRConfig",
+    "ViRForImageClassification",
+    "ops",
+    "retention",
+]

@@ -1,56 +1,278 @@
-"""Command line: ``retentive demo``."""
+"""Command line: ``retentive demo | train | generate | train-vision | bench``."""
 
 from __future__ import annotations
 
 import argparse
-import time
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from .models import RetNet
+from .data import TOKENIZERS
+from .training.checkpoint import CheckpointError
+
+
+def _model_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a JSON value (``dropout=0.1``, ``rotary=false``) or a plain string (``gate_fn=gelu``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train a RetNet language model (alone, or one process of ``torchrun``)."""
+    from .training import TrainConfig
+    from .training.lm import LMConfig, train_language_model
+
+    lm = LMConfig(
+        preset=args.preset, model_config=args.config, model_overrides=dict(args.set), data=args.data,
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size,
+        val_fraction=args.val_fraction, eval_batches=args.eval_batches, seed=args.seed,
+    )  # fmt: skip
+    config = TrainConfig(
+        steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
+        ckpt_interval=args.ckpt_interval, keep_last=args.keep_last, log_interval=args.log_interval,
+        precision=args.precision, compile=args.compile, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    run = train_language_model(lm, config, args.out, resume=args.resume or False, overwrite=args.overwrite)
+    if run.trainer.dist.is_main:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in run.result.eval.items())
+        print(f"trained to step {run.trainer.step} in {run.result.seconds:.0f} s; {summary}")
+        print(f"checkpoint: {run.result.checkpoint}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Continue a prompt with a trained model, streaming the tokens as they come."""
+    from .data import load_tokenizer
+    from .models import RetNetForCausalLM
+    from .streamer import TokenStreamer
+    from .training import resolve_checkpoint
+
+    if not args.prompt:
+        raise SystemExit("error: --prompt is empty: give at least one character to continue")
+    ckpt = resolve_checkpoint(args.checkpoint)
+    tokenizer = load_tokenizer(ckpt)
+    model = RetNetForCausalLM.from_pretrained(ckpt).to(args.device).eval()
+    ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
+    torch.manual_seed(args.seed)
+    sampling = args.temperature > 0
+    streamer = TokenStreamer(tokenizer) if args.num_beams == 1 else None
+    print(args.prompt, end="", flush=True)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sampling,
+        temperature=args.temperature if sampling else None,
+        top_k=args.top_k if sampling else None,
+        top_p=args.top_p if sampling else None,
+        repetition_penalty=args.repetition_penalty,
+        num_beams=args.num_beams,
+        streamer=streamer,
+        pad_token_id=tokenizer.eos_id,
+    )
+    if streamer is None:  # beam search cannot stream: its best beam is known at the end
+        print(tokenizer.decode(out[0, ids.shape[1] :].tolist()))
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Run one RetNet in its three forms on the same input; show they agree and that decoding is O(1)."""
-    torch.manual_seed(0)
-    net = RetNet(num_layer=4, num_heads=4, dim_model=256).eval()
-    x = torch.randn(1, 512, 256)
-    n_params = sum(p.numel() for p in net.parameters())
-    print(f"RetNet: 4 layers, d=256, 4 heads, {n_params:,} parameters; input {tuple(x.shape)}")
-    with torch.no_grad():
-        for norm in (False, True):
-            kw = {"normalize_attn": norm, "normalize_retn": norm}
-            y = net(x, **kw)
-            chunk = net(x, num_chunks=8, **kw)
-            rec = net(x, mode="recurrent", **kw)
-            print(
-                f"  normalizations {'on ' if norm else 'off'}: max |parallel - chunkwise(8 chunks)| = "
-                f"{(y - chunk).abs().max():.2e}, max |parallel - recurrent| = {(y - rec).abs().max():.2e}"
-            )
-        print("Recurrent decode step (one token, all layers) after a chunkwise prefill:")
-        for context in args.contexts:
-            _, state = net(torch.randn(1, context, 256), mode="chunkwise", chunk_size=256, return_state=True)
-            step = torch.randn(1, 1, 256)
-            times = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                _, state = net(step, mode="recurrent", state=state, return_state=True)
-                times.append(time.perf_counter() - t0)
-            times.sort()
-            state_bytes = sum(s.nbytes() for s in state)
-            print(f"  position {context:>6,}: {1e3 * times[len(times) // 2]:.3f} ms/token, state {state_bytes:,} bytes")
+    """Train retnet-tiny on Shakespeare in minutes; perplexity, a sample, the three forms, O(1) decoding."""
+    from .demo import run_demo
+
+    run_demo(args)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a RetNet language model on a text corpus (torchrun for several processes)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="retnet-tiny", help="RetNetConfig preset (default retnet-tiny)")
+    g.add_argument("--config", default=None, help="a RetNetConfig config.json, instead of the preset")
+    g.add_argument("--set", type=_model_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="change one config field, e.g. --set dropout=0.1 (repeatable)")  # fmt: skip
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shakespeare",
+                   help="'shakespeare', a text file or folder, or 'datasets:<glob>' (HF datasets)")  # fmt: skip
+    g.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe", help="bpe: trained on the data (default)")
+    g.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default 128)")
+    g.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch per process (default 16)")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="share of each document held out")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--warmup", type=int, default=100)
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA, float32 on CPU")  # fmt: skip
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png, tokenizer")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue the run in --out (its newest intact checkpoint, or the one given)")  # fmt: skip
+    g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    g.add_argument("--eval-interval", type=int, default=200)
+    g.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
+    g.add_argument("--ckpt-interval", type=int, default=500)
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=train)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained model, streaming tokens")
+    p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--prompt", default="ROMEO.\n")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=generate)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train retnet-tiny on Shakespeare in minutes, sample, compare the three forms")
+    p.add_argument("--train-seconds", type=float, default=180, help="training time budget (sets the steps)")
+    p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the time budget")
+    p.add_argument("--data", default="shakespeare")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--sample-tokens", type=int, default=120)
+    p.add_argument("--greedy-tokens", type=int, default=24)
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="run directory (replaced)")
+    p.set_defaults(func=demo)
+
+
+def train_vision(args: argparse.Namespace) -> None:
+    """Train ViR, RMT or the ViT baseline on an offline image dataset; report test accuracy and time."""
+    from .training import TrainConfig
+    from .training.vision import VisionConfig, steps_for_epochs
+    from .training.vision import train_vision as run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vision = VisionConfig(
+        model=args.model, data=args.data, data_root=args.data_root, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, seed=args.seed,
+    )  # fmt: skip
+    train_size = {"fashion-mnist": 60_000, "digits": 1_438}[args.data]
+    steps = args.steps or steps_for_epochs(args.epochs, train_size, args.batch_size)
+    config = TrainConfig(
+        steps=steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
+        device=args.device, perplexity=False, progress=not args.no_progress,
+    )  # fmt: skip
+    trained = run(vision, config, args.out, resume=args.resume, overwrite=args.overwrite)
+    result, n_params = trained.result, sum(p.numel() for p in trained.model.parameters())
+    acc = result.eval.get("val_accuracy", float("nan"))
+    print(
+        f"{args.model} ({n_params:,} parameters) on {args.data}: test accuracy {acc:.4f} "
+        f"after {steps} steps, {result.seconds:.0f} s training"
+    )
+    print(f"checkpoint: {result.checkpoint}")
+
+
+def _add_train_vision(sub: argparse._SubParsersAction) -> None:
+    from .data import IMAGE_DATASETS
+    from .training.vision import VISION_MODELS
+
+    p = sub.add_parser("train-vision", help="train ViR / RMT / the ViT baseline on Fashion-MNIST or digits")
+    p.add_argument("--model", choices=VISION_MODELS, default="vir-tiny")
+    p.add_argument("--data", choices=IMAGE_DATASETS, default="fashion-mnist")
+    p.add_argument("--data-root", default=None, help="directory of Fashion-MNIST's idx files (default: Debian's)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>-<data>)")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training set (unless --steps)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=200)
+    p.add_argument("--ckpt-interval", type=int, default=200)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=train_vision)
+
+
+def bench(args: argparse.Namespace, extra: list[str]) -> None:
+    """Run benchmarks/run.py (speed) or benchmarks/quality.py (``--quality``) from the source checkout."""
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / ("quality.py" if args.quality else "run.py")
+    if not script.exists():
+        raise SystemExit(f"retentive bench runs from a source checkout; {script} is missing (git clone the repository)")
+    python = args.python or sys.executable
+    extra = (["--quick"] if args.quick else []) + extra
+    print(f"$ {python} {script.relative_to(root)} {' '.join(extra)}", flush=True)
+    raise SystemExit(subprocess.call([python, str(script), *extra], cwd=root))
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="RetNet vs the Transformer vs the peers: tables, JSON and plots in docs/ (other options go to the script)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    p.add_argument("--quality", action="store_true", help="the perplexity comparison instead of speed")
+    p.add_argument("--python", help="the interpreter to run under (the peers' environment: .venv-peers/bin/python)")
+    p.set_defaults(func=bench)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="retentive", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the three forms agree; the recurrent step costs the same at any position")
-    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 8192])
-    p.add_argument("--steps", type=int, default=50)
-    p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
-    args.func(args)
+    _add_demo(sub)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_train_vision(sub)
+    _add_bench(sub)
+    args, extra = parser.parse_known_args(argv)  # bench passes what it does not know on to its script
+    if args.command != "bench" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "train-vision" and args.out is None:
+        args.out = f"runs/{args.model}-{args.data}"
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "bench":
+            args.func(args, extra)
+        else:
+            args.func(args)
+    except (FileExistsError, FileNotFoundError, ValueError, ModuleNotFoundError, CheckpointError) as e:
+        if args.verbose:
+            raise
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

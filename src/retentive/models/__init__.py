@@ -1,5 +1,30 @@
 """Models built on :mod:`retentive.layers`; they know nothing of how retention is computed."""
 
-from .retnet import RetNet
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-__all__ = ["RetNet"]
+from .cache_retnet import RetNetCache
+from .configuration_retnet import PRESETS, RetNetConfig
+from .modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
+from .retnet import RetNet
+from .rmt import RMT_PRESETS, RMTConfig, RMTForImageClassification
+from .vir import VIR_PRESETS, ViRConfig, ViRForImageClassification
+
+AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
+AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)
+AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM, exist_ok=True)
+
+__all__ = [
+    "PRESETS",
+    "RMT_PRESETS",
+    "VIR_PRESETS",
+    "RMTConfig",
+    "RMTForImageClassification",
+    "RetNet",
+    "RetNetCache",
+    "RetNetConfig",
+    "RetNetForCausalLM",
+    "RetNetModel",
+    "RetNetPreTrainedModel",
+    "ViRConfig",
+    "ViRForImageClassification",
+]

@@ -26,11 +26,13 @@ def gamma_schedule(schedule: str, num_heads: int) -> Tensor:
     """
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    h = torch.arange(num_heads, dtype=torch.float64)
+    h = torch.arange(num_heads, dtype=torch.float64, device="cpu")
     if schedule == "retnet":
         return 1 - torch.pow(2.0, -5 - h)
     if schedule == "linspace":
-        return 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64))
+        return 1 - torch.exp(
+            torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64, device="cpu")
+        )
     raise ValueError(f"decay schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
@@ -44,13 +46,13 @@ def log_gamma(decay: DecaySpec, num_heads: int) -> Tensor:
     """
     if isinstance(decay, str):
         if decay == "retnet":  # log1p keeps 1 - 2^-(5+h) exact even where float32 would round it to 1
-            return torch.log1p(-torch.pow(2.0, -5 - torch.arange(num_heads, dtype=torch.float64)))
+            return torch.log1p(-torch.pow(2.0, -5 - torch.arange(num_heads, dtype=torch.float64, device="cpu")))
         return torch.log(gamma_schedule(decay, num_heads))
     if isinstance(decay, Tensor) and decay.dtype in (torch.float16, torch.bfloat16):
         raise TypeError(
             f"decay must be float32 or float64, got {decay.dtype}: gammas near 1 collapse in half precision"
         )
-    gamma = torch.as_tensor(decay, dtype=torch.float64).detach().cpu()
+    gamma = torch.as_tensor(decay, dtype=torch.float64, device="cpu").detach()
     if gamma.shape != (num_heads,):
         raise ValueError(f"decay must have one gamma per head, shape ({num_heads},), got {tuple(gamma.shape)}")
     if not bool(((gamma > 0) & (gamma < 1)).all()):

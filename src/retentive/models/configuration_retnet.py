@@ -1,0 +1,141 @@
+"""RetNetConfig: every option of the RetNet language model, with the paper's sizes and CPU-sized presets.
+
+A ``transformers.PretrainedConfig`` (model_type ``"retnet"``), so it saves to and loads from
+``config.json`` and works with ``AutoConfig``. A config that cannot work is refused with a ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from transformers import PretrainedConfig
+
+from ..layers import ACTIVATIONS, GATES, HEAD_NORMS
+from ..ops import MODES, SCHEDULES
+
+# The paper (Sun et al. 2023, Table 2) gives d, layers, heads and FFN width, not the vocabulary; it trains on a
+# ~100k-token BPE. We use 100,352: a cl100k-sized BPE (100,277 tokens) padded to a multiple of 128.
+PAPER_VOCAB_SIZE = 100_352
+
+# name -> the fields that differ from the defaults; ffn_dim = 2d and value_factor = 2 everywhere (SPEC §5)
+PRESETS: dict[str, dict[str, Any]] = {
+    "retnet-tiny": dict(vocab_size=4096, dim_model=256, num_layers=4, num_heads=4, ffn_dim=512),
+    "retnet-small": dict(vocab_size=16384, dim_model=512, num_layers=6, num_heads=8, ffn_dim=1024),
+    "retnet-base": dict(vocab_size=50257, dim_model=768, num_layers=12, num_heads=12, ffn_dim=1536),
+    "retnet-1.3b": dict(vocab_size=PAPER_VOCAB_SIZE, dim_model=2048, num_layers=24, num_heads=8, ffn_dim=4096),
+    "retnet-2.7b": dict(vocab_size=PAPER_VOCAB_SIZE, dim_model=2560, num_layers=32, num_heads=10, ffn_dim=5120),
+    "retnet-6.7b": dict(vocab_size=PAPER_VOCAB_SIZE, dim_model=4096, num_layers=32, num_heads=16, ffn_dim=8192),
+}
+
+
+class RetNetConfig(PretrainedConfig):
+    """Configuration of :class:`RetNetModel` and :class:`RetNetForCausalLM`.
+
+    ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads`` and ``intermediate_size`` are aliases of
+    ``dim_model``, ``num_layers``, ``num_heads`` and ``ffn_dim``, for Hugging Face utilities.
+    Build one with ``RetNetConfig(**fields)`` or ``RetNetConfig.from_preset(name, **overrides)``.
+    """
+
+    model_type: ClassVar[str] = "retnet"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    attribute_map: ClassVar[dict[str, str]] = {
+        "hidden_size": "dim_model",
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "intermediate_size": "ffn_dim",
+    }
+
+    vocab_size: int = 4096
+    dim_model: int = 256  # d; each head has dk = d / num_heads
+    num_layers: int = 4  # L blocks
+    num_heads: int = 4  # H heads per block, each with its own decay gamma
+    value_factor: int = 2  # dv = value_factor * d / H (the paper: 2, which keeps 12 d^2 parameters per layer)
+    ffn_dim: int | None = None  # FFN hidden width; None means 2 d (the paper)
+    ffn_activation: str = "gelu"  # gelu | relu | swish | glu | geglu | swiglu
+    ffn_bias: bool = True
+    gate_fn: str = "swish"  # the retention output gate: swish (paper) | gelu (seed repository) | none
+    head_norm: str = "groupnorm"  # per-head norm of the retention output: groupnorm | rmsnorm | layernorm | none
+    decay: str | list[float] = "retnet"  # "retnet" (gamma_h = 1 - 2^(-5-h)), "linspace", or one gamma per head
+    rotary: bool = True  # the paper's Theta (xPos-style rotation at absolute positions); needs an even head dim
+    msr_bias: bool = False  # biases in the q, k, v, g and output projections
+    normalize_attn: bool = False  # decay normalization (SPEC §2), exact in every form
+    normalize_retn: bool = False  # retention normalization (SPEC §2), exact in every form
+    dropout: float = 0.0  # on every residual branch and in the FFN
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    initializer_range: float = 0.02  # std of the embeddings and FFN / head weights; retention keeps Xavier
+    tie_word_embeddings: bool = True  # the output head shares the token embedding
+    mode: str = "parallel"  # the form of a forward without cache: parallel | chunkwise | recurrent
+    chunk_size: int = 64  # chunk length of the chunkwise form: prefill of generate(), long prompts
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs) -> None:
+        if self.ffn_dim is None:
+            self.ffn_dim = 2 * self.dim_model if isinstance(self.dim_model, int) else None
+        if isinstance(self.decay, tuple):
+            self.decay = list(self.decay)
+        self.validate()
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RetNetConfig:
+        """A preset (see ``PRESETS``) with fields overridden: ``from_preset("retnet-tiny", vocab_size=256)``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {tuple(PRESETS)}")
+        known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
+        if unknown := sorted(set(overrides) - known):
+            raise ValueError(f"unknown config field(s) {unknown}: RetNetConfig has {sorted(known)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        """(dk, dv): the key and value width of one head."""
+        return self.dim_model // self.num_heads, self.value_factor * self.dim_model // self.num_heads
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field if this config cannot build a working model."""
+        for name in ("vocab_size", "dim_model", "num_layers", "num_heads", "value_factor", "ffn_dim", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.dim_model % self.num_heads:
+            raise ValueError(
+                f"dim_model ({self.dim_model}) must be a multiple of num_heads ({self.num_heads}): "
+                "each head gets dim_model / num_heads key features"
+            )
+        if self.rotary and (self.dim_model // self.num_heads) % 2:
+            raise ValueError(
+                f"rotary needs an even head dim, got dim_model / num_heads = {self.dim_model // self.num_heads}: "
+                "change dim_model or num_heads, or set rotary=False"
+            )
+        for name, allowed in (
+            ("ffn_activation", tuple(ACTIVATIONS)),
+            ("gate_fn", tuple(GATES)),
+            ("head_norm", HEAD_NORMS),
+            ("mode", MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.decay, str):
+            if self.decay not in SCHEDULES:
+                raise ValueError(f"decay must be one of {SCHEDULES} or one gamma per head, got {self.decay!r}")
+        elif len(self.decay) != self.num_heads or not all(0 < g < 1 for g in self.decay):
+            raise ValueError(f"decay must give one gamma in (0, 1) per head ({self.num_heads}), got {self.decay!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            self._check_token_id(name, getattr(self, name))
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        for token in eos:
+            self._check_token_id("eos_token_id", token)
+
+    def _check_token_id(self, name: str, token: int | None) -> None:
+        if token is not None and not (isinstance(token, int) and 0 <= token < self.vocab_size):
+            raise ValueError(f"{name} must be None or a token id in [0, vocab_size={self.vocab_size}), got {token!r}")

@@ -1,0 +1,297 @@
+"""The RetNet language model with Hugging Face conventions: RetNetModel and RetNetForCausalLM.
+
+Token embeddings -> the :class:`~retentive.models.retnet.RetNet` backbone -> a (tied) output head. The cache
+is a :class:`RetNetCache`: one retention state per layer, whose size does not depend on the length, so
+``generate()`` prefills the prompt in the chunkwise form and then takes one recurrent step per token.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
+from .cache_retnet import RetNetCache
+from .configuration_retnet import RetNetConfig
+from .retnet import RetNet
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    """Weight init and the Hugging Face plumbing shared by the RetNet models."""
+
+    config_class = RetNetConfig
+    config: RetNetConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules: ClassVar[list[str]] = [RetNetBlock.__name__]
+    _is_stateful = True  # the cache cannot be rolled back: no assisted decoding
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """Load a model saved with ``save_pretrained`` from a local directory (nothing is downloaded).
+
+        A missing directory or a missing, truncated or corrupt weights file raises OSError naming the path.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such checkpoint directory (write one with model.save_pretrained)")
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path / 'model.safetensors'}: no weights file in the checkpoint directory")
+        for file in files:
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except Exception as e:
+                raise OSError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
+        return super().from_pretrained(path, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Embeddings and linear layers ~ N(0, initializer_range); retention keeps its own (Xavier) init."""
+        std = self.config.initializer_range
+        if isinstance(module, MultiScaleRetention):
+            module.reset_parameters()  # runs after its children, so it overrides the Linear init below
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, HeadNorm)) and getattr(module, "weight", None) is not None:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    """Token embeddings and the RetNet backbone; returns the final hidden states and the cache."""
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__(config)
+        config.validate()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim_model)
+        self.retnet = RetNet(
+            num_layer=config.num_layers,
+            num_heads=config.num_heads,
+            dim_model=config.dim_model,
+            dropout=config.dropout,
+            value_factor=config.value_factor,
+            msr_gate_fn=config.gate_fn,
+            mlp_gate_fn=config.ffn_activation,
+            mlp_mult=config.ffn_dim / config.dim_model,
+            mlp_bias=config.ffn_bias,
+            head_norm=config.head_norm,
+            decay=config.decay,
+            rotary=config.rotary,
+            msr_bias=config.msr_bias,
+            normalize_attn=config.normalize_attn,
+            normalize_retn=config.normalize_retn,
+            norm_eps=config.norm_eps,
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        use_cache: bool | None = None,
+        mode: str | None = None,
+        chunk_size: int | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Hidden states of ``input_ids`` (B, T), continuing ``past_key_values`` if given.
+
+        Args:
+            input_ids: (B, T) token ids in [0, vocab_size); others raise ValueError (on accelerators, only
+                without a filled cache: checking every decoded token would cost a host sync per token).
+            attention_mask: (B, T) 1 on real tokens, 0 on LEFT padding. Padding belongs to the first call of
+                a stream: padded tokens add nothing to the state and each row's positions start at its first
+                real token. With a cache that already holds a state, the mask is ignored.
+            past_key_values: the cache a previous call returned (it is updated in place), or None.
+            use_cache: return the cache; defaults to ``config.use_cache`` in eval mode and False in training.
+            mode: ``"parallel"`` | ``"chunkwise"`` | ``"recurrent"``; by default, ``config.mode`` without cache,
+                the chunkwise form to fill a cache and the recurrent form for one token after a cache.
+            chunk_size: tokens per chunk of the chunkwise form; defaults to ``config.chunk_size``.
+        Returns:
+            BaseModelOutputWithPast with last_hidden_state (B, T, d) and past_key_values (or None).
+        """
+        _reject_unused(kwargs)
+        if past_key_values is not None and not isinstance(past_key_values, RetNetCache):
+            raise TypeError(
+                f"past_key_values must be a RetNetCache (what this model returns), got {type(past_key_values).__name__}"
+            )
+        # reading ids back is a host sync; on accelerators the decoding steps after a cache skip it
+        check_range = input_ids.device.type == "cpu" or past_key_values is None or past_key_values.states is None
+        self._check_input_ids(input_ids, check_range)
+        B, T = input_ids.shape
+        if use_cache is None:
+            use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
+        states = None if past_key_values is None else past_key_values.states
+        if states is not None and past_key_values.batch_size != B:
+            raise ValueError(f"past_key_values holds {past_key_values.batch_size} rows but input_ids has {B}")
+        if mode is None:
+            mode = ("recurrent" if T == 1 else "chunkwise") if states is not None or use_cache else self.config.mode
+        padding_mask = None if states is not None else self._padding_mask(attention_mask, T)
+
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        x = self.retnet(
+            x,
+            mode=mode,
+            chunk_size=self.config.chunk_size if chunk_size is None else chunk_size,
+            state=states,
+            padding_mask=padding_mask,
+            return_state=use_cache,
+        )
+        cache = None
+        if use_cache:
+            x, new_states = x
+            cache = RetNetCache() if past_key_values is None else past_key_values
+            cache.update_states(new_states, T)
+        if not return_dict:  # as ModelOutput.to_tuple(), without building one (it costs ~30 us per decoded token)
+            return (x,) if cache is None else (x, cache)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+
+    def _check_input_ids(self, input_ids: Tensor, check_range: bool) -> None:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(
+                f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per row "
+                "(for generate(), a prompt of at least one token, e.g. the BOS token)"
+            )
+        if not check_range or torch.compiler.is_compiling():  # reading values back would break the graph
+            return
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size}): "
+                "encode with the tokenizer the model was trained with, or raise config.vocab_size"
+            )
+
+    @staticmethod
+    def _padding_mask(attention_mask: Tensor | None, length: int) -> Tensor | None:
+        """(B, T) bool, True on real tokens, for the backbone's left padding; None without a mask."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[1] != length:
+            raise ValueError(
+                f"attention_mask must be (batch, {length}) like input_ids on the first call of a stream, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.bool()
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    """RetNet with a language-model head: next-token logits, the shifted cross-entropy loss and ``generate()``."""
+
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.lm_head = nn.Linear(config.dim_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """generate() must not build a key-value cache: forward creates the RetNetCache itself."""
+        return False
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        use_cache: bool | None = None,
+        mode: str | None = None,
+        chunk_size: int | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Next-token logits, and the loss if ``labels`` are given.
+
+        Args:
+            input_ids, attention_mask, past_key_values, use_cache, mode, chunk_size: see :meth:`RetNetModel.forward`.
+            labels: (B, T) targets aligned with ``input_ids`` (the shift happens here: position t predicts
+                labels[t + 1]); -100 is ignored. With labels and no cache, use_cache defaults to False.
+            logits_to_keep: if > 0, logits of the last ``logits_to_keep`` positions only (generate() uses 1).
+        Returns:
+            CausalLMOutputWithPast with loss (scalar, float32, or None), logits (B, T', vocab_size) and
+            past_key_values.
+        """
+        if use_cache is None and labels is not None and past_key_values is None:
+            use_cache = False  # a loss needs no state: score in config.mode, as in training
+        h, *cache = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            mode=mode,
+            chunk_size=chunk_size,
+            return_dict=False,
+            **kwargs,
+        )  # h: (B, T, d)
+        if logits_to_keep:
+            if labels is not None:
+                raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)  # (B, T', V)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache[0] if cache else None)
+        return result if return_dict else result.to_tuple()
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of logits[:, t] against labels[:, t + 1], in float32, ignoring -100.
+
+    Args:
+        logits: (B, T, V); labels: (B, T).
+    """
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels must have the shape of input_ids {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
+        )
+    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B * (T - 1), V)
+    shift_labels = labels[:, 1:].flatten().to(logits.device)  # (B * (T - 1),)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def _reject_unused(kwargs: dict) -> None:
+    """Refuse arguments this model cannot honour (it has no attention weights to output)."""
+    if unused := {k: v for k, v in kwargs.items() if v not in (None, False)}:
+        raise TypeError(f"RetNet forward got unsupported argument(s) {sorted(unused)}")

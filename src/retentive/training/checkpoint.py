@@ -1,0 +1,234 @@
+"""Checkpoints written atomically, verified on load, kept last-k; the guard that keeps one run per directory.
+
+A run directory holds ``run.json`` (the run's configuration) and ``checkpoints/step-XXXXXXXX/``. A checkpoint is
+written into a hidden temporary folder, every file and the folder fsync'ed, then renamed into place with
+``os.replace``: a crash leaves either the whole checkpoint or none. ``manifest.json`` records each file's size and
+SHA-256, so a damaged file is named on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    return sorted(root.glob("step-*")) if root.is_dir() else []
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, write: Callable[[Path], None], keep_last: int | None = None
+) -> Path:
+    """Write a checkpoint atomically and prune old ones.
+
+    Args:
+        run_dir: the run directory.
+        step: the optimizer steps taken; names the checkpoint ``step-XXXXXXXX``.
+        write: fills the (temporary) folder it is given with the checkpoint's files.
+        keep_last: keep this many newest checkpoints (None: all).
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
+    for p in [*files, tmp / MANIFEST, *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
+        _fsync(p)
+    if final.exists():  # the same step written again (e.g. after a resume): move the old one out of the way first
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    _fsync(root)
+    if keep_last is not None:
+        for stale in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(stale)
+    return final
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: naming the missing, truncated or damaged file.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {manifest_path} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint file {manifest_path} is corrupt: {e}") from e
+    for name, entry in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} is corrupt (size or SHA-256 differs from {manifest_path})")
+    return manifest
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to load from a checkpoint folder or a run directory (its newest checkpoint), verified.
+
+    Raises:
+        CheckpointError: no checkpoint there, or the chosen one is damaged: the message names the file and, for a run
+            directory, the newest intact checkpoint to use instead.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file() or path.name.startswith("step-"):
+        verify_checkpoint(path)
+        return path
+    ckpts = checkpoint_dirs(path)
+    if not ckpts:
+        raise CheckpointError(f"no checkpoint in {path}: expected {path / CHECKPOINTS}/step-*/{MANIFEST}")
+    try:
+        verify_checkpoint(ckpts[-1])
+    except CheckpointError as e:
+        for older in reversed(ckpts[:-1]):
+            try:
+                verify_checkpoint(older)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{e}; the previous checkpoint {older} is intact: pass it (--resume {older})") from e
+        raise CheckpointError(f"{e}; no intact checkpoint remains in {path / CHECKPOINTS}") from e
+    return ckpts[-1]
+
+
+def save_weights(model: nn.Module, directory: Path) -> None:
+    """Write the model's weights as ``model.safetensors`` (``save_pretrained`` when the model has it, for HF)."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """Load ``model.safetensors`` into ``model`` in place; tied parameters may be stored once."""
+    state = load_file(str(directory / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if not (k in params and params[k].data_ptr() in loaded)]
+    if untied or unexpected:
+        raise CheckpointError(
+            f"{directory / WEIGHTS} does not match the model: missing {untied[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    """Read ``trainer_state.pt`` (optimizer, scheduler, RNG, data position, step)."""
+    return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+# Options that may change when a run is resumed: they do not alter the loss trajectory up to the resume point.
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "eval_interval", "eval_batches", "ckpt_interval", "keep_last", "log_interval", "compile", "progress"}
+)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Make sure ``run_dir`` may hold this run, and record its configuration in ``run.json``.
+
+    Args:
+        run_dir: the output directory.
+        run_config: a JSON-serializable description of the run (model, data, tokenizer, training options).
+        resume: continue the run already there (its configuration must match, apart from RESUMABLE_CHANGES).
+        overwrite: delete whatever the directory holds and start afresh.
+
+    Raises:
+        FileExistsError: the directory holds a run and neither ``resume`` nor ``overwrite`` was given, or
+            ``resume`` was given for a run with a different configuration.
+    """
+    run_dir = Path(run_dir)
+    run_file = run_dir / RUN_FILE
+    config = json.loads(json.dumps(run_config))  # normalized as it will be stored (tuples -> lists)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        a, b = _flatten(old), _flatten(config)
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        blocking = [k for k in diff if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        if not resume:
+            what = f"a different run ({shown})" if diff else "this run already"
+            raise FileExistsError(
+                f"{run_dir} holds {what}: pass --resume to continue it, --overwrite to replace it, "
+                "or choose another --out directory"
+            )
+        if blocking:
+            raise FileExistsError(
+                f"cannot resume: {run_dir} holds a run with a different configuration ({shown}); "
+                "use --overwrite to replace it or another --out directory"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise FileExistsError(f"{run_dir} is not empty and holds no {RUN_FILE}: choose another --out or --overwrite")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, run_file)

@@ -1,0 +1,343 @@
+"""A model-agnostic trainer: any ``nn.Module`` whose ``forward(**batch)`` returns an object with ``.loss``.
+
+It gives AdamW (decay on matrices) with warm-up + cosine, gradient clipping and accumulation, bf16 autocast on CUDA
+(float32 on CPU unless asked), optional ``torch.compile``, evaluation, a tqdm bar, ``metrics.jsonl`` + ``loss.png``,
+atomic checkpoints (weights, optimizer, scheduler, RNG, data position, step) and an exact resume, under ``torchrun``
+with DistributedDataParallel as well as alone.
+
+The training data is any object with ``next_batch() -> dict[str, Tensor]``, ``state_dict()`` and
+``load_state_dict()`` (e.g. :class:`retentive.data.TokenWindows`, :class:`retentive.data.TensorBatches`); the
+validation data any re-iterable of such batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    TRAINER_STATE,
+    checkpoint_dirs,
+    load_trainer_state,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from .log import MetricsLog
+from .optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Tensor]
+MetricsFn = Callable[[Any, Batch], dict[str, float]]
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    """The trainer's options (all recorded in the run's ``run.json``)."""
+
+    steps: int = 1000  # optimizer steps in total
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate / peak, at the end of the cosine
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.05  # on 2-D+ parameters only (the paper: 0.05)
+    betas: tuple[float, float] = (0.9, 0.98)  # the paper's Adam betas
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+    eval_interval: int = 200  # steps between evaluations (and one at the end)
+    ckpt_interval: int = 500  # steps between checkpoints (and one at the end); 0: only at the end
+    keep_last: int = 3  # checkpoints kept
+    log_interval: int = 10  # steps between metrics.jsonl records
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    perplexity: bool = True  # report exp(val_loss) (language models)
+    progress: bool = True  # the tqdm bar
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "keep_last", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_interval", "ckpt_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        losses: the training loss of every step taken in this call (mean over processes and micro-batches).
+        eval: the last evaluation (``val_loss``, ``val_ppl``, metrics), empty without validation data.
+        checkpoint: the last checkpoint written.
+        seconds: wall time of the training loop.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    eval: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (call before building the model)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"]},
+        "numpy_extra": [np_state["has_gauss"], np_state["gauss"]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": state["numpy"]["key"].numpy().astype(np.uint32), "pos": state["numpy"]["pos"]},
+            "has_gauss": state["numpy_extra"][0],
+            "gauss": state["numpy_extra"][1],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Train ``model`` on ``train_data``, evaluate on ``val_data``, checkpoint into ``run_dir``.
+
+    Args:
+        model: ``forward(**batch)`` returns an object with ``.loss`` (and optionally ``.logits``).
+        train_data: a :class:`BatchSource` for this process (its batches are per micro-step and per rank).
+        config: the :class:`TrainConfig`.
+        run_dir: the run directory (prepared by :func:`retentive.training.prepare_run_dir`).
+        val_data: re-iterable batches for evaluation (per rank), or None.
+        metrics_fn: ``metrics_fn(output, batch) -> {name: value}``, averaged over the evaluation batches
+            (e.g. accuracy for a classifier).
+        save_extra: writes extra files into each checkpoint folder (e.g. the tokenizer).
+        resume: continue from the newest intact checkpoint of ``run_dir`` (or from this checkpoint folder).
+        dist: the process group info (default: :func:`init_distributed` with ``config.device``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: BatchSource,
+        config: TrainConfig,
+        run_dir: str | Path,
+        val_data: Iterable[Batch] | None = None,
+        metrics_fn: MetricsFn | None = None,
+        save_extra: Callable[[Path], None] | None = None,
+        resume: bool | str | Path = False,
+        dist: DistInfo | None = None,
+    ) -> None:
+        self.config, self.run_dir = config, Path(run_dir)
+        self.dist = dist or init_distributed(config.device)
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        self.train_data, self.val_data = train_data, val_data
+        self.metrics_fn, self.save_extra = metrics_fn, save_extra
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.betas)
+        self.scheduler = build_scheduler(self.optimizer, config.warmup, config.steps, config.min_lr_ratio)
+        self.step = 0
+        self.unit = "tok/s"
+        self.resumed_from = self._resume(resume) if resume else None
+        self.train_model = self._wrap(self.model)
+        self.log = MetricsLog(self.run_dir, self.step if self.resumed_from else None) if self.dist.is_main else None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        bf16 = self.config.precision == "bf16" or (
+            self.config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        if not bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.config.compile:
+            model = torch.compile(model)
+        return model
+
+    def _resume(self, resume: bool | str | Path) -> Path | None:
+        source = self.run_dir if resume is True else Path(resume)
+        if resume is True and not checkpoint_dirs(self.run_dir):
+            logger.info("no checkpoint in %s yet: starting afresh", self.run_dir)
+            return None
+        ckpt = resolve_checkpoint(source)
+        load_weights(self.model, ckpt)
+        state = load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        if len(rng) != self.dist.world_size:
+            logger.warning("checkpoint has RNG states of %d processes, this run has %d", len(rng), self.dist.world_size)
+        _set_rng_state(rng[self.dist.rank % len(rng)])
+        logger.info("resumed from %s at step %d", ckpt, self.step)
+        return ckpt
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm, items processed)."""
+        self.train_model.train()
+        accum, total, items = self.config.grad_accum, torch.zeros((), device=self.device), 0
+        for micro in range(accum):
+            batch = self._to_device(self.train_data.next_batch())
+            tokens = "input_ids" in batch  # language models count tokens, other models samples
+            items += batch["input_ids"].numel() if tokens else len(next(iter(batch.values())))
+            self.unit = "tok/s" if tokens else "samples/s"
+            sync = micro == accum - 1 or not self.dist.distributed
+            with contextlib.nullcontext() if sync else self.train_model.no_sync(), self._autocast():
+                loss = self.train_model(**batch).loss / accum
+            loss.backward()
+            total += loss.detach()
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_sum, items_sum = all_reduce_sum([total.item(), float(items)], self.dist)
+        return loss_sum / self.dist.world_size, float(grad_norm), int(items_sum)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss (and metrics) over the validation batches of every process; ``val_ppl`` = exp(loss)."""
+        if self.val_data is None:
+            return {}
+        self.model.eval()
+        sums: dict[str, float] = {"loss": 0.0}
+        count = 0
+        for batch in self.val_data:
+            batch = self._to_device(batch)
+            n = len(next(iter(batch.values())))
+            with self._autocast():
+                out = self.model(**batch)
+            sums["loss"] += out.loss.float().item() * n
+            for k, v in (self.metrics_fn(out, batch) if self.metrics_fn else {}).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            count += n
+        keys = sorted(sums)
+        totals = all_reduce_sum([sums[k] for k in keys] + [float(count)], self.dist)
+        result = {f"val_{k}": v / max(totals[-1], 1) for k, v in zip(keys, totals[:-1], strict=True)}
+        if self.config.perplexity:
+            result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
+        return result
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (every process must call it; process 0 writes)."""
+        rng = all_gather_objects(_rng_state(), self.dist)
+        path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+        if self.dist.is_main:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "data": self.train_data.state_dict(),
+                "rng": rng,
+                "step": self.step,
+            }
+
+            def write(directory: Path) -> None:
+                save_weights(self.model, directory)
+                torch.save(state, directory / TRAINER_STATE)
+                (directory / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+                if self.save_extra is not None:
+                    self.save_extra(directory)
+
+            path = save_checkpoint(self.run_dir, self.step, write, self.config.keep_last)
+            logger.info("checkpoint %s", path)
+        barrier(self.dist)
+        return path
+
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train until ``config.steps``; evaluate and checkpoint on the way and at the end.
+
+        Args:
+            stop_at: stop after this step, as an interruption would (no extra checkpoint); the schedule still
+                follows ``config.steps``.
+        """
+        cfg, result = self.config, TrainResult()
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="train",
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        while self.step < end:
+            t0 = time.perf_counter()
+            loss, grad_norm, items = self._train_step()
+            rate = items / max(time.perf_counter() - t0, 1e-9)
+            result.losses.append(loss)
+            bar.set_postfix({"loss": f"{loss:.3f}", self.unit: f"{rate:,.0f}"}, refresh=False)
+            bar.update(1)
+            record: dict[str, Any] = {}
+            if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                lr = self.scheduler.get_last_lr()[0]
+                record |= {"loss": loss, "lr": lr, "grad_norm": grad_norm, self.unit.replace("/", "_per_"): rate}
+            if self.val_data is not None and (
+                self.step == cfg.steps or (cfg.eval_interval and self.step % cfg.eval_interval == 0)
+            ):
+                result.eval = self.evaluate()
+                record |= result.eval
+                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items()))
+            if record and self.log is not None:
+                self.log.write({"step": self.step, **record, "time_s": round(time.perf_counter() - start, 3)})
+            if self.step == cfg.steps or (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
+                result.checkpoint = self.save()
+                if self.log is not None:
+                    self.log.plot()
+        bar.close()
+        if result.checkpoint is None:  # resumed at the end, or stopped early: the newest checkpoint
+            result.checkpoint = self.resumed_from
+        result.seconds = time.perf_counter() - start
+        return result

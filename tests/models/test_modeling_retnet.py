@@ -1,0 +1,336 @@
+"""RetNetForCausalLM: the three forms, the cache, generate() (greedy, sampling, beams, padding), save/load, errors."""
+
+from __future__ import annotations
+
+import re
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging
+
+from retentive import MultiScaleRetention, RetNetConfig, RetNetForCausalLM
+from retentive.models import RetNetCache
+
+logging.disable_progress_bar()
+V = 64  # vocabulary of the test models
+
+
+def small_config(**overrides) -> RetNetConfig:
+    fields = dict(vocab_size=V, dim_model=32, num_layers=2, num_heads=4, ffn_dim=64, chunk_size=4)
+    return RetNetConfig(**{**fields, **overrides})
+
+
+def small_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> RetNetForCausalLM:
+    torch.manual_seed(seed)
+    return RetNetForCausalLM(small_config(**overrides)).to(dtype).eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test models are tiny: one thread is faster, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> RetNetForCausalLM:
+    return small_model()
+
+
+def prompts(lengths: list[int], seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, V, (1, n), generator=g) for n in lengths]
+
+
+def left_pad(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, each row padded on the left."""
+    T = max(r.shape[1] for r in rows)
+    ids = torch.stack([F.pad(r[0], (T - r.shape[1], 0), value=pad) for r in rows])
+    mask = torch.stack([F.pad(torch.ones(r.shape[1], dtype=torch.long), (T - r.shape[1], 0)) for r in rows])
+    return ids, mask
+
+
+# --- forward: loss and the three forms --------------------------------------------------------------------------
+
+
+def test_loss_is_the_shifted_cross_entropy_ignoring_minus_100(model: RetNetForCausalLM) -> None:
+    ids = prompts([9])[0].repeat(2, 1)
+    labels = ids.clone()
+    labels[0, 3] = -100
+    out = model(ids, labels=labels)
+    assert out.past_key_values is None  # scoring needs no state
+    logp = out.logits.log_softmax(-1)[:, :-1]  # (B, T-1, V): position t predicts t + 1
+    keep = labels[:, 1:] != -100
+    nll = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(out.loss, nll[keep].mean().float())
+
+
+@settings(max_examples=8, deadline=None)
+@given(length=st.integers(1, 23), chunk_size=st.integers(1, 9), normalize=st.booleans())
+def test_recurrent_chunkwise_parallel_logits_agree(length: int, chunk_size: int, normalize: bool) -> None:
+    model = small_model(normalize_attn=normalize, normalize_retn=normalize)
+    ids = prompts([length], seed=length)[0]
+    parallel = model(ids, mode="parallel", use_cache=False).logits
+    chunkwise = model(ids, mode="chunkwise", chunk_size=chunk_size, use_cache=False).logits
+    recurrent = model(ids, mode="recurrent", use_cache=False).logits
+    torch.testing.assert_close(chunkwise, parallel, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(recurrent, parallel, rtol=1e-9, atol=1e-9)
+
+
+def test_float32_forms_agree_within_float32_tolerance() -> None:
+    model = small_model(torch.float32)
+    ids = prompts([50])[0]
+    parallel = model(ids, mode="parallel", use_cache=False).logits
+    for mode in ("chunkwise", "recurrent"):
+        torch.testing.assert_close(model(ids, mode=mode, use_cache=False).logits, parallel, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_model_keeps_a_float32_state_and_follows_the_float32_model() -> None:
+    model = small_model(torch.float32)
+    half = small_model(torch.float32).to(torch.bfloat16)
+    ids = prompts([40])[0]
+    want = model(ids, use_cache=False).logits
+    out = half(ids, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16
+    assert all(s.S.dtype == s.z.dtype == torch.float32 for s in out.past_key_values.states)
+    torch.testing.assert_close(out.logits.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    step = half(ids[:, :1], past_key_values=out.past_key_values).logits
+    assert step.dtype == torch.bfloat16 and bool(step.isfinite().all())
+
+
+def test_prefill_then_cached_steps_equal_the_full_forward_with_left_padding(model: RetNetForCausalLM) -> None:
+    rows = prompts([11, 4, 8])
+    ids, mask = left_pad(rows)
+    cont = prompts([5, 5, 5], seed=7)
+    out = model(ids, attention_mask=mask, use_cache=True)
+    steps = [out.logits[:, -1]]
+    for t in range(5):
+        tok = torch.cat([c[:, t] for c in cont])[:, None]  # (B, 1)
+        steps.append(model(tok, past_key_values=out.past_key_values).logits[:, -1])
+    for b, row in enumerate(rows):
+        full = model(torch.cat([row, cont[b]], dim=1), use_cache=False).logits[0, row.shape[1] - 1 :]
+        torch.testing.assert_close(torch.stack([s[b] for s in steps]), full, rtol=1e-9, atol=1e-9)
+
+
+# --- the cache --------------------------------------------------------------------------------------------------
+
+
+def test_cache_size_does_not_depend_on_length() -> None:
+    model = small_model(torch.float32)
+    ids = prompts([10])[0]
+    after_10 = model(ids).past_key_values
+    out = model.generate(ids, max_new_tokens=990, min_new_tokens=990, do_sample=False, return_dict_in_generate=True)
+    after_1000 = out.past_key_values
+    assert out.sequences.shape[1] == after_1000.get_seq_length() + 1 == 1000  # the last token is not read yet
+    assert isinstance(after_1000, RetNetCache) and len(after_1000) == 2
+    assert after_10.nbytes() == after_1000.nbytes() > 0
+
+
+def test_cache_rejects_rollback_and_other_caches(model: RetNetForCausalLM) -> None:
+    cache = model(prompts([3])[0]).past_key_values
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(1)
+    with pytest.raises(TypeError, match="RetNetCache"):
+        model(prompts([3])[0], past_key_values=object())
+
+
+# --- generate() -------------------------------------------------------------------------------------------------
+
+
+def test_greedy_generate_equals_the_parallel_argmax_at_every_step(model: RetNetForCausalLM) -> None:
+    prompt = prompts([7])[0]
+    out = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    seq = out.sequences
+    assert seq.shape == (1, 19)
+    parallel = model(seq, mode="parallel", use_cache=False).logits[0, 6:-1]  # (12, V): the logits behind each new token
+    assert torch.equal(parallel.argmax(-1), seq[0, 7:])
+    torch.testing.assert_close(torch.cat(out.logits), parallel.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_prefills_in_the_chunkwise_form_then_steps_recurrently(model: RetNetForCausalLM) -> None:
+    calls = []
+    forward = MultiScaleRetention.forward
+
+    def spy(self, x, *args, **kwargs):
+        calls.append((kwargs["mode"], kwargs["chunk_size"], x.shape[1]))
+        return forward(self, x, *args, **kwargs)
+
+    with mock.patch.object(MultiScaleRetention, "forward", spy):
+        model.generate(prompts([10])[0], max_new_tokens=3, do_sample=False)
+    chunk = model.config.chunk_size
+    assert calls == [("chunkwise", chunk, 10)] * 2 + [("recurrent", chunk, 1)] * 4  # 2 layers; token 3 is never read
+
+
+def test_generation_continues_from_its_returned_cache(model: RetNetForCausalLM) -> None:
+    prompt = prompts([7], seed=5)[0]
+    whole = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    first = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert first.past_key_values.get_seq_length() == 11  # the last generated token is not read yet
+    rest = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=7, do_sample=False)
+    assert torch.equal(rest, whole)
+
+
+def test_generation_stops_at_eos_and_max_length(model: RetNetForCausalLM) -> None:
+    prompt = prompts([5])[0]
+    free = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    eos = int(free[0, 8])  # the 4th generated token
+    stopped = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    first = (free[0, 5:] == eos).nonzero()[0, 0]
+    assert torch.equal(stopped[0], free[0, : 5 + first + 1])
+    assert model.generate(prompt, max_length=9, do_sample=False).shape == (1, 9)
+
+
+def test_repetition_penalty_picks_the_penalized_parallel_argmax(model: RetNetForCausalLM) -> None:
+    """Each token is the argmax of the parallel form's logits with every token seen so far penalized."""
+    prompt, penalty = prompts([6])[0], 3.0
+    seq = model.generate(prompt, max_new_tokens=12, do_sample=False, repetition_penalty=penalty)[0]
+    assert not torch.equal(seq, model.generate(prompt, max_new_tokens=12, do_sample=False)[0])  # it matters here
+    logits = model(seq[None], use_cache=False).logits[0]  # (T, V)
+    for t in range(6, len(seq)):
+        score = logits[t - 1].clone()
+        seen = seq[:t].unique()
+        score[seen] = torch.where(score[seen] < 0, score[seen] * penalty, score[seen] / penalty)
+        assert score.argmax() == seq[t]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model: RetNetForCausalLM) -> None:
+    prompt = prompts([6])[0]
+    kw = dict(max_new_tokens=15, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    torch.manual_seed(3)
+    a = model.generate(prompt, **kw)
+    torch.manual_seed(3)
+    b = model.generate(prompt, **kw)
+    assert torch.equal(a, b)
+    greedy = model.generate(prompt, max_new_tokens=15, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=15, do_sample=True, top_k=1), greedy)
+
+
+def test_batched_left_padded_greedy_equals_one_by_one(model: RetNetForCausalLM) -> None:
+    rows = prompts([3, 9, 6, 1])
+    ids, mask = left_pad(rows)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    uncached = model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False
+    )
+    assert torch.equal(uncached, batch)  # the parallel form over the whole sequence at every step
+    for b, row in enumerate(rows):
+        alone = model.generate(row, max_new_tokens=10, do_sample=False)
+        assert torch.equal(batch[b, ids.shape[1] :], alone[0, row.shape[1] :])
+
+
+def test_batched_left_padded_sampling_gives_each_row_its_own_distribution(model: RetNetForCausalLM) -> None:
+    """Sampled tokens depend on the batch's random draws, so compare what each row is sampled FROM."""
+    rows = prompts([2, 8, 5])
+    ids, mask = left_pad(rows)
+    torch.manual_seed(0)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=10, temperature=0.7,
+        pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    logits = torch.stack(out.logits, dim=1)  # (B, 8, V)
+    for b, row in enumerate(rows):
+        seq = torch.cat([row, out.sequences[b : b + 1, ids.shape[1] :]], dim=1)
+        alone = model(seq, use_cache=False).logits[0, row.shape[1] - 1 : -1]  # (8, V)
+        torch.testing.assert_close(logits[b], alone.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_shapes_and_scores_match_the_parallel_form(model: RetNetForCausalLM) -> None:
+    prompt = prompts([2, 5])
+    ids, mask = left_pad(prompt)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, num_beams=4, num_return_sequences=3, do_sample=False,
+        length_penalty=0.0, pad_token_id=0, return_dict_in_generate=True, output_scores=True,
+    )  # fmt: skip
+    assert out.sequences.shape == (6, ids.shape[1] + 6)
+    assert out.sequences_scores.shape == (6,)
+    for i, seq in enumerate(out.sequences):
+        row = prompt[i // 3]
+        full = torch.cat([row[0], seq[ids.shape[1] :]])[None]
+        logp = model(full, use_cache=False).logits.log_softmax(-1)[0, row.shape[1] - 1 : -1]  # (6, V)
+        want = logp.gather(-1, full[0, row.shape[1] :, None]).sum()  # the sum of log-probs of the new tokens
+        torch.testing.assert_close(out.sequences_scores[i], want.float(), rtol=1e-5, atol=1e-5)
+    scores = out.sequences_scores.view(2, 3)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())  # best beam first
+    for group in out.sequences.view(2, 3, -1):  # the returned beams of one prompt are distinct
+        assert len({tuple(s.tolist()) for s in group}) == 3
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_overfits_one_batch() -> None:
+    model = small_model(torch.float32, dim_model=64).train()
+    ids = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = model(ids, labels=ids).loss
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.5 and loss.item() < 0.05, (first, loss.item())
+
+
+# --- save / load ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, tie: bool) -> None:
+    model = small_model(torch.float32, tie_word_embeddings=tie)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)  # differs from a fresh init, and from the embedding when untied
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, RetNetForCausalLM)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
+    ids = prompts([13])[0]
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_missing_or_corrupt_checkpoint_names_the_file(tmp_path) -> None:
+    small_model(torch.float32).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=re.escape(str(weights))):
+        RetNetForCausalLM.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(weights))):
+        RetNetForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        RetNetForCausalLM.from_pretrained(tmp_path / "no-such-run")
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_id", [-1, V, V + 100])
+def test_token_ids_outside_the_vocabulary_are_refused(model: RetNetForCausalLM, bad_id: int) -> None:
+    ids = prompts([5])[0]
+    ids[0, 2] = bad_id
+    with pytest.raises(ValueError, match=f"token id {bad_id}, outside the vocabulary"):
+        model(ids)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate(ids, max_new_tokens=2)
+
+
+def test_empty_and_malformed_input_is_refused(model: RetNetForCausalLM) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="batch, length"):
+        model(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="left padding"):
+        model(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1]]))
