@@ -150,7 +150,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def save_weights(model: nn.Module, directory: Path) -> None:
     """Write the model's weights as ``model.safetensors`` (``save_pretrained`` when the model has it, for HF)."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar inside our own
+        try:
+            model.save_pretrained(directory, safe_serialization=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     else:
         from safetensors.torch import save_model
 
