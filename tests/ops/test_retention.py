@@ -339,9 +339,9 @@ def long_inputs():
         (torch.bfloat16, "chunkwise", 64, 65536, True),
         (torch.float16, "chunkwise", 64, 65536, False),
         (torch.float16, "chunkwise", 64, 65536, True),
-        (torch.float16, "chunkwise", 1, 65536, True),
         (torch.bfloat16, "recurrent", 1, 65536, False),
         (torch.bfloat16, "chunkwise", 1, 4096, False),
+        (torch.float16, "chunkwise", 1, 4096, True),
         (torch.float16, "recurrent", 1, 4096, False),
     ],
 )

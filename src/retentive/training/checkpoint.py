@@ -161,7 +161,7 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     """Load ``model.safetensors`` into ``model`` in place; tied parameters may be stored once."""
     state = load_file(str(directory / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {params[k].data_ptr() for k in state if k in params}
     untied = [k for k in missing if not (k in params and params[k].data_ptr() in loaded)]
     if untied or unexpected:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     TRAINER_STATE,
+    checkpoint_dirs,
     load_trainer_state,
     load_weights,
     resolve_checkpoint,
@@ -203,8 +204,8 @@ class Trainer:
 
     def _resume(self, resume: bool | str | Path) -> Path | None:
         source = self.run_dir if resume is True else Path(resume)
-        if resume is True and not (self.run_dir / "checkpoints").is_dir():
-            logger.info("no checkpoint in %s: starting afresh", self.run_dir)
+        if resume is True and not checkpoint_dirs(self.run_dir):
+            logger.info("no checkpoint in %s yet: starting afresh", self.run_dir)
             return None
         ckpt = resolve_checkpoint(source)
         load_weights(self.model, ckpt)
