@@ -131,9 +131,14 @@ def chunkwise(
         p = chunk_pieces(q_, k_, v_, log_g, S, z, with_rowsum=with_rowsum)
         S, z = p.S, p.z
         outs.append(p)
-    o = torch.cat([p.o.flatten(2, 3) for p in outs], dim=2)
-    r = torch.cat([p.r.flatten(2, 3) for p in outs], dim=2) if with_rowsum else None
+    o = _concat_time([p.o.flatten(2, 3) for p in outs])
+    r = _concat_time([p.r.flatten(2, 3) for p in outs]) if with_rowsum else None
     return Pieces(o, r, S, z)
+
+
+def _concat_time(pieces: list[Tensor]) -> Tensor:
+    """Concatenate along time (dim 2), without a copy when there is one piece (the parallel form)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 def recurrent(
