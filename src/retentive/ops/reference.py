@@ -183,23 +183,25 @@ def decode_step(
     it is. Args: q, k (B, H, 1, Dk) unscaled, v (B, H, 1, Dv); log_g (H,) in the state's dtype.
     Returns o (B, H, 1, Dv) in v's dtype and the new state (or None).
     """
-    q_t, k_t, v_t = (x[:, :, 0].to(log_g.dtype) for x in (q, k, v))  # (B, H, D)
+    out_dtype = v.dtype
+    if q.dtype != log_g.dtype:  # half precision: the state and the sums stay in float32
+        q, k, v = q.to(log_g.dtype), k.to(log_g.dtype), v.to(log_g.dtype)
+    kv = k.transpose(-1, -2) * v  # (B, H, Dk, Dv): k_n^T v_n
     if state is None:
-        S, z = k_t[..., :, None] * v_t[..., None, :], k_t  # (B, H, Dk, Dv), (B, H, Dk)
-        offset = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        S, z, offset = kv, k[:, :, 0], torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     else:
         gamma = log_g.exp()[:, None]  # (H, 1)
-        S = torch.addcmul(gamma[..., None] * state.S, k_t[..., :, None], v_t[..., None, :])
-        z = torch.addcmul(k_t, gamma, state.z)
+        S = torch.addcmul(kv, gamma[..., None], state.S)  # gamma S + k^T v
+        z = torch.addcmul(k[:, :, 0], gamma, state.z)  # (B, H, Dk)
         offset = state.offset
-    o = (q_t[..., None, :] @ S).squeeze(-2) * scale  # (B, H, Dv)
+    o = (q @ S) * scale  # (B, H, 1, Dv)
     if normalize_decay or normalize_retention:
-        r = (q_t * z).sum(-1, keepdim=True) * scale if normalize_retention else None  # (B, H, 1)
+        r = (q[:, :, 0] * z).sum(-1)[..., None, None] * scale if normalize_retention else None  # (B, H, 1, 1)
         if normalize_decay:
-            c_sqrt = decay_sum(log_g, offset[:, None]).sqrt()  # (B, H, 1)
+            c_sqrt = decay_sum(log_g, offset[:, None]).sqrt()[..., None]  # (B, H, 1, 1)
             o = o / c_sqrt
             r = r / c_sqrt if normalize_retention else None
         if normalize_retention:
             o = o / r.abs().clamp(min=1)
     new_state = RetentionState(S, z, offset + 1) if output_state else None
-    return o[:, :, None].to(v.dtype), new_state
+    return o.to(out_dtype), new_state
