@@ -17,7 +17,8 @@ import re
 import subprocess
 from pathlib import Path
 
-FLOAT32_POINTERS = {"log_g", "S0", "S_final", "dS_final", "dS0", "S", "z", "S_out", "z_out", "r"}
+FLOAT32_POINTERS = {"log_g", "S0", "z0", "S_final", "z_final", "dS_final", "dz_final", "dS0", "dz0", "S", "z", "S_out"}
+FLOAT32_POINTERS |= {"z_out", "r", "dr", "hz", "dhz"}
 INTEGERS = {"T", "H", "NT", "CHUNK"}
 
 
@@ -74,9 +75,9 @@ def main() -> None:
         step = dict(Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=STEP_BV)
         kernels = [
             (chunk_state_kernel, {**tiles, "HAS_S0": True}),
-            (chunk_output_kernel, tiles),
-            (chunk_state_grad_kernel, {**tiles, "HAS_DS": True}),
-            (chunk_grad_qk_kernel, tiles),
+            (chunk_output_kernel, {**tiles, "WITH_ROWSUM": True}),
+            (chunk_state_grad_kernel, {**tiles, "WITH_ROWSUM": True}),
+            (chunk_grad_qk_kernel, {**tiles, "WITH_ROWSUM": True}),
             (chunk_grad_v_kernel, tiles),
             (recurrent_step_kernel, {**step, "NORMALIZE_DECAY": True, "NORMALIZE_RETENTION": True}),
         ]

@@ -85,3 +85,18 @@ def test_half_precision(dtype):
 )
 def test_random_shapes(T, Dk, Dv, chunk_size, with_rowsum, with_state, seed):
     check_chunkwise(1, 2, T, Dk, Dv, chunk_size, with_rowsum, with_state, torch.float32, seed)
+
+
+def test_causal():
+    """Changing token j changes no output before j (SPEC §7), across chunk boundaries."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 40, d, generator=gen).to(DEVICE) for d in (16, 16, 16))
+    log_g = log_gamma("retnet", 2).to(DEVICE).float()
+    before = chunkwise(q, k, v, log_g, None, None, chunk_size=16, with_rowsum=True)
+    j = 21
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, :, j] += 1.0
+    after = chunkwise(q2, k2, v2, log_g, None, None, chunk_size=16, with_rowsum=True)
+    assert torch.equal(after.o[:, :, :j], before.o[:, :, :j]) and torch.equal(after.r[:, :, :j], before.r[:, :, :j])
+    assert not torch.equal(after.o[:, :, j], before.o[:, :, j])

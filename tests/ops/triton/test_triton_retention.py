@@ -79,6 +79,26 @@ def test_recurrent_step_in_place(dtype, Dk, Dv):
     assert torch.equal(state.offset, want_state.offset.to(DEVICE))
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_decode_token_through_retention(normalize):
+    """One token in the recurrent form takes the fused step; the given state is left untouched."""
+    q, k, v = inputs(2, 3, 1, 16, 24, torch.bfloat16, seed=3)
+    state = RetentionState.zeros(2, 3, 16, 24, offset=torch.tensor([-2, 40]), device=DEVICE)
+    state.S.normal_(), state.z.normal_()
+    before = RetentionState(state.S.clone(), state.z.clone(), state.offset.clone())
+    kw = dict(mode="recurrent", output_state=True, normalize_decay=normalize, normalize_retention=normalize)
+    with torch.no_grad():
+        got, got_state = retention(q, k, v, state=state, backend="triton", **kw)
+    state64 = RetentionState(state.S.double(), state.z.double(), state.offset)
+    want, want_state = retention(q.double(), k.double(), v.double(), state=state64, backend="torch", **kw)
+    assert got.dtype == v.dtype and rel_err(got, want) <= TOL[torch.bfloat16]
+    assert rel_err(got_state.S, want_state.S) <= TOL[torch.bfloat16]
+    assert rel_err(got_state.z, want_state.z) <= TOL[torch.bfloat16]
+    assert torch.equal(got_state.offset, want_state.offset)
+    for now, then in ((state.S, before.S), (state.z, before.z), (state.offset, before.offset)):
+        assert torch.equal(now, then)
+
+
 def test_gradients_through_retention():
     q, k, v = (x.requires_grad_() for x in inputs(1, 2, 21, 8, 8, torch.float32, seed=2))
     kw = dict(mode="chunkwise", chunk_size=8, normalize_decay=True, normalize_retention=True)

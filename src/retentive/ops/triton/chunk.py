@@ -7,7 +7,7 @@ dq, dk, dv of every chunk in parallel (``chunk_grad``). Operands stay in their d
 tensor cores), every product accumulates in float32, and the carried state is float32.
 
 The key-sum state z and the row sums r = q . z of the retention normalization are the same recurrence
-with a value of ones: when they are asked for, v gets a column of ones and S a column z.
+with a value column of ones; the kernels carry them beside S and o (r only when asked for).
 """
 
 from __future__ import annotations
@@ -24,26 +24,31 @@ from .common import check_runnable, chunk_block, dot_precision
 
 
 class ChunkRetention(torch.autograd.Function):
-    """(q, k, v, S0) -> (o, S_final) on flattened heads: q, k (BH, T, Dk), v (BH, T, Dv), S (BH, Dk, Dv)."""
+    """(q, k, v, S0, z0) -> (o, r, S, z) on flattened heads: q, k (BH, T, Dk), v (BH, T, Dv), S (BH, Dk, Dv)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, S0: Tensor | None, chunk_size: int):
+    def forward(ctx, q, k, v, log_g, S0, z0, chunk_size: int, with_rowsum: bool):
         chunk, block = chunk_block(chunk_size)
         precision = dot_precision(q.dtype)
-        h, S = chunk_states(k, v, log_g, S0, chunk, block, precision)
-        o = chunk_output(q, k, v, h, log_g, chunk, block, precision)
-        ctx.save_for_backward(q, k, v, log_g, S0)
-        ctx.chunking = (chunk, block, precision)
-        return o, S
+        h, hz, S, z = chunk_states(k, v, log_g, S0, z0, chunk, block, precision)
+        o, r = chunk_output(q, k, v, h, hz, log_g, chunk, block, precision, with_rowsum)
+        ctx.save_for_backward(q, k, v, log_g, S0, z0)
+        ctx.options = (chunk, block, precision, with_rowsum)
+        if not with_rowsum:
+            ctx.mark_non_differentiable(r)
+        return o, r, S, z
 
     @staticmethod
-    def backward(ctx, do: Tensor, dS: Tensor):
-        q, k, v, log_g, S0 = ctx.saved_tensors
-        chunk, block, precision = ctx.chunking
-        h, _ = chunk_states(k, v, log_g, S0, chunk, block, precision)
-        dh, dS0 = chunk_state_grads(q, do.contiguous(), log_g, dS.contiguous(), chunk, block, precision)
-        dq, dk, dv = chunk_grads(q, k, v, h, do.contiguous(), dh, log_g, chunk, block, precision)
-        return dq, dk, dv, None, dS0 if S0 is not None else None, None
+    def backward(ctx, do, dr, dS, dz):
+        q, k, v, log_g, S0, z0 = ctx.saved_tensors
+        chunk, block, precision, with_rowsum = ctx.options
+        do, dS, dz = (x.contiguous() for x in (do, dS, dz))
+        dr = dr.contiguous() if with_rowsum else do  # without row sums the kernels never read dr
+        h, hz, _, _ = chunk_states(k, v, log_g, S0, z0, chunk, block, precision)  # recomputed, not kept
+        dh, dhz, dS0, dz0 = chunk_state_grads(q, do, dr, log_g, dS, dz, chunk, block, precision, with_rowsum)
+        dq, dk, dv = chunk_grads(q, k, v, h, hz, do, dr, dh, dhz, log_g, chunk, block, precision, with_rowsum)
+        has_state = S0 is not None
+        return dq, dk, dv, None, dS0 if has_state else None, dz0 if has_state else None, None, None
 
 
 def chunkwise(
@@ -69,22 +74,11 @@ def chunkwise(
     check_runnable(q, k, v)
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    log_g = log_g.float().contiguous()
-    if with_rowsum:  # z and r ride along as one more value column
-        v = torch.cat([v, v.new_ones(B, H, T, 1)], dim=-1)  # (B, H, T, Dv + 1)
-        S = None if S is None else torch.cat([S, z[..., None]], dim=-1)  # (B, H, Dk, Dv + 1)
-    S0 = None if S is None else S.float().reshape(B * H, Dk, -1).contiguous()
+    if (S is None) != (z is None):
+        raise ValueError("pass the state S and z together, or neither")
+    S0 = None if S is None else S.float().reshape(B * H, Dk, Dv).contiguous()
+    z0 = None if z is None else z.float().reshape(B * H, Dk).contiguous()
     flat = (x.reshape(B * H, T, -1).contiguous() for x in (q, k, v))
-    o, S_out = ChunkRetention.apply(*flat, log_g, S0, chunk_size)
-    o, S_out = o.view(B, H, T, -1), S_out.view(B, H, Dk, -1)  # (B, H, T, Dv'), (B, H, Dk, Dv')
-    if with_rowsum:
-        return Pieces(o[..., :Dv], o[..., Dv].float(), S_out[..., :Dv], S_out[..., Dv])
-    return Pieces(o, None, S_out, key_sum(k, log_g, z))
-
-
-def key_sum(k: Tensor, log_g: Tensor, z: Tensor | None) -> Tensor:
-    """z_T = gamma^T z + sum_l gamma^(T-1-l) k_l, float32 (B, H, Dk), for when no row sums are needed."""
-    T = k.shape[2]
-    w = torch.exp((T - 1 - torch.arange(T, device=k.device, dtype=torch.float32)) * log_g[:, None])  # (H, T)
-    z_new = (w.to(k.dtype)[:, None, :] @ k).squeeze(-2).float()  # (B, H, Dk)
-    return z_new if z is None else z_new + torch.exp(T * log_g)[:, None] * z
+    o, r, S, z = ChunkRetention.apply(*flat, log_g.float().contiguous(), S0, z0, chunk_size, with_rowsum)
+    r = r.view(B, H, T) if with_rowsum else None
+    return Pieces(o.view(B, H, T, Dv), r, S.view(B, H, Dk, Dv), z.view(B, H, Dk))

@@ -1,9 +1,10 @@
 """Backward of every chunk, in parallel over chunks: dq, dk (one kernel) and dv (another).
 
-For chunk i with S_in its incoming state, dH its outgoing state's gradient, and D the causal decay:
+For chunk i with (S_in, z_in) its incoming state, (dH, dZ) its outgoing state's gradient, dr the gradient
+of the row sums (zero unless WITH_ROWSUM), and D the causal decay:
 
-    dq_j = sum_{l<=j} D_jl (do_j . v_l) k_l + gamma^(j+1) do_j S_in^T
-    dk_l = sum_{j>=l} D_jl (do_j . v_l) q_j + gamma^(L-1-l) v_l dH^T
+    dq_j = sum_{l<=j} D_jl (do_j . v_l + dr_j) k_l + gamma^(j+1) (do_j S_in^T + dr_j z_in)
+    dk_l = sum_{j>=l} D_jl (do_j . v_l + dr_j) q_j + gamma^(L-1-l) (v_l dH^T + dZ)
     dv_l = sum_{j>=l} D_jl (q_j . k_l) do_j + gamma^(L-1-l) k_l dH
 
 dq and dk reduce over Dv (a loop over Dv tiles), dv reduces over Dk (a loop over Dk tiles).
@@ -24,9 +25,12 @@ def chunk_grad_qk_kernel(
     q,  # (BH, T, Dk)
     k,  # (BH, T, Dk)
     v,  # (BH, T, Dv)
-    h,  # (BH, NT, Dk, Dv) state entering each chunk
+    h,  # (BH, NT, Dk, Dv) S entering each chunk
+    hz,  # (BH, NT, Dk) float32 z entering each chunk, read WITH_ROWSUM
     do,  # (BH, T, Dv)
-    dh,  # (BH, NT, Dk, Dv) gradient of the state leaving each chunk
+    dr,  # (BH, T) float32, read WITH_ROWSUM
+    dh,  # (BH, NT, Dk, Dv) gradient of S leaving each chunk
+    dhz,  # (BH, NT, Dk) float32 gradient of z leaving each chunk
     log_g,  # (H,) float32
     dq,  # (BH, T, Dk) out
     dk,  # (BH, T, Dk) out
@@ -39,6 +43,7 @@ def chunk_grad_qk_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    WITH_ROWSUM: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -66,8 +71,17 @@ def chunk_grad_qk_kernel(
         dq_cross += mma(dO, S_T.to(dO.dtype), PRECISION)
         dk_cross += mma(vt, dH_T.to(vt.dtype), PRECISION)
 
+    k_mask = rk < Dk
+    dZ = tl.load(dhz + (i_bh * NT + i_c) * Dk + rk, mask=k_mask, other=0.0)  # (BK,)
+    dk_cross += dZ[None, :]
+    if WITH_ROWSUM:  # the row sums: a value column of ones, whose state column is z
+        dR = tl.load(dr + i_bh * T + rows, mask=row_mask, other=0.0)  # (BC,)
+        z = tl.load(hz + (i_bh * NT + i_c) * Dk + rk, mask=k_mask, other=0.0)  # (BK,)
+        d_scores += dR[:, None]
+        dq_cross += dR[:, None] * z[None, :]
+
     g_in, g_out, D = chunk_decays(lg, j, length)
-    rows_k = row_mask[:, None] & (rk[None, :] < Dk)
+    rows_k = row_mask[:, None] & k_mask[None, :]
     qt = tl.load(q + i_bh * T * Dk + rows[:, None] * Dk + rk[None, :], mask=rows_k, other=0.0)  # (BC, BK)
     kt = tl.load(k + i_bh * T * Dk + rows[:, None] * Dk + rk[None, :], mask=rows_k, other=0.0)  # (BC, BK)
     d_scores = (d_scores * D).to(qt.dtype)
@@ -141,12 +155,16 @@ def chunk_grads(
     k: Tensor,
     v: Tensor,
     h: Tensor,
+    hz: Tensor,
     do: Tensor,
+    dr: Tensor,
     dh: Tensor,
+    dhz: Tensor,
     log_g: Tensor,
     chunk: int,
     block: int,
     precision: str,
+    with_rowsum: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk (BH, T, Dk) and dv (BH, T, Dv), in the dtypes of q, k and v."""
     BH, T, Dk = q.shape
@@ -156,8 +174,8 @@ def chunk_grads(
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     H = log_g.numel()
     chunk_grad_qk_kernel[(triton.cdiv(Dk, BK), NT, BH)](
-        q, k, v, h, do, dh, log_g, dq, dk, T, H, NT, chunk,
-        Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, PRECISION=precision,
+        q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk, T, H, NT, chunk,
+        Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, WITH_ROWSUM=with_rowsum, PRECISION=precision,
     )  # fmt: skip
     chunk_grad_v_kernel[(triton.cdiv(Dv, BV), NT, BH)](
         q, k, do, dh, log_g, dv, T, H, NT, chunk,

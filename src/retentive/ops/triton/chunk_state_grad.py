@@ -1,11 +1,14 @@
 """Backward scan over chunks, last to first: the gradient of the state leaving every chunk.
 
-With dH_i the gradient of the loss with respect to the state entering chunk i (dH_NT = dS_final):
+With dH_i, dZ_i the gradients of the loss with respect to S and z entering chunk i (dH_NT = dS_final,
+dZ_NT = dz_final), and dr the gradient of the row sums (WITH_ROWSUM):
 
     dH_i = gamma^L dH_{i+1} + sum_j gamma^(j+1) q_j^T do_j
+    dZ_i = gamma^L dZ_{i+1} + sum_j gamma^(j+1) dr_j q_j
 
-One program owns a (BK, BV) tile of dH for one head; it writes dH_{i+1} to ``dh`` before folding in
-chunk i, and ends with dH_0, the gradient of the initial state.
+One program owns a (BK, BV) tile of dH for one head (and, in the first Dv tile, the (BK,) slice of dZ);
+it writes dH_{i+1}, dZ_{i+1} to ``dh``, ``dhz`` before folding in chunk i, and ends with the gradient of
+the initial state.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from .common import block_size, chunk_decays, mma, tuned
 def chunk_state_grad_kernel(
     q,  # (BH, T, Dk)
     do,  # (BH, T, Dv)
+    dr,  # (BH, T) float32, read WITH_ROWSUM
     log_g,  # (H,) float32
-    dS_final,  # (BH, Dk, Dv) float32, read when HAS_DS
-    dh,  # (BH, NT, Dk, Dv) out: the gradient of the state leaving each chunk
+    dS_final,  # (BH, Dk, Dv) float32
+    dz_final,  # (BH, Dk) float32
+    dh,  # (BH, NT, Dk, Dv) out: the gradient of S leaving each chunk
+    dhz,  # (BH, NT, Dk) float32 out: the gradient of z leaving each chunk
     dS0,  # (BH, Dk, Dv) float32 out
+    dz0,  # (BH, Dk) float32 out
     T,
     H,
     NT,
@@ -36,7 +43,7 @@ def chunk_state_grad_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    HAS_DS: tl.constexpr,
+    WITH_ROWSUM: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -46,13 +53,14 @@ def chunk_state_grad_kernel(
     rv = i_v * BV + tl.arange(0, BV)
     tile = rk[:, None] * Dv + rv[None, :]
     tile_mask = (rk[:, None] < Dk) & (rv[None, :] < Dv)
+    z_mask = (rk < Dk) & (tl.full([BK], i_v, tl.int32) == 0)  # one program per Dk slice writes dz
 
-    dH = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DS:
-        dH += tl.load(dS_final + i_bh * Dk * Dv + tile, mask=tile_mask, other=0.0)
+    dH = tl.load(dS_final + i_bh * Dk * Dv + tile, mask=tile_mask, other=0.0)  # (BK, BV)
+    dZ = tl.load(dz_final + i_bh * Dk + rk, mask=rk < Dk, other=0.0)  # (BK,)
     for n in range(NT):
         i = NT - 1 - n
         tl.store(dh + (i_bh * NT + i) * Dk * Dv + tile, dH.to(dh.dtype.element_ty), mask=tile_mask)
+        tl.store(dhz + (i_bh * NT + i) * Dk + rk, dZ, mask=z_mask)
         start = i * CHUNK
         length = tl.minimum(CHUNK, T - start)
         rows = start + j
@@ -67,24 +75,46 @@ def chunk_state_grad_kernel(
             other=0.0,
         )
         g_in, _, _ = chunk_decays(lg, j, length)
-        q_in = (qT * g_in[None, :]).to(dO.dtype)
-        dH = dH * tl.exp(length.to(tl.float32) * lg) + mma(q_in, dO, PRECISION)
+        q_in = qT.to(tl.float32) * g_in[None, :]  # (BK, BC)
+        g_chunk = tl.exp(length.to(tl.float32) * lg)
+        dH = dH * g_chunk + mma(q_in.to(dO.dtype), dO, PRECISION)
+        dZ = dZ * g_chunk
+        if WITH_ROWSUM:
+            dR = tl.load(dr + i_bh * T + rows, mask=j < length, other=0.0)  # (BC,)
+            dZ += tl.sum(q_in * dR[None, :], axis=1)
     tl.store(dS0 + i_bh * Dk * Dv + tile, dH, mask=tile_mask)
+    tl.store(dz0 + i_bh * Dk + rk, dZ, mask=z_mask)
 
 
 def chunk_state_grads(
-    q: Tensor, do: Tensor, log_g: Tensor, dS: Tensor | None, chunk: int, block: int, precision: str
-) -> tuple[Tensor, Tensor]:
-    """dh (BH, NT, Dk, Dv) in q's dtype, the gradient of each chunk's outgoing state, and dS0 (BH, Dk, Dv) float32."""
+    q: Tensor,
+    do: Tensor,
+    dr: Tensor,
+    log_g: Tensor,
+    dS: Tensor,
+    dz: Tensor,
+    chunk: int,
+    block: int,
+    precision: str,
+    with_rowsum: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Run the reverse scan.
+
+    Returns:
+        dh: (BH, NT, Dk, Dv) in q's dtype and dhz: (BH, NT, Dk) float32, the gradient of each chunk's
+        outgoing state; dS0: (BH, Dk, Dv) and dz0: (BH, Dk) float32, that of the initial state.
+    """
     BH, T, Dk = q.shape
     Dv = do.shape[-1]
     NT = triton.cdiv(T, chunk)
     BK, BV = block_size(Dk), block_size(Dv)
     dh = q.new_empty(BH, NT, Dk, Dv)
+    dhz = torch.empty(BH, NT, Dk, device=q.device, dtype=torch.float32)
     dS0 = torch.empty(BH, Dk, Dv, device=q.device, dtype=torch.float32)
+    dz0 = torch.empty(BH, Dk, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(Dk, BK), triton.cdiv(Dv, BV), BH)
     chunk_state_grad_kernel[grid](
-        q, do, log_g, dS if dS is not None else dS0, dh, dS0, T, log_g.numel(), NT, chunk,
-        Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, HAS_DS=dS is not None, PRECISION=precision,
+        q, do, dr, log_g, dS, dz, dh, dhz, dS0, dz0, T, log_g.numel(), NT, chunk,
+        Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, WITH_ROWSUM=with_rowsum, PRECISION=precision,
     )  # fmt: skip
-    return dh, dS0
+    return dh, dhz, dS0, dz0

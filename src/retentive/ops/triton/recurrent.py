@@ -18,7 +18,7 @@ from torch import Tensor
 from ..reference import Pieces
 from ..state import RetentionState
 from .chunk import chunkwise
-from .common import block_size, check_runnable
+from .common import MAX_CHUNK, block_size, check_runnable
 
 STEP_BV = 32  # Dv columns of S per program: Dk x 32 float32 (32 KB at dk 256) keeps 8 x 16 programs busy at batch 1
 
@@ -42,7 +42,6 @@ def recurrent_step_kernel(
     S_out,  # (BH, Dk, Dv) float32 out, may be S itself
     z_out,  # (BH, Dk) float32 out, never z itself: every program reads z
     o,  # (BH, Dv) out
-    r,  # (BH,) float32 out
     scale,
     H,
     Dk: tl.constexpr,
@@ -80,8 +79,6 @@ def recurrent_step_kernel(
     if NORMALIZE_RETENTION:
         o_n = o_n / tl.maximum(tl.abs(r_n), 1.0)
     tl.store(o + i_bh * Dv + rv, o_n.to(o.dtype.element_ty), mask=v_mask)
-    if i_v == 0:
-        tl.store(r + i_bh, r_n)
 
 
 def _step(
@@ -97,23 +94,25 @@ def _step(
     scale: float,
     normalize_decay: bool,
     normalize_retention: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch one step on q, k (B, H, 1, Dk), v (B, H, 1, Dv). Returns o (B, H, 1, Dv), r (B, H, 1), new z."""
+) -> tuple[Tensor, Tensor]:
+    """Launch one step on q, k (B, H, 1, Dk), v (B, H, 1, Dv) and a float32 state S, z (contiguous).
+
+    S_out may be S (in place). Returns o (B, H, 1, Dv) in v's dtype and the new z (a new tensor).
+    """
     check_runnable(q, k, v)
     B, H, _, Dk = q.shape
     Dv = v.shape[-1]
     o = v.new_empty(B, H, 1, Dv)
-    r = torch.empty(B, H, 1, device=q.device, dtype=torch.float32)
     z_out = torch.empty_like(z)
     BV = block_size(Dv, limit=STEP_BV)
     recurrent_step_kernel[(triton.cdiv(Dv, BV), B * H)](
         q.contiguous(), k.contiguous(), v.contiguous(), log_g.float().contiguous(), offset.contiguous(),
-        S, z, S_out, z_out, o, r, scale, H,
+        S, z, S_out, z_out, o, scale, H,
         Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=BV,
         NORMALIZE_DECAY=normalize_decay, NORMALIZE_RETENTION=normalize_retention,
         num_warps=4, num_stages=1,
     )  # fmt: skip
-    return o, r, z_out
+    return o, z_out
 
 
 def recurrent_step(
@@ -141,31 +140,48 @@ def recurrent_step(
         raise ValueError(f"recurrent_step reads one token per row, got q of shape {tuple(q.shape)}")
     if state.S.dtype != torch.float32 or not state.S.is_contiguous() or not state.z.is_contiguous():
         raise ValueError("recurrent_step updates a contiguous float32 state in place: pass RetentionState.zeros(...)")
-    o, _, z = _step(
+    o, z = _step(
         q, k, v, log_g, state.offset, state.S, state.z, state.S,
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
         normalize_decay=normalize_decay, normalize_retention=normalize_retention,
     )  # fmt: skip
-    state.z.copy_(z)
+    state.z.copy_(z)  # z is read by every program of the step, so it cannot be written in place
     state.offset += 1
     return o
+
+
+def decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    state: RetentionState | None,
+    *,
+    scale: float,
+    normalize_decay: bool,
+    normalize_retention: bool,
+    output_state: bool,
+) -> tuple[Tensor, RetentionState | None]:
+    """``retention`` of one token in the recurrent form, one fused kernel: returns (o, new state or None).
+
+    The given state is left as it is; q, k (B, H, 1, Dk) unscaled, v (B, H, 1, Dv).
+    """
+    B, H, _, Dk = q.shape
+    if state is None:
+        state = RetentionState.zeros(B, H, Dk, v.shape[-1], device=q.device)
+    S, z = state.S.float().contiguous(), state.z.float().contiguous()
+    S_out = torch.empty_like(S)
+    o, z_out = _step(
+        q, k, v, log_g, state.offset, S, z, S_out,
+        scale=scale, normalize_decay=normalize_decay, normalize_retention=normalize_retention,
+    )  # fmt: skip
+    return o, RetentionState(S_out, z_out, state.offset + 1) if output_state else None
 
 
 def recurrent(
     q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, S: Tensor | None, z: Tensor | None, *, with_rowsum: bool
 ) -> Pieces:
-    """Drop-in for :func:`retentive.ops.reference.recurrent` (q already scaled), on new state tensors.
-
-    One token without gradients takes the decoding kernel; longer inputs, or any that need gradients,
-    take the chunkwise kernels, which compute the same recurrence faster.
-    """
-    B, H, T, Dk = q.shape
-    if T != 1 or (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, S, z))):
-        return chunkwise(q, k, v, log_g, S, z, chunk_size=T, with_rowsum=with_rowsum)
-    Dv = v.shape[-1]
-    S = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if S is None else S.float().contiguous()
-    z = q.new_zeros(B, H, Dk, dtype=torch.float32) if z is None else z.float().contiguous()
-    S_out = torch.empty_like(S)
-    offset = torch.zeros(B, dtype=torch.long, device=q.device)  # read only by the normalizations, off here
-    o, r, z = _step(q, k, v, log_g, offset, S, z, S_out, scale=1.0, normalize_decay=False, normalize_retention=False)
-    return Pieces(o, r if with_rowsum else None, S_out, z)
+    """Drop-in for :func:`retentive.ops.reference.recurrent` (q already scaled): the same recurrence, computed
+    by the chunkwise kernels (differentiable, and faster than token by token). One token without
+    gradients goes through :func:`decode_step` instead (see ``retention``)."""
+    return chunkwise(q, k, v, log_g, S, z, chunk_size=MAX_CHUNK, with_rowsum=with_rowsum)
