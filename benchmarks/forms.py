@@ -41,10 +41,16 @@ from retentive.ops import retention
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Retention forms"
-FULL = {"lengths": [512, 1024, 2048, 4096, 8192, 16384], "heads": 4, "dk": 64, "dv": 128, "chunk_size": 64,
-        "repeats": 3, "steps": 200}  # fmt: skip
-QUICK = {"lengths": [16, 32, 64, 128, 256], "heads": 4, "dk": 16, "dv": 32, "chunk_size": 16,
-         "repeats": 1, "steps": 20}  # fmt: skip
+FULL = {
+    "lengths": [512, 1024, 2048, 4096, 8192, 16384],
+    "heads": 4,
+    "dk": 64,
+    "dv": 128,
+    "chunk_size": 64,
+    "repeats": 3,
+    "steps": 200,
+}
+QUICK = {"lengths": [16, 32, 64, 128, 256], "heads": 4, "dk": 16, "dv": 32, "chunk_size": 16, "repeats": 1, "steps": 20}
 NORMS = {"normalize_decay": True, "normalize_retention": True}
 FORMS = ("parallel", "chunkwise", "recurrent", "decode")  # decode: the recurrent step at growing positions
 
@@ -87,8 +93,9 @@ def decode_steps(cfg: dict) -> dict:
     states = {}
     with torch.no_grad():
         for P in cfg["lengths"]:
-            _, states[P] = retention(*_inputs(cfg, P, False), mode="chunkwise", chunk_size=256, output_state=True,
-                                     **NORMS)  # fmt: skip
+            _, states[P] = retention(
+                *_inputs(cfg, P, False), mode="chunkwise", chunk_size=256, output_state=True, **NORMS
+            )
         step = _inputs(cfg, 1, False)
         times: dict[int, list[float]] = {P: [] for P in cfg["lengths"]}
         for _ in range(cfg["steps"]):  # round-robin over positions: load on the machine hits them alike
@@ -187,8 +194,12 @@ def claims(results: dict, decode: dict, lengths: list[int]) -> list[tuple[str, b
             out.append((f"chunkwise fwd+bwd: T={T1:,} costs {ratio:.1f}x T={T0:,} (at most 20x)", ratio <= 20))
     first, last = decode[str(lengths[0])]["seconds"], decode[str(lengths[-1])]["seconds"]
     ratio = last / first
-    out.append((f"recurrent step: position {lengths[-1]:,} costs {ratio:.2f}x position {lengths[0]:,} (at most 1.2x)",
-                ratio <= 1.2))  # fmt: skip
+    out.append(
+        (
+            f"recurrent step: position {lengths[-1]:,} costs {ratio:.2f}x position {lengths[0]:,} (at most 1.2x)",
+            ratio <= 1.2,
+        )
+    )
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import statistics
 import sys
@@ -101,16 +102,38 @@ def train(spec: dict) -> dict:
         adapter.model.zero_grad(set_to_none=True)
         adapter.train_loss(tokens).backward()
 
-    before = peak_rss_bytes()
     step()  # warm-up
     seconds = _median_time(step, spec.get("repeats", 2))
-    peak = peak_rss_bytes()
-    return {
-        "tokens_per_s": tokens.numel() / seconds,
-        "seconds": seconds,
-        "peak_rss_bytes": peak,
-        "step_peak_bytes": peak - before,
-    }
+    return {"tokens_per_s": tokens.numel() / seconds, "seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}
+
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def _status_bytes(key: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) * 1024
+
+
+def train_memory(spec: dict) -> dict:
+    """The extra resident memory of one forward+backward on ``tokens`` tokens (model and inputs excluded).
+
+    Run it in a process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``run.py`` does): every buffer above
+    64 KiB is then its own mapping, returned to the system when freed, so the resident set follows the live
+    tensors. After a warm-up step at a short length (one-time setup), the kernel's high-water mark is reset
+    (``/proc/self/clear_refs``); the peak is ``VmHWM - VmRSS`` around the measured step. Linux only.
+    """
+    kwargs = {k: spec[k] for k in ("mode", "chunk_size") if k in spec}
+    adapter = peers.build(spec["model"], _dims(spec), **kwargs)
+    adapter.model.train()
+    short = torch.randint(0, adapter.dims.vocab_size, (1, min(64, spec["tokens"])))
+    tokens = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
+    adapter.train_loss(short).backward()
+    adapter.model.zero_grad(set_to_none=False)  # gradients stay allocated: the measured step only fills them
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_bytes("VmRSS")
+    adapter.train_loss(tokens).backward()
+    return {"step_peak_bytes": _status_bytes("VmHWM") - before, "malloc_mmap_threshold": os.environ.get(MMAP_ENV)}
 
 
 def matmul(spec: dict) -> dict:
@@ -122,7 +145,7 @@ def matmul(spec: dict) -> dict:
     return {"n": n, "gflops": 2 * n**3 / seconds / 1e9}
 
 
-TASKS = {"decode": decode, "prefill": prefill, "train": train, "matmul": matmul}
+TASKS = {"decode": decode, "prefill": prefill, "train": train, "train_memory": train_memory, "matmul": matmul}
 
 
 def run(spec: dict) -> dict:

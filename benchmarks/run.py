@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -64,8 +65,12 @@ TRAINERS = [
 
 
 def run_one(spec: dict, fresh_process: bool, timeout: float) -> dict:
-    """One measurement, in a fresh process or here; failures come back as ``{"error": ...}``."""
+    """One measurement, in a fresh process or here; failures come back as ``{"error": ...}``.
+
+    ``train_memory`` runs with glibc's mmap threshold fixed at 64 KiB, so that freed tensors leave the resident set.
+    """
     t0 = time.perf_counter()
+    env = os.environ | ({measure.MMAP_ENV: "65536"} if spec["task"] == "train_memory" else {})
     try:
         if not fresh_process:
             result = measure.run(spec)
@@ -75,6 +80,7 @@ def run_one(spec: dict, fresh_process: bool, timeout: float) -> dict:
                 capture_output=True,
                 text=True,
                 timeout=timeout,
+                env=env,
             )
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output")
@@ -97,6 +103,8 @@ def _brief(spec: dict, result: dict) -> str:
         return f"{where}: {result['b1']['ms_per_token']:.3f} ms/token"
     if spec["task"] == "matmul":
         return f"{result['gflops']:.1f} GFLOP/s"
+    if spec["task"] == "train_memory":
+        return f"{where}: step peak {result['step_peak_bytes'] / 2**20:.0f} MiB"
     return f"{where}: {result['tokens_per_s']:.0f} tokens/s"
 
 
@@ -145,7 +153,11 @@ def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
                     continue
             elif model != "transformer":
                 spec["chunk_size"] = plan["peer_chunk_size"]
-            row[str(tokens)] = run_one(spec, fresh_process, timeout)
+            cell = run_one(spec, fresh_process, timeout)
+            if "error" not in cell:
+                memory = run_one(spec | {"task": "train_memory"}, fresh_process, timeout)
+                cell |= memory if "error" not in memory else {"memory_error": memory["error"]}
+            row[str(tokens)] = cell
         results["train"][label] = row
     return results
 

@@ -97,3 +97,21 @@ def test_every_retnet_preset_has_a_baseline_and_one_trainer_api():
             model_from_preset("transformer-tiny", vocab_size=64),
         )
     assert abs(count_parameters(twin) - count_parameters(retnet)) <= 0.02 * count_parameters(retnet)
+
+
+def test_the_lm_recipe_trains_a_transformer_preset(tmp_path):
+    from retentive.training import TrainConfig
+    from retentive.training.lm import LMConfig, train_language_model
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be, or not to be, that is the question\n" * 200)
+    small = {"dim_model": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64}
+    lm = LMConfig(
+        preset="transformer-tiny", data=str(corpus), tokenizer="bytes", seq_len=16, batch_size=2, eval_batches=1
+    )
+    lm.model_overrides = small
+    config = TrainConfig(steps=2, warmup=0, eval_interval=0, device="cpu", progress=False)
+    run = train_language_model(lm, config, tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert isinstance(run.model, LlamaForCausalLM)
+    assert run.model.config.hidden_size == 32 and run.model.config.vocab_size == run.tokenizer.vocab_size
+    assert 1 < run.result.eval["val_ppl"] < float("inf")

@@ -107,14 +107,16 @@ def transformer_config_from_preset(name: str, **overrides) -> LlamaConfig:
     cfg = RetNetConfig.from_preset(retnet_preset_for(name), **overrides)
     with torch.device("meta"):
         target = count_parameters(RetNetForCausalLM(cfg))
-    return llama_config_matching(
+    config = llama_config_matching(
         cfg.dim_model,
         cfg.num_layers,
         cfg.num_heads,
         cfg.vocab_size,
         target,
-        tie_word_embeddings=getattr(cfg, "tie_word_embeddings", False),
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id
+    return config
 
 
 def transformer_from_preset(name: str, **overrides) -> LlamaForCausalLM:

@@ -96,7 +96,8 @@ def demo(args: argparse.Namespace) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a RetNet language model on a text corpus (torchrun for several processes)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="retnet-tiny", help="RetNetConfig preset (default retnet-tiny)")
+    g.add_argument("--preset", default="retnet-tiny",
+                   help="RetNetConfig preset (default retnet-tiny), or transformer-<size>: its Llama twin")  # fmt: skip
     g.add_argument("--config", default=None, help="a RetNetConfig config.json, instead of the preset")
     g.add_argument("--set", type=_model_override, action="append", default=[], metavar="KEY=VALUE",
                    help="change one config field, e.g. --set dropout=0.1 (repeatable)")  # fmt: skip
@@ -225,14 +226,17 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=train_vision)
 
 
-def bench(args: argparse.Namespace, extra: list[str]) -> None:
-    """Run benchmarks/run.py (speed) or benchmarks/quality.py (``--quality``) from the source checkout."""
+def bench(args: argparse.Namespace) -> None:
+    """Run benchmarks/run.py (speed) or benchmarks/quality.py (``--quality``) from the source checkout.
+
+    Options the subcommand does not know (``--contexts``, ``--seeds``, ...) go to the script.
+    """
     root = Path(__file__).resolve().parents[2]
     script = root / "benchmarks" / ("quality.py" if args.quality else "run.py")
     if not script.exists():
         raise SystemExit(f"retentive bench runs from a source checkout; {script} is missing (git clone the repository)")
     python = args.python or sys.executable
-    extra = (["--quick"] if args.quick else []) + extra
+    extra = (["--quick"] if args.quick else []) + args.extra
     print(f"$ {python} {script.relative_to(root)} {' '.join(extra)}", flush=True)
     raise SystemExit(subprocess.call([python, str(script), *extra], cwd=root))
 
@@ -258,16 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     _add_train_vision(sub)
     _add_bench(sub)
     args, extra = parser.parse_known_args(argv)  # bench passes what it does not know on to its script
-    if args.command != "bench" and extra:
+    if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if args.command == "train-vision" and args.out is None:
         args.out = f"runs/{args.model}-{args.data}"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        if args.command == "bench":
-            args.func(args, extra)
-        else:
-            args.func(args)
+        args.func(args)
     except (FileExistsError, FileNotFoundError, ValueError, ModuleNotFoundError, CheckpointError) as e:
         if args.verbose:
             raise

@@ -15,8 +15,12 @@ from retentive.ops import RetentionState, log_gamma
 
 F64 = torch.float64
 NORMS = list(itertools.product([False, True], repeat=2))  # (normalize_attn, normalize_retn)
-FORMS = [{"mode": "parallel"}, {"mode": "chunkwise", "chunk_size": 1}, {"mode": "chunkwise", "chunk_size": 6},
-         {"mode": "recurrent"}]  # fmt: skip
+FORMS = [
+    {"mode": "parallel"},
+    {"mode": "chunkwise", "chunk_size": 1},
+    {"mode": "chunkwise", "chunk_size": 6},
+    {"mode": "recurrent"},
+]
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
 
 
@@ -69,8 +73,9 @@ def test_seed_api_num_chunks_agree_with_parallel(normalize_attn, normalize_retn)
     x = x_(2, 30, 32)  # 30 tokens: 8 chunks of 4, the last one of 2
     want = layer(x, "causal", None, normalize_attn, normalize_retn)
     for num_chunks in (1, 8, 30):
-        got = layer(x, attn_mask="causal", num_chunks=num_chunks, normalize_attn=normalize_attn,
-                    normalize_retn=normalize_retn)  # fmt: skip
+        got = layer(
+            x, attn_mask="causal", num_chunks=num_chunks, normalize_attn=normalize_attn, normalize_retn=normalize_retn
+        )
         torch.testing.assert_close(got, want, **TIGHT)
     assert layer.value_dim == 16 and layer.out_proj.in_features == 64  # value_factor 2: dv = 2 d / H
 
@@ -125,12 +130,14 @@ def test_streaming_in_random_pieces_equals_whole(T, cuts, forms, norms):
 def test_chunkwise_prefill_then_recurrent_decode():
     layer, x = msr(), x_(2, 40)
     want = layer(x, normalize_attn=True, normalize_retn=True)
-    y, state = layer(x[:, :29], mode="chunkwise", chunk_size=8, return_state=True, normalize_attn=True,
-                     normalize_retn=True)  # fmt: skip
+    y, state = layer(
+        x[:, :29], mode="chunkwise", chunk_size=8, return_state=True, normalize_attn=True, normalize_retn=True
+    )
     outs = [y]
     for t in range(29, 40):
-        y, state = layer(x[:, t : t + 1], mode="recurrent", state=state, return_state=True, normalize_attn=True,
-                         normalize_retn=True)  # fmt: skip
+        y, state = layer(
+            x[:, t : t + 1], mode="recurrent", state=state, return_state=True, normalize_attn=True, normalize_retn=True
+        )
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, dim=1), want, **TIGHT)
 

@@ -25,8 +25,17 @@ def x_(B: int, T: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_seed_arguments_build_the_documented_shapes():
-    net = RetNet(num_layer=3, num_heads=4, dim_model=32, dropout=0.1, value_factor=2, msr_gate_fn="gelu",
-                 mlp_gate_fn="gelu", mlp_mult=4, mlp_bias=True)  # fmt: skip
+    net = RetNet(
+        num_layer=3,
+        num_heads=4,
+        dim_model=32,
+        dropout=0.1,
+        value_factor=2,
+        msr_gate_fn="gelu",
+        mlp_gate_fn="gelu",
+        mlp_mult=4,
+        mlp_bias=True,
+    )
     assert len(net.blocks) == 3
     for b in net.blocks:
         assert b.ffn.up.out_features == 4 * 32  # mlp_mult is a multiple of dim_model, not the width itself
@@ -40,8 +49,9 @@ def test_num_chunks_agree_with_parallel_for_every_normalization(normalize_attn, 
     net, x = seed_net(), x_(2, 30)
     want = net(x, "causal", None, normalize_attn, normalize_retn)
     for num_chunks in (1, 8, 30):
-        got = net(x, attn_mask="causal", num_chunks=num_chunks, normalize_attn=normalize_attn,
-                  normalize_retn=normalize_retn)  # fmt: skip
+        got = net(
+            x, attn_mask="causal", num_chunks=num_chunks, normalize_attn=normalize_attn, normalize_retn=normalize_retn
+        )
         torch.testing.assert_close(got, want, **TIGHT)
     rec = net(x, mode="recurrent", normalize_attn=normalize_attn, normalize_retn=normalize_retn)
     torch.testing.assert_close(rec, want, **TIGHT)

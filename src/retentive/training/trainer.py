@@ -329,7 +329,8 @@ class Trainer:
             ):
                 result.eval = self.evaluate()
                 record |= result.eval
-                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items()))
+                if self.dist.is_main and cfg.progress:
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items()))
             if record and self.log is not None:
                 self.log.write({"step": self.step, **record, "time_s": round(time.perf_counter() - start, 3)})
             if self.step == cfg.steps or (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
