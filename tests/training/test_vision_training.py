@@ -22,15 +22,15 @@ def config(**kw):
 
 @pytest.mark.parametrize("model", ["vir-tiny", "rmt-tiny", "vit-tiny"])
 def test_every_model_trains_and_reports_accuracy(model, digits, tmp_path):
-    run = train_vision(VisionConfig(model=model, data="digits", batch_size=32), config(), tmp_path, stop_at=2,
-                       train_split=digits[0], test_split=digits[1])  # fmt: skip
+    vision = VisionConfig(model=model, data="digits", batch_size=32, epochs=None)
+    run = train_vision(vision, config(), tmp_path, stop_at=2, train_split=digits[0], test_split=digits[1])
     assert 0 <= run.result.eval["val_accuracy"] <= 1 and "val_ppl" not in run.result.eval
     assert run.trainer.step == 2
     assert all(torch.isfinite(torch.tensor(run.result.losses)))
 
 
 def test_resume_continues_the_same_run(digits, tmp_path):
-    vision = VisionConfig(model="rmt-tiny", data="digits", batch_size=16)
+    vision = VisionConfig(model="rmt-tiny", data="digits", batch_size=16, epochs=None)
     kw = {"train_split": digits[0], "test_split": digits[1]}
     train_vision(vision, config(), tmp_path, stop_at=2, **kw)
     resumed = train_vision(vision, config(), tmp_path, resume=True, **kw)
@@ -64,3 +64,9 @@ def test_command_line(tmp_path, capsys):
           "--warmup", "1", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
     assert "rmt-tiny (" in out and "on digits: test accuracy" in out and (tmp_path / "checkpoints").is_dir()
+
+
+def test_epochs_set_the_steps(digits, tmp_path):
+    run = train_vision(VisionConfig(model="rmt-tiny", data="digits", batch_size=500, epochs=2), config(), tmp_path,
+                       stop_at=1, train_split=digits[0], test_split=digits[1])  # fmt: skip
+    assert run.trainer.config.steps == 6  # ceil(2 * 1438 / 500)
