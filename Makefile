@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-env bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,26 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
-bench: setup
-	$(PY) benchmarks/forms.py
+# The peers (torchscale, yet-another-retnet) go into their own environment, never into .venv: it sees
+# .venv's packages (torch, transformers, retentive) through a .pth file and adds only the peers, --no-deps.
+# torchscale's timm import is stubbed in benchmarks/peers.py (timm 0.6 would pull torchvision).
+PEERS := .venv-peers
+$(PEERS)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(PEERS)
+	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'))')" \
+		> $$($(PEERS)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_retentive_venv.pth
+	$(PEERS)/bin/python -m pip install -q setuptools wheel
+	$(PEERS)/bin/python -m pip install -q --no-deps --no-build-isolation \
+		torchscale==0.3.0 yet-another-retnet==0.5.1 fairscale==0.4.0 einops==0.8.2
+	touch $@
+
+bench-env: $(PEERS)/.installed
+
+bench: bench-env
+	$(VENV)/bin/retentive bench --python $(PEERS)/bin/python
+
+bench-quality: setup
+	$(VENV)/bin/retentive bench --quality
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) build src/*.egg-info .pytest_cache .ruff_cache

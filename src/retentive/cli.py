@@ -1,11 +1,13 @@
-"""Command line: ``retentive demo | train | generate``."""
+"""Command line: ``retentive demo | train | generate | train-vision | bench``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +48,8 @@ def train(args: argparse.Namespace) -> None:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in run.result.eval.items())
         print(f"trained to step {run.trainer.step} in {run.result.seconds:.0f} s; {summary}")
         print(f"checkpoint: {run.result.checkpoint}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -92,7 +96,8 @@ def demo(args: argparse.Namespace) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a RetNet language model on a text corpus (torchrun for several processes)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="retnet-tiny", help="RetNetConfig preset (default retnet-tiny)")
+    g.add_argument("--preset", default="retnet-tiny",
+                   help="RetNetConfig preset (default retnet-tiny), or transformer-<size>: its Llama twin")  # fmt: skip
     g.add_argument("--config", default=None, help="a RetNetConfig config.json, instead of the preset")
     g.add_argument("--set", type=_model_override, action="append", default=[], metavar="KEY=VALUE",
                    help="change one config field, e.g. --set dropout=0.1 (repeatable)")  # fmt: skip
@@ -219,6 +224,32 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=train_vision)
 
 
+def bench(args: argparse.Namespace) -> None:
+    """Run benchmarks/run.py (speed) or benchmarks/quality.py (``--quality``) from the source checkout.
+
+    Options the subcommand does not know (``--contexts``, ``--seeds``, ...) go to the script.
+    """
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / ("quality.py" if args.quality else "run.py")
+    if not script.exists():
+        raise SystemExit(f"retentive bench runs from a source checkout; {script} is missing (git clone the repository)")
+    python = args.python or sys.executable
+    extra = (["--quick"] if args.quick else []) + args.extra
+    print(f"$ {python} {script.relative_to(root)} {' '.join(extra)}", flush=True)
+    raise SystemExit(subprocess.call([python, str(script), *extra], cwd=root))
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="RetNet vs the Transformer vs the peers: tables, JSON and plots in docs/ (other options go to the script)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    p.add_argument("--quality", action="store_true", help="the perplexity comparison instead of speed")
+    p.add_argument("--python", help="the interpreter to run under (the peers' environment: .venv-peers/bin/python)")
+    p.set_defaults(func=bench)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="retentive", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -227,7 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     _add_train(sub)
     _add_generate(sub)
     _add_train_vision(sub)
-    args = parser.parse_args(argv)
+    _add_bench(sub)
+    args, extra = parser.parse_known_args(argv)  # bench passes what it does not know on to its script
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if args.command == "train-vision" and args.out is None:
         args.out = f"runs/{args.model}-{args.data}"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

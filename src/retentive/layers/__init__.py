@@ -5,7 +5,7 @@ from .conv import ConvFeedForward, ConvStem, DepthwiseConv2d, PatchMerging
 from .feedforward import ACTIVATIONS, FeedForward
 from .layer_scale import LayerScale
 from .masa import ManhattanSelfAttention, MaSA, MaSAD
-from .retention import GATES, HEAD_NORMS, HeadNorm, MultiScaleRetention
+from .retention import GATES, HEAD_NORMS, HeadNorm, MultiScaleRetention, positions_of
 from .rmt_block import RMTBlock
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "PatchMerging",
     "RMTBlock",
     "RetNetBlock",
+    "positions_of",
 ]

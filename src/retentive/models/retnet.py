@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers import RetNetBlock
-from ..ops import RetentionState
+from ..layers import RetNetBlock, positions_of
+from ..ops import RetentionState, rotary_phase
 from ..ops.decay import DecaySpec
 
 
@@ -116,6 +116,9 @@ class RetNet(nn.Module):
             padding_mask=padding_mask,
             return_state=return_state,
         )
+        first = self.blocks[0].retention
+        if first.rotary:  # every layer rotates the same positions: form the phases once
+            kwargs["rotary"] = rotary_phase(positions_of(x, state and state[0], padding_mask), first.key_dim)
         new_state = []
         for i, block in enumerate(self.blocks):
             x = block(x, state=None if state is None else state[i], **kwargs)

@@ -131,9 +131,14 @@ def chunkwise(
         p = chunk_pieces(q_, k_, v_, log_g, S, z, with_rowsum=with_rowsum)
         S, z = p.S, p.z
         outs.append(p)
-    o = torch.cat([p.o.flatten(2, 3) for p in outs], dim=2)
-    r = torch.cat([p.r.flatten(2, 3) for p in outs], dim=2) if with_rowsum else None
+    o = _concat_time([p.o.flatten(2, 3) for p in outs])
+    r = _concat_time([p.r.flatten(2, 3) for p in outs]) if with_rowsum else None
     return Pieces(o, r, S, z)
+
+
+def _concat_time(pieces: list[Tensor]) -> Tensor:
+    """Concatenate along time (dim 2), without a copy when there is one piece (the parallel form)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 def recurrent(
@@ -143,14 +148,13 @@ def recurrent(
 
     Args: q, k (B, H, T, Dk); v (B, H, T, Dv). Returns Pieces with o (B, H, T, Dv), r (B, H, T).
     """
-    B, H, T, Dk = q.shape
+    B, H, _, Dk = q.shape
     gamma = log_g.exp()[:, None]  # (H, 1)
     S = q.new_zeros(B, H, Dk, v.shape[-1]) if S is None else S
     z = q.new_zeros(B, H, Dk) if z is None else z
     outs, rows = [], []
-    for t in range(T):
-        q_t, k_t = q[:, :, t], k[:, :, t]  # (B, H, Dk)
-        S = gamma[..., None] * S + k_t[..., :, None] * v[:, :, t, None, :]  # (B, H, Dk, Dv)
+    for q_t, k_t, v_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), strict=True):  # unbind: one backward, not T
+        S = gamma[..., None] * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, Dk, Dv)
         z = gamma * z + k_t
         outs.append((q_t[..., None, :] @ S).squeeze(-2))  # (B, H, Dv)
         if with_rowsum:

@@ -39,5 +39,8 @@ def rotary_phase(positions: Tensor, head_dim: int) -> Tensor:
 def apply_rotary(x: Tensor, phase: Tensor) -> Tensor:
     """Rotate interleaved pairs of ``x`` (B, H, T, D) by ``phase`` (B, 1, T, D/2); returns x's shape and dtype."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pairs = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)).contiguous())  # (B, H, T, D/2)
+    pairs = x.to(work).unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
+    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # a complex view needs even strides; slices of a fused projection have them
+    pairs = torch.view_as_complex(pairs)  # (B, H, T, D/2)
     return torch.view_as_real(pairs * phase.to(pairs.dtype)).flatten(-2).to(x.dtype)

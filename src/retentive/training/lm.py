@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import baselines
 from ..data import EvalWindows, Tokenizer, TokenSplits, TokenWindows, build_tokenizer, load_tokenizer, read_corpus
 from ..data.tokens import tokenize_corpus
 from ..models import RetNetConfig, RetNetForCausalLM
@@ -34,7 +35,7 @@ def default_cache_dir() -> Path:
 class LMConfig:
     """What the language-model run trains on (the trainer's options are in :class:`TrainConfig`)."""
 
-    preset: str = "retnet-tiny"  # a RetNetConfig preset
+    preset: str = "retnet-tiny"  # a RetNetConfig preset, or "transformer-<size>" for its Llama twin (baselines)
     model_config: str | None = None  # a config.json (RetNetConfig) used instead of the preset
     model_overrides: dict[str, Any] = field(default_factory=dict)  # RetNetConfig fields to change
     data: str = "shakespeare"  # "shakespeare", a text file or folder, or "datasets:<glob>"
@@ -116,10 +117,13 @@ def train_language_model(
     if not dist.is_main:
         splits = tokenize_corpus(docs, tokenizer, cache, lm.val_fraction)
     del docs
-    config = build_model_config(lm, tokenizer)
     seed_everything(lm.seed)
-    model = RetNetForCausalLM(config)
-    logger.info("RetNetForCausalLM: %s parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+    if lm.preset.startswith(baselines.PREFIX) and lm.model_config is None:  # the Transformer twin of a RetNet preset
+        overrides = {**lm.model_overrides, "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id}
+        model = baselines.transformer_from_preset(lm.preset, **overrides)
+    else:
+        model = RetNetForCausalLM(build_model_config(lm, tokenizer))
+    logger.info("%s: %s parameters", type(model).__name__, f"{baselines.count_parameters(model):,}")
     train_data = TokenWindows(splits.train, lm.seq_len, lm.batch_size, lm.seed, dist.rank, dist.world_size)
     val_data = None
     if len(splits.val) > lm.seq_len:

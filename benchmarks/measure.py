@@ -1,0 +1,162 @@
+"""One measurement each: decode, prefill, training step, matmul peak. Each returns a JSON-ready dict.
+
+Run as a script, one measurement per fresh process, so that the process's peak RSS belongs to that
+configuration alone::
+
+    python benchmarks/measure.py '{"task": "decode", "model": "retentive", "context": 8192}'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _dims(spec: dict) -> peers.Dims:
+    return peers.Dims(**spec.get("dims", {}))
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def decode(spec: dict) -> dict:
+    """Per-token decode latency at batch 1 and throughput at ``batch`` after ``context`` tokens.
+
+    The state is the one a prefill of ``context`` tokens leaves, filled with random values; the step
+    time does not depend on the values. Peak RSS is read after batch 1 and again after the larger batch.
+    """
+    adapter = peers.build(spec["model"], _dims(spec))
+    context, steps, warmup = spec["context"], spec.get("steps", 32), spec.get("warmup", 3)
+    out = {}
+    for batch in (1, spec.get("batch", 8)):
+        state = adapter.synthetic_state(batch, context)
+        cache_bytes = adapter.cache_bytes(state)
+        token = torch.randint(0, adapter.dims.vocab_size, (batch, 1))
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            _, state = adapter.decode_step(token, state)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        step = statistics.median(times)
+        out[f"b{batch}"] = {
+            "ms_per_token": 1e3 * step,
+            "tokens_per_s": batch / step,
+            "cache_bytes": cache_bytes,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        del state
+    return out
+
+
+@torch.no_grad()
+def prefill(spec: dict) -> dict:
+    """Seconds to read ``tokens`` prompt tokens and build the decode state (batch 1), best of ``repeats``."""
+    adapter = peers.build(spec["model"], _dims(spec))
+    tokens = torch.randint(0, adapter.dims.vocab_size, (1, spec["tokens"]))
+    seconds = min(_timed(lambda: adapter.prefill(tokens)) for _ in range(spec.get("repeats", 1)))
+    return {"seconds": seconds, "tokens_per_s": spec["tokens"] / seconds, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def train(spec: dict) -> dict:
+    """Forward+backward tokens/s on one sequence of ``tokens`` tokens and the memory it takes.
+
+    ``mode`` and ``chunk_size`` apply to ``retentive``; peers train in their own chunkwise form.
+    Memory: the process's peak RSS, and that peak minus the RSS before the first step (the step's own).
+    """
+    kwargs = {k: spec[k] for k in ("mode", "chunk_size") if k in spec}
+    adapter = peers.build(spec["model"], _dims(spec), **kwargs)
+    adapter.model.train()
+    tokens = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
+
+    def step() -> None:
+        adapter.model.zero_grad(set_to_none=True)
+        adapter.train_loss(tokens).backward()
+
+    step()  # warm-up
+    seconds = _median_time(step, spec.get("repeats", 2))
+    return {"tokens_per_s": tokens.numel() / seconds, "seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}
+
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def _status_bytes(key: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) * 1024
+
+
+def train_memory(spec: dict) -> dict:
+    """The extra resident memory of one forward+backward on ``tokens`` tokens (model and inputs excluded).
+
+    Run it in a process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``run.py`` does): every buffer above
+    64 KiB is then its own mapping, returned to the system when freed, so the resident set follows the live
+    tensors. After a warm-up step at a short length (one-time setup), the kernel's high-water mark is reset
+    (``/proc/self/clear_refs``); the peak is ``VmHWM - VmRSS`` around the measured step. Linux only.
+    """
+    kwargs = {k: spec[k] for k in ("mode", "chunk_size") if k in spec}
+    adapter = peers.build(spec["model"], _dims(spec), **kwargs)
+    adapter.model.train()
+    short = torch.randint(0, adapter.dims.vocab_size, (1, min(64, spec["tokens"])))
+    tokens = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
+    adapter.train_loss(short).backward()
+    adapter.model.zero_grad(set_to_none=False)  # gradients stay allocated: the measured step only fills them
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_bytes("VmRSS")
+    adapter.train_loss(tokens).backward()
+    return {"step_peak_bytes": _status_bytes("VmHWM") - before, "malloc_mmap_threshold": os.environ.get(MMAP_ENV)}
+
+
+def matmul(spec: dict) -> dict:
+    """This machine's float32 matmul rate: a (n, n) @ (n, n) product, best of ``repeats``, in GFLOP/s."""
+    n = spec.get("n", 2048)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    seconds = min(_timed(lambda: a @ b) for _ in range(spec.get("repeats", 5)))
+    return {"n": n, "gflops": 2 * n**3 / seconds / 1e9}
+
+
+TASKS = {"decode": decode, "prefill": prefill, "train": train, "train_memory": train_memory, "matmul": matmul}
+
+
+def run(spec: dict) -> dict:
+    """Run the measurement ``spec["task"]`` in this process."""
+    if spec["task"] not in TASKS:
+        raise ValueError(f"unknown task {spec['task']!r}; choose from {sorted(TASKS)}")
+    if "threads" in spec:
+        torch.set_num_threads(spec["threads"])
+    return TASKS[spec["task"]](spec)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(json.dumps(run(json.loads(sys.argv[1]))))

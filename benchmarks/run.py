@@ -1,0 +1,196 @@
+"""Speed benchmarks side by side: decode, prefill and training for RetNet, the Transformer and the peers.
+
+Each configuration runs in a fresh process (``measure.py``), so its peak RSS is its own; ``--quick`` runs
+tiny sizes in this process (seconds, for CI). Results go to ``<out>/bench_results.json``; ``report.py``
+turns them into the tables, checks and plots of docs/benchmarks.md.
+
+    python benchmarks/run.py            # the full CPU run (~15 min on 2 quiet cores)
+    python benchmarks/run.py --quick    # tiny sizes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import measure  # noqa: E402
+import peers  # noqa: E402
+import report  # noqa: E402
+
+log = logging.getLogger("bench")
+
+FULL = {
+    "dims": asdict(peers.Dims()),
+    "contexts": [512, 1024, 2048, 4096, 8192, 16384],
+    "decode_batch": 8,
+    "decode_steps": 32,
+    "prefill_tokens": 8192,
+    "train_tokens": [512, 1024, 2048, 4096, 8192, 16384],
+    "parallel_max_tokens": 4096,  # the parallel form holds (H, T, T) per layer: 16k would need ~40 GiB
+    "chunk_size": 256,
+    "peer_chunk_size": 512,
+    "matmul_n": 2048,
+    "timeout_s": 600,
+}
+QUICK = {
+    "dims": {"num_layers": 2, "dim_model": 64, "num_heads": 2, "vocab_size": 256},
+    "contexts": [32, 64],
+    "decode_batch": 2,
+    "decode_steps": 2,
+    "prefill_tokens": 64,
+    "train_tokens": [32, 64],
+    "parallel_max_tokens": 64,
+    "chunk_size": 16,
+    "peer_chunk_size": 16,
+    "matmul_n": 128,
+    "timeout_s": 60,
+}
+# (label in the tables, adapter name, constructor arguments)
+TRAINERS = [
+    ("retentive chunkwise", "retentive", "chunkwise"),
+    ("retentive parallel", "retentive", "parallel"),
+    ("transformer (SDPA)", "transformer", None),
+    ("torchscale chunkwise", "torchscale", None),
+    ("yet-another-retnet chunkwise", "yet-another-retnet", None),
+]
+
+
+def run_one(spec: dict, fresh_process: bool, timeout: float) -> dict:
+    """One measurement, in a fresh process or here; failures come back as ``{"error": ...}``.
+
+    ``train_memory`` runs with glibc's mmap threshold fixed at 64 KiB, so that freed tensors leave the resident set.
+    """
+    t0 = time.perf_counter()
+    env = os.environ | ({measure.MMAP_ENV: "65536"} if spec["task"] == "train_memory" else {})
+    try:
+        if not fresh_process:
+            result = measure.run(spec)
+        else:
+            proc = subprocess.run(
+                [sys.executable, str(HERE / "measure.py"), json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        result = {"error": f"timed out after {timeout:.0f} s"}
+    except Exception as err:  # a failing configuration is reported in the tables, not fatal
+        result = {"error": f"{type(err).__name__}: {err}"}
+    log.info(
+        "%-8s %-22s %s  (%.1f s)", spec["task"], spec.get("model", ""), _brief(spec, result), time.perf_counter() - t0
+    )
+    return result
+
+
+def _brief(spec: dict, result: dict) -> str:
+    where = spec.get("context") or spec.get("tokens") or ""
+    if "error" in result:
+        return f"{where}: {result['error']}"
+    if spec["task"] == "decode":
+        return f"{where}: {result['b1']['ms_per_token']:.3f} ms/token"
+    if spec["task"] == "matmul":
+        return f"{result['gflops']:.1f} GFLOP/s"
+    if spec["task"] == "train_memory":
+        return f"{where}: step peak {result['step_peak_bytes'] / 2**20:.0f} MiB"
+    return f"{where}: {result['tokens_per_s']:.0f} tokens/s"
+
+
+def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
+    """Every measurement of ``plan`` for ``models`` (a model missing here is recorded with the reason)."""
+    dims, timeout = plan["dims"], plan["timeout_s"]
+    missing = {m: peers.available(m) for m in models if peers.available(m)}
+    present = [m for m in models if m not in missing]
+    results: dict = {"plan": plan, "missing": missing, "decode": {}, "prefill": {}, "train": {}}
+    results["matmul"] = run_one({"task": "matmul", "n": plan["matmul_n"]}, fresh_process, timeout)
+    for model in present:
+        results["decode"][model] = {
+            str(c): run_one(
+                {
+                    "task": "decode",
+                    "model": model,
+                    "dims": dims,
+                    "context": c,
+                    "batch": plan["decode_batch"],
+                    "steps": plan["decode_steps"],
+                },
+                fresh_process,
+                timeout,
+            )
+            for c in plan["contexts"]
+        }
+    for model in present:
+        spec = {"task": "prefill", "model": model, "dims": dims, "tokens": plan["prefill_tokens"]}
+        results["prefill"][model] = run_one(spec, fresh_process, timeout)
+    for label, model, mode in TRAINERS:
+        if model not in present:
+            continue
+        row = {}
+        for tokens in plan["train_tokens"]:
+            spec = {
+                "task": "train",
+                "model": model,
+                "dims": dims,
+                "tokens": tokens,
+                "repeats": 1 if tokens >= 8192 else 2,
+            }
+            if model == "retentive":
+                spec |= {"mode": mode, "chunk_size": plan["chunk_size"]}
+                if mode == "parallel" and tokens > plan["parallel_max_tokens"]:
+                    row[str(tokens)] = {"error": "skipped: the parallel form's (H, T, T) matrices do not fit"}
+                    continue
+            elif model != "transformer":
+                spec["chunk_size"] = plan["peer_chunk_size"]
+            cell = run_one(spec, fresh_process, timeout)
+            if "error" not in cell:
+                memory = run_one(spec | {"task": "train_memory"}, fresh_process, timeout)
+                cell |= memory if "error" not in memory else {"memory_error": memory["error"]}
+            row[str(tokens)] = cell
+        results["train"][label] = row
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, in this process (seconds; for CI)")
+    parser.add_argument("--out", type=Path, default=HERE.parent / "docs", help="where results, tables and plots go")
+    parser.add_argument("--models", nargs="+", default=list(peers.ADAPTERS), choices=list(peers.ADAPTERS))
+    parser.add_argument("--contexts", type=int, nargs="+", help="override the decode contexts")
+    parser.add_argument("--train-tokens", type=int, nargs="+", help="override the training lengths")
+    parser.add_argument("--chunk-size", type=int, help="retentive's chunk size (prefill and training)")
+    parser.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = dict(QUICK if args.quick else FULL)
+    for key, value in (
+        ("contexts", args.contexts),
+        ("train_tokens", args.train_tokens),
+        ("chunk_size", args.chunk_size),
+    ):
+        if value:
+            plan[key] = value
+    started = time.time()
+    results = run_all(plan, args.models, fresh_process=not args.quick)
+    results["meta"] = report.environment(started, quick=args.quick, argv=sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "bench_results_quick.json" if args.quick else "bench_results.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
+    if not args.no_docs:
+        report.write_speed(results, args.out, prefix="bench_quick_" if args.quick else "bench_")
+    log.info("done in %.0f s; results in %s", time.time() - started, args.out / name)
+
+
+if __name__ == "__main__":
+    main()
