@@ -6,18 +6,19 @@ import pytest
 import torch
 
 from retentive.cli import main
-from retentive.data import load_images
+from retentive.data import ImageData, load_images
 from retentive.training import TrainConfig
 from retentive.training.vision import VisionConfig, build_vision_model, train_vision
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_images("digits", "train"), load_images("digits", "test")
+    test = load_images("digits", "test")
+    return load_images("digits", "train"), ImageData(test.images[:64], test.labels[:64], test.classes)
 
 
 def config(**kw):
-    return TrainConfig(**{"steps": 4, "warmup": 1, "eval_interval": 2, "ckpt_interval": 2, "progress": False, **kw})
+    return TrainConfig(**{"steps": 4, "warmup": 1, "eval_interval": 2, "ckpt_interval": 0, "progress": False, **kw})
 
 
 @pytest.mark.parametrize("model", ["vir-tiny", "rmt-tiny", "vit-tiny"])
@@ -32,16 +33,16 @@ def test_every_model_trains_and_reports_accuracy(model, digits, tmp_path):
 def test_resume_continues_the_same_run(digits, tmp_path):
     vision = VisionConfig(model="rmt-tiny", data="digits", batch_size=16, epochs=None)
     kw = {"train_split": digits[0], "test_split": digits[1]}
-    train_vision(vision, config(), tmp_path, stop_at=2, **kw)
-    resumed = train_vision(vision, config(), tmp_path, resume=True, **kw)
+    train_vision(vision, config(ckpt_interval=2), tmp_path, stop_at=2, **kw)
+    resumed = train_vision(vision, config(ckpt_interval=2), tmp_path, resume=True, **kw)
     assert resumed.trainer.resumed_from.name == "step-00000002" and resumed.trainer.step == 4
-    straight = train_vision(vision, config(), tmp_path / "straight", **kw)
+    straight = train_vision(vision, config(ckpt_interval=2), tmp_path / "straight", **kw)
     torch.testing.assert_close(resumed.result.losses, straight.result.losses[2:])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4]
     assert (tmp_path / "loss.png").is_file()
     with pytest.raises(FileExistsError, match="--resume"):
-        train_vision(vision, config(), tmp_path, **kw)
+        train_vision(vision, config(ckpt_interval=2), tmp_path, **kw)
 
 
 def test_models_are_shaped_for_the_data():
