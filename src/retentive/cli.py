@@ -171,19 +171,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def train_vision(args: argparse.Namespace) -> None:
     """Train ViR, RMT or the ViT baseline on an offline image dataset; report test accuracy and time."""
     from .training import TrainConfig
-    from .training.vision import VisionConfig, steps_for_epochs
+    from .training.vision import VisionConfig
     from .training.vision import train_vision as run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     vision = VisionConfig(
         model=args.model, data=args.data, data_root=args.data_root, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, seed=args.seed,
+        epochs=None if args.steps else args.epochs, eval_batch_size=args.eval_batch_size, seed=args.seed,
     )  # fmt: skip
-    train_size = {"fashion-mnist": 60_000, "digits": 1_438}[args.data]
-    steps = args.steps or steps_for_epochs(args.epochs, train_size, args.batch_size)
     config = TrainConfig(
-        steps=steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        steps=args.steps or 1, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
         device=args.device, perplexity=False, progress=not args.no_progress,
     )  # fmt: skip
@@ -192,7 +190,7 @@ def train_vision(args: argparse.Namespace) -> None:
     acc = result.eval.get("val_accuracy", float("nan"))
     print(
         f"{args.model} ({n_params:,} parameters) on {args.data}: test accuracy {acc:.4f} "
-        f"after {steps} steps, {result.seconds:.0f} s training"
+        f"after {trained.trainer.step} steps, {result.seconds:.0f} s training"
     )
     print(f"checkpoint: {result.checkpoint}")
 
@@ -206,7 +204,7 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", choices=IMAGE_DATASETS, default="fashion-mnist")
     p.add_argument("--data-root", default=None, help="directory of Fashion-MNIST's idx files (default: Debian's)")
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-<data>)")
-    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training set (unless --steps)")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training set (unless --steps)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=500)

@@ -6,42 +6,43 @@ import pytest
 import torch
 
 from retentive.cli import main
-from retentive.data import load_images
+from retentive.data import ImageData, load_images
 from retentive.training import TrainConfig
 from retentive.training.vision import VisionConfig, build_vision_model, train_vision
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_images("digits", "train"), load_images("digits", "test")
+    test = load_images("digits", "test")
+    return load_images("digits", "train"), ImageData(test.images[:64], test.labels[:64], test.classes)
 
 
 def config(**kw):
-    return TrainConfig(**{"steps": 4, "warmup": 1, "eval_interval": 2, "ckpt_interval": 2, "progress": False, **kw})
+    return TrainConfig(**{"steps": 4, "warmup": 1, "eval_interval": 2, "ckpt_interval": 0, "progress": False, **kw})
 
 
 @pytest.mark.parametrize("model", ["vir-tiny", "rmt-tiny", "vit-tiny"])
 def test_every_model_trains_and_reports_accuracy(model, digits, tmp_path):
-    run = train_vision(VisionConfig(model=model, data="digits", batch_size=32), config(), tmp_path, stop_at=2,
-                       train_split=digits[0], test_split=digits[1])  # fmt: skip
+    vision = VisionConfig(model=model, data="digits", batch_size=32, epochs=None)
+    run = train_vision(vision, config(), tmp_path, stop_at=2, train_split=digits[0], test_split=digits[1])
     assert 0 <= run.result.eval["val_accuracy"] <= 1 and "val_ppl" not in run.result.eval
     assert run.trainer.step == 2
     assert all(torch.isfinite(torch.tensor(run.result.losses)))
 
 
 def test_resume_continues_the_same_run(digits, tmp_path):
-    vision = VisionConfig(model="rmt-tiny", data="digits", batch_size=16)
+    vision = VisionConfig(model="rmt-tiny", data="digits", batch_size=16, epochs=None)
     kw = {"train_split": digits[0], "test_split": digits[1]}
-    train_vision(vision, config(), tmp_path, stop_at=2, **kw)
-    resumed = train_vision(vision, config(), tmp_path, resume=True, **kw)
+    train_vision(vision, config(ckpt_interval=2), tmp_path, stop_at=2, **kw)
+    resumed = train_vision(vision, config(ckpt_interval=2), tmp_path, resume=True, **kw)
     assert resumed.trainer.resumed_from.name == "step-00000002" and resumed.trainer.step == 4
-    straight = train_vision(vision, config(), tmp_path / "straight", **kw)
+    straight = train_vision(vision, config(ckpt_interval=2), tmp_path / "straight", **kw)
     torch.testing.assert_close(resumed.result.losses, straight.result.losses[2:])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4]
     assert (tmp_path / "loss.png").is_file()
     with pytest.raises(FileExistsError, match="--resume"):
-        train_vision(vision, config(), tmp_path, **kw)
+        train_vision(vision, config(ckpt_interval=2), tmp_path, **kw)
 
 
 def test_models_are_shaped_for_the_data():
@@ -64,3 +65,9 @@ def test_command_line(tmp_path, capsys):
           "--warmup", "1", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
     assert "rmt-tiny (" in out and "on digits: test accuracy" in out and (tmp_path / "checkpoints").is_dir()
+
+
+def test_epochs_set_the_steps(digits, tmp_path):
+    run = train_vision(VisionConfig(model="rmt-tiny", data="digits", batch_size=500, epochs=2), config(), tmp_path,
+                       stop_at=1, train_split=digits[0], test_split=digits[1])  # fmt: skip
+    assert run.trainer.config.steps == 6  # ceil(2 * 1438 / 500)

@@ -9,7 +9,6 @@ the same logits; the last two stream the tokens through the whole stack, carryin
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -19,8 +18,6 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..ops import MODES
 from .retnet import RetNet
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class VisionConfig:
     data: str = "fashion-mnist"  # "fashion-mnist" or "digits"
     data_root: str | None = None  # where Fashion-MNIST's idx files are (default: the Debian package's path)
     batch_size: int = 128
+    epochs: float | None = 3.0  # passes over the training set; sets the trainer's steps (None: keep them)
     eval_batch_size: int = 500
     seed: int = 0
 
@@ -108,17 +109,20 @@ def train_vision(
 
     Args:
         vision: model and data options.
-        train: the trainer's options (``perplexity`` is ignored: classifiers report accuracy).
+        train: the trainer's options (``steps`` comes from ``vision.epochs`` unless that is None; ``perplexity``
+            is ignored: classifiers report accuracy).
         run_dir: the run directory (refused if it holds a different run, unless ``resume`` or ``overwrite``).
         resume: continue the run in ``run_dir`` (True) or from this checkpoint folder.
         overwrite: start afresh, deleting what ``run_dir`` holds.
         stop_at: stop after this step (see :meth:`Trainer.fit`).
         train_split, test_split: data already loaded (default: ``load_images(vision.data, ...)``).
     """
-    train = TrainConfig(**{**train.to_dict(), "perplexity": False})
-    prepare_run_dir(run_dir, {"vision": vision.to_dict(), "train": train.to_dict()}, bool(resume), overwrite)
     train_split = train_split or load_images(vision.data, "train", vision.data_root)
     test_split = test_split or load_images(vision.data, "test", vision.data_root)
+    epochs = vision.epochs
+    steps = train.steps if epochs is None else steps_for_epochs(epochs, len(train_split), vision.batch_size)
+    train = replace(train, steps=steps, perplexity=False)
+    prepare_run_dir(run_dir, {"vision": vision.to_dict(), "train": train.to_dict()}, bool(resume), overwrite)
     seed_everything(vision.seed)
     model = build_vision_model(vision.model, train_split.channels, train_split.image_size, train_split.num_classes)
     n_params = sum(p.numel() for p in model.parameters())
