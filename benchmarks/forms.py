@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -40,10 +41,16 @@ from retentive.ops import retention
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Retention forms"
-FULL = {"lengths": [512, 1024, 2048, 4096, 8192, 16384], "heads": 4, "dk": 64, "dv": 128, "chunk_size": 64,
-        "repeats": 3, "steps": 200}  # fmt: skip
-QUICK = {"lengths": [32, 64, 128, 256, 512], "heads": 2, "dk": 16, "dv": 32, "chunk_size": 16,
-         "repeats": 1, "steps": 20}  # fmt: skip
+FULL = {
+    "lengths": [512, 1024, 2048, 4096, 8192, 16384],
+    "heads": 4,
+    "dk": 64,
+    "dv": 128,
+    "chunk_size": 64,
+    "repeats": 3,
+    "steps": 200,
+}
+QUICK = {"lengths": [16, 32, 64, 128, 256], "heads": 4, "dk": 16, "dv": 32, "chunk_size": 16, "repeats": 1, "steps": 20}
 NORMS = {"normalize_decay": True, "normalize_retention": True}
 FORMS = ("parallel", "chunkwise", "recurrent", "decode")  # decode: the recurrent step at growing positions
 
@@ -61,7 +68,7 @@ def _inputs(cfg: dict, T: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(1, H, T, d, requires_grad=requires_grad) for d in (dk, dk, dv))
 
 
-def fwd_bwd(mode: str, T: int, cfg: dict) -> dict:
+def fwd_bwd(mode: str, T: int, cfg: dict, repeats: int) -> dict:
     """Peak extra memory of one forward+backward, then the median time of ``repeats`` more."""
     q, k, v = _inputs(cfg, T, requires_grad=True)
     w = torch.randn(1, cfg["heads"], T, cfg["dv"])
@@ -76,9 +83,9 @@ def fwd_bwd(mode: str, T: int, cfg: dict) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident size
     before = _kib("VmRSS")
     first = run()
-    peak = _kib("VmHWM") - before
+    peak = max(0, _kib("VmHWM") - before)
     del first  # the first run pays for one-time setup: time the repeats
-    return {"seconds": statistics.median(run() for _ in range(cfg["repeats"])), "peak_bytes": peak}
+    return {"seconds": statistics.median(run() for _ in range(repeats)), "peak_bytes": peak, "repeats": repeats}
 
 
 def decode_steps(cfg: dict) -> dict:
@@ -86,8 +93,9 @@ def decode_steps(cfg: dict) -> dict:
     states = {}
     with torch.no_grad():
         for P in cfg["lengths"]:
-            _, states[P] = retention(*_inputs(cfg, P, False), mode="chunkwise", chunk_size=256, output_state=True,
-                                     **NORMS)  # fmt: skip
+            _, states[P] = retention(
+                *_inputs(cfg, P, False), mode="chunkwise", chunk_size=256, output_state=True, **NORMS
+            )
         step = _inputs(cfg, 1, False)
         times: dict[int, list[float]] = {P: [] for P in cfg["lengths"]}
         for _ in range(cfg["steps"]):  # round-robin over positions: load on the machine hits them alike
@@ -99,28 +107,42 @@ def decode_steps(cfg: dict) -> dict:
     return {str(P): {"seconds": statistics.median(t), "state_bytes": nbytes[P]} for P, t in times.items()}
 
 
+FLOOR = {"peak_bytes": 2**20, "seconds": 0.01}  # below these, a measured growth is noise
+
+
+def extrapolate(history: list[tuple[int, dict]], T: int, key: str, power: float) -> float:
+    """``key`` at length T from the last measurements, growing as T^p with p at least ``power`` (more,
+    up to 3, where the last two measurements grew faster, as the recurrent form's backward does)."""
+    T1, r1 = history[-1]
+    if len(history) > 1 and history[-2][1][key] > FLOOR[key]:
+        T0, r0 = history[-2]
+        power = min(3.0, max(power, math.log(r1[key] / r0[key]) / math.log(T1 / T0)))
+    return r1[key] * (T / T1) ** power
+
+
 def measure_form(form: str, job: dict) -> dict:
     """Measure one form at growing T; skip a T whose memory or time, extrapolated, exceeds the limits."""
     cfg = job["cfg"]
     torch.manual_seed(0)
     if form == "decode":
         return decode_steps(cfg)
-    fwd_bwd(form, 8, {**cfg, "repeats": 1})  # one-time setup (kernels, autograd threads) outside the measurements
-    power = 2 if form == "parallel" else 1  # how memory grows with T (time too, for the recurrent loop)
-    results, last = {}, None
+    fwd_bwd(form, 8, cfg, repeats=1)  # one-time setup (kernels, autograd threads) outside the measurements
+    power = 2 if form == "parallel" else 1  # T x T scores; state and loops are linear
+    results, history = {}, []
     for T in cfg["lengths"]:
-        if last is not None:
-            T0, r0 = last
-            need = r0["peak_bytes"] * (T / T0) ** power
-            secs = r0["seconds"] * (T / T0) ** power * (1 + cfg["repeats"])
+        repeats = cfg["repeats"]
+        if history:
+            need = extrapolate(history, T, "peak_bytes", power)
+            one = extrapolate(history, T, "seconds", power)
+            repeats = min(repeats, int(job["max_seconds"] / one) - 1)  # fewer repeats where one run is long
             if need > job["max_gib"] * 2**30:
-                results[str(T)] = {"skipped": f"needs ~{need / 2**30:.1f} GiB (extrapolated from T={T0})"}
+                results[str(T)] = {"skipped": f"needs ~{need / 2**30:.1f} GiB (extrapolated)"}
                 continue
-            if secs > job["max_seconds"]:
-                results[str(T)] = {"skipped": f"~{secs:.0f} s estimated (a Python loop per token)"}
+            if repeats < 1:
+                results[str(T)] = {"skipped": f"~{one:.0f} s per run (extrapolated)"}
                 continue
-        results[str(T)] = fwd_bwd(form, T, cfg)
-        last = (T, results[str(T)])
+        results[str(T)] = fwd_bwd(form, T, cfg, repeats)
+        history.append((T, results[str(T)]))
     return results
 
 
@@ -172,8 +194,12 @@ def claims(results: dict, decode: dict, lengths: list[int]) -> list[tuple[str, b
             out.append((f"chunkwise fwd+bwd: T={T1:,} costs {ratio:.1f}x T={T0:,} (at most 20x)", ratio <= 20))
     first, last = decode[str(lengths[0])]["seconds"], decode[str(lengths[-1])]["seconds"]
     ratio = last / first
-    out.append((f"recurrent step: position {lengths[-1]:,} costs {ratio:.2f}x position {lengths[0]:,} (at most 1.2x)",
-                ratio <= 1.2))  # fmt: skip
+    out.append(
+        (
+            f"recurrent step: position {lengths[-1]:,} costs {ratio:.2f}x position {lengths[0]:,} (at most 1.2x)",
+            ratio <= 1.2,
+        )
+    )
     return out
 
 
@@ -187,7 +213,9 @@ def markdown(args: argparse.Namespace, cfg: dict, results: dict, decode: dict, c
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
         f"`retentive.ops.retention`, one row, {cfg['heads']} heads, dk={cfg['dk']}, dv={cfg['dv']}, float32, both "
         "normalizations on; forward + backward of a random linear loss. Time: median of "
-        f"{cfg['repeats']} run(s) after a first one. Peak: extra resident memory of one forward+backward "
+        f"up to {cfg['repeats']} runs after a first one (fewer where a run is long); a cell is skipped where its "
+        "extrapolated memory exceeds `--max-gib` or two runs exceed `--max-seconds`. Peak: extra resident memory "
+        "of one forward+backward "
         "(inputs excluded), "
         "`VmHWM` after a reset minus `VmRSS` before, in a worker process whose glibc mmap threshold is fixed "
         "at 64 KiB so that freed tensors leave the resident set (see the docstring of `benchmarks/forms.py`).",
@@ -234,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file to update")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip a run whose extrapolated peak exceeds this")
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="skip a run estimated to take longer")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="time budget of one (form, T) cell")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -6,7 +6,16 @@ The math lives in ``retentive.ops`` (``retention(q, k, v, decay, mode=...)``), t
 
 from . import ops
 from .layers import FeedForward, MultiScaleRetention, RetNetBlock
-from .models import RetNet, RetNetConfig, RetNetForCausalLM, RetNetModel
+from .models import (
+    RetNet,
+    RetNetConfig,
+    RetNetForCausalLM,
+    RetNetModel,
+    RMTConfig,
+    RMTForImageClassification,
+    ViRConfig,
+    ViRForImageClassification,
+)
 from .ops import RetentionState, retention
 
 __version__ = "0.1.0"
@@ -14,12 +23,16 @@ __version__ = "0.1.0"
 __all__ = [
     "FeedForward",
     "MultiScaleRetention",
+    "RMTConfig",
+    "RMTForImageClassification",
     "RetNet",
     "RetNetBlock",
     "RetNetConfig",
     "RetNetForCausalLM",
     "RetNetModel",
     "RetentionState",
+    "ViRConfig",
+    "ViRForImageClassification",
     "ops",
     "retention",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``retentive demo | train | generate | bench``."""
+"""Command line: ``retentive demo | train | generate | train-vision | bench``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def train(args: argparse.Namespace) -> None:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in run.result.eval.items())
         print(f"trained to step {run.trainer.step} in {run.result.seconds:.0f} s; {summary}")
         print(f"checkpoint: {run.result.checkpoint}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -166,6 +168,62 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo)
 
 
+def train_vision(args: argparse.Namespace) -> None:
+    """Train ViR, RMT or the ViT baseline on an offline image dataset; report test accuracy and time."""
+    from .training import TrainConfig
+    from .training.vision import VisionConfig
+    from .training.vision import train_vision as run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vision = VisionConfig(
+        model=args.model, data=args.data, data_root=args.data_root, batch_size=args.batch_size,
+        epochs=None if args.steps else args.epochs, eval_batch_size=args.eval_batch_size, seed=args.seed,
+    )  # fmt: skip
+    config = TrainConfig(
+        steps=args.steps or 1, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
+        device=args.device, perplexity=False, progress=not args.no_progress,
+    )  # fmt: skip
+    trained = run(vision, config, args.out, resume=args.resume, overwrite=args.overwrite)
+    result, n_params = trained.result, sum(p.numel() for p in trained.model.parameters())
+    acc = result.eval.get("val_accuracy", float("nan"))
+    print(
+        f"{args.model} ({n_params:,} parameters) on {args.data}: test accuracy {acc:.4f} "
+        f"after {trained.trainer.step} steps, {result.seconds:.0f} s training"
+    )
+    print(f"checkpoint: {result.checkpoint}")
+
+
+def _add_train_vision(sub: argparse._SubParsersAction) -> None:
+    from .data import IMAGE_DATASETS
+    from .training.vision import VISION_MODELS
+
+    p = sub.add_parser("train-vision", help="train ViR / RMT / the ViT baseline on Fashion-MNIST or digits")
+    p.add_argument("--model", choices=VISION_MODELS, default="vir-tiny")
+    p.add_argument("--data", choices=IMAGE_DATASETS, default="fashion-mnist")
+    p.add_argument("--data-root", default=None, help="directory of Fashion-MNIST's idx files (default: Debian's)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>-<data>)")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training set (unless --steps)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=200)
+    p.add_argument("--ckpt-interval", type=int, default=200)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=train_vision)
+
+
 def bench(args: argparse.Namespace) -> None:
     """Run benchmarks/run.py (speed) or benchmarks/quality.py (``--quality``) from the source checkout.
 
@@ -199,11 +257,14 @@ def main(argv: list[str] | None = None) -> None:
     _add_demo(sub)
     _add_train(sub)
     _add_generate(sub)
+    _add_train_vision(sub)
     _add_bench(sub)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(argv)  # bench passes what it does not know on to its script
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    if args.command == "train-vision" and args.out is None:
+        args.out = f"runs/{args.model}-{args.data}"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)

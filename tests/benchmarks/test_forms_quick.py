@@ -34,7 +34,7 @@ def test_quick_run_writes_its_section_and_keeps_the_others(forms, tmp_path):
         r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M
     )
     peak = {int(r[0]): float(r[2]) for r in table}  # parallel: T x T scores, memory grows as T^2
-    assert peak[512] > 4 * peak[128] > 0
+    assert peak[256] > max(1.0, 4 * peak[64])  # MiB
 
 
 def test_write_section_appends_when_absent(forms, tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from retentive import RetNetConfig, RetNetForCausalLM
+from retentive import RetNetConfig, RetNetForCausalLM, RetNetModel
 from retentive.models import PRESETS
 
 
@@ -107,10 +107,13 @@ def test_from_preset_refuses_unknown_names() -> None:
         RetNetConfig.from_preset("retnet-tiny", num_head=8)
 
 
-def test_config_round_trip_and_aliases(tmp_path) -> None:
+def test_config_round_trip_aliases_and_auto_classes(tmp_path) -> None:
     cfg = RetNetConfig.from_preset("retnet-tiny", decay=[0.9, 0.95, 0.99, 0.999], eos_token_id=3)
+    small = RetNetConfig(vocab_size=50, dim_model=16, num_layers=1, num_heads=2)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (256, 4, 4)
     cfg.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, RetNetConfig)
     assert loaded.to_diff_dict() == cfg.to_diff_dict()
+    assert isinstance(AutoModel.from_config(small), RetNetModel)
+    assert isinstance(AutoModelForCausalLM.from_config(small), RetNetForCausalLM)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retentive import RetNet
-from retentive.ops import RetentionState
+from retentive.ops import RetentionState, log_gamma
 
 F64 = torch.float64
 NORMS = list(itertools.product([False, True], repeat=2))
@@ -25,8 +25,17 @@ def x_(B: int, T: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_seed_arguments_build_the_documented_shapes():
-    net = RetNet(num_layer=3, num_heads=4, dim_model=32, dropout=0.1, value_factor=2, msr_gate_fn="gelu",
-                 mlp_gate_fn="gelu", mlp_mult=4, mlp_bias=True)  # fmt: skip
+    net = RetNet(
+        num_layer=3,
+        num_heads=4,
+        dim_model=32,
+        dropout=0.1,
+        value_factor=2,
+        msr_gate_fn="gelu",
+        mlp_gate_fn="gelu",
+        mlp_mult=4,
+        mlp_bias=True,
+    )
     assert len(net.blocks) == 3
     for b in net.blocks:
         assert b.ffn.up.out_features == 4 * 32  # mlp_mult is a multiple of dim_model, not the width itself
@@ -40,8 +49,9 @@ def test_num_chunks_agree_with_parallel_for_every_normalization(normalize_attn, 
     net, x = seed_net(), x_(2, 30)
     want = net(x, "causal", None, normalize_attn, normalize_retn)
     for num_chunks in (1, 8, 30):
-        got = net(x, attn_mask="causal", num_chunks=num_chunks, normalize_attn=normalize_attn,
-                  normalize_retn=normalize_retn)  # fmt: skip
+        got = net(
+            x, attn_mask="causal", num_chunks=num_chunks, normalize_attn=normalize_attn, normalize_retn=normalize_retn
+        )
         torch.testing.assert_close(got, want, **TIGHT)
     rec = net(x, mode="recurrent", normalize_attn=normalize_attn, normalize_retn=normalize_retn)
     torch.testing.assert_close(rec, want, **TIGHT)
@@ -91,9 +101,12 @@ def test_chunkwise_prefill_then_recurrent_decode_with_left_padding():
 
 
 def test_to_bfloat16_keeps_every_gamma():
-    net = RetNet(2, 8, 64, decay=[1 - 2.0**-h for h in range(5, 13)]).to(torch.bfloat16)
-    for b in net.blocks:  # the gammas stay float64 Python numbers, outside parameters and buffers
-        assert b.retention.decay == tuple(1 - 2.0**-h for h in range(5, 13))
+    net = RetNet(2, 8, 64)
+    gammas = [log_gamma(b.retention.decay, 8).exp() for b in net.blocks]
+    net = net.to(torch.bfloat16)
+    for b, g in zip(net.blocks, gammas, strict=True):
+        torch.testing.assert_close(log_gamma(b.retention.decay, 8).exp(), g, rtol=0, atol=0)
+        assert (g < 1).all() and g.max() == 1 - 2**-12
     y = net(torch.randn(1, 50, 64, dtype=torch.bfloat16), mode="chunkwise", chunk_size=16)
     assert y.dtype == torch.bfloat16 and y.isfinite().all()
 

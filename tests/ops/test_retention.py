@@ -119,15 +119,23 @@ def test_state_reference_agrees_with_naive_from_an_empty_state():
     torch.manual_seed(2)
     q, k, v = qkv(1, 2, 9, 3, 4)
     for nd, nr in NORMS:
-        o, _, _ = with_state(q, k, v, torch.zeros(1, 2, 3, 4, dtype=F64), torch.zeros(1, 2, 3, dtype=F64), 0,
-                             normalize_decay=nd, normalize_retention=nr)  # fmt: skip
+        o, _, _ = with_state(
+            q,
+            k,
+            v,
+            torch.zeros(1, 2, 3, 4, dtype=F64),
+            torch.zeros(1, 2, 3, dtype=F64),
+            0,
+            normalize_decay=nd,
+            normalize_retention=nr,
+        )
         torch.testing.assert_close(o, truth(q, k, v, normalize_decay=nd, normalize_retention=nr), **TIGHT)
 
 
 @st.composite
 def problems(draw, max_len: int = 4096, cost: int = 2**23):
     """(B, H, T, dk, dv) with B*H*T*T bounded by ``cost``: long sequences come with one small head."""
-    T = draw(st.one_of(st.integers(1, 64), st.integers(1, max_len)))
+    T = draw(st.one_of(st.integers(1, 64), st.integers(1, max_len // 8), st.integers(1, max_len)))
     cap = max(1, cost // (T * T))
     B = draw(st.integers(1, min(3, cap)))
     H = draw(st.integers(1, max(1, min(4, cap // B))))
@@ -137,7 +145,7 @@ def problems(draw, max_len: int = 4096, cost: int = 2**23):
     return B, H, T, dk, dv
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     shape=problems(),
     mode=st.sampled_from(["parallel", "chunkwise", "recurrent"]),
@@ -155,8 +163,9 @@ def test_forward_property(shape, mode, chunk_frac, causal, norms, seed):
     nd, nr = norms
     if mode == "recurrent" and T > 1024:  # a Python loop per token: keep the example cheap
         q, k, v = q[:, :, :1024], k[:, :, :1024], v[:, :, :1024]
-    o, _ = retention(q, k, v, mode=mode, chunk_size=chunk_size, causal=causal, normalize_decay=nd,
-                     normalize_retention=nr)  # fmt: skip
+    o, _ = retention(
+        q, k, v, mode=mode, chunk_size=chunk_size, causal=causal, normalize_decay=nd, normalize_retention=nr
+    )
     assert rel_err(o, truth(q, k, v, causal=causal, normalize_decay=nd, normalize_retention=nr)) < 1e-10
 
 
@@ -202,8 +211,17 @@ def test_streaming_in_random_pieces_equals_whole(T, cuts, forms, norms, seed):
     outs, state = [], None
     for (start, end), (mode, chunk_size) in zip(itertools.pairwise(bounds), forms, strict=False):
         sl = slice(start, end)
-        o, state = retention(q[:, :, sl], k[:, :, sl], v[:, :, sl], mode=mode, chunk_size=chunk_size, state=state,
-                             normalize_decay=nd, normalize_retention=nr, output_state=True)  # fmt: skip
+        o, state = retention(
+            q[:, :, sl],
+            k[:, :, sl],
+            v[:, :, sl],
+            mode=mode,
+            chunk_size=chunk_size,
+            state=state,
+            normalize_decay=nd,
+            normalize_retention=nr,
+            output_state=True,
+        )
         outs.append(o)
     o = torch.cat(outs, dim=2)
     want = truth(q, k, v, normalize_decay=nd, normalize_retention=nr)
@@ -226,13 +244,15 @@ def test_chunkwise_prefill_then_recurrent_steps(normalize):
     q, k, v = qkv(2, 4, 150, 8, 16)
     norms = {"normalize_decay": normalize, "normalize_retention": normalize}
     prompt = slice(0, 130)
-    o, state = retention(q[:, :, prompt], k[:, :, prompt], v[:, :, prompt], mode="chunkwise", chunk_size=32,
-                         output_state=True, **norms)  # fmt: skip
+    o, state = retention(
+        q[:, :, prompt], k[:, :, prompt], v[:, :, prompt], mode="chunkwise", chunk_size=32, output_state=True, **norms
+    )
     outs = [o]
     for t in range(130, 150):
         step = slice(t, t + 1)
-        o, state = retention(q[:, :, step], k[:, :, step], v[:, :, step], mode="recurrent", state=state,
-                             output_state=True, **norms)  # fmt: skip
+        o, state = retention(
+            q[:, :, step], k[:, :, step], v[:, :, step], mode="recurrent", state=state, output_state=True, **norms
+        )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=2), truth(q, k, v, **norms), **TIGHT)
 
@@ -283,8 +303,16 @@ def test_float32_within_1e_5_of_float64(float32_case, mode, chunk_size):
     """
     q, k, v, want = float32_case
     for nd, nr in NORMS:
-        o, state = retention(q.float(), k.float(), v.float(), mode=mode, chunk_size=chunk_size, output_state=True,
-                             normalize_decay=nd, normalize_retention=nr)  # fmt: skip
+        o, state = retention(
+            q.float(),
+            k.float(),
+            v.float(),
+            mode=mode,
+            chunk_size=chunk_size,
+            output_state=True,
+            normalize_decay=nd,
+            normalize_retention=nr,
+        )
         assert o.dtype == state.S.dtype == state.z.dtype == torch.float32
         tol = 1e-4 if (nr and not nd and chunk_size == 1) else 1e-5
         assert rel_err(o, want[nd, nr]) < tol, (nd, nr)
@@ -313,8 +341,9 @@ def test_half_precision_within_2e_2_of_float64(half_cases, mode, chunk_size, dty
     """Half-precision inputs compute with a float32 state and come back in their own dtype."""
     q, k, v, want = half_cases[dtype]
     for nd, nr in NORMS:
-        o, state = retention(q, k, v, mode=mode, chunk_size=chunk_size, output_state=True, normalize_decay=nd,
-                             normalize_retention=nr)  # fmt: skip
+        o, state = retention(
+            q, k, v, mode=mode, chunk_size=chunk_size, output_state=True, normalize_decay=nd, normalize_retention=nr
+        )
         assert o.dtype == dtype and state.S.dtype == state.z.dtype == torch.float32
         assert rel_err(o, want[nd, nr]) < 2e-2
 
@@ -327,8 +356,9 @@ def long_inputs():
     decay = torch.tensor([1 - 2**-5, 1 - 2**-16], dtype=F64)
     want = {}
     for norm in (False, True):  # float64 chunkwise: matches naive() above, affordable at this length
-        want[norm] = retention(q, k, v, decay, mode="chunkwise", chunk_size=256, normalize_decay=norm,
-                               normalize_retention=norm)[0]  # fmt: skip
+        want[norm] = retention(
+            q, k, v, decay, mode="chunkwise", chunk_size=256, normalize_decay=norm, normalize_retention=norm
+        )[0]
     return q, k, v, decay, want
 
 
@@ -339,9 +369,9 @@ def long_inputs():
         (torch.bfloat16, "chunkwise", 64, 65536, True),
         (torch.float16, "chunkwise", 64, 65536, False),
         (torch.float16, "chunkwise", 64, 65536, True),
-        (torch.float16, "chunkwise", 1, 65536, True),
         (torch.bfloat16, "recurrent", 1, 65536, False),
         (torch.bfloat16, "chunkwise", 1, 4096, False),
+        (torch.float16, "chunkwise", 1, 4096, True),
         (torch.float16, "recurrent", 1, 4096, False),
     ],
 )
@@ -350,8 +380,9 @@ def test_long_half_precision_stays_finite_and_accurate(long_inputs, dtype, mode,
     q, k, v, decay, want = long_inputs
     q, k, v = (x[:, :, :length].to(dtype) for x in (q, k, v))
     with torch.no_grad():
-        o, _ = retention(q, k, v, decay, mode=mode, chunk_size=chunk_size, normalize_decay=normalize,
-                         normalize_retention=normalize)  # fmt: skip
+        o, _ = retention(
+            q, k, v, decay, mode=mode, chunk_size=chunk_size, normalize_decay=normalize, normalize_retention=normalize
+        )
     assert o.dtype == dtype and o.isfinite().all()
     assert rel_err(o, want[normalize][:, :, :length]) < 2e-2
 

@@ -51,14 +51,13 @@ def test_scores_depend_on_relative_position_only(shift):
     torch.testing.assert_close(moved, base, rtol=0, atol=1e-9)
 
 
-def test_far_positions_keep_their_phase_in_float32_output():
+def test_far_positions_keep_their_phase_in_float32():
     """Phases are formed in float64: at position 2^24 + 1 float32 positions would round to 2^24."""
     n = 2**24 + 1
-    x = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 1, 1, 4)  # (cos, sin) of the phase lands in the first pair
-    got = rotate(x, torch.tensor([[n]]))
-    assert got.dtype == torch.float32
-    assert math.isclose(got[0, 0, 0, 0].item(), math.cos(n), abs_tol=1e-6)
-    assert math.isclose(got[0, 0, 0, 1].item(), math.sin(n), abs_tol=1e-6)
+    x = torch.tensor([[[[1.0, 0.0]]]])  # float32: the pair (1, 0) rotated by n * angle_0 = n
+    got = rotate(x, torch.tensor([[n]])).flatten().tolist()
+    assert math.isclose(got[0], math.cos(n), abs_tol=1e-6) and math.isclose(got[1], math.sin(n), abs_tol=1e-6)
+    assert rotate(x.to(torch.bfloat16), torch.tensor([[n]])).dtype == torch.bfloat16
 
 
 def test_a_stream_resumed_at_offset_continues_the_rotation():

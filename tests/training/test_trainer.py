@@ -116,6 +116,12 @@ def test_run_dir_guard(tmp_path: Path) -> None:
     prepare_run_dir(tmp_path, {"model": {"dim": 16}, "train": {"steps": 20, "lr": 1e-3}}, resume=True, overwrite=False)
     prepare_run_dir(tmp_path, other, resume=False, overwrite=True)
     assert json.loads((tmp_path / "run.json").read_text()) == other
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "thesis.txt").write_text("years of work")
+    with pytest.raises(FileExistsError, match="not a run directory"):
+        prepare_run_dir(stranger, config, resume=False, overwrite=True)
+    assert (stranger / "thesis.txt").is_file()
 
 
 def test_tensor_batches_and_metrics_fn(tmp_path: Path) -> None:

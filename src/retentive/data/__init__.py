@@ -1,6 +1,8 @@
-"""Corpora, tokenizers, token files and resumable samplers, all offline."""
+"""Corpora, tokenizers, token files, resumable samplers and image datasets, all offline."""
 
 from .corpus import read_corpus, shakespeare_files, strip_gutenberg
+from .images import DATASETS as IMAGE_DATASETS
+from .images import ImageData, load_images
 from .sampler import IndexSampler, TensorBatches
 from .tokenizer import (
     TOKENIZERS,
@@ -15,10 +17,12 @@ from .tokenizer import (
 from .tokens import EvalWindows, TokenSplits, TokenWindows, load_token_splits, tokenize_corpus
 
 __all__ = [
+    "IMAGE_DATASETS",
     "TOKENIZERS",
     "BPETokenizer",
     "ByteTokenizer",
     "EvalWindows",
+    "ImageData",
     "IndexSampler",
     "TensorBatches",
     "TokenSplits",
@@ -26,6 +30,7 @@ __all__ = [
     "Tokenizer",
     "build_tokenizer",
     "gpt2_tokenizer",
+    "load_images",
     "load_token_splits",
     "load_tokenizer",
     "read_corpus",

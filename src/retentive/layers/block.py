@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..ops import RetentionState
 from .feedforward import FeedForward
+from .layer_scale import layer_scale as make_layer_scale
 from .retention import MultiScaleRetention
 
 
@@ -17,7 +18,9 @@ class RetNetBlock(nn.Module):
         dim_model, num_heads, value_factor, gate_fn: as in :class:`MultiScaleRetention`.
         ffn_dim: hidden width of the FFN; ffn_activation: see :class:`FeedForward`.
         dropout: on each residual branch (and in the FFN).
-        norm_eps: LayerNorm epsilon. msr_kwargs: further options of :class:`MultiScaleRetention`.
+        norm_eps: LayerNorm epsilon.
+        layer_scale: initial value of a per-channel LayerScale on both branches (ViR), or None for none.
+        msr_kwargs: further options of :class:`MultiScaleRetention`.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class RetNetBlock(nn.Module):
         ffn_bias: bool = True,
         dropout: float = 0.0,
         norm_eps: float = 1e-5,
+        layer_scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **msr_kwargs,
@@ -42,7 +46,9 @@ class RetNetBlock(nn.Module):
         self.retention = MultiScaleRetention(dim_model, num_heads, gate_fn, value_factor, **msr_kwargs, **kw)
         self.norm2 = nn.LayerNorm(dim_model, eps=norm_eps, **kw)
         self.ffn = FeedForward(dim_model, ffn_dim, ffn_activation, ffn_bias, dropout, **kw)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # no dropout op per decoded token
+        self.ls1 = make_layer_scale(dim_model, layer_scale, **kw)
+        self.ls2 = make_layer_scale(dim_model, layer_scale, **kw)
 
     def forward(
         self, x: Tensor, *, state: RetentionState | None = None, return_state: bool = False, **retention_kwargs
@@ -53,6 +59,6 @@ class RetNetBlock(nn.Module):
             y, new_state = self.retention(h, state=state, return_state=True, **retention_kwargs)
         else:
             y = self.retention(h, state=state, **retention_kwargs)
-        x = x + self.dropout(y)
-        x = x + self.dropout(self.ffn(self.norm2(x)))
+        x = x + self.dropout(self.ls1(y))
+        x = x + self.dropout(self.ls2(self.ffn(self.norm2(x))))
         return (x, new_state) if return_state else x

@@ -43,14 +43,12 @@ class HeadNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, H, Dv) -> (B, T, H * Dv)."""
-        if self.kind == "groupnorm":  # (B*T, H*Dv) with H groups: one fused op, affine included
-            B, T, H, Dv = x.shape
-            return F.group_norm(x.reshape(B * T, H * Dv), H, self.weight, self.bias, self.eps).view(B, T, H * Dv)
         if self.kind == "rmsnorm":
             x = F.rms_norm(x, (self.head_dim,), eps=self.eps)
-        elif self.kind == "layernorm":
+        elif self.kind in ("groupnorm", "layernorm"):  # per-head layer_norm: F.group_norm's CPU backward is slower
             x = F.layer_norm(x, (self.head_dim,), eps=self.eps)
-        return x.flatten(-2)
+        x = x.flatten(-2)  # (B, T, H * Dv)
+        return torch.addcmul(self.bias, x, self.weight) if self.kind == "groupnorm" else x
 
 
 class MultiScaleRetention(nn.Module):
@@ -134,6 +132,7 @@ class MultiScaleRetention(nn.Module):
         chunk_size: int | None = None,
         state: RetentionState | None = None,
         padding_mask: Tensor | None = None,
+        rotary: Tensor | None = None,
         return_state: bool = False,
     ) -> Tensor | tuple[Tensor, RetentionState]:
         """Apply MSR to ``x`` (B, T, d).
@@ -142,7 +141,9 @@ class MultiScaleRetention(nn.Module):
         ``num_chunks``: None is the parallel form, k is the chunkwise form with ceil(T / k)-token chunks.
         ``attn_mask="causal"`` is causal retention, None bidirectional. ``padding_mask`` (B, T), True on
         real tokens, marks left padding: padded tokens add nothing to the state and each row's first real
-        token sits at position 0. Returns y (B, T, d), and the new state if ``return_state``.
+        token sits at position 0. ``rotary`` (B, 1, T, Dk/2): the rotation e^(i n theta) of these positions,
+        when a caller shares it across layers (see :func:`positions_of`). Returns y (B, T, d), and the new state
+        if ``return_state``.
         """
         mode, chunk_size = resolve_form(x, mode, chunk_size, num_chunks)
         if attn_mask not in ("causal", None):
@@ -156,9 +157,8 @@ class MultiScaleRetention(nn.Module):
         qk = qk.view(B, T, 2 * H, Dk).transpose(1, 2)  # (B, 2H, T, Dk): q heads, then k heads
         v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
         if self.rotary:  # one rotation for q and k together
-            offset = 0 if state is None else state.offset[:, None]
-            positions = (offset + torch.arange(T, device=x.device)).expand(B, T)  # (B, T)
-            qk = apply_rotary(qk, rotary_phase(positions, Dk))
+            phase = rotary_phase(positions_of(x, state, padding_mask), Dk, x.dtype) if rotary is None else rotary
+            qk = apply_rotary(qk, phase)  # phase: (B, 1, T, Dk/2)
         q, k = qk.chunk(2, dim=1)  # (B, H, T, Dk) each
         if padding_mask is not None:
             keep = padding_mask[:, None, :, None].to(x.dtype)  # (B, 1, T, 1)
@@ -204,6 +204,18 @@ def resolve_form(x: Tensor, mode: str | None, chunk_size: int | None, num_chunks
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     return mode, chunk_size
+
+
+def positions_of(x: Tensor, state: RetentionState | None, padding_mask: Tensor | None) -> Tensor:
+    """Absolute positions (B, T) of the tokens of ``x`` (B, T, d): after the state, or after the left padding."""
+    B, T, _ = x.shape
+    if state is not None:
+        offset = state.offset[:, None]
+    elif padding_mask is not None:
+        offset = -left_padding(padding_mask, T)[:, None]
+    else:
+        offset = 0
+    return (offset + torch.arange(T, device=x.device)).expand(B, T)
 
 
 def left_padding(padding_mask: Tensor, length: int) -> Tensor:

@@ -6,6 +6,8 @@ from .cache_retnet import RetNetCache
 from .configuration_retnet import PRESETS, RetNetConfig
 from .modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
 from .retnet import RetNet
+from .rmt import RMT_PRESETS, RMTConfig, RMTForImageClassification
+from .vir import VIR_PRESETS, ViRConfig, ViRForImageClassification
 
 AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
 AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)
@@ -13,10 +15,16 @@ AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM, exist_ok=True)
 
 __all__ = [
     "PRESETS",
+    "RMT_PRESETS",
+    "VIR_PRESETS",
+    "RMTConfig",
+    "RMTForImageClassification",
     "RetNet",
     "RetNetCache",
     "RetNetConfig",
     "RetNetForCausalLM",
     "RetNetModel",
     "RetNetPreTrainedModel",
+    "ViRConfig",
+    "ViRForImageClassification",
 ]

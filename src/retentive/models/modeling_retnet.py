@@ -248,12 +248,14 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         Args:
             input_ids, attention_mask, past_key_values, use_cache, mode, chunk_size: see :meth:`RetNetModel.forward`.
             labels: (B, T) targets aligned with ``input_ids`` (the shift happens here: position t predicts
-                labels[t + 1]); -100 is ignored.
+                labels[t + 1]); -100 is ignored. With labels and no cache, use_cache defaults to False.
             logits_to_keep: if > 0, logits of the last ``logits_to_keep`` positions only (generate() uses 1).
         Returns:
             CausalLMOutputWithPast with loss (scalar, float32, or None), logits (B, T', vocab_size) and
             past_key_values.
         """
+        if use_cache is None and labels is not None and past_key_values is None:
+            use_cache = False  # a loss needs no state: score in config.mode, as in training
         h, *cache = self.model(
             input_ids,
             attention_mask=attention_mask,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers import RetNetBlock
-from ..ops import RetentionState
+from ..layers import RetNetBlock, positions_of
+from ..ops import RetentionState, rotary_phase
 from ..ops.decay import DecaySpec
 
 
@@ -25,6 +25,7 @@ class RetNet(nn.Module):
         mlp_bias: biases in the FFN.
         head_norm, decay, rotary, msr_bias, normalize_attn, normalize_retn: see MultiScaleRetention.
         norm_eps: LayerNorm epsilon.
+        layer_scale: initial value of a per-channel LayerScale on every residual branch (ViR), or None.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class RetNet(nn.Module):
         normalize_attn: bool = False,
         normalize_retn: bool = False,
         norm_eps: float = 1e-5,
+        layer_scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -69,6 +71,7 @@ class RetNet(nn.Module):
                 ffn_bias=mlp_bias,
                 dropout=dropout,
                 norm_eps=norm_eps,
+                layer_scale=layer_scale,
                 head_norm=head_norm,
                 decay=decay,
                 rotary=rotary,
@@ -113,6 +116,10 @@ class RetNet(nn.Module):
             padding_mask=padding_mask,
             return_state=return_state,
         )
+        first = self.blocks[0].retention
+        if first.rotary:  # every layer rotates the same positions: form the phases once
+            positions = positions_of(x, state and state[0], padding_mask)
+            kwargs["rotary"] = rotary_phase(positions, first.key_dim, x.dtype)
         new_state = []
         for i, block in enumerate(self.blocks):
             x = block(x, state=None if state is None else state[i], **kwargs)

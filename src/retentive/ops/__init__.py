@@ -4,19 +4,27 @@ Layout: q, k (B, H, T, Dk); v (B, H, T, Dv); state S (B, H, Dk, Dv), z (B, H, Dk
 """
 
 from .decay import SCHEDULES, decay_sum, gamma_schedule, log_gamma
-from .retention import MODES, retention
+from .decay2d import log_decay_1d, manhattan_log_decay, rmt_log_gamma
+from .masa import decomposed_manhattan_attention, manhattan_attention
+from .retention import BACKENDS, MODES, retention
 from .rotary import apply_rotary, rotary_angles, rotary_phase
 from .state import RetentionState
 
 __all__ = [
+    "BACKENDS",
     "MODES",
     "SCHEDULES",
     "RetentionState",
     "apply_rotary",
     "decay_sum",
+    "decomposed_manhattan_attention",
     "gamma_schedule",
+    "log_decay_1d",
     "log_gamma",
+    "manhattan_attention",
+    "manhattan_log_decay",
     "retention",
+    "rmt_log_gamma",
     "rotary_angles",
     "rotary_phase",
 ]

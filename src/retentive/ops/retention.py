@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -13,6 +15,8 @@ from .state import RetentionState
 
 Mode = Literal["parallel", "chunkwise", "recurrent"]
 MODES = ("parallel", "chunkwise", "recurrent")
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
 
 
 def retention(
@@ -29,6 +33,7 @@ def retention(
     normalize_decay: bool = False,
     normalize_retention: bool = False,
     output_state: bool = False,
+    backend: Backend = "auto",
 ) -> tuple[Tensor, RetentionState | None]:
     """Multi-scale retention of every head, in any of its three forms; they agree up to rounding.
 
@@ -46,24 +51,31 @@ def retention(
         causal: False gives bidirectional retention, D_nm = gamma^|n-m| (SPEC §4); no state then.
         scale: multiplies q . k; defaults to Dk^-1/2.
         output_state: also return the state after the last token.
+        backend: ``"torch"`` (the reference), ``"triton"`` (fused kernels, CUDA tensors or TRITON_INTERPRET=1)
+            or ``"auto"``: the kernels for CUDA tensors when triton imports, the reference elsewhere.
     Returns:
         o: (B, H, T, Dv) in the dtype of v.
         state: the new :class:`RetentionState` (S, z in float32, or float64 for float64 inputs), or None.
     """
     _check(q, k, v, mode, chunk_size, state, causal)
     B, H, T, Dk = q.shape
-    out_dtype, dtype = v.dtype, torch.promote_types(q.dtype, torch.float32)  # half precision computes in float32
+    forms = _forms(backend, q)
+    out_dtype, dtype = v.dtype, torch.promote_types(q.dtype, torch.float32)  # half precision keeps sums in float32
+    work = dtype if forms is reference else q.dtype  # the kernels multiply half precision on the tensor cores
     log_g = log_gamma_on(decay, H, q.device, dtype)  # (H,)
     scale = Dk**-0.5 if scale is None else scale
-    q, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
+    if mode == "recurrent" and T == 1 and causal and not _needs_grad(q, k, v, state):
+        kw = dict(normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=output_state)
+        return forms.decode_step(q, k, v, log_g, state, scale=scale, **kw)  # decoding: the fewest ops per token
+    q, k, v = q.to(work) * scale, k.to(work), v.to(work)
     S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
     offset = q.new_zeros(B, dtype=torch.long) if state is None else state.offset  # (B,)
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> reference.Pieces:
         if mode == "recurrent":
-            return reference.recurrent(q, k, v, log_g, S, z, with_rowsum=normalize_retention)
+            return forms.recurrent(q, k, v, log_g, S, z, with_rowsum=normalize_retention)
         size = T if mode == "parallel" else chunk_size
-        return reference.chunkwise(q, k, v, log_g, S, z, chunk_size=size, with_rowsum=normalize_retention)
+        return forms.chunkwise(q, k, v, log_g, S, z, chunk_size=size, with_rowsum=normalize_retention)
 
     p = run(q, k, v)
     o, r, c = p.o, p.r, None
@@ -83,6 +95,31 @@ def retention(
         o = o / r.abs().clamp(min=1)[..., None]
     new_state = RetentionState(p.S, p.z, offset + T) if output_state and causal else None
     return o.to(out_dtype), new_state
+
+
+def _forms(backend: str, q: Tensor) -> ModuleType:
+    """The module that computes the unnormalized pieces: ``reference`` or the Triton kernels."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not (q.is_cuda and q.dtype != torch.float64 and _kernels())):
+        return reference
+    if _kernels() is None:
+        raise ImportError("backend='triton' needs the triton package (pip install triton), or use backend='torch'")
+    return _kernels()
+
+
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor, state: RetentionState | None) -> bool:
+    tensors = (q, k, v) if state is None else (q, k, v, state.S, state.z)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@cache
+def _kernels() -> ModuleType | None:
+    try:
+        from . import triton
+    except ImportError:
+        return None
+    return triton
 
 
 def _check(

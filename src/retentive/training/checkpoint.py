@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .._fsync import fsync_path
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -40,14 +42,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -81,13 +75,13 @@ def save_checkpoint(
     manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
     for p in [*files, tmp / MANIFEST, *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
-        _fsync(p)
+        fsync_path(p)
     if final.exists():  # the same step written again (e.g. after a resume): move the old one out of the way first
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     if keep_last is not None:
         for stale in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(stale)
@@ -150,7 +144,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def save_weights(model: nn.Module, directory: Path) -> None:
     """Write the model's weights as ``model.safetensors`` (``save_pretrained`` when the model has it, for HF)."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar inside our own
+        try:
+            model.save_pretrained(directory, safe_serialization=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     else:
         from safetensors.torch import save_model
 
@@ -161,7 +163,7 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     """Load ``model.safetensors`` into ``model`` in place; tied parameters may be stored once."""
     state = load_file(str(directory / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {params[k].data_ptr() for k in state if k in params}
     untied = [k for k in missing if not (k in params and params[k].data_ptr() in loaded)]
     if untied or unexpected:
@@ -207,7 +209,7 @@ def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: boo
     run_dir = Path(run_dir)
     run_file = run_dir / RUN_FILE
     config = json.loads(json.dumps(run_config))  # normalized as it will be stored (tuples -> lists)
-    if overwrite and run_dir.exists():
+    if overwrite and run_file.is_file():
         shutil.rmtree(run_dir)
     if run_file.is_file():
         old = json.loads(run_file.read_text())
@@ -227,7 +229,8 @@ def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: boo
                 "use --overwrite to replace it or another --out directory"
             )
     elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise FileExistsError(f"{run_dir} is not empty and holds no {RUN_FILE}: choose another --out or --overwrite")
+        # never delete a folder that is not a run directory, even with --overwrite
+        raise FileExistsError(f"{run_dir} is not empty and has no {RUN_FILE} (not a run directory): use another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")

@@ -45,9 +45,11 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        curves = {key: [(r["step"], r[key]) for r in self.records if key in r] for key in ("loss", "val_loss")}
+        if not any(curves.values()):
+            return
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key, style in (("loss", "-"), ("val_loss", "o-")):
-            points = [(r["step"], r[key]) for r in self.records if key in r]
+        for (key, points), style in zip(curves.items(), ("-", "o-"), strict=True):
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "), markersize=4)
         ax.set_xlabel("step")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     TRAINER_STATE,
+    checkpoint_dirs,
     load_trainer_state,
     load_weights,
     resolve_checkpoint,
@@ -203,8 +204,8 @@ class Trainer:
 
     def _resume(self, resume: bool | str | Path) -> Path | None:
         source = self.run_dir if resume is True else Path(resume)
-        if resume is True and not (self.run_dir / "checkpoints").is_dir():
-            logger.info("no checkpoint in %s: starting afresh", self.run_dir)
+        if resume is True and not checkpoint_dirs(self.run_dir):
+            logger.info("no checkpoint in %s yet: starting afresh", self.run_dir)
             return None
         ckpt = resolve_checkpoint(source)
         load_weights(self.model, ckpt)
@@ -328,7 +329,8 @@ class Trainer:
             ):
                 result.eval = self.evaluate()
                 record |= result.eval
-                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items()))
+                if self.dist.is_main and cfg.progress:
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items()))
             if record and self.log is not None:
                 self.log.write({"step": self.step, **record, "time_s": round(time.perf_counter() - start, 3)})
             if self.step == cfg.steps or (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):

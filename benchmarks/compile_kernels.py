@@ -1,0 +1,102 @@
+"""Compile every retention kernel for Hopper (sm_90) ahead of time, without a GPU, and report its resources.
+
+    python benchmarks/compile_kernels.py            # bf16, retnet-1.3b head dims (dk 256, dv 512) and dk = 64
+    python benchmarks/compile_kernels.py --dims 256x512 --first  # these head dims, the first launch config only
+    python benchmarks/compile_kernels.py --chunk 128             # 128-token chunks
+
+For each kernel and each launch configuration it is tuned over (warps, stages): registers per thread,
+stack bytes (non-zero means spills to local memory), shared memory, and whether the matrix products became
+Hopper's ``wgmma``. This is what the compiler says, not a timing: it catches spills and slow paths before
+any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+from pathlib import Path
+
+FLOAT32_POINTERS = {"log_g", "S0", "z0", "S_final", "z_final", "dS_final", "dz_final", "dS0", "dz0", "S", "z", "S_out"}
+FLOAT32_POINTERS |= {"z_out", "r", "dr", "hz", "dhz"}
+INTEGERS = {"T", "H", "NT", "CHUNK"}
+
+
+def signature(kernel, constexprs: dict) -> dict:
+    """Triton types of every argument, from its name: float32 state, int64 offsets, bf16 data."""
+    types = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in INTEGERS:
+            types[name] = "i32"
+        elif name == "scale":
+            types[name] = "fp32"
+        elif name == "offset":
+            types[name] = "*i64"
+        else:
+            types[name] = "*fp32" if name in FLOAT32_POINTERS else "*bf16"
+    return types
+
+
+def resources(cubin: bytes, triton_dir: Path) -> tuple[int, int]:
+    """(registers, stack bytes) that cuobjdump reads from the cubin."""
+    path = Path("/tmp") / f"retentive-{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    report = subprocess.run(
+        [str(triton_dir / "backends/nvidia/bin/cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True
+    ).stdout
+    path.unlink()
+    reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", report).groups()
+    return int(reg), int(stack)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dims", nargs="+", default=["256x512", "64x64"], help="head dims to compile for, DKxDV")
+    p.add_argument("--first", action="store_true", help="only the first launch configuration of each kernel")
+    p.add_argument("--chunk", type=int, default=64, help="tokens per chunk (a power of two)")
+    args = p.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from retentive.ops.triton.chunk_grad import chunk_grad_qk_kernel, chunk_grad_v_kernel
+    from retentive.ops.triton.chunk_output import chunk_output_kernel
+    from retentive.ops.triton.chunk_state import chunk_state_kernel
+    from retentive.ops.triton.chunk_state_grad import chunk_state_grad_kernel
+    from retentive.ops.triton.common import LAUNCHES, block_size
+    from retentive.ops.triton.recurrent import STEP_BV, recurrent_step_kernel
+
+    print("| kernel | dk | dv | warps | stages | registers | stack (spill) bytes | shared KB | wgmma |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for Dk, Dv in (map(int, dims.split("x")) for dims in args.dims):
+        tiles = dict(Dk=Dk, Dv=Dv, BC=args.chunk, BK=block_size(Dk), BV=block_size(Dv), PRECISION="tf32")
+        step = dict(Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=STEP_BV)
+        kernels = [
+            (chunk_state_kernel, {**tiles, "HAS_S0": True}),
+            (chunk_output_kernel, {**tiles, "WITH_ROWSUM": True}),
+            (chunk_state_grad_kernel, {**tiles, "WITH_ROWSUM": True}),
+            (chunk_grad_qk_kernel, {**tiles, "WITH_ROWSUM": True}),
+            (chunk_grad_v_kernel, tiles),
+            (recurrent_step_kernel, {**step, "NORMALIZE_DECAY": True, "NORMALIZE_RETENTION": True}),
+        ]
+        for kernel, constexprs in kernels:
+            autotuned = isinstance(kernel, triton.runtime.Autotuner)
+            fn = kernel.fn if autotuned else kernel  # the jitted function
+            launches = LAUNCHES if autotuned else [(4, 1)]  # the decode step is launched as (4, 1)
+            launches = launches[:1] if args.first else launches
+            for warps, stages in launches:
+                src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+                options = {"num_warps": warps, "num_stages": stages}
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+                reg, stack = resources(compiled.asm["cubin"], Path(triton.__file__).parent)
+                wgmma = "wgmma" in compiled.asm["ptx"]
+                shared = compiled.metadata.shared // 1024
+                print(f"| {fn.__name__} | {Dk} | {Dv} | {warps} | {stages} | {reg} | {stack} | {shared} | {wgmma} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Images/s and peak memory versus resolution: ViR (parallel / chunkwise / recurrent), RMT (MaSA / MaSAD), ViT.
+
+    python benchmarks/vision.py          # 32 ... 512 px (and 1024 on a GPU); writes "Vision" in docs/benchmarks.md
+    python benchmarks/vision.py --quick  # tiny models at 32 and 64 px, seconds (what the test runs)
+
+What is measured: inference (``torch.no_grad``), float32, a batch of ``batch`` random RGB images, the median
+wall time of ``repeats`` forward passes after one at the smallest resolution. Models of one size class:
+ViR and its same-size ViT (``transformers``' ViTForImageClassification) with 16 x 16 patches, so the sequence
+grows as (px / 16)^2 + 1 tokens; ViR's chunkwise and recurrent forms stream those tokens through the whole
+stack carrying each layer's state. RMT with MaSA at every stage versus MaSAD at every stage (its stem makes a
+px / 4 grid: MaSA's scores grow as (px / 4)^4, MaSAD's as (px / 4)^3).
+
+Peak memory, CPU: in a worker process with glibc's mmap threshold fixed at 64 KiB (freed tensors
+leave the resident set), ``VmHWM`` after a reset (``/proc/self/clear_refs``) minus ``VmRSS`` before the
+forward pass: activations and outputs, not the weights or the input (Linux only). GPU:
+``torch.cuda.max_memory_allocated`` minus the memory allocated before. A run whose memory or time,
+extrapolated from the previous resolution, exceeds the limits is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Vision"
+# name -> (family, form or attention, how memory grows with the resolution: exponent of px)
+VARIANTS = {
+    "ViR parallel": ("vir", "parallel", 4),
+    "ViR chunkwise": ("vir", "chunkwise", 2),
+    "ViR recurrent": ("vir", "recurrent", 2),
+    "RMT MaSA": ("rmt", False, 4),
+    "RMT MaSAD": ("rmt", True, 3),
+    "ViT": ("vit", None, 4),
+}
+FULL = {"resolutions": [32, 64, 128, 256, 512], "gpu_resolutions": [1024], "batch": 4, "repeats": 3,
+        "chunk_size": 64, "vir": {"dim": 192, "depth": 4, "num_heads": 3},
+        "rmt": {"dims": (32, 64, 128, 256), "depths": (1, 1, 2, 1), "num_heads": (2, 2, 4, 8)}}  # fmt: skip
+QUICK = {"resolutions": [32, 64], "gpu_resolutions": [], "batch": 2, "repeats": 1, "chunk_size": 8,
+         "vir": {"dim": 32, "depth": 1, "num_heads": 2},
+         "rmt": {"dims": (16, 32), "depths": (1, 1), "num_heads": (2, 2)}}  # fmt: skip
+
+
+# ---- inside a worker process ----
+
+
+def build(variant: str, px: int, cfg: dict) -> torch.nn.Module:
+    from retentive.models import RMTConfig, RMTForImageClassification, ViRConfig, ViRForImageClassification
+    from retentive.models.vit import vit_like
+
+    family, option, _ = VARIANTS[variant]
+    if family == "rmt":
+        stages = len(cfg["rmt"]["dims"])
+        rmt = RMTConfig(
+            **cfg["rmt"], num_classes=10, heads_ranges=(4,) * stages, mlp_ratios=(3,) * stages,
+            decomposed=(option,) * stages, layer_scales=(False,) * stages, projection=256,
+        )  # fmt: skip
+        return RMTForImageClassification(rmt)
+    vir = ViRConfig(image_size=px, patch_size=16, num_classes=10, **cfg["vir"])
+    return vit_like(vir) if family == "vit" else ViRForImageClassification(vir)
+
+
+def _status(key: str) -> int:
+    """A field of /proc/self/status, in bytes."""
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+def forward(variant: str, px: int, cfg: dict, device: torch.device) -> dict:
+    """Median seconds of a forward pass at ``px`` and the peak extra memory of the first one."""
+    torch.manual_seed(0)
+    model = build(variant, px, cfg).to(device).eval()
+    images = torch.randn(cfg["batch"], 3, px, px, device=device)
+    _, form, _ = VARIANTS[variant]
+    kwargs = {"mode": form, "chunk_size": cfg["chunk_size"]} if VARIANTS[variant][0] == "vir" else {}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the resident high-water mark
+        before = _status("VmRSS")
+    times = []
+    with torch.no_grad():
+        for i in range(cfg["repeats"]):
+            t0 = time.perf_counter()
+            model(images, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            if i == 0:
+                peak = (torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")) - before
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "images_per_s": cfg["batch"] / seconds, "peak_bytes": max(peak, 0)}
+
+
+def sweep(variant: str, job: dict, device: torch.device) -> dict:
+    """One variant at growing resolutions, skipping those whose extrapolated memory or time is too large."""
+    cfg, power = job["cfg"], VARIANTS[variant][2]
+    forward(variant, job["resolutions"][0], {**cfg, "repeats": 1}, device)  # one-time setup, not measured
+    results, last = {}, None
+    for px in job["resolutions"]:
+        if last is not None:
+            px0, r0 = last
+            need = r0["peak_bytes"] * (px / px0) ** power
+            secs = r0["seconds"] * (px / px0) ** power * cfg["repeats"]
+            if need > job["max_gib"] * 2**30:
+                results[str(px)] = {"skipped": f"needs ~{need / 2**30:.0f} GiB"}
+                continue
+            if secs > job["max_seconds"]:
+                results[str(px)] = {"skipped": f"~{secs:.0f} s estimated"}
+                continue
+        results[str(px)] = forward(variant, px, cfg, device)
+        last = (px, results[str(px)])
+        print(f"{variant} {px} px: {results[str(px)]}", file=sys.stderr, flush=True)
+    return results
+
+
+def worker(job: dict) -> dict:
+    """Every variant, one after the other, in this (worker) process."""
+    torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    return {variant: sweep(variant, job, device) for variant in VARIANTS}
+
+
+# ---- the driver ----
+
+
+def spawn(job: dict) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)  # progress on stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        m = re.search(r"model name\s*:\s*(.+)", info.read_text())
+        cpu = m.group(1).strip() if m else cpu
+    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
+
+
+def markdown(command: str, host: str, threads: int, cfg: dict, results: dict, resolutions: list[int]) -> str:
+    names = list(VARIANTS)
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {host}; torch {torch.__version__}, {threads} thread(s); "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
+        f"Inference, float32, batch {cfg['batch']}, median of {cfg['repeats']} forward pass(es). ViR and ViT: "
+        f"d={cfg['vir']['dim']}, {cfg['vir']['depth']} layers, {cfg['vir']['num_heads']} heads, 16 x 16 patches; "
+        f"ViR chunkwise in chunks of {cfg['chunk_size']} tokens. RMT: widths {cfg['rmt']['dims']}, depths "
+        f"{cfg['rmt']['depths']}, MaSA or MaSAD at every stage. Peak: extra memory of one forward pass "
+        "(see the docstring of `benchmarks/vision.py`). Plot: `docs/vision_throughput.png`.",
+        "",
+        "| px | " + " | ".join(f"{n} img/s | {n} peak MiB" for n in names) + " |",
+        "|---:|" + "---:|---:|" * len(names),
+    ]
+    for px in resolutions:
+        cells = []
+        for n in names:
+            r = results[n][str(px)]
+            cells += [f"skipped: {r['skipped']}", "-"] if "skipped" in r else [
+                f"{r['images_per_s']:.1f}", f"{r['peak_bytes'] / 2**20:.1f}"
+            ]  # fmt: skip
+        lines.append(f"| {px} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, resolutions: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, by_px in results.items():
+        pts = [(px, by_px[str(px)]) for px in resolutions if "skipped" not in by_px[str(px)]]
+        style = "--" if name.startswith("ViT") else "-"
+        ax_speed.plot([p for p, _ in pts], [r["images_per_s"] for _, r in pts], style, marker="o", label=name)
+        ax_mem.plot([p for p, _ in pts], [max(r["peak_bytes"], 1) / 2**20 for _, r in pts], style, marker="o")
+    for ax, label in ((ax_speed, "images / s"), (ax_mem, "peak extra memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("resolution (px)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_speed.legend(fontsize=8)
+    fig.suptitle("Vision backbones: inference throughput and memory versus resolution")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the "Vision" section of ``path`` (or append it), leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models at 32 and 64 px (a smoke run)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file to update")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "vision_throughput.png")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-gib", type=float, default=6.0, help="skip a run whose extrapolated peak exceeds this")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="skip a run estimated to take longer")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    device = torch.device(args.device)
+    if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        raise SystemExit("benchmarks/vision.py measures CPU memory through /proc (Linux only)")
+    cfg = QUICK if args.quick else FULL
+    resolutions = cfg["resolutions"] + (cfg["gpu_resolutions"] if device.type == "cuda" else [])
+    command = "python benchmarks/vision.py" + (" --quick" if args.quick else "")
+    command += f" --threads {args.threads}" if args.threads != 1 else ""
+    host = machine(device)
+    job = {"cfg": cfg, "resolutions": resolutions, "threads": args.threads, "device": args.device,
+           "max_gib": args.max_gib, "max_seconds": args.max_seconds}  # fmt: skip
+    results = spawn(job)
+    section = markdown(command, host, args.threads, cfg, results, resolutions)
+    write_section(args.out, section)
+    plot(results, resolutions, args.plot)
+    print(section)
+    print(f"wrote {args.out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The chunkwise form in Triton, forward and backward, with the reference's signature and return.
+
+Forward: a scan over chunks writes the state entering each chunk (``chunk_state``), then every chunk's
+output is computed in parallel (``chunk_output``). Backward: the states are recomputed rather than
+kept, a reverse scan gives the gradient of each chunk's outgoing state (``chunk_state_grad``), then
+dq, dk, dv of every chunk in parallel (``chunk_grad``). Operands stay in their dtype (bf16 runs the
+tensor cores), every product accumulates in float32, and the carried state is float32.
+
+The key-sum state z and the row sums r = q . z of the retention normalization are the same recurrence
+with a value column of ones; the kernels carry them beside S and o (r only when asked for).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference import Pieces
+from .chunk_grad import chunk_grads
+from .chunk_output import chunk_output
+from .chunk_state import chunk_states
+from .chunk_state_grad import chunk_state_grads
+from .common import check_runnable, chunk_block, dot_precision
+
+
+class ChunkRetention(torch.autograd.Function):
+    """(q, k, v, S0, z0) -> (o, r, S, z) on flattened heads: q, k (BH, T, Dk), v (BH, T, Dv), S (BH, Dk, Dv)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_g, S0, z0, chunk_size: int, with_rowsum: bool):
+        chunk, block = chunk_block(chunk_size)
+        precision = dot_precision(q.dtype)
+        h, hz, S, z = chunk_states(k, v, log_g, S0, z0, chunk, block, precision)
+        o, r = chunk_output(q, k, v, h, hz, log_g, chunk, block, precision, with_rowsum)
+        ctx.save_for_backward(q, k, v, log_g, S0, z0)
+        ctx.options = (chunk, block, precision, with_rowsum)
+        if not with_rowsum:
+            ctx.mark_non_differentiable(r)
+        return o, r, S, z
+
+    @staticmethod
+    def backward(ctx, do, dr, dS, dz):
+        q, k, v, log_g, S0, z0 = ctx.saved_tensors
+        chunk, block, precision, with_rowsum = ctx.options
+        do, dS, dz = (x.contiguous() for x in (do, dS, dz))
+        dr = dr.contiguous() if with_rowsum else do  # without row sums the kernels never read dr
+        h, hz, _, _ = chunk_states(k, v, log_g, S0, z0, chunk, block, precision)  # recomputed, not kept
+        dh, dhz, dS0, dz0 = chunk_state_grads(q, do, dr, log_g, dS, dz, chunk, block, precision, with_rowsum)
+        dq, dk, dv = chunk_grads(q, k, v, h, hz, do, dr, dh, dhz, log_g, chunk, block, precision, with_rowsum)
+        has_state = S0 is not None
+        return dq, dk, dv, None, dS0 if has_state else None, dz0 if has_state else None, None, None
+
+
+@torch.compiler.disable  # torch.compile runs around the kernels (they have their own autograd), not through them
+def chunkwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    S: Tensor | None,
+    z: Tensor | None,
+    *,
+    chunk_size: int,
+    with_rowsum: bool,
+) -> Pieces:
+    """Drop-in for :func:`retentive.ops.reference.chunkwise`, on the GPU (or in Triton's interpreter).
+
+    Chunks are at most 64 tokens (``common.MAX_CHUNK``); any chunking gives the same result up to rounding.
+    Args:
+        q, k: (B, H, T, Dk); v: (B, H, T, Dv), one dtype among float32, float16, bfloat16 (q already scaled).
+        log_g: (H,); S: (B, H, Dk, Dv) and z: (B, H, Dk), the incoming state (float32), or both None.
+    Returns:
+        Pieces: o (B, H, T, Dv) in v's dtype, r (B, H, T) float32 or None, S and z float32.
+    """
+    check_runnable(q, k, v)
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    if (S is None) != (z is None):
+        raise ValueError("pass the state S and z together, or neither")
+    S0 = None if S is None else S.float().reshape(B * H, Dk, Dv).contiguous()
+    z0 = None if z is None else z.float().reshape(B * H, Dk).contiguous()
+    flat = (x.reshape(B * H, T, -1).contiguous() for x in (q, k, v))
+    o, r, S, z = ChunkRetention.apply(*flat, log_g.float().contiguous(), S0, z0, chunk_size, with_rowsum)
+    r = r.view(B, H, T) if with_rowsum else None
+    return Pieces(o.view(B, H, T, Dv), r, S.view(B, H, Dk, Dv), z.view(B, H, Dk))

@@ -1,0 +1,189 @@
+"""The recurrent form in Triton: one decoding step for every head, the normalizations fused.
+
+    S_n = gamma S_{n-1} + k_n^T v_n,   z_n = gamma z_{n-1} + k_n,   o_n = q_n S_n,   r_n = q_n . z_n
+    (decay normalization)      o_n, r_n <- o_n / sqrt(c_n), r_n / sqrt(c_n),  c_n = (1 - gamma^(n+1)) / (1 - gamma)
+    (retention normalization)  o_n <- o_n / max(|r_n|, 1)
+
+One program updates a (Dk, BV) slice of one head's S: the step reads and writes the state once, which
+is all the memory traffic it needs besides q, k, v.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import Pieces
+from ..state import RetentionState
+from .chunk import chunkwise
+from .common import MAX_CHUNK, block_size, check_runnable
+
+STEP_BV = 32  # Dv columns of S per program: Dk x 32 float32 (32 KB at dk 256) keeps 8 x 16 programs busy at batch 1
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1 without the cancellation of small x (a Taylor series below |x| = 0.1)."""
+    series = x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6)))))
+    return tl.where(tl.abs(x) < 0.1, series, tl.exp(x) - 1)
+
+
+@triton.jit
+def recurrent_step_kernel(
+    q,  # (BH, Dk)
+    k,  # (BH, Dk)
+    v,  # (BH, Dv)
+    log_g,  # (H,) float32
+    offset,  # (B,) int64 absolute position of this token
+    S,  # (BH, Dk, Dv) float32
+    z,  # (BH, Dk) float32
+    S_out,  # (BH, Dk, Dv) float32 out, may be S itself
+    z_out,  # (BH, Dk) float32 out, never z itself: every program reads z
+    o,  # (BH, Dv) out
+    scale,
+    H,
+    Dk: tl.constexpr,
+    Dv: tl.constexpr,
+    BK: tl.constexpr,  # >= Dk: one program holds whole columns of S
+    BV: tl.constexpr,
+    NORMALIZE_DECAY: tl.constexpr,
+    NORMALIZE_RETENTION: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    lg = tl.load(log_g + i_bh % H)
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    k_mask, v_mask = rk < Dk, rv < Dv
+    q_n = tl.load(q + i_bh * Dk + rk, mask=k_mask, other=0.0).to(tl.float32) * scale
+    k_n = tl.load(k + i_bh * Dk + rk, mask=k_mask, other=0.0).to(tl.float32)
+    v_n = tl.load(v + i_bh * Dv + rv, mask=v_mask, other=0.0).to(tl.float32)
+    gamma = tl.exp(lg)
+
+    tile = i_bh * Dk * Dv + rk[:, None] * Dv + rv[None, :]
+    tile_mask = k_mask[:, None] & v_mask[None, :]
+    S_n = tl.load(S + tile, mask=tile_mask, other=0.0) * gamma + k_n[:, None] * v_n[None, :]  # (BK, BV)
+    tl.store(S_out + tile, S_n, mask=tile_mask)
+    z_n = tl.load(z + i_bh * Dk + rk, mask=k_mask, other=0.0) * gamma + k_n  # (BK,)
+    if i_v == 0:
+        tl.store(z_out + i_bh * Dk + rk, z_n, mask=k_mask)
+
+    o_n = tl.sum(q_n[:, None] * S_n, axis=0)  # (BV,)
+    r_n = tl.sum(q_n * z_n, axis=0)
+    if NORMALIZE_DECAY:
+        n = tl.maximum(tl.load(offset + i_bh // H), 0).to(tl.float32)
+        root_c = tl.sqrt(expm1((n + 1) * lg) / expm1(lg))
+        o_n = o_n / root_c
+        r_n = r_n / root_c
+    if NORMALIZE_RETENTION:
+        o_n = o_n / tl.maximum(tl.abs(r_n), 1.0)
+    tl.store(o + i_bh * Dv + rv, o_n.to(o.dtype.element_ty), mask=v_mask)
+
+
+def _step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    offset: Tensor,
+    S: Tensor,
+    z: Tensor,
+    S_out: Tensor,
+    *,
+    scale: float,
+    normalize_decay: bool,
+    normalize_retention: bool,
+) -> tuple[Tensor, Tensor]:
+    """Launch one step on q, k (B, H, 1, Dk), v (B, H, 1, Dv) and a float32 state S, z (contiguous).
+
+    S_out may be S (in place). Returns o (B, H, 1, Dv) in v's dtype and the new z (a new tensor).
+    """
+    check_runnable(q, k, v)
+    B, H, _, Dk = q.shape
+    Dv = v.shape[-1]
+    o = v.new_empty(B, H, 1, Dv)
+    z_out = torch.empty_like(z)
+    BV = block_size(Dv, limit=STEP_BV)
+    recurrent_step_kernel[(triton.cdiv(Dv, BV), B * H)](
+        q.contiguous(), k.contiguous(), v.contiguous(), log_g.float().contiguous(), offset.contiguous(),
+        S, z, S_out, z_out, o, scale, H,
+        Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=BV,
+        NORMALIZE_DECAY=normalize_decay, NORMALIZE_RETENTION=normalize_retention,
+        num_warps=4, num_stages=1,
+    )  # fmt: skip
+    return o, z_out
+
+
+@torch.compiler.disable
+def recurrent_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    state: RetentionState,
+    *,
+    scale: float | None = None,
+    normalize_decay: bool = False,
+    normalize_retention: bool = False,
+) -> Tensor:
+    """One decoding step of retention for every head, updating ``state`` in place (S, z, offset).
+
+    Args:
+        q, k: (B, H, 1, Dk) rotated, unscaled; v: (B, H, 1, Dv); one dtype (float32, float16, bfloat16).
+        log_g: (H,) log gamma; state: float32 S (B, H, Dk, Dv), z (B, H, Dk), contiguous, on q's device.
+        scale: multiplies q . k; defaults to Dk^-1/2.
+        normalize_decay, normalize_retention: the normalizations of SPEC §2, as in ``retention``.
+    Returns:
+        o: (B, H, 1, Dv) in v's dtype, normalized as asked: what ``retention`` returns for this token.
+    """
+    if q.shape[2] != 1:
+        raise ValueError(f"recurrent_step reads one token per row, got q of shape {tuple(q.shape)}")
+    if state.S.dtype != torch.float32 or not state.S.is_contiguous() or not state.z.is_contiguous():
+        raise ValueError("recurrent_step updates a contiguous float32 state in place: pass RetentionState.zeros(...)")
+    o, z = _step(
+        q, k, v, log_g, state.offset, state.S, state.z, state.S,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        normalize_decay=normalize_decay, normalize_retention=normalize_retention,
+    )  # fmt: skip
+    state.z.copy_(z)  # z is read by every program of the step, so it cannot be written in place
+    state.offset += 1
+    return o
+
+
+@torch.compiler.disable
+def decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    state: RetentionState | None,
+    *,
+    scale: float,
+    normalize_decay: bool,
+    normalize_retention: bool,
+    output_state: bool,
+) -> tuple[Tensor, RetentionState | None]:
+    """``retention`` of one token in the recurrent form, one fused kernel: returns (o, new state or None).
+
+    The given state is left as it is; q, k (B, H, 1, Dk) unscaled, v (B, H, 1, Dv).
+    """
+    B, H, _, Dk = q.shape
+    if state is None:
+        state = RetentionState.zeros(B, H, Dk, v.shape[-1], device=q.device)
+    S, z = state.S.float().contiguous(), state.z.float().contiguous()
+    S_out = torch.empty_like(S)
+    o, z_out = _step(
+        q, k, v, log_g, state.offset, S, z, S_out,
+        scale=scale, normalize_decay=normalize_decay, normalize_retention=normalize_retention,
+    )  # fmt: skip
+    return o, RetentionState(S_out, z_out, state.offset + 1) if output_state else None
+
+
+def recurrent(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, S: Tensor | None, z: Tensor | None, *, with_rowsum: bool
+) -> Pieces:
+    """Drop-in for :func:`retentive.ops.reference.recurrent` (q already scaled): the same recurrence, computed
+    by the chunkwise kernels (differentiable, and faster than token by token). One token without
+    gradients goes through :func:`decode_step` instead (see ``retention``)."""
+    return chunkwise(q, k, v, log_g, S, z, chunk_size=MAX_CHUNK, with_rowsum=with_rowsum)

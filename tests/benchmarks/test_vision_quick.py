@@ -1,0 +1,37 @@
+"""benchmarks/vision.py keeps working: a --quick run writes its table and plot, and MaSA costs more than MaSAD."""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vision.py"
+
+
+@pytest.fixture(scope="module")
+def vision():
+    spec = importlib.util.spec_from_file_location("bench_vision", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory is read from /proc (Linux only)")
+def test_quick_run_writes_its_section_and_plot(vision, tmp_path):
+    out, png = tmp_path / "benchmarks.md", tmp_path / "vision.png"
+    out.write_text("# Benchmarks\n\n## Vision\n\nold table\n\n## Another section\n\nkept\n")
+    vision.main(["--quick", "--out", str(out), "--plot", str(png), "--device", "cpu"])
+    text = out.read_text()
+    assert "old table" not in text and "## Another section\n\nkept\n" in text and text.count("## Vision") == 1
+    assert "Command: `python benchmarks/vision.py --quick`" in text
+    assert png.stat().st_size > 10_000
+    header = re.search(r"^\| px \| (.+) \|$", text, re.M).group(1).split(" | ")
+    rows = {int(m[0]): m[1].split(" | ") for m in re.findall(r"^\| (\d+) \| (.+) \|$", text, re.M)}
+    assert sorted(rows) == vision.QUICK["resolutions"]
+    for px, cells in rows.items():
+        values = dict(zip(header, cells, strict=True))
+        assert all(float(values[f"{name} img/s"]) > 0 for name in vision.VARIANTS), px
+    at_64 = dict(zip(header, rows[64], strict=True))
+    assert float(at_64["RMT MaSA peak MiB"]) > float(at_64["RMT MaSAD peak MiB"]), "MaSA's scores are (HW)^2"

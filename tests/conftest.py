@@ -1,0 +1,12 @@
+"""Without a GPU, Triton kernels run in Triton's interpreter on the CPU (tests/ops/triton).
+
+TRITON_INTERPRET must be set before triton itself is first imported (it decides, at import, how its own
+language functions are built), so it is set here, before any test module is collected.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
