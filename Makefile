@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-env bench-quality clean
+.PHONY: setup demo test lint bench bench-env bench-quality bench-forms clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench: bench-env
 
 bench-quality: setup
 	$(VENV)/bin/retentive bench --quality
+
+bench-forms: setup
+	$(PY) benchmarks/forms.py
 
 clean:
 	rm -rf $(VENV) $(PEERS) build src/*.egg-info .pytest_cache .ruff_cache
