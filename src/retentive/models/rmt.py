@@ -9,6 +9,7 @@ The layout follows the official classification code, so the named sizes have its
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,8 @@ class RMTForImageClassification(nn.Module):
     Args:
         config: an :class:`RMTConfig`.
     """
+
+    _no_split_modules: ClassVar[list[str]] = ["RMTBlock"]  # the FSDP units (HF convention)
 
     def __init__(
         self, config: RMTConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None

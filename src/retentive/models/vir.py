@@ -10,6 +10,7 @@ the same logits; the last two stream the tokens through the whole stack, carryin
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,8 @@ class ViRForImageClassification(nn.Module):
     Args:
         config: a :class:`ViRConfig`.
     """
+
+    _no_split_modules: ClassVar[list[str]] = ["RetNetBlock"]  # the FSDP units (HF convention)
 
     def __init__(
         self, config: ViRConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
