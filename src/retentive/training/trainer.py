@@ -297,7 +297,7 @@ class Trainer:
         path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         if self.dist.is_main:
             state = {
-                "optimizer": optimizer or self.optimizer.state_dict(),
+                "optimizer": optimizer if self.fsdp else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": self.train_data.state_dict(),
                 "rng": rng,
