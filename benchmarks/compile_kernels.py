@@ -2,6 +2,7 @@
 
     python benchmarks/compile_kernels.py            # bf16, retnet-1.3b head dims (dk 256, dv 512) and dk = 64
     python benchmarks/compile_kernels.py --dims 256x512 --first  # these head dims, the first launch config only
+    python benchmarks/compile_kernels.py --chunk 128             # 128-token chunks
 
 For each kernel and each launch configuration it is tuned over (warps, stages): registers per thread,
 stack bytes (non-zero means spills to local memory), shared memory, and whether the matrix products became
@@ -55,6 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", nargs="+", default=["256x512", "64x64"], help="head dims to compile for, DKxDV")
     p.add_argument("--first", action="store_true", help="only the first launch configuration of each kernel")
+    p.add_argument("--chunk", type=int, default=64, help="tokens per chunk (a power of two)")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
     import triton
@@ -71,7 +73,7 @@ def main() -> None:
     print("| kernel | dk | dv | warps | stages | registers | stack (spill) bytes | shared KB | wgmma |")
     print("|---|---|---|---|---|---|---|---|---|")
     for Dk, Dv in (map(int, dims.split("x")) for dims in args.dims):
-        tiles = dict(Dk=Dk, Dv=Dv, BC=64, BK=block_size(Dk), BV=block_size(Dv), PRECISION="tf32")
+        tiles = dict(Dk=Dk, Dv=Dv, BC=args.chunk, BK=block_size(Dk), BV=block_size(Dv), PRECISION="tf32")
         step = dict(Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=STEP_BV)
         kernels = [
             (chunk_state_kernel, {**tiles, "HAS_S0": True}),

@@ -178,8 +178,9 @@ def speed_markdown(results: dict, prefix: str) -> str:
     meta, plan, dec = results["meta"], results["plan"], results["decode"]
     dims = plan["dims"]
     v = meta["versions"]
+    threads = plan.get("threads") or meta["torch_threads"]
     lines = [
-        f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores, {meta['torch_threads']} torch threads), "
+        f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores, {threads} torch threads), "
         f"float32, Python {meta['python']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"torchscale {v['torchscale']}, yet-another-retnet {v['yet-another-retnet']}.",
         f"Command: `{meta['command'].strip()}` (under the benchmark environment, `make bench`). "

@@ -110,42 +110,26 @@ def _brief(spec: dict, result: dict) -> str:
 
 def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
     """Every measurement of ``plan`` for ``models`` (a model missing here is recorded with the reason)."""
-    dims, timeout = plan["dims"], plan["timeout_s"]
+    base = {"dims": plan["dims"]} | ({"threads": plan["threads"]} if plan.get("threads") else {})
+
+    def one(spec: dict) -> dict:
+        return run_one(base | spec, fresh_process, plan["timeout_s"])
+
     missing = {m: peers.available(m) for m in models if peers.available(m)}
     present = [m for m in models if m not in missing]
     results: dict = {"plan": plan, "missing": missing, "decode": {}, "prefill": {}, "train": {}}
-    results["matmul"] = run_one({"task": "matmul", "n": plan["matmul_n"]}, fresh_process, timeout)
+    results["matmul"] = one({"task": "matmul", "n": plan["matmul_n"]})
     for model in present:
-        results["decode"][model] = {
-            str(c): run_one(
-                {
-                    "task": "decode",
-                    "model": model,
-                    "dims": dims,
-                    "context": c,
-                    "batch": plan["decode_batch"],
-                    "steps": plan["decode_steps"],
-                },
-                fresh_process,
-                timeout,
-            )
-            for c in plan["contexts"]
-        }
+        decode = {"task": "decode", "model": model, "batch": plan["decode_batch"], "steps": plan["decode_steps"]}
+        results["decode"][model] = {str(c): one(decode | {"context": c}) for c in plan["contexts"]}
     for model in present:
-        spec = {"task": "prefill", "model": model, "dims": dims, "tokens": plan["prefill_tokens"]}
-        results["prefill"][model] = run_one(spec, fresh_process, timeout)
+        results["prefill"][model] = one({"task": "prefill", "model": model, "tokens": plan["prefill_tokens"]})
     for label, model, mode in TRAINERS:
         if model not in present:
             continue
         row = {}
         for tokens in plan["train_tokens"]:
-            spec = {
-                "task": "train",
-                "model": model,
-                "dims": dims,
-                "tokens": tokens,
-                "repeats": 1 if tokens >= 8192 else 2,
-            }
+            spec = {"task": "train", "model": model, "tokens": tokens, "repeats": 1 if tokens >= 8192 else 2}
             if model == "retentive":
                 spec |= {"mode": mode, "chunk_size": plan["chunk_size"]}
                 if mode == "parallel" and tokens > plan["parallel_max_tokens"]:
@@ -153,9 +137,9 @@ def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
                     continue
             elif model != "transformer":
                 spec["chunk_size"] = plan["peer_chunk_size"]
-            cell = run_one(spec, fresh_process, timeout)
+            cell = one(spec)
             if "error" not in cell:
-                memory = run_one(spec | {"task": "train_memory"}, fresh_process, timeout)
+                memory = one(spec | {"task": "train_memory"})
                 cell |= memory if "error" not in memory else {"memory_error": memory["error"]}
             row[str(tokens)] = cell
         results["train"][label] = row
@@ -170,17 +154,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", help="override the decode contexts")
     parser.add_argument("--train-tokens", type=int, nargs="+", help="override the training lengths")
     parser.add_argument("--chunk-size", type=int, help="retentive's chunk size (prefill and training)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per measurement (default all cores; 1 on a busy machine)"
+    )
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan = dict(QUICK if args.quick else FULL)
-    for key, value in (
-        ("contexts", args.contexts),
-        ("train_tokens", args.train_tokens),
-        ("chunk_size", args.chunk_size),
-    ):
-        if value:
-            plan[key] = value
+    overrides = {
+        "contexts": args.contexts,
+        "train_tokens": args.train_tokens,
+        "chunk_size": args.chunk_size,
+        "threads": args.threads,
+    }
+    plan |= {key: value for key, value in overrides.items() if value}
     started = time.time()
     results = run_all(plan, args.models, fresh_process=not args.quick)
     results["meta"] = report.environment(started, quick=args.quick, argv=sys.argv[1:])

@@ -111,3 +111,13 @@ def test_streamer_waits_for_whole_characters() -> None:
         streamer.put(torch.tensor([byte]))
     streamer.end()
     assert [w for w in sink.writes if w] == ["é", "!", "\n"]
+
+
+def test_demo_runs_end_to_end(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    small = ["--steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--sample-tokens", "4"]
+    small += ["--greedy-tokens", "3"]
+    main(["demo", "--data", str(corpus), *small, "--contexts", "8", "40", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "validation perplexity" in out and "unigram perplexity" in out
+    assert "pick the SAME tokens" in out
+    assert out.count("ms/token") == 2

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._fsync import fsync_path
 from .sampler import IndexSampler
 from .tokenizer import Tokenizer
 
@@ -52,14 +53,6 @@ def corpus_hash(docs: list[str], tokenizer: Tokenizer, val_fraction: float) -> s
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()[:20]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tokenize_corpus(
@@ -106,9 +99,10 @@ def _write_token_files(docs: list[str], tokenizer: Tokenizer, directory: Path, v
     meta |= {"tokenizer": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size, "documents": len(docs)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     for p in tmp.iterdir():
-        _fsync(p)
+        fsync_path(p)
     try:
         os.replace(tmp, directory)
+        fsync_path(directory.parent)
     except OSError:  # another process wrote the same files first
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("tokenized %d documents: %s train, %s validation tokens", len(docs), counts["train"], counts["val"])

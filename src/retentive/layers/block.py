@@ -46,7 +46,7 @@ class RetNetBlock(nn.Module):
         self.retention = MultiScaleRetention(dim_model, num_heads, gate_fn, value_factor, **msr_kwargs, **kw)
         self.norm2 = nn.LayerNorm(dim_model, eps=norm_eps, **kw)
         self.ffn = FeedForward(dim_model, ffn_dim, ffn_activation, ffn_bias, dropout, **kw)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # no dropout op per decoded token
         self.ls1 = make_layer_scale(dim_model, layer_scale, **kw)
         self.ls2 = make_layer_scale(dim_model, layer_scale, **kw)
 

@@ -49,7 +49,7 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(dim_model, hidden_dim, bias=bias, **kw)
         self.gate = nn.Linear(dim_model, hidden_dim, bias=bias, **kw) if gated else None
         self.down = nn.Linear(hidden_dim, dim_model, bias=bias, **kw)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # no dropout op per decoded token
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, d) -> (B, T, d)."""

@@ -157,7 +157,7 @@ class MultiScaleRetention(nn.Module):
         qk = qk.view(B, T, 2 * H, Dk).transpose(1, 2)  # (B, 2H, T, Dk): q heads, then k heads
         v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
         if self.rotary:  # one rotation for q and k together
-            phase = rotary_phase(positions_of(x, state, padding_mask), Dk) if rotary is None else rotary
+            phase = rotary_phase(positions_of(x, state, padding_mask), Dk, x.dtype) if rotary is None else rotary
             qk = apply_rotary(qk, phase)  # phase: (B, 1, T, Dk/2)
         q, k = qk.chunk(2, dim=1)  # (B, H, T, Dk) each
         if padding_mask is not None:

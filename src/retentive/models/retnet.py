@@ -118,7 +118,8 @@ class RetNet(nn.Module):
         )
         first = self.blocks[0].retention
         if first.rotary:  # every layer rotates the same positions: form the phases once
-            kwargs["rotary"] = rotary_phase(positions_of(x, state and state[0], padding_mask), first.key_dim)
+            positions = positions_of(x, state and state[0], padding_mask)
+            kwargs["rotary"] = rotary_phase(positions, first.key_dim, x.dtype)
         new_state = []
         for i, block in enumerate(self.blocks):
             x = block(x, state=None if state is None else state[i], **kwargs)

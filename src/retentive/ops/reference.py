@@ -20,7 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .decay import causal_decay_matrix, decay_powers
+from .decay import causal_decay_matrix, decay_powers, decay_sum
+from .state import RetentionState
 
 
 class Pieces(NamedTuple):
@@ -162,3 +163,45 @@ def recurrent(
     o = torch.stack(outs, dim=2)
     r = torch.stack(rows, dim=2) if with_rowsum else None
     return Pieces(o, r, S, z)
+
+
+def decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    state: RetentionState | None,
+    *,
+    scale: float,
+    normalize_decay: bool,
+    normalize_retention: bool,
+    output_state: bool,
+) -> tuple[Tensor, RetentionState | None]:
+    """One token of every head, without gradients: the recurrent form unrolled once, normalizations included.
+
+    What decoding runs per token, so it takes as few tensor ops as the math allows; the given state is left as
+    it is. Args: q, k (B, H, 1, Dk) unscaled, v (B, H, 1, Dv); log_g (H,) in the state's dtype.
+    Returns o (B, H, 1, Dv) in v's dtype and the new state (or None).
+    """
+    out_dtype = v.dtype
+    if q.dtype != log_g.dtype:  # half precision: the state and the sums stay in float32
+        q, k, v = q.to(log_g.dtype), k.to(log_g.dtype), v.to(log_g.dtype)
+    kv = k.transpose(-1, -2) * v  # (B, H, Dk, Dv): k_n^T v_n
+    if state is None:
+        S, z, offset = kv, k[:, :, 0], torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    else:
+        gamma = log_g.exp()[:, None]  # (H, 1)
+        S = torch.addcmul(kv, gamma[..., None], state.S)  # gamma S + k^T v
+        z = torch.addcmul(k[:, :, 0], gamma, state.z)  # (B, H, Dk)
+        offset = state.offset
+    o = (q @ S) * scale  # (B, H, 1, Dv)
+    if normalize_decay or normalize_retention:
+        r = (q[:, :, 0] * z).sum(-1)[..., None, None] * scale if normalize_retention else None  # (B, H, 1, 1)
+        if normalize_decay:
+            c_sqrt = decay_sum(log_g, offset[:, None]).sqrt()[..., None]  # (B, H, 1, 1)
+            o = o / c_sqrt
+            r = r / c_sqrt if normalize_retention else None
+        if normalize_retention:
+            o = o / r.abs().clamp(min=1)
+    new_state = RetentionState(S, z, offset + 1) if output_state else None
+    return o.to(out_dtype), new_state

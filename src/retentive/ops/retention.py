@@ -64,9 +64,9 @@ def retention(
     work = dtype if forms is reference else q.dtype  # the kernels multiply half precision on the tensor cores
     log_g = log_gamma_on(decay, H, q.device, dtype)  # (H,)
     scale = Dk**-0.5 if scale is None else scale
-    if forms is not reference and mode == "recurrent" and T == 1 and causal and not _needs_grad(q, k, v, state):
+    if mode == "recurrent" and T == 1 and causal and not _needs_grad(q, k, v, state):
         kw = dict(normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=output_state)
-        return forms.decode_step(q, k, v, log_g, state, scale=scale, **kw)  # decoding: one fused kernel
+        return forms.decode_step(q, k, v, log_g, state, scale=scale, **kw)  # decoding: the fewest ops per token
     q, k, v = q.to(work) * scale, k.to(work), v.to(work)
     S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
     offset = q.new_zeros(B, dtype=torch.long) if state is None else state.offset  # (B,)

@@ -23,17 +23,18 @@ def rotary_angles(head_dim: int, device: torch.device | None = None) -> Tensor:
     return 10000.0 ** -torch.linspace(0, 1, head_dim // 2, dtype=dtype, device=device)
 
 
-def rotary_phase(positions: Tensor, head_dim: int) -> Tensor:
-    """e^(i n angle_i) for each absolute position n.
+def rotary_phase(positions: Tensor, head_dim: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """e^(i n angle_i) for each absolute position n, for rotating tensors of ``dtype``.
 
     Args:
         positions: (B, T) integer positions
     Returns:
-        (B, 1, T, dk/2) complex128 (complex64 where float64 is missing), ready to broadcast over heads.
+        (B, 1, T, dk/2), complex128 for float64 tensors and complex64 otherwise, ready to broadcast over heads.
     """
     angles = rotary_angles(head_dim, positions.device)
     phase = positions.to(angles.dtype)[:, None, :, None] * angles  # (B, 1, T, dk/2)
-    return torch.polar(torch.ones_like(phase), phase)
+    phase = torch.polar(torch.ones_like(phase), phase)
+    return phase if dtype == torch.float64 else phase.to(torch.complex64)
 
 
 def apply_rotary(x: Tensor, phase: Tensor) -> Tensor:

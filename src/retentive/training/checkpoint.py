@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .._fsync import fsync_path
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -40,14 +42,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -81,13 +75,13 @@ def save_checkpoint(
     manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
     for p in [*files, tmp / MANIFEST, *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
-        _fsync(p)
+        fsync_path(p)
     if final.exists():  # the same step written again (e.g. after a resume): move the old one out of the way first
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     if keep_last is not None:
         for stale in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(stale)

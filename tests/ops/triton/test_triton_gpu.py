@@ -43,3 +43,33 @@ def test_finite_bf16(T, chunk_size):
     o.float().square().mean().backward()
     for x in (o, q.grad, k.grad, v.grad):
         assert torch.isfinite(x).all()
+
+
+def test_prefill_then_decode_retnet_heads():
+    """retnet-1.3b heads (dk 256, dv 512): a 4k-token chunkwise prefill, then 8 fused decoding steps, equal the
+    whole sequence in float64; the decoding step can be captured in a CUDA graph."""
+    B, H, T, Dk, Dv, steps = 1, 8, 4096, 256, 512, 8
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(B, H, T + steps, d, device="cuda", generator=gen) for d in (Dk, Dk, Dv))
+    kw = dict(normalize_decay=True, normalize_retention=True)
+    want, _ = retention(q.double(), k.double(), v.double(), mode="chunkwise", backend="torch", **kw)
+    x = [t.bfloat16() for t in (q, k, v)]
+    with torch.no_grad():
+        o, state = retention(*(t[:, :, :T] for t in x), mode="chunkwise", output_state=True, **kw)
+        outs = [o]
+        for t in range(T, T + steps):
+            o, state = retention(
+                *(y[:, :, t : t + 1] for y in x), mode="recurrent", state=state, output_state=True, **kw
+            )
+            outs.append(o)
+    assert rel_err(torch.cat(outs, dim=2), want) <= TOL[torch.bfloat16]
+
+    step_inputs = [y[:, :, T : T + 1].clone() for y in x]
+    with torch.no_grad():
+        retention(*step_inputs, mode="recurrent", state=state, output_state=True, **kw)  # warm-up, compiles
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o_graph, _ = retention(*step_inputs, mode="recurrent", state=state, output_state=True, **kw)
+        graph.replay()
+        o_eager, _ = retention(*step_inputs, mode="recurrent", state=state, output_state=True, **kw)
+    torch.testing.assert_close(o_graph, o_eager)

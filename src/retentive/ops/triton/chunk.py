@@ -51,6 +51,7 @@ class ChunkRetention(torch.autograd.Function):
         return dq, dk, dv, None, dS0 if has_state else None, dz0 if has_state else None, None, None
 
 
+@torch.compiler.disable  # torch.compile runs around the kernels (they have their own autograd), not through them
 def chunkwise(
     q: Tensor,
     k: Tensor,

@@ -115,6 +115,7 @@ def _step(
     return o, z_out
 
 
+@torch.compiler.disable
 def recurrent_step(
     q: Tensor,
     k: Tensor,
@@ -150,6 +151,7 @@ def recurrent_step(
     return o
 
 
+@torch.compiler.disable
 def decode_step(
     q: Tensor,
     k: Tensor,
