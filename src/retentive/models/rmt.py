@@ -94,21 +94,9 @@ RMT_PRESETS = {
         projection=256,
         image_size=28,
     ),
-    # 32 x 32 colour (CIFAR-like): 8 x 8, 4 x 4, 2 x 2
-    "rmt-tiny-32": RMTConfig(
-        in_channels=3,
-        num_classes=10,
-        dims=(32, 64, 128),
-        depths=(1, 2, 1),
-        num_heads=(2, 4, 8),
-        heads_ranges=(4, 4, 6),
-        mlp_ratios=(2, 2, 2),
-        decomposed=(True, False, False),
-        layer_scales=(False, False, False),
-        projection=256,
-        image_size=32,
-    ),
 }
+# 32 x 32 colour (CIFAR-like): 8 x 8, 4 x 4, 2 x 2
+RMT_PRESETS["rmt-tiny-32"] = replace(RMT_PRESETS["rmt-tiny"], in_channels=3, image_size=32)
 
 
 class RMTStage(nn.Module):

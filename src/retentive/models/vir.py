@@ -77,20 +77,9 @@ VIR_PRESETS = {
         layer_scale=0.1,
         normalize_decay=True,
     ),
-    # 32 x 32 colour (CIFAR-like)
-    "vir-tiny-32": ViRConfig(
-        image_size=32,
-        patch_size=4,
-        in_channels=3,
-        num_classes=10,
-        dim=96,
-        depth=4,
-        num_heads=4,
-        mlp_ratio=2.0,
-        layer_scale=0.1,
-        normalize_decay=True,
-    ),
 }
+# 32 x 32 colour (CIFAR-like): 8 x 8 patches of 4 x 4 pixels
+VIR_PRESETS["vir-tiny-32"] = replace(VIR_PRESETS["vir-tiny"], image_size=32, patch_size=4, in_channels=3)
 
 
 class ViRForImageClassification(nn.Module):
