@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-env bench-quality bench-forms clean
+.PHONY: setup demo test lint bench bench-env bench-quality bench-forms bench-vision clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,11 @@ bench: bench-env
 bench-quality: setup
 	$(VENV)/bin/retentive bench --quality
 
-bench-forms: setup
+bench-forms: setup  # the three forms of retention, T = 512 ... 16,384
 	$(PY) benchmarks/forms.py
+
+bench-vision: setup  # ViR forms, RMT MaSA vs MaSAD, ViT: images/s and memory vs resolution
+	$(PY) benchmarks/vision.py
 
 clean:
 	rm -rf $(VENV) $(PEERS) build src/*.egg-info .pytest_cache .ruff_cache

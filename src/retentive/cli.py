@@ -41,7 +41,8 @@ def train(args: argparse.Namespace) -> None:
         steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
         ckpt_interval=args.ckpt_interval, keep_last=args.keep_last, log_interval=args.log_interval,
-        precision=args.precision, compile=args.compile, device=args.device, progress=not args.no_progress,
+        precision=args.precision, compile=args.compile, device=args.device, parallel=args.parallel,
+        progress=not args.no_progress,
     )  # fmt: skip
     run = train_language_model(lm, config, args.out, resume=args.resume or False, overwrite=args.overwrite)
     if run.trainer.dist.is_main:
@@ -121,6 +122,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="auto: bf16 autocast on CUDA, float32 on CPU")  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp replicates the model, fsdp shards it per block (FSDP2)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png, tokenizer")

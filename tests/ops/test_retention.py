@@ -257,6 +257,32 @@ def test_chunkwise_prefill_then_recurrent_steps(normalize):
     torch.testing.assert_close(torch.cat(outs, dim=2), truth(q, k, v, **norms), **TIGHT)
 
 
+@pytest.mark.parametrize("normalize_decay,normalize_retention", NORMS)
+@pytest.mark.parametrize("carried", [False, True])
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_decode_step_equals_the_recurrent_form(normalize_decay, normalize_retention, carried, dtype):
+    """One token without gradients takes reference.decode_step; with gradients, the recurrent loop."""
+    torch.manual_seed(4)
+    norms = {"normalize_decay": normalize_decay, "normalize_retention": normalize_retention}
+    state = None
+    if carried:
+        _, state = retention(*qkv(2, 3, 20, 8, 6), mode="chunkwise", chunk_size=7, output_state=True, **norms)
+        state.offset = torch.tensor([20, 5])  # rows at different positions
+    q, k, v = qkv(2, 3, 1, 8, 6, dtype=dtype)
+    fast, fast_state = retention(q, k, v, mode="recurrent", state=state, output_state=True, **norms)
+    slow, slow_state = retention(
+        *(x.clone().requires_grad_() for x in (q, k, v)), mode="recurrent", state=state, output_state=True, **norms
+    )
+    # bf16: both keep the state in float32 (fused and unfused products differ in the last bit), then round once
+    tol_state = TIGHT if dtype == F64 else {"rtol": 1e-6, "atol": 1e-6}
+    tol_out = TIGHT if dtype == F64 else {"rtol": 2**-8, "atol": 1e-3}  # at most one bf16 step apart
+    assert fast.dtype == dtype and fast_state.S.dtype == slow_state.S.dtype
+    torch.testing.assert_close(fast, slow.detach(), **tol_out)
+    for a, b in ((fast_state.S, slow_state.S), (fast_state.z, slow_state.z)):
+        torch.testing.assert_close(a, b.detach(), **tol_state)
+    assert torch.equal(fast_state.offset, slow_state.offset)
+
+
 @pytest.mark.parametrize("mode,chunk_size", FORMS)
 def test_causality(mode, chunk_size):
     """Changing token j (its q, k and v) changes no output before j, and does change output j."""

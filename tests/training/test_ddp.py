@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from tinylm import TinyLM
+from torch import nn
 
 from retentive.data import TokenWindows
 from retentive.training import TrainConfig, Trainer, init_distributed, seed_everything
@@ -19,24 +22,34 @@ from retentive.training import TrainConfig, Trainer, init_distributed, seed_ever
 STEPS, BATCH, SEQ_LEN = 5, 4, 16
 
 
-def _train(run_dir: Path, batch_size: int) -> list[float]:
+def train_tiny(
+    run_dir: Path,
+    batch_size: int,
+    parallel: str = "ddp",
+    model_fn: Callable[[], nn.Module] = TinyLM,
+    ckpt_interval: int = 0,
+    resume: bool | Path = False,
+) -> list[float]:
+    """Train ``model_fn()`` for STEPS steps on random tokens (alone, or as one process of a group); the losses."""
     info = init_distributed("cpu")
     seed_everything(0)
     tokens = np.random.default_rng(0).integers(0, 64, 5000).astype(np.uint16)
     data = TokenWindows(tokens, SEQ_LEN, batch_size, seed=3, rank=info.rank, world_size=info.world_size)
-    config = TrainConfig(steps=STEPS, lr=1e-2, warmup=1, grad_accum=2, ckpt_interval=0, progress=False)
-    return Trainer(TinyLM(), data, config, run_dir, dist=info).fit().losses
+    config = TrainConfig(
+        steps=STEPS, lr=1e-2, warmup=1, grad_accum=2, ckpt_interval=ckpt_interval, progress=False, parallel=parallel
+    )
+    return Trainer(model_fn(), data, config, run_dir, resume=resume, dist=info).fit().losses
 
 
-def _worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, out: str, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )
     torch.set_num_threads(1)
     try:
-        losses = _train(Path(run_dir), BATCH)
+        result = fn(*args)
         if rank == 0:
-            Path(run_dir, "losses.json").write_text(json.dumps(losses))
+            Path(out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
@@ -47,10 +60,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_gloo(out: Path, fn: Callable[..., Any], *args: Any, world_size: int = 2) -> Any:
+    """Run ``fn(*args)`` in ``world_size`` gloo processes; process 0's result (JSON, kept in ``out``)."""
+    mp.spawn(_worker, args=(world_size, _free_port(), str(out), fn, args), nprocs=world_size, join=True)
+    return json.loads(out.read_text())
+
+
 def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
-    ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
-    single = _train(tmp_path / "single", 2 * BATCH)
+    ddp = run_gloo(tmp_path / "losses.json", train_tiny, tmp_path / "ddp", BATCH)
+    single = train_tiny(tmp_path / "single", 2 * BATCH)
     assert len(ddp) == STEPS
     np.testing.assert_allclose(ddp, single, rtol=0, atol=1e-5)
     # the checkpoint of the distributed run holds one RNG state per process

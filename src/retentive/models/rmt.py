@@ -9,6 +9,7 @@ The layout follows the official classification code, so the named sizes have its
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -93,21 +94,9 @@ RMT_PRESETS = {
         projection=256,
         image_size=28,
     ),
-    # 32 x 32 colour (CIFAR-like): 8 x 8, 4 x 4, 2 x 2
-    "rmt-tiny-32": RMTConfig(
-        in_channels=3,
-        num_classes=10,
-        dims=(32, 64, 128),
-        depths=(1, 2, 1),
-        num_heads=(2, 4, 8),
-        heads_ranges=(4, 4, 6),
-        mlp_ratios=(2, 2, 2),
-        decomposed=(True, False, False),
-        layer_scales=(False, False, False),
-        projection=256,
-        image_size=32,
-    ),
 }
+# 32 x 32 colour (CIFAR-like): 8 x 8, 4 x 4, 2 x 2
+RMT_PRESETS["rmt-tiny-32"] = replace(RMT_PRESETS["rmt-tiny"], in_channels=3, image_size=32)
 
 
 class RMTStage(nn.Module):
@@ -145,6 +134,8 @@ class RMTForImageClassification(nn.Module):
     Args:
         config: an :class:`RMTConfig`.
     """
+
+    _no_split_modules: ClassVar[list[str]] = ["RMTBlock"]  # the FSDP units (HF convention)
 
     def __init__(
         self, config: RMTConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None

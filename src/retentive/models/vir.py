@@ -10,6 +10,7 @@ the same logits; the last two stream the tokens through the whole stack, carryin
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -76,20 +77,9 @@ VIR_PRESETS = {
         layer_scale=0.1,
         normalize_decay=True,
     ),
-    # 32 x 32 colour (CIFAR-like)
-    "vir-tiny-32": ViRConfig(
-        image_size=32,
-        patch_size=4,
-        in_channels=3,
-        num_classes=10,
-        dim=96,
-        depth=4,
-        num_heads=4,
-        mlp_ratio=2.0,
-        layer_scale=0.1,
-        normalize_decay=True,
-    ),
 }
+# 32 x 32 colour (CIFAR-like): 8 x 8 patches of 4 x 4 pixels
+VIR_PRESETS["vir-tiny-32"] = replace(VIR_PRESETS["vir-tiny"], image_size=32, patch_size=4, in_channels=3)
 
 
 class ViRForImageClassification(nn.Module):
@@ -98,6 +88,8 @@ class ViRForImageClassification(nn.Module):
     Args:
         config: a :class:`ViRConfig`.
     """
+
+    _no_split_modules: ClassVar[list[str]] = ["RetNetBlock"]  # the FSDP units (HF convention)
 
     def __init__(
         self, config: ViRConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None

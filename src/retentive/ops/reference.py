@@ -191,8 +191,8 @@ def decode_step(
         S, z, offset = kv, k[:, :, 0], torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     else:
         gamma = log_g.exp()[:, None]  # (H, 1)
-        S = torch.addcmul(kv, gamma[..., None], state.S)  # gamma S + k^T v
-        z = torch.addcmul(k[:, :, 0], gamma, state.z)  # (B, H, Dk)
+        S = torch.addcmul(kv, gamma[..., None], state.S.to(kv.dtype))  # gamma S + k^T v
+        z = torch.addcmul(k[:, :, 0], gamma, state.z.to(kv.dtype))  # (B, H, Dk)
         offset = state.offset
     o = (q @ S) * scale  # (B, H, 1, Dv)
     if normalize_decay or normalize_retention:

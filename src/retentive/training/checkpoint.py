@@ -141,18 +141,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ckpts[-1]
 
 
-def save_weights(model: nn.Module, directory: Path) -> None:
-    """Write the model's weights as ``model.safetensors`` (``save_pretrained`` when the model has it, for HF)."""
+def save_weights(model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model's weights as ``model.safetensors`` (``save_pretrained`` when the model has it, for HF).
+
+    Args:
+        model: the model.
+        directory: the folder to write into.
+        state_dict: the weights to write instead of ``model.state_dict()`` (e.g. gathered from FSDP shards).
+    """
     if hasattr(model, "save_pretrained"):
         from transformers.utils import logging as hf_logging
 
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # no "Writing model shards" bar inside our own
         try:
-            model.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
+    elif state_dict is not None:
+        from safetensors.torch import save_file
+
+        save_file(state_dict, str(directory / WEIGHTS), metadata={"format": "pt"})
     else:
         from safetensors.torch import save_model
 
@@ -180,6 +190,7 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
 # Options that may change when a run is resumed: they do not alter the loss trajectory up to the resume point.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "eval_interval", "eval_batches", "ckpt_interval", "keep_last", "log_interval", "compile", "progress"}
+    | {"parallel"}  # checkpoints have the same format under DDP, FSDP and alone
 )
 
 

@@ -3,7 +3,7 @@
 It gives AdamW (decay on matrices) with warm-up + cosine, gradient clipping and accumulation, bf16 autocast on CUDA
 (float32 on CPU unless asked), optional ``torch.compile``, evaluation, a tqdm bar, ``metrics.jsonl`` + ``loss.png``,
 atomic checkpoints (weights, optimizer, scheduler, RNG, data position, step) and an exact resume, under ``torchrun``
-with DistributedDataParallel as well as alone.
+with DistributedDataParallel or FSDP2 (``parallel="fsdp"``) as well as alone.
 
 The training data is any object with ``next_batch() -> dict[str, Tensor]``, ``state_dict()`` and
 ``load_state_dict()`` (e.g. :class:`retentive.data.TokenWindows`, :class:`retentive.data.TensorBatches`); the
@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .checkpoint import (
@@ -39,6 +40,7 @@ from .checkpoint import (
     save_weights,
 )
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from .fsdp import full_state_dicts, load_optimizer_state, shard_model
 from .log import MetricsLog
 from .optim import build_optimizer, build_scheduler
 
@@ -73,6 +75,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicate the model) or "fsdp" (shard it with FSDP2)
     perplexity: bool = True  # report exp(val_loss) (language models)
     progress: bool = True  # the tqdm bar
 
@@ -85,6 +88,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         self.betas = tuple(self.betas)
@@ -178,11 +183,17 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_data, self.val_data = train_data, val_data
         self.metrics_fn, self.save_extra = metrics_fn, save_extra
+        self.fsdp = config.parallel == "fsdp" and self.dist.distributed
+        ckpt = self._find_checkpoint(resume) if resume else None
+        if ckpt is not None:
+            load_weights(self.model, ckpt)  # the full weights, before sharding
+        if self.fsdp:
+            shard_model(self.model, self.dist)  # in place: the optimizer must see the sharded parameters
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.betas)
         self.scheduler = build_scheduler(self.optimizer, config.warmup, config.steps, config.min_lr_ratio)
         self.step = 0
         self.unit = "tok/s"
-        self.resumed_from = self._resume(resume) if resume else None
+        self.resumed_from = self._resume(ckpt) if ckpt is not None else None
         self.train_model = self._wrap(self.model)
         self.log = MetricsLog(self.run_dir, self.step if self.resumed_from else None) if self.dist.is_main else None
 
@@ -195,22 +206,26 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.dist.distributed:
+        if self.dist.distributed and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.config.compile:
             model = torch.compile(model)
         return model
 
-    def _resume(self, resume: bool | str | Path) -> Path | None:
-        source = self.run_dir if resume is True else Path(resume)
+    def _find_checkpoint(self, resume: bool | str | Path) -> Path | None:
         if resume is True and not checkpoint_dirs(self.run_dir):
             logger.info("no checkpoint in %s yet: starting afresh", self.run_dir)
             return None
-        ckpt = resolve_checkpoint(source)
-        load_weights(self.model, ckpt)
+        return resolve_checkpoint(self.run_dir if resume is True else Path(resume))
+
+    def _resume(self, ckpt: Path) -> Path:
+        """Restore the optimizer, scheduler, data position, step and RNG (the weights are loaded already)."""
         state = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
         self.step = int(state["step"])
@@ -234,12 +249,16 @@ class Trainer:
             items += batch["input_ids"].numel() if tokens else len(next(iter(batch.values())))
             self.unit = "tok/s" if tokens else "samples/s"
             sync = micro == accum - 1 or not self.dist.distributed
-            with contextlib.nullcontext() if sync else self.train_model.no_sync(), self._autocast():
+            if self.fsdp:  # FSDP2 has no no_sync(): reduce-scatter the gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or self.fsdp else self.train_model.no_sync(), self._autocast():
                 loss = self.train_model(**batch).loss / accum
             loss.backward()
             total += loss.detach()
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards, replicated
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -274,10 +293,11 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint of the current step (every process must call it; process 0 writes)."""
         rng = all_gather_objects(_rng_state(), self.dist)
+        weights, optimizer = full_state_dicts(self.model, self.optimizer) if self.fsdp else (None, None)
         path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         if self.dist.is_main:
             state = {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer if self.fsdp else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": self.train_data.state_dict(),
                 "rng": rng,
@@ -285,7 +305,7 @@ class Trainer:
             }
 
             def write(directory: Path) -> None:
-                save_weights(self.model, directory)
+                save_weights(self.model, directory, weights)
                 torch.save(state, directory / TRAINER_STATE)
                 (directory / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
                 if self.save_extra is not None:
