@@ -39,6 +39,9 @@ import torch
 
 from retentive.ops import retention
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sections import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Retention forms"
 FULL = {
@@ -245,15 +248,7 @@ def markdown(args: argparse.Namespace, cfg: dict, results: dict, decode: dict, c
 
 def write_section(path: Path, section: str) -> None:
     """Replace the "Retention forms" section of ``path`` (or append it), leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_section(path, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sections import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Vision"
 # name -> (family, form or attention, how memory grows with the resolution: exponent of px)
@@ -211,15 +214,7 @@ def plot(results: dict, resolutions: list[int], path: Path) -> None:
 
 def write_section(path: Path, section: str) -> None:
     """Replace the "Vision" section of ``path`` (or append it), leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_section(path, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> None:
