@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ops import MODES, RetentionState, apply_rotary, log_gamma, retention, rotary_phase
 from ..ops.decay import DecaySpec
+from .gated_norm import FUSED_GATES, gated_head_norm
 
 GATES = {"swish": F.silu, "silu": F.silu, "gelu": F.gelu, "none": None}
 HEAD_NORMS = ("groupnorm", "rmsnorm", "layernorm", "none")
@@ -37,6 +38,7 @@ class HeadNorm(nn.Module):
         if kind not in HEAD_NORMS:
             raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {kind!r}")
         self.kind, self.eps, self.head_dim = kind, eps, head_dim
+        self.weight = self.bias = None
         if kind == "groupnorm":
             self.weight = nn.Parameter(torch.ones(num_heads * head_dim, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.zeros(num_heads * head_dim, device=device, dtype=dtype))
@@ -49,6 +51,22 @@ class HeadNorm(nn.Module):
             x = F.layer_norm(x, (self.head_dim,), eps=self.eps)
         x = x.flatten(-2)  # (B, T, H * Dv)
         return torch.addcmul(self.bias, x, self.weight) if self.kind == "groupnorm" else x
+
+    def gated(self, o: Tensor, g: Tensor | None, gate_fn: str) -> Tensor:
+        """gate(g) ⊙ HeadNorm(o): o (B, H, T, Dv), g (B, T, H * Dv) or None -> (B, T, H * Dv).
+
+        While gradients are recorded, the mean-centering norms with a swish or gelu gate run as one autograd
+        node that stores a third of the activations (:mod:`.gated_norm`).
+        """
+        if (
+            g is not None
+            and torch.is_grad_enabled()
+            and self.kind in ("groupnorm", "layernorm")
+            and gate_fn in FUSED_GATES
+        ):
+            return gated_head_norm(o, g, self.weight, self.bias, gate_fn, self.eps)
+        y = self(o.transpose(1, 2))
+        return y if g is None else GATES[gate_fn](g) * y
 
 
 class MultiScaleRetention(nn.Module):
@@ -177,9 +195,7 @@ class MultiScaleRetention(nn.Module):
             normalize_retention=self.normalize_retn if normalize_retn is None else normalize_retn,
             output_state=return_state,
         )
-        y = self.head_norm(o.transpose(1, 2))  # (B, T, H * Dv)
-        if g:
-            y = GATES[self.gate_fn](g[0]) * y
+        y = self.head_norm.gated(o, g[0] if g else None, self.gate_fn)  # (B, T, H * Dv)
         y = self.out_proj(y)  # (B, T, d)
         return (y, new_state) if return_state else y
 

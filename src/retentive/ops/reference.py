@@ -15,6 +15,7 @@ the independent truth the tests use in float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -56,53 +57,105 @@ def naive(
     return R @ v
 
 
+class ChunkDecay(NamedTuple):
+    """The decay factors of one chunk of C tokens, per head."""
+
+    D: Tensor  # (H, 1, C, C) scale gamma^(j-l) for j >= l, else 0: inside the chunk
+    g_in: Tensor  # (H, 1, C, 1) scale gamma^(j+1): the incoming state -> token j
+    g_out: Tensor  # (H, 1, C, 1) gamma^(C-1-l): token l -> the end of the chunk
+    g_chunk: Tensor  # (H, 1) gamma^C: across one chunk
+
+
+def chunk_decay(log_g: Tensor, C: int, scale: float = 1.0) -> ChunkDecay:
+    """The factors :func:`chunk_pieces` (and the hand-written backward of :mod:`.chunk`) multiply by.
+
+    The two that multiply q, D and g_in, carry the score scale: it costs nothing there, where scaling q would
+    cost a pass over q (and a copy of it kept for the backward pass).
+    """
+    j = torch.arange(C, device=log_g.device, dtype=log_g.dtype)
+    return ChunkDecay(
+        causal_decay_matrix(log_g, C)[:, None] * scale,
+        decay_powers(log_g, j + 1)[:, None, :, None] * scale,
+        decay_powers(log_g, C - 1 - j)[:, None, :, None],
+        torch.exp(log_g * C)[:, None],
+    )
+
+
+def scan_chunks(kv: Tensor, ks: Tensor, g_chunk: Tensor, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The state entering each chunk: S_(n+1) = gamma^C S_n + kv_n, z_(n+1) = gamma^C z_n + ks_n.
+
+    Args: kv (B, H, N, Dk, Dv), ks (B, H, N, Dk): what each chunk adds; S (B, H, Dk, Dv), z (B, H, Dk): the start.
+    Returns: S_in (B, H, N, Dk, Dv), z_in (B, H, N, Dk), and the state after the last chunk.
+    """
+    S_in, z_in = [], []
+    for kv_i, ks_i in zip(kv.unbind(2), ks.unbind(2), strict=True):  # unbind, not kv[:, :, i]: one backward, not N
+        S_in.append(S)
+        z_in.append(z)
+        S = torch.addcmul(kv_i, g_chunk[..., None], S)  # (B, H, Dk, Dv)
+        z = torch.addcmul(ks_i, g_chunk, z)
+    return torch.stack(S_in, dim=2), torch.stack(z_in, dim=2), S, z
+
+
 def chunk_pieces(
-    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, S: Tensor | None, z: Tensor | None, *, with_rowsum: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    S: Tensor | None,
+    z: Tensor | None,
+    *,
+    with_rowsum: bool,
+    scale: float = 1.0,
 ) -> Pieces:
     """Chunkwise recurrent form over N equal chunks at once (SPEC §1, the mamba ``ssd_minimal`` way).
 
     Args:
         q, k: (B, H, N, C, Dk); v: (B, H, N, C, Dv): N chunks of C tokens.
         log_g: (H,); S: (B, H, Dk, Dv) and z: (B, H, Dk) the state before the first chunk, or None.
+        scale: multiplies every q . k.
     Returns:
         Pieces with o: (B, H, N, C, Dv), r: (B, H, N, C).
     """
+    o, r, S, z, _, _ = chunk_forward(q, k, v, log_g, S, z, with_rowsum=with_rowsum, scale=scale)
+    return Pieces(o, r, S, z)
+
+
+def chunk_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    S: Tensor | None,
+    z: Tensor | None,
+    *,
+    with_rowsum: bool,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`chunk_pieces`, and the states entering each chunk: S_in (B, H, N, Dk, Dv), z_in (B, H, N, Dk)."""
     B, H, _, C, Dk = q.shape
-    Dv = v.shape[-1]
-    j = torch.arange(C, device=q.device, dtype=q.dtype)
-    D = causal_decay_matrix(log_g, C)[:, None]  # (H, 1, C, C)
-    g_in = decay_powers(log_g, j + 1)[:, None, :, None]  # (H, 1, C, 1) gamma^(j+1): state -> token j
-    g_out = decay_powers(log_g, C - 1 - j)[:, None, :, None]  # (H, 1, C, 1) gamma^(C-1-l): token l -> end
-    g_chunk = torch.exp(log_g * C)[:, None]  # (H, 1) gamma^C: across one chunk
+    decay = chunk_decay(log_g, C, scale)
 
     # 1. inside each chunk: the parallel form
-    A = (q @ k.transpose(-1, -2)) * D  # (B, H, N, C, C)
+    A = (q @ k.transpose(-1, -2)) * decay.D  # (B, H, N, C, C)
     o = A @ v  # (B, H, N, C, Dv)
     r = A.sum(-1) if with_rowsum else None  # (B, H, N, C)
 
     # 2. what each chunk adds to the state, decayed to its end
-    k_out = k * g_out  # (B, H, N, C, Dk)
+    k_out = k * decay.g_out  # (B, H, N, C, Dk)
     kv = k_out.transpose(-1, -2) @ v  # (B, H, N, Dk, Dv)
     ks = k_out.sum(-2)  # (B, H, N, Dk)
 
     # 3. the state entering each chunk: a short scan over chunks
-    S = q.new_zeros(B, H, Dk, Dv) if S is None else S
+    S = q.new_zeros(B, H, Dk, v.shape[-1]) if S is None else S
     z = q.new_zeros(B, H, Dk) if z is None else z
-    S_in, z_in = [], []
-    for kv_i, ks_i in zip(kv.unbind(2), ks.unbind(2), strict=True):  # unbind, not kv[:, :, i]: one backward, not N
-        S_in.append(S)
-        z_in.append(z)
-        S = g_chunk[..., None] * S + kv_i  # (B, H, Dk, Dv)
-        z = g_chunk * z + ks_i
-    S_in = torch.stack(S_in, dim=2)  # (B, H, N, Dk, Dv)
-    z_in = torch.stack(z_in, dim=2)  # (B, H, N, Dk)
+    S_in, z_in, S, z = scan_chunks(kv, ks, decay.g_chunk, S, z)
 
     # 4. across chunks: what the state brings to each token
-    q_in = q * g_in  # (B, H, N, C, Dk)
+    q_in = q * decay.g_in  # (B, H, N, C, Dk)
     o = o + q_in @ S_in
     if with_rowsum:
         r = r + (q_in @ z_in[..., None]).squeeze(-1)
-    return Pieces(o, r, S, z)
+    return o, r, S, z, S_in, z_in
 
 
 def chunkwise(
@@ -115,11 +168,15 @@ def chunkwise(
     *,
     chunk_size: int,
     with_rowsum: bool,
+    scale: float = 1.0,
+    pieces: Callable[..., Pieces] = chunk_pieces,
 ) -> Pieces:
     """Chunks of ``chunk_size`` tokens; the last one is shorter when chunk_size does not divide T.
 
     The parallel form is the case chunk_size >= T: one chunk, with the carried state as cross term.
-    Args: q, k (B, H, T, Dk); v (B, H, T, Dv). Returns Pieces with o (B, H, T, Dv), r (B, H, T).
+    Args: q, k (B, H, T, Dk); v (B, H, T, Dv); ``scale`` multiplies q . k; ``pieces`` computes a run of equal
+    chunks (:func:`chunk_pieces`, or its twin with a hand-written backward in :mod:`.chunk`).
+    Returns Pieces with o (B, H, T, Dv), r (B, H, T).
     """
     T = q.shape[-2]
     C = min(chunk_size, T)
@@ -129,7 +186,7 @@ def chunkwise(
         if end == start:
             continue
         q_, k_, v_ = (x[:, :, start:end].unflatten(2, (n, -1)) for x in (q, k, v))  # (B, H, n, C', D)
-        p = chunk_pieces(q_, k_, v_, log_g, S, z, with_rowsum=with_rowsum)
+        p = pieces(q_, k_, v_, log_g, S, z, with_rowsum=with_rowsum, scale=scale)
         S, z = p.S, p.z
         outs.append(p)
     o = _concat_time([p.o.flatten(2, 3) for p in outs])
@@ -143,12 +200,22 @@ def _concat_time(pieces: list[Tensor]) -> Tensor:
 
 
 def recurrent(
-    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, S: Tensor | None, z: Tensor | None, *, with_rowsum: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    S: Tensor | None,
+    z: Tensor | None,
+    *,
+    with_rowsum: bool,
+    scale: float = 1.0,
 ) -> Pieces:
     """One token at a time: S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n; z_n = gamma z_{n-1} + k_n.
 
-    Args: q, k (B, H, T, Dk); v (B, H, T, Dv). Returns Pieces with o (B, H, T, Dv), r (B, H, T).
+    Args: q, k (B, H, T, Dk); v (B, H, T, Dv); ``scale`` multiplies q . k.
+    Returns Pieces with o (B, H, T, Dv), r (B, H, T).
     """
+    q = q * scale
     B, H, _, Dk = q.shape
     gamma = log_g.exp()[:, None]  # (H, 1)
     S = q.new_zeros(B, H, Dk, v.shape[-1]) if S is None else S

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import reference
+from . import chunk, reference
 from .decay import DecaySpec, decay_sum, log_gamma_on
 from .state import RetentionState
 
@@ -51,8 +51,9 @@ def retention(
         causal: False gives bidirectional retention, D_nm = gamma^|n-m| (SPEC §4); no state then.
         scale: multiplies q . k; defaults to Dk^-1/2.
         output_state: also return the state after the last token.
-        backend: ``"torch"`` (the reference), ``"triton"`` (fused kernels, CUDA tensors or TRITON_INTERPRET=1)
-            or ``"auto"``: the kernels for CUDA tensors when triton imports, the reference elsewhere.
+        backend: ``"torch"`` (plain PyTorch, :mod:`.chunk`: the reference forms with a hand-written chunkwise
+            backward that stores only q, k, v and the chunk states), ``"triton"`` (fused kernels, CUDA tensors or
+            TRITON_INTERPRET=1) or ``"auto"``: the kernels for CUDA tensors when triton imports, PyTorch elsewhere.
     Returns:
         o: (B, H, T, Dv) in the dtype of v.
         state: the new :class:`RetentionState` (S, z in float32, or float64 for float64 inputs), or None.
@@ -61,21 +62,21 @@ def retention(
     B, H, T, Dk = q.shape
     forms = _forms(backend, q)
     out_dtype, dtype = v.dtype, torch.promote_types(q.dtype, torch.float32)  # half precision keeps sums in float32
-    work = dtype if forms is reference else q.dtype  # the kernels multiply half precision on the tensor cores
+    work = dtype if forms is chunk else q.dtype  # the kernels multiply half precision on the tensor cores
     log_g = log_gamma_on(decay, H, q.device, dtype)  # (H,)
     scale = Dk**-0.5 if scale is None else scale
     if mode == "recurrent" and T == 1 and causal and not _needs_grad(q, k, v, state):
         kw = dict(normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=output_state)
         return forms.decode_step(q, k, v, log_g, state, scale=scale, **kw)  # decoding: the fewest ops per token
-    q, k, v = q.to(work) * scale, k.to(work), v.to(work)
+    q, k, v = q.to(work), k.to(work), v.to(work)  # no copies when they are already there
     S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
     offset = q.new_zeros(B, dtype=torch.long) if state is None else state.offset  # (B,)
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> reference.Pieces:
         if mode == "recurrent":
-            return forms.recurrent(q, k, v, log_g, S, z, with_rowsum=normalize_retention)
+            return forms.recurrent(q, k, v, log_g, S, z, with_rowsum=normalize_retention, scale=scale)
         size = T if mode == "parallel" else chunk_size
-        return forms.chunkwise(q, k, v, log_g, S, z, chunk_size=size, with_rowsum=normalize_retention)
+        return forms.chunkwise(q, k, v, log_g, S, z, chunk_size=size, with_rowsum=normalize_retention, scale=scale)
 
     p = run(q, k, v)
     o, r, c = p.o, p.r, None
@@ -83,7 +84,7 @@ def retention(
         c = decay_sum(log_g, offset[:, None] + torch.arange(T, device=q.device))  # (B, H, T)
     if not causal:  # forward pass + backward pass - the diagonal counted twice
         back = run(q.flip(2), k.flip(2), v.flip(2))
-        qk = (q * k).sum(-1)  # (B, H, T)
+        qk = (q * k).sum(-1) * scale  # (B, H, T)
         o = o + back.o.flip(2) - qk[..., None] * v
         r = r + back.r.flip(2) - qk if normalize_retention else None
         c = c + c.flip(2) - 1 if normalize_decay else None
@@ -98,11 +99,11 @@ def retention(
 
 
 def _forms(backend: str, q: Tensor) -> ModuleType:
-    """The module that computes the unnormalized pieces: ``reference`` or the Triton kernels."""
+    """The module that computes the unnormalized pieces: ``chunk`` (PyTorch) or the Triton kernels."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not (q.is_cuda and q.dtype != torch.float64 and _kernels())):
-        return reference
+        return chunk
     if _kernels() is None:
         raise ImportError("backend='triton' needs the triton package (pip install triton), or use backend='torch'")
     return _kernels()

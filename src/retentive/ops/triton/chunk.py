@@ -62,17 +62,19 @@ def chunkwise(
     *,
     chunk_size: int,
     with_rowsum: bool,
+    scale: float = 1.0,
 ) -> Pieces:
     """Drop-in for :func:`retentive.ops.reference.chunkwise`, on the GPU (or in Triton's interpreter).
 
     Chunks are at most 64 tokens (``common.MAX_CHUNK``); any chunking gives the same result up to rounding.
     Args:
-        q, k: (B, H, T, Dk); v: (B, H, T, Dv), one dtype among float32, float16, bfloat16 (q already scaled).
+        q, k: (B, H, T, Dk); v: (B, H, T, Dv), one dtype among float32, float16, bfloat16; scale multiplies q . k.
         log_g: (H,); S: (B, H, Dk, Dv) and z: (B, H, Dk), the incoming state (float32), or both None.
     Returns:
         Pieces: o (B, H, T, Dv) in v's dtype, r (B, H, T) float32 or None, S and z float32.
     """
     check_runnable(q, k, v)
+    q = q * scale  # the kernels take q scaled
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     if (S is None) != (z is None):

@@ -181,9 +181,17 @@ def decode_step(
 
 
 def recurrent(
-    q: Tensor, k: Tensor, v: Tensor, log_g: Tensor, S: Tensor | None, z: Tensor | None, *, with_rowsum: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    S: Tensor | None,
+    z: Tensor | None,
+    *,
+    with_rowsum: bool,
+    scale: float = 1.0,
 ) -> Pieces:
-    """Drop-in for :func:`retentive.ops.reference.recurrent` (q already scaled): the same recurrence, computed
+    """Drop-in for :func:`retentive.ops.reference.recurrent`: the same recurrence, computed
     by the chunkwise kernels (differentiable, and faster than token by token). One token without
     gradients goes through :func:`decode_step` instead (see ``retention``)."""
-    return chunkwise(q, k, v, log_g, S, z, chunk_size=MAX_CHUNK, with_rowsum=with_rowsum)
+    return chunkwise(q, k, v, log_g, S, z, chunk_size=MAX_CHUNK, with_rowsum=with_rowsum, scale=scale)

@@ -1,0 +1,77 @@
+"""The hand-written chunkwise backward (ops/chunk.py) against autograd through the reference forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retentive.ops import chunk, log_gamma, reference
+
+F64 = torch.float64
+
+
+def run(module, inputs: dict, *, chunk_size: int, with_rowsum: bool, scale: float):
+    """Forward with ``module``'s chunkwise, then the gradients of a loss that uses o, r, S and z."""
+    q, k, v, S, z = (inputs[n] for n in "qkvSz")
+    lg = log_gamma("retnet", q.shape[1]).to(q.dtype)
+    p = module.chunkwise(q, k, v, lg, S, z, chunk_size=chunk_size, with_rowsum=with_rowsum, scale=scale)
+    weights = torch.Generator().manual_seed(0)
+    loss = sum((t * torch.randn(t.shape, generator=weights, dtype=F64).to(t.dtype)).sum() for t in (p.o, p.S, p.z))
+    if with_rowsum:
+        loss = loss + (p.r * torch.randn(p.r.shape, generator=weights, dtype=F64).to(p.r.dtype)).sum()
+    leaves = [t for t in inputs.values() if t is not None]
+    return [p.o, p.S, p.z, *([p.r] if with_rowsum else []), *torch.autograd.grad(loss, leaves)]
+
+
+def make(B: int, H: int, T: int, dk: int, dv: int, with_state: bool, dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q": (B, H, T, dk), "k": (B, H, T, dk), "v": (B, H, T, dv), "S": (B, H, dk, dv), "z": (B, H, dk)}
+    return {
+        name: None
+        if name in "Sz" and not with_state
+        else torch.randn(shape, generator=g, dtype=F64).to(dtype).requires_grad_()
+        for name, shape in shapes.items()
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    T=st.integers(1, 70),
+    dk=st.sampled_from([1, 3, 8]),
+    dv=st.sampled_from([1, 5, 8]),
+    chunk_size=st.integers(1, 80),
+    with_rowsum=st.booleans(),
+    with_state=st.booleans(),
+)
+def test_backward_matches_autograd_float64(B, H, T, dk, dv, chunk_size, with_rowsum, with_state):
+    inputs = make(B, H, T, dk, dv, with_state, F64)
+    kw = dict(chunk_size=chunk_size, with_rowsum=with_rowsum, scale=dk**-0.5)
+    for got, want in zip(run(chunk, inputs, **kw), run(reference, inputs, **kw), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 16, 64, 256])
+def test_backward_float32_close_to_float64(chunk_size):
+    """float32 gradients within 1e-5 (relative to the largest) of the float64 ones, 300 tokens."""
+    want = run(reference, make(1, 4, 300, 16, 32, True, F64), chunk_size=chunk_size, with_rowsum=True, scale=0.25)
+    got = run(chunk, make(1, 4, 300, 16, 32, True, torch.float32), chunk_size=chunk_size, with_rowsum=True, scale=0.25)
+    for g, w in zip(got, want, strict=True):
+        assert ((g.to(F64) - w).abs().max() / w.abs().max()).item() < 1e-5
+
+
+def test_keeps_only_inputs_and_chunk_states():
+    """What the backward pass holds: q, k, v (the caller's tensors, no copies) and small per-chunk states."""
+    inputs = make(1, 2, 512, 8, 16, False, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        chunk.chunkwise(
+            *(inputs[n] for n in "qkv"), log_gamma("retnet", 2).float(), None, None, chunk_size=64, with_rowsum=True
+        )
+    inputs_ptr = {inputs[n].untyped_storage().data_ptr() for n in "qkv"}
+    assert inputs_ptr <= {t.untyped_storage().data_ptr() for t in saved}
+    extra = sum(t.numel() for t in saved if t.untyped_storage().data_ptr() not in inputs_ptr)
+    assert extra <= 8 * 2 * 8 * 17 + 2  # S_in and z_in: (1, 2, 8, 8, 16) and (1, 2, 8, 8), and log gamma
