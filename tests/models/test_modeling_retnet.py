@@ -156,16 +156,23 @@ def test_greedy_generate_equals_the_parallel_argmax_at_every_step(model: RetNetF
 
 def test_generate_prefills_in_the_chunkwise_form_then_steps_recurrently(model: RetNetForCausalLM) -> None:
     calls = []
-    forward = MultiScaleRetention.forward
+    forward, step = MultiScaleRetention.forward, MultiScaleRetention.step
 
-    def spy(self, x, *args, **kwargs):
+    def spy_forward(self, x, *args, **kwargs):
         calls.append((kwargs["mode"], kwargs["chunk_size"], x.shape[1]))
         return forward(self, x, *args, **kwargs)
 
-    with mock.patch.object(MultiScaleRetention, "forward", spy):
+    def spy_step(self, x, *args):
+        calls.append(("recurrent step", x.shape[1]))
+        return step(self, x, *args)
+
+    with (
+        mock.patch.object(MultiScaleRetention, "forward", spy_forward),
+        mock.patch.object(MultiScaleRetention, "step", spy_step),
+    ):
         model.generate(prompts([10])[0], max_new_tokens=3, do_sample=False)
     chunk = model.config.chunk_size
-    assert calls == [("chunkwise", chunk, 10)] * 2 + [("recurrent", chunk, 1)] * 4  # 2 layers; token 3 is never read
+    assert calls == [("chunkwise", chunk, 10)] * 2 + [("recurrent step", 1)] * 4  # 2 layers; token 3 is never read
 
 
 def test_generation_continues_from_its_returned_cache(model: RetNetForCausalLM) -> None:

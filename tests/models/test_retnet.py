@@ -1,6 +1,7 @@
 """The RetNet backbone with the seed repository's arguments: forms agree, causal, streams, pads (SPEC §5, §7)."""
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -129,3 +130,34 @@ def test_bad_arguments_are_refused_naming_them():
         net(x, state=[RetentionState.zeros(1, 4, 8, 16)])
     with pytest.raises(ValueError, match="num_chunks must be an integer in"):
         net(x, num_chunks=7)
+
+
+STEP_CONFIGS = [
+    {},  # the paper's: swish gate, GroupNorm per head, rotary, fused [q k | v | g] projection
+    {"normalize_attn": True, "normalize_retn": True, "msr_bias": True, "msr_gate_fn": "gelu"},
+    {"msr_gate_fn": "none", "head_norm": "none", "rotary": False, "decay": "linspace", "layer_scale": 0.1},  # ViR
+    {"head_norm": "rmsnorm", "value_factor": 1, "mlp_gate_fn": "swiglu"},
+]
+
+
+@pytest.mark.parametrize("kwargs", STEP_CONFIGS)
+def test_decoding_step_matches_the_recurrent_form(kwargs):
+    """In eval mode without gradients one token takes RetNet.step; it equals the general recurrent path."""
+    torch.manual_seed(0)
+    net = RetNet(2, 4, 32, **kwargs).double().eval()
+    prompt, steps = x_(2, 7, seed=5), x_(2, 4, seed=6)
+    with torch.no_grad():
+        _, state = net(prompt, mode="chunkwise", chunk_size=3, return_state=True)
+    fast, slow = state, state
+    with mock.patch.object(RetNet, "step", side_effect=RetNet.step, autospec=True) as step:
+        for t in range(steps.shape[1]):
+            x = steps[:, t : t + 1]
+            with torch.no_grad():
+                y_fast, fast = net(x, mode="recurrent", state=fast, return_state=True)
+            with torch.enable_grad():  # recording gradients: the general path
+                y_slow, slow = net(x, mode="recurrent", state=slow, return_state=True)
+            torch.testing.assert_close(y_fast, y_slow.detach(), **TIGHT)
+            for a, b in zip(fast, slow, strict=True):
+                torch.testing.assert_close((a.S, a.z), (b.S.detach(), b.z.detach()), **TIGHT)
+                assert torch.equal(a.offset, b.offset)
+    assert step.call_count == steps.shape[1]

@@ -49,9 +49,9 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(dim_model, hidden_dim, bias=bias, **kw)
         self.gate = nn.Linear(dim_model, hidden_dim, bias=bias, **kw) if gated else None
         self.down = nn.Linear(hidden_dim, dim_model, bias=bias, **kw)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # no dropout op per decoded token
+        self.dropout = nn.Dropout(dropout) if dropout else None  # not even an identity call per decoded token
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, d) -> (B, T, d)."""
         h = self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x)  # (B, T, hidden)
-        return self.down(self.dropout(h))
+        return self.down(h if self.dropout is None else self.dropout(h))

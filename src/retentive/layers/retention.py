@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import MODES, RetentionState, apply_rotary, log_gamma, retention, rotary_phase
+from ..ops import MODES, RetentionState, apply_rotary, log_gamma, retention, retention_step, rotary_phase
 from ..ops.decay import DecaySpec
 from .gated_norm import FUSED_GATES, gated_head_norm
 
@@ -171,7 +171,13 @@ class MultiScaleRetention(nn.Module):
         if state is None and padding_mask is not None:
             state = RetentionState.zeros(B, H, Dk, Dv, offset=-left_padding(padding_mask, T), device=x.device)
 
-        qk, v, *g = self.in_proj(x).split(self.split, dim=-1)
+        # [q k] apart from [v g]: the rotation copies q and k, and the backward pass keeps v and g; from one
+        # product, their views would keep the unrotated q and k alive too (a quarter of the layer's activations)
+        sizes = [self.split[0], sum(self.split[1:])]
+        w_qk, w_vg = self.in_proj.weight.split(sizes)
+        b_qk, b_vg = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
+        qk = F.linear(x, w_qk, b_qk)
+        v, *g = F.linear(x, w_vg, b_vg).split(self.split[1:], dim=-1)
         qk = qk.view(B, T, 2 * H, Dk).transpose(1, 2)  # (B, 2H, T, Dk): q heads, then k heads
         v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
         if self.rotary:  # one rotation for q and k together
@@ -198,6 +204,32 @@ class MultiScaleRetention(nn.Module):
         y = self.head_norm.gated(o, g[0] if g else None, self.gate_fn)  # (B, T, H * Dv)
         y = self.out_proj(y)  # (B, T, d)
         return (y, new_state) if return_state else y
+
+    def step(self, x: Tensor, state: RetentionState, rotary: Tensor | None) -> tuple[Tensor, RetentionState]:
+        """``forward(x, mode="recurrent", state=state, rotary=rotary, return_state=True)`` for one token, without
+        gradients: decoding runs it for every token and layer, so it skips the general path's checks and reshapes.
+
+        Args: x (B, 1, d); state: this layer's state (not modified); rotary (B, 1, 1, Dk/2) the phase of
+        this token's position (see :func:`positions_of`). Returns y (B, 1, d) and the new state.
+        """
+        B, H, Dk, Dv = x.shape[0], self.num_heads, self.key_dim, self.value_dim
+        qk, v, *g = F.linear(x, self.in_proj.weight, self.in_proj.bias).split_with_sizes(self.split, dim=-1)
+        qk = qk.view(B, 2 * H, 1, Dk)  # one token: (B, 1, 2H * Dk) is already head-major
+        if self.rotary:
+            qk = apply_rotary(qk, rotary)
+        q, k = qk[:, :H], qk[:, H:]  # (B, H, 1, Dk)
+        o, state = retention_step(
+            q,
+            k,
+            v.view(B, H, 1, Dv),
+            self.decay,
+            state,
+            scale=Dk**-0.5,
+            normalize_decay=self.normalize_attn,
+            normalize_retention=self.normalize_retn,
+        )
+        y = self.head_norm.gated(o, g[0] if g else None, self.gate_fn)  # (B, 1, H * Dv)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias), state
 
 
 def resolve_form(x: Tensor, mode: str | None, chunk_size: int | None, num_chunks: int | None) -> tuple[str, int]:

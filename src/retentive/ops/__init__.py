@@ -6,7 +6,7 @@ Layout: q, k (B, H, T, Dk); v (B, H, T, Dv); state S (B, H, Dk, Dv), z (B, H, Dk
 from .decay import SCHEDULES, decay_sum, gamma_schedule, log_gamma
 from .decay2d import log_decay_1d, manhattan_log_decay, rmt_log_gamma
 from .masa import decomposed_manhattan_attention, manhattan_attention
-from .retention import BACKENDS, MODES, retention
+from .retention import BACKENDS, MODES, retention, retention_step
 from .rotary import apply_rotary, rotary_angles, rotary_phase
 from .state import RetentionState
 
@@ -24,6 +24,7 @@ __all__ = [
     "manhattan_attention",
     "manhattan_log_decay",
     "retention",
+    "retention_step",
     "rmt_log_gamma",
     "rotary_angles",
     "rotary_phase",

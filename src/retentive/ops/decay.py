@@ -71,7 +71,9 @@ def log_gamma_on(decay: DecaySpec, num_heads: int, device: torch.device, dtype: 
     """:func:`log_gamma` moved to ``device`` and ``dtype``; cached for hashable specs (names, tuples),
     which keeps per-token decoding free of this work."""
     if isinstance(decay, str | tuple):
-        return _cached_log_gamma(decay, num_heads, torch.device(device), dtype)
+        return _cached_log_gamma(
+            decay, num_heads, device if isinstance(device, torch.device) else torch.device(device), dtype
+        )
     return log_gamma(decay, num_heads).to(device, dtype)
 
 

@@ -60,14 +60,14 @@ def retention(
     """
     _check(q, k, v, mode, chunk_size, state, causal)
     B, H, T, Dk = q.shape
+    scale = Dk**-0.5 if scale is None else scale
+    if mode == "recurrent" and T == 1 and causal and not _needs_grad(q, k, v, state):
+        kw = dict(normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=output_state)
+        return retention_step(q, k, v, decay, state, scale=scale, backend=backend, **kw)
     forms = _forms(backend, q)
     out_dtype, dtype = v.dtype, torch.promote_types(q.dtype, torch.float32)  # half precision keeps sums in float32
     work = dtype if forms is chunk else q.dtype  # the kernels multiply half precision on the tensor cores
     log_g = log_gamma_on(decay, H, q.device, dtype)  # (H,)
-    scale = Dk**-0.5 if scale is None else scale
-    if mode == "recurrent" and T == 1 and causal and not _needs_grad(q, k, v, state):
-        kw = dict(normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=output_state)
-        return forms.decode_step(q, k, v, log_g, state, scale=scale, **kw)  # decoding: the fewest ops per token
     q, k, v = q.to(work), k.to(work), v.to(work)  # no copies when they are already there
     S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
     offset = q.new_zeros(B, dtype=torch.long) if state is None else state.offset  # (B,)
@@ -98,8 +98,42 @@ def retention(
     return o.to(out_dtype), new_state
 
 
+def retention_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: DecaySpec,
+    state: RetentionState | None,
+    *,
+    scale: float,
+    normalize_decay: bool = False,
+    normalize_retention: bool = False,
+    output_state: bool = True,
+    backend: Backend = "auto",
+) -> tuple[Tensor, RetentionState | None]:
+    """``retention(..., mode="recurrent")`` of one token without gradients, in the fewest ops: decoding.
+
+    Unchecked (the caller is ``retention`` or a layer that built q, k, v itself). q, k: (B, H, 1, Dk) unscaled,
+    v: (B, H, 1, Dv); ``state`` from the previous token or None. Returns o (B, H, 1, Dv) and the new state.
+    """
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the state's dtype
+    return _forms(backend, q).decode_step(
+        q,
+        k,
+        v,
+        log_gamma_on(decay, q.shape[1], q.device, dtype),
+        state,
+        scale=scale,
+        normalize_decay=normalize_decay,
+        normalize_retention=normalize_retention,
+        output_state=output_state,
+    )
+
+
 def _forms(backend: str, q: Tensor) -> ModuleType:
     """The module that computes the unnormalized pieces: ``chunk`` (PyTorch) or the Triton kernels."""
+    if backend == "auto" and not q.is_cuda:  # the common case first: decoding asks once per token and layer
+        return chunk
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not (q.is_cuda and q.dtype != torch.float64 and _kernels())):

@@ -39,9 +39,13 @@ def rotary_phase(positions: Tensor, head_dim: int, dtype: torch.dtype = torch.fl
 
 def apply_rotary(x: Tensor, phase: Tensor) -> Tensor:
     """Rotate interleaved pairs of ``x`` (B, H, T, D) by ``phase`` (B, 1, T, D/2); returns x's shape and dtype."""
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pairs = x.to(work).unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
-    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+    work, complex_work = (
+        (torch.float64, torch.complex128) if x.dtype == torch.float64 else (torch.float32, torch.complex64)
+    )
+    pairs = (x if x.dtype == work else x.to(work)).view(*x.shape[:-1], -1, 2)  # (B, H, T, D/2, 2)
+    if pairs.storage_offset() % 2 or (not x.is_contiguous() and any(stride % 2 for stride in pairs.stride()[:-1])):
         pairs = pairs.contiguous()  # a complex view needs even strides; slices of a fused projection have them
     pairs = torch.view_as_complex(pairs)  # (B, H, T, D/2)
-    return torch.view_as_real(pairs * phase.to(pairs.dtype)).flatten(-2).to(x.dtype)
+    # the dtype checks skip no-op casts: decoding rotates one token per layer, where each op costs microseconds
+    y = torch.view_as_real(pairs * (phase if phase.dtype == complex_work else phase.to(complex_work))).flatten(-2)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
