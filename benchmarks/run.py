@@ -36,7 +36,7 @@ FULL = {
     "prefill_tokens": 8192,
     "train_tokens": [512, 1024, 2048, 4096, 8192, 16384],
     "parallel_max_tokens": 4096,  # the parallel form holds (H, T, T) per layer: 16k would need ~40 GiB
-    "chunk_size": 256,
+    "chunk_size": 128,
     "peer_chunk_size": 512,
     "matmul_n": 2048,
     "timeout_s": 600,
@@ -129,7 +129,7 @@ def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
             continue
         row = {}
         for tokens in plan["train_tokens"]:
-            spec = {"task": "train", "model": model, "tokens": tokens, "repeats": 1 if tokens >= 8192 else 2}
+            spec = {"task": "train", "model": model, "tokens": tokens, "repeats": 3}  # the median of 3
             if model == "retentive":
                 spec |= {"mode": mode, "chunk_size": plan["chunk_size"]}
                 if mode == "parallel" and tokens > plan["parallel_max_tokens"]:
