@@ -129,7 +129,7 @@ def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
             continue
         row = {}
         for tokens in plan["train_tokens"]:
-            spec = {"task": "train", "model": model, "tokens": tokens, "repeats": 3}  # the median of 3
+            spec = {"task": "train", "model": model, "tokens": tokens, "repeats": 3}
             if model == "retentive":
                 spec |= {"mode": mode, "chunk_size": plan["chunk_size"]}
                 if mode == "parallel" and tokens > plan["parallel_max_tokens"]:

@@ -171,13 +171,12 @@ class MultiScaleRetention(nn.Module):
         if state is None and padding_mask is not None:
             state = RetentionState.zeros(B, H, Dk, Dv, offset=-left_padding(padding_mask, T), device=x.device)
 
-        # [q k] apart from [v g]: the rotation copies q and k, and the backward pass keeps v and g; from one
-        # product, their views would keep the unrotated q and k alive too (a quarter of the layer's activations)
-        sizes = [self.split[0], sum(self.split[1:])]
-        w_qk, w_vg = self.in_proj.weight.split(sizes)
-        b_qk, b_vg = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
-        qk = F.linear(x, w_qk, b_qk)
-        v, *g = F.linear(x, w_vg, b_vg).split(self.split[1:], dim=-1)
+        # [q k v] apart from g: the retention keeps head-major copies of q, k, v and the gate keeps g, so the first
+        # product is freed; from one product, g's view would keep all of it alive (a quarter of the activations)
+        sizes = [self.split[0] + self.split[1], *self.split[2:]]
+        biases = [None] * len(sizes) if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
+        qkv, *g = (F.linear(x, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases, strict=True))
+        qk, v = qkv.split(self.split[:2], dim=-1)
         qk = qk.view(B, T, 2 * H, Dk).transpose(1, 2)  # (B, 2H, T, Dk): q heads, then k heads
         v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
         if self.rotary:  # one rotation for q and k together

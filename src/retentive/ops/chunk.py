@@ -31,6 +31,9 @@ class ChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_g, S, z, with_rowsum, scale):
+        # every product below is batched over (B, H, N): with each head's rows contiguous it runs on views; the
+        # projections hand over token-major views, which matmul would copy again at each of the ten products
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, r, S, z, S_in, z_in = chunk_forward(q, k, v, log_g, S, z, with_rowsum=with_rowsum, scale=scale)
         ctx.scale = scale
         ctx.save_for_backward(q, k, v, log_g, S_in, z_in)
@@ -39,6 +42,7 @@ class ChunkRetention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dr, dS, dz):
         q, k, v, log_g, S_in, z_in = ctx.saved_tensors
+        do = do.contiguous()  # the gradient arrives token-major too
         decay = chunk_decay(log_g, q.shape[-2], ctx.scale)  # D and g_in carry the scale
         q_in, k_out = q * decay.g_in, k * decay.g_out  # (B, H, N, C, Dk)
 
