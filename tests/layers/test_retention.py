@@ -239,3 +239,25 @@ def test_bad_arguments_are_refused_naming_them():
             layer(x, **kwargs)
     with pytest.raises(ValueError, match=r"x must be \(batch, length, dim_model\)"):
         layer(x[0])
+
+
+def test_training_keeps_eleven_d_floats_per_token():
+    """What one MSR layer keeps for its backward pass, per token (d = 32, value_factor 2, so every value-side
+    tensor is 2d wide): the input x (d), q and k (2d), v (2d), g (2d), the normalized output (2d) and the output
+    projection's input (2d): 11d, plus 1/std per head, the rotation phases and the state entering each chunk.
+    Autograd through the plain ops kept ~36d at 64-token chunks (every chunk's scores, the gate's input and output)."""
+    d = 32
+    msr = MultiScaleRetention(d, 4)
+    params = {p.untyped_storage().data_ptr() for p in msr.parameters()}
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    T = 256
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        msr(torch.randn(1, T, d, requires_grad=True), mode="chunkwise", chunk_size=64)
+    floats_per_token = sum(saved.values()) / 4 / T
+    assert 11 * d <= floats_per_token <= 11 * d + 24
