@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from .reference import Pieces, chunk_decay, chunk_forward, decode_step, recurrent, scan_chunks
@@ -40,23 +41,26 @@ class ChunkRetention(torch.autograd.Function):
         return o, r, S, z
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dr, dS, dz):
         q, k, v, log_g, S_in, z_in = ctx.saved_tensors
         do = do.contiguous()  # the gradient arrives token-major too
         decay = chunk_decay(log_g, q.shape[-2], ctx.scale)  # D and g_in carry the scale
-        q_in, k_out = q * decay.g_in, k * decay.g_out  # (B, H, N, C, Dk)
 
-        # inside each chunk
-        dA = do @ v.transpose(-1, -2)  # (B, H, N, C, C)
+        # inside each chunk, one C x C matrix alive at a time: they are the largest tensors here
+        A = (q @ k.transpose(-1, -2)).mul_(decay.D)  # (B, H, N, C, C)
+        dv = A.transpose(-1, -2) @ do
+        del A
+        dA = do @ v.transpose(-1, -2)
         if dr is not None:
-            dA = dA + dr[..., None]
-        dA = dA * decay.D
-        A = (q @ k.transpose(-1, -2)) * decay.D
+            dA.add_(dr[..., None])
+        dA.mul_(decay.D)
         dq = dA @ k
         dk = dA.transpose(-1, -2) @ q
-        dv = A.transpose(-1, -2) @ do
+        del dA
 
         # across chunks: the gradient of the state after each chunk, scanned backwards
+        q_in = q * decay.g_in  # (B, H, N, C, Dk)
         dS_in = q_in.transpose(-1, -2) @ do  # (B, H, N, Dk, Dv): what chunk n's tokens ask of S_in
         dz_in = (q_in * dr[..., None]).sum(-2) if dr is not None else torch.zeros_like(z_in)  # (B, H, N, Dk)
         G = torch.zeros_like(S_in[:, :, 0]) if dS is None else dS
@@ -70,7 +74,7 @@ class ChunkRetention(torch.autograd.Function):
             cross_q = cross_q + dr[..., None] * z_in[:, :, :, None]
         dq = torch.addcmul(dq, cross_q, decay.g_in)
         dk = torch.addcmul(dk, v @ G_out.transpose(-1, -2) + Gz_out[:, :, :, None], decay.g_out)
-        dv = dv + k_out @ G_out
+        dv = dv + (k * decay.g_out) @ G_out
         needs = ctx.needs_input_grad
         return dq, dk, dv, None, dS0 if needs[4] else None, dz0 if needs[5] else None, None, None
 
