@@ -2,8 +2,8 @@
 
 The unfused ops store, per token, the norm's input, its normalized output, the gate's output and the
 product's other factor: four (H * Dv)-wide tensors per layer. This function stores the normalized output
-x̂ and 1/std (the gate input g is a view of the projection that the layer holds anyway), and recomputes the
-rest in its backward pass. The layer uses it while gradients are recorded; the tests compare it with the
+x̂, 1/std and the gate input g (a product of its own, see ``MultiScaleRetention.forward``), and recomputes
+the rest in its backward pass. The layer uses it while gradients are recorded; the tests compare it with the
 unfused ops.
 """
 

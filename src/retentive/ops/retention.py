@@ -116,7 +116,7 @@ def retention_step(
     Unchecked (the caller is ``retention`` or a layer that built q, k, v itself). q, k: (B, H, 1, Dk) unscaled,
     v: (B, H, 1, Dv); ``state`` from the previous token or None. Returns o (B, H, 1, Dv) and the new state.
     """
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the state's dtype
+    dtype = torch.promote_types(q.dtype, torch.float32)  # the state's dtype, as in retention()
     return _forms(backend, q).decode_step(
         q,
         k,
