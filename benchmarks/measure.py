@@ -83,10 +83,10 @@ def _timed(fn) -> float:
 def train(spec: dict) -> dict:
     """Forward+backward tokens/s on one sequence of ``tokens`` tokens (best of ``repeats`` after a warm-up step).
 
-    ``mode`` and ``chunk_size`` apply to ``retentive``; peers train in their own chunkwise form.
+    ``mode``, ``chunk_size`` and ``loss`` apply to ``retentive``; peers train in their own chunkwise form.
     Memory: the process's peak RSS, and that peak minus the RSS before the first step (the step's own).
     """
-    kwargs = {k: spec[k] for k in ("mode", "chunk_size") if k in spec}
+    kwargs = {k: spec[k] for k in ("mode", "chunk_size", "loss") if k in spec}
     adapter = peers.build(spec["model"], _dims(spec), **kwargs)
     adapter.model.train()
     tokens = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
@@ -117,7 +117,7 @@ def train_memory(spec: dict) -> dict:
     tensors. After a warm-up step at a short length (one-time setup), the kernel's high-water mark is reset
     (``/proc/self/clear_refs``); the peak is ``VmHWM - VmRSS`` around the measured step. Linux only.
     """
-    kwargs = {k: spec[k] for k in ("mode", "chunk_size") if k in spec}
+    kwargs = {k: spec[k] for k in ("mode", "chunk_size", "loss") if k in spec}
     adapter = peers.build(spec["model"], _dims(spec), **kwargs)
     adapter.model.train()
     short = torch.randint(0, adapter.dims.vocab_size, (1, min(64, spec["tokens"])))

@@ -6,7 +6,8 @@ Each adapter exposes what a benchmark needs and nothing else:
 - ``synthetic_state(batch_size, context)``: the state a prefill of ``context`` tokens leaves, filled with
   random values (a decode step costs the same whatever the values, and this skips a long prefill);
 - ``decode_step(token, state)`` (B, 1) -> (logits (B, V), state): one token with the cache;
-- ``train_loss(tokens)`` (B, T) -> next-token cross-entropy, for forward+backward timings;
+- ``train_loss(tokens)`` (B, T) -> next-token cross-entropy, for forward+backward timings: the library's own
+  training loss where it has one (``model(tokens, labels=tokens).loss``), else logits + :func:`shift_loss`;
 - ``cache_bytes(state)``: bytes the decode state holds.
 
 Models: ``retentive`` (this library, recurrent decode, parallel or chunkwise training), ``transformer``
@@ -66,12 +67,19 @@ def retnet_config(dims: Dims, **overrides) -> RetNetConfig:
 
 
 class Retentive:
-    """This library's RetNetForCausalLM: chunkwise prefill, recurrent decode; training in ``mode``."""
+    """This library's RetNetForCausalLM: chunkwise prefill, recurrent decode; training in ``mode``.
+
+    ``loss="fused"`` trains as the library does (labels in training mode: the output layer and the loss run
+    block by block, :func:`retentive.ops.linear_cross_entropy`); ``loss="logits"`` takes the logits and
+    :func:`shift_loss`, as the peers are measured, to show what the loss alone is worth.
+    """
 
     name = "retentive"
 
-    def __init__(self, dims: Dims, mode: str = "chunkwise", chunk_size: int = 256) -> None:
-        self.dims, self.mode, self.chunk_size = dims, mode, chunk_size
+    def __init__(self, dims: Dims, mode: str = "chunkwise", chunk_size: int = 256, loss: str = "fused") -> None:
+        if loss not in ("fused", "logits"):
+            raise ValueError(f"loss must be 'fused' or 'logits', got {loss!r}")
+        self.dims, self.mode, self.chunk_size, self.loss = dims, mode, chunk_size, loss
         self.model = RetNetForCausalLM(retnet_config(dims, chunk_size=chunk_size))
 
     def prefill(self, tokens: Tensor) -> RetNetCache:
@@ -95,6 +103,8 @@ class Retentive:
         return out.logits[:, -1], out.past_key_values
 
     def train_loss(self, tokens: Tensor) -> Tensor:
+        if self.loss == "fused":
+            return self.model(tokens, labels=tokens, mode=self.mode, use_cache=False).loss
         return shift_loss(self.model(tokens, mode=self.mode, use_cache=False).logits, tokens)
 
     @staticmethod
@@ -133,7 +143,7 @@ class Transformer:
         return out.logits[:, -1], out.past_key_values
 
     def train_loss(self, tokens: Tensor) -> Tensor:
-        return shift_loss(self.model(input_ids=tokens, use_cache=False).logits, tokens)
+        return self.model(input_ids=tokens, labels=tokens, use_cache=False).loss  # Hugging Face's causal LM loss
 
     @staticmethod
     def cache_bytes(state) -> int:

@@ -220,6 +220,11 @@ def speed_markdown(results: dict, prefix: str) -> str:
         "",
         "#### Training: forward+backward tokens/s, one sequence, best of 3 steps after a warm-up (higher is better)",
         "",
+        "The loss is each library's own where it has one: retentive's `model(ids, labels=ids)` in training mode "
+        "(output layer and cross-entropy block by block, `ops.linear_cross_entropy`), Hugging Face's for the "
+        "Transformer; the peers return logits, scored by `F.cross_entropy`. The row *logits + F.cross_entropy* "
+        "is retentive measured the peers' way.",
+        "",
         _grid("tokens", lengths, tr, lambda x: x["tokens_per_s"], 0),
         "",
         "#### Training: peak memory of one forward+backward, MiB (model, inputs and gradients excluded; "

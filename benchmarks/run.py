@@ -54,13 +54,14 @@ QUICK = {
     "matmul_n": 128,
     "timeout_s": 60,
 }
-# (label in the tables, adapter name, constructor arguments)
+# (label in the tables, adapter name, retentive's constructor arguments)
 TRAINERS = [
-    ("retentive chunkwise", "retentive", "chunkwise"),
-    ("retentive parallel", "retentive", "parallel"),
-    ("transformer (SDPA)", "transformer", None),
-    ("torchscale chunkwise", "torchscale", None),
-    ("yet-another-retnet chunkwise", "yet-another-retnet", None),
+    ("retentive chunkwise", "retentive", {"mode": "chunkwise"}),
+    ("retentive chunkwise, logits + F.cross_entropy", "retentive", {"mode": "chunkwise", "loss": "logits"}),
+    ("retentive parallel", "retentive", {"mode": "parallel"}),
+    ("transformer (SDPA)", "transformer", {}),
+    ("torchscale chunkwise", "torchscale", {}),
+    ("yet-another-retnet chunkwise", "yet-another-retnet", {}),
 ]
 
 
@@ -124,15 +125,15 @@ def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
         results["decode"][model] = {str(c): one(decode | {"context": c}) for c in plan["contexts"]}
     for model in present:
         results["prefill"][model] = one({"task": "prefill", "model": model, "tokens": plan["prefill_tokens"]})
-    for label, model, mode in TRAINERS:
+    for label, model, kwargs in TRAINERS:
         if model not in present:
             continue
         row = {}
         for tokens in plan["train_tokens"]:
             spec = {"task": "train", "model": model, "tokens": tokens, "repeats": 3}
             if model == "retentive":
-                spec |= {"mode": mode, "chunk_size": plan["chunk_size"]}
-                if mode == "parallel" and tokens > plan["parallel_max_tokens"]:
+                spec |= kwargs | {"chunk_size": plan["chunk_size"]}
+                if kwargs["mode"] == "parallel" and tokens > plan["parallel_max_tokens"]:
                     row[str(tokens)] = {"error": "skipped: the parallel form's (H, T, T) matrices do not fit"}
                     continue
             elif model != "transformer":

@@ -69,7 +69,27 @@ def test_loss_is_the_shifted_cross_entropy_ignoring_minus_100(model: RetNetForCa
     logp = out.logits.log_softmax(-1)[:, :-1]  # (B, T-1, V): position t predicts t + 1
     keep = labels[:, 1:] != -100
     nll = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
-    torch.testing.assert_close(out.loss, nll[keep].mean().float())
+    torch.testing.assert_close(out.loss, nll[keep].mean())
+
+
+def test_training_mode_loss_skips_the_logits_and_keeps_loss_and_gradients() -> None:
+    """In training mode with labels, the output layer and the loss run block by block (linear_cross_entropy):
+    no logits come back, and the loss and every parameter's gradient are those of the logits path."""
+    ids = prompts([13])[0].repeat(3, 1)
+    labels = ids.clone()
+    labels[1, :5] = -100
+    losses, grads = {}, {}
+    for skip in (False, True):
+        model = small_model().train()  # dropout 0: training mode changes nothing else
+        out = model(ids, labels=labels, skip_logits=None if skip else False)
+        assert (out.logits is None) == skip
+        out.loss.backward()
+        losses[skip], grads[skip] = out.loss, {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-12, atol=1e-12)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="skip_logits=True leaves only the loss"):
+        small_model()(ids, skip_logits=True)
 
 
 @settings(max_examples=8, deadline=None)

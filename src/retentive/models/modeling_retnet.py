@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
+from ..ops import linear_cross_entropy
 from .cache_retnet import RetNetCache
 from .configuration_retnet import RetNetConfig
 from .retnet import RetNet
@@ -240,6 +241,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         mode: str | None = None,
         chunk_size: int | None = None,
         logits_to_keep: int = 0,
+        skip_logits: bool | None = None,
         return_dict: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
@@ -250,9 +252,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             labels: (B, T) targets aligned with ``input_ids`` (the shift happens here: position t predicts
                 labels[t + 1]); -100 is ignored. With labels and no cache, use_cache defaults to False.
             logits_to_keep: if > 0, logits of the last ``logits_to_keep`` positions only (generate() uses 1).
+            skip_logits: compute the loss block by block from the hidden states (:func:`linear_cross_entropy`)
+                and return no logits. Default: in training mode with labels (Liger's convention), where the
+                (B, T, V) logits and their gradient would be the largest tensors of the step.
         Returns:
-            CausalLMOutputWithPast with loss (scalar, float32, or None), logits (B, T', vocab_size) and
-            past_key_values.
+            CausalLMOutputWithPast with loss (scalar, float32 or wider, or None), logits (B, T', vocab_size) or
+            None, and past_key_values.
         """
         if use_cache is None and labels is not None and past_key_values is None:
             use_cache = False  # a loss needs no state: score in config.mode, as in training
@@ -270,25 +275,34 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             if labels is not None:
                 raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)  # (B, T', V)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True leaves only the loss: pass labels, or skip_logits=False for logits")
+        targets = None if labels is None else next_token_targets(labels, h.shape[:2]).to(h.device)
+        if skip_logits:  # (B * T, d) against (B * T,): the output layer and the loss as one op
+            logits, loss = None, linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets, self.lm_head.bias)
+        else:
+            logits = self.lm_head(h)  # (B, T', V)
+            loss = None if labels is None else F.cross_entropy(upcast(logits).flatten(0, 1), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache[0] if cache else None)
         return result if return_dict else result.to_tuple()
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of logits[:, t] against labels[:, t + 1], in float32, ignoring -100.
+def next_token_targets(labels: Tensor, shape: torch.Size) -> Tensor:
+    """The target of every position, flattened (B * T,): position t predicts labels[:, t + 1]; the last
+    position of each row, which has no next token, is ignored (-100) like the padding.
 
-    Args:
-        logits: (B, T, V); labels: (B, T).
+    Scoring every position against these targets is the shifted loss without a shifted copy of the logits.
     """
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"labels must have the shape of input_ids {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
-        )
-    shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B * (T - 1), V)
-    shift_labels = labels[:, 1:].flatten().to(logits.device)  # (B * (T - 1),)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    if labels.shape != shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
+    return F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+
+
+def upcast(x: Tensor) -> Tensor:
+    """x in float32 if it is in a narrower float: losses are summed in float32 or wider."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _reject_unused(kwargs: dict) -> None:

@@ -1,8 +1,10 @@
 """The math of retention as pure functions on tensors: no modules, no configs.
 
 Layout: q, k (B, H, T, Dk); v (B, H, T, Dv); state S (B, H, Dk, Dv), z (B, H, Dk), offset (B,).
+Beside it, the language model's loss without its logits (:func:`linear_cross_entropy`).
 """
 
+from .cross_entropy import linear_cross_entropy
 from .decay import SCHEDULES, decay_sum, gamma_schedule, log_gamma
 from .decay2d import log_decay_1d, manhattan_log_decay, rmt_log_gamma
 from .masa import decomposed_manhattan_attention, manhattan_attention
@@ -19,6 +21,7 @@ __all__ = [
     "decay_sum",
     "decomposed_manhattan_attention",
     "gamma_schedule",
+    "linear_cross_entropy",
     "log_decay_1d",
     "log_gamma",
     "manhattan_attention",
