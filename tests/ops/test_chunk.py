@@ -75,3 +75,20 @@ def test_keeps_only_inputs_and_chunk_states():
     assert inputs_ptr <= {t.untyped_storage().data_ptr() for t in saved}
     extra = sum(t.numel() for t in saved if t.untyped_storage().data_ptr() not in inputs_ptr)
     assert extra <= 8 * 2 * 8 * 17 + 2  # S_in and z_in: (1, 2, 8, 8, 16) and (1, 2, 8, 8), and log gamma
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 9), H=st.integers(1, 3), reverse=st.booleans())
+def test_scan_states_is_the_reference_scan_both_ways(N, H, reverse):
+    """The in-place scan of the fast path against reference.scan_chunks (reverse: on the flipped chunks)."""
+    g = torch.Generator().manual_seed(N * 7 + H)
+    kv, ks = torch.randn(2, H, N, 3, 4, generator=g, dtype=F64), torch.randn(2, H, N, 3, generator=g, dtype=F64)
+    S, z = torch.randn(2, H, 3, 4, generator=g, dtype=F64), torch.randn(2, H, 3, generator=g, dtype=F64)
+    g_chunk = torch.rand(H, 1, generator=g, dtype=F64)
+    flip = (lambda x: x.flip(2)) if reverse else (lambda x: x)
+    S_in, z_in, S_end, z_end = reference.scan_chunks(flip(kv), flip(ks), g_chunk, S, z)
+    for got, want in (
+        (chunk.scan_states(kv, S, g_chunk[..., None], reverse=reverse), (flip(S_in), S_end)),
+        (chunk.scan_states(ks, z, g_chunk, reverse=reverse), (flip(z_in), z_end)),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -11,31 +11,74 @@ chunk n, scanned from the last chunk to the first (G_(n-1) = gamma^C G_n + (Q_n 
     dK = dA^T Q + (V G_n^T + 1 Gz_n^T) ⊙ g_out
     dV = A^T dO + (K ⊙ g_out) G_n
 
-The forward pass is :func:`reference.chunk_forward` itself; the tests compare the gradients with autograd
-through it.
+The tests compare outputs and gradients with autograd through :func:`reference.chunk_pieces`.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import reference
-from .reference import Pieces, chunk_decay, chunk_forward, decode_step, recurrent, scan_chunks
+from .reference import Pieces, chunk_decay, decode_step, recurrent
 
 __all__ = ["chunkwise", "decode_step", "recurrent"]
 
 
+def scan_states(x: Tensor, s: Tensor, g: Tensor, *, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """s_(n+1) = g s_n + x_n from s_0 = ``s``: the states entering each step (B, H, N, ...) and the one after
+    the last; ``reverse`` runs from n = N-1 down to 0. :func:`reference.scan_chunks` without autograd: each
+    state is written in place into one buffer (no list to stack), and the backward scan needs no flips.
+    Args: x (B, H, N, *F); s (B, H, *F); g (H, 1, ...) broadcasting over F.
+    """
+    states = torch.empty_like(x)
+    order = range(x.shape[2] - 1, -1, -1) if reverse else range(x.shape[2])
+    states[:, :, order[0]] = s
+    for n, after in itertools.pairwise(order):
+        torch.addcmul(x[:, :, n], g, states[:, :, n], out=states[:, :, after])
+    return states, torch.addcmul(x[:, :, order[-1]], g, states[:, :, order[-1]])
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """out += a @ b in place, batched over the leading dims (``view`` refuses an ``out`` that would copy)."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out
+
+
 class ChunkRetention(torch.autograd.Function):
-    """:func:`reference.chunk_pieces` (N equal chunks) with the backward above."""
+    """:func:`reference.chunk_pieces` (N equal chunks) with the backward above.
+
+    Both passes update in place what the reference writes anew (no autograd to serve here): each (N, C, D)
+    temporary is a fresh 8-16 MiB buffer at 8k tokens, whose page faults cost as much as the arithmetic.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, log_g, S, z, with_rowsum, scale):
         # every product below is batched over (B, H, N): with each head's rows contiguous it runs on views; the
         # projections hand over token-major views, which matmul would copy again at each of the ten products
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, r, S, z, S_in, z_in = chunk_forward(q, k, v, log_g, S, z, with_rowsum=with_rowsum, scale=scale)
+        B, H, _, C, Dk = q.shape
+        decay = chunk_decay(log_g, C, scale)  # D and g_in carry the scale
+
+        A = (q @ k.transpose(-1, -2)).mul_(decay.D)  # (B, H, N, C, C): inside each chunk, the parallel form
+        o = A @ v  # (B, H, N, C, Dv)
+        r = A.sum(-1) if with_rowsum else None  # (B, H, N, C)
+        del A
+
+        k_out = k * decay.g_out  # (B, H, N, C, Dk): each token decayed to its chunk's end
+        S = q.new_zeros(B, H, Dk, v.shape[-1]) if S is None else S
+        z = q.new_zeros(B, H, Dk) if z is None else z
+        S_in, S = scan_states(k_out.transpose(-1, -2) @ v, S, decay.g_chunk[..., None])  # (B, H, N, Dk, Dv)
+        z_in, z = scan_states(k_out.sum(-2), z, decay.g_chunk)  # (B, H, N, Dk)
+        del k_out
+
+        q_in = q * decay.g_in  # (B, H, N, C, Dk): across chunks, what the state brings to each token
+        _add_product(o, q_in, S_in)
+        if with_rowsum:
+            _add_product(r[..., None], q_in, z_in[..., None])
         ctx.scale = scale
         ctx.save_for_backward(q, k, v, log_g, S_in, z_in)
         return o, r, S, z
@@ -45,7 +88,7 @@ class ChunkRetention(torch.autograd.Function):
     def backward(ctx, do, dr, dS, dz):
         q, k, v, log_g, S_in, z_in = ctx.saved_tensors
         do = do.contiguous()  # the gradient arrives token-major too
-        decay = chunk_decay(log_g, q.shape[-2], ctx.scale)  # D and g_in carry the scale
+        decay = chunk_decay(log_g, q.shape[-2], ctx.scale)
 
         # inside each chunk, one C x C matrix alive at a time: they are the largest tensors here
         A = (q @ k.transpose(-1, -2)).mul_(decay.D)  # (B, H, N, C, C)
@@ -59,22 +102,26 @@ class ChunkRetention(torch.autograd.Function):
         dk = dA.transpose(-1, -2) @ q
         del dA
 
-        # across chunks: the gradient of the state after each chunk, scanned backwards
+        # across chunks: the gradient of the state after each chunk, scanned from the last chunk to the first
         q_in = q * decay.g_in  # (B, H, N, C, Dk)
         dS_in = q_in.transpose(-1, -2) @ do  # (B, H, N, Dk, Dv): what chunk n's tokens ask of S_in
         dz_in = (q_in * dr[..., None]).sum(-2) if dr is not None else torch.zeros_like(z_in)  # (B, H, N, Dk)
+        del q_in
         G = torch.zeros_like(S_in[:, :, 0]) if dS is None else dS
         Gz = torch.zeros_like(z_in[:, :, 0]) if dz is None else dz
-        # the forward scan run over the reversed chunks: G_n after chunk n, and the gradient of the first state
-        G_out, Gz_out, dS0, dz0 = scan_chunks(dS_in.flip(2), dz_in.flip(2), decay.g_chunk, G, Gz)
-        G_out, Gz_out = G_out.flip(2), Gz_out.flip(2)  # (B, H, N, Dk, Dv), (B, H, N, Dk)
+        G_out, dS0 = scan_states(dS_in, G, decay.g_chunk[..., None], reverse=True)  # (B, H, N, Dk, Dv)
+        Gz_out, dz0 = scan_states(dz_in, Gz, decay.g_chunk, reverse=True)  # (B, H, N, Dk)
+        del dS_in
 
         cross_q = do @ S_in.transpose(-1, -2)  # (B, H, N, C, Dk)
         if dr is not None:
-            cross_q = cross_q + dr[..., None] * z_in[:, :, :, None]
-        dq = torch.addcmul(dq, cross_q, decay.g_in)
-        dk = torch.addcmul(dk, v @ G_out.transpose(-1, -2) + Gz_out[:, :, :, None], decay.g_out)
-        dv = dv + (k * decay.g_out) @ G_out
+            cross_q.addcmul_(dr[..., None], z_in[:, :, :, None])
+        dq.addcmul_(cross_q, decay.g_in)
+        del cross_q
+        cross_k = (v @ G_out.transpose(-1, -2)).add_(Gz_out[:, :, :, None])  # (B, H, N, C, Dk)
+        dk.addcmul_(cross_k, decay.g_out)
+        del cross_k
+        _add_product(dv, k * decay.g_out, G_out)
         needs = ctx.needs_input_grad
         return dq, dk, dv, None, dS0 if needs[4] else None, dz0 if needs[5] else None, None, None
 

@@ -116,22 +116,6 @@ def chunk_pieces(
     Returns:
         Pieces with o: (B, H, N, C, Dv), r: (B, H, N, C).
     """
-    o, r, S, z, _, _ = chunk_forward(q, k, v, log_g, S, z, with_rowsum=with_rowsum, scale=scale)
-    return Pieces(o, r, S, z)
-
-
-def chunk_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_g: Tensor,
-    S: Tensor | None,
-    z: Tensor | None,
-    *,
-    with_rowsum: bool,
-    scale: float = 1.0,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`chunk_pieces`, and the states entering each chunk: S_in (B, H, N, Dk, Dv), z_in (B, H, N, Dk)."""
     B, H, _, C, Dk = q.shape
     decay = chunk_decay(log_g, C, scale)
 
@@ -155,7 +139,7 @@ def chunk_forward(
     o = o + q_in @ S_in
     if with_rowsum:
         r = r + (q_in @ z_in[..., None]).squeeze(-1)
-    return o, r, S, z, S_in, z_in
+    return Pieces(o, r, S, z)
 
 
 def chunkwise(
