@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # gate name -> (activation, its backward: (grad_out, input) -> grad_in)
 FUSED_GATES = {
@@ -32,20 +33,24 @@ class GatedHeadNorm(torch.autograd.Function):
             y = torch.addcmul(bias, y, weight)
         ctx.gate, ctx.o_dtype = gate, o.dtype
         ctx.save_for_backward(x_hat, rstd, g, weight, bias)
-        return FUSED_GATES[gate][0](g) * y
+        out = FUSED_GATES[gate][0](g)
+        return out.mul_(y) if out.dtype == y.dtype else out * y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
+        # each (B, T, H * Dv) temporary is updated in place: fresh ones would each pay their page faults
         x_hat, rstd, g, weight, bias = ctx.saved_tensors
         act, act_backward = FUSED_GATES[ctx.gate]
-        y = x_hat.flatten(-2) if weight is None else torch.addcmul(bias, x_hat.flatten(-2), weight)
-        dg = act_backward(dout * y, g).to(g.dtype)
-        dy = dout * act(g)  # (B, T, H * Dv)
+        x_flat = x_hat.flatten(-2)  # (B, T, H * Dv)
+        dout_y = dout * x_flat if weight is None else torch.addcmul(bias, x_flat, weight).mul_(dout)
+        dg = act_backward(dout_y, g).to(g.dtype)
+        dy = act(g).mul_(dout)  # (B, T, H * Dv)
         dweight = dbias = None
         if weight is not None:
-            dweight = (dy * x_hat.flatten(-2)).sum((0, 1)).to(weight.dtype)
+            dweight = torch.mul(dy, x_flat, out=dout_y).sum((0, 1)).to(weight.dtype)
             dbias = dy.sum((0, 1)).to(bias.dtype)
-            dy = dy * weight
+            dy.mul_(weight)
         do = _layer_norm_backward(dy.view_as(x_hat), x_hat, rstd).transpose(1, 2)  # (B, H, T, Dv)
         return do.to(ctx.o_dtype), dg, dweight, dbias, None, None
 
@@ -60,7 +65,7 @@ def _layer_norm_backward(dx_hat: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
     bracket = torch.ops.aten.native_layer_norm_backward(
         dx_hat, x_hat, x_hat.shape[-1:], zero, one, None, None, [True, False, False]
     )[0]
-    return bracket * rstd
+    return bracket.mul_(rstd)
 
 
 def gated_head_norm(o: Tensor, g: Tensor, weight: Tensor | None, bias: Tensor | None, gate: str, eps: float) -> Tensor:

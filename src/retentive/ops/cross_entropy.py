@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["linear_cross_entropy"]
 
-BLOCK_ELEMENTS = 1 << 22  # rows per block: about 4M logits (16 MiB in float32), one cache-sized tile
+BLOCK_ELEMENTS = 1 << 21  # rows per block: about 2M logits (8 MiB in float32)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -35,12 +35,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros_like(weight, dtype=acc) if needs[1] else None
         db = torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None
         total = hidden.new_zeros((), dtype=acc)
+        # two buffers for every block: fresh 16 MiB tensors per block would each pay their page faults again
+        n = min(block_size, hidden.shape[0])
+        logits_buffer, logp_buffer = (
+            hidden.new_empty(n, weight.shape[0]),
+            hidden.new_empty(n, weight.shape[0], dtype=acc),
+        )
         for start in range(0, hidden.shape[0], block_size):
             rows = slice(start, start + block_size)
             h = hidden[rows]  # (n, d)
-            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # (n, V)
-            logp = torch.log_softmax(logits, dim=-1, dtype=acc)
-            del logits
+            logits = logits_buffer[: h.shape[0]]  # (n, V)
+            torch.mm(h, weight.T, out=logits) if bias is None else torch.addmm(bias, h, weight.T, out=logits)
+            logp = torch.log_softmax(logits, dim=-1, dtype=acc, out=logp_buffer[: h.shape[0]])
             nll = -logp.gather(1, safe[rows]).squeeze(1)  # (n,)
             total += (nll if all_valid else torch.where(valid[rows], nll, 0)).sum()
             if not any(needs[:3]):
@@ -49,7 +55,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             p.scatter_add_(1, safe[rows], p.new_full((p.shape[0], 1), -1.0))  # dloss/dlogits = softmax - onehot
             if not all_valid:
                 p.mul_(valid[rows, None])
-            p = p.to(hidden.dtype)
+            if p.dtype != hidden.dtype:  # half precision: the products run in the model's dtype
+                p = logits.copy_(p)
             if dh is not None:
                 torch.mm(p, weight, out=dh[rows])
             if dw is not None:
@@ -84,7 +91,7 @@ def linear_cross_entropy(
 
     Args:
         hidden: (N, d); weight: (V, d); bias: (V,) or None; targets: (N,) class indices, ``ignore_index`` skipped.
-        block_size: rows per block; default about 4M logits per block.
+        block_size: rows per block; default about 2M logits (8 MiB in float32) per block.
     Returns the mean over the rows not ignored (NaN if every row is ignored, as ``F.cross_entropy``).
     While gradients are recorded, the forward pass also computes them (saving dL/dhidden and dL/dweight,
     not activations): calling it without a backward pass to follow costs the backward's products.
