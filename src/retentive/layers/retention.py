@@ -171,18 +171,17 @@ class MultiScaleRetention(nn.Module):
         if state is None and padding_mask is not None:
             state = RetentionState.zeros(B, H, Dk, Dv, offset=-left_padding(padding_mask, T), device=x.device)
 
-        # [q k v] apart from g: the retention keeps head-major copies of q, k, v and the gate keeps g, so the first
-        # product is freed; from one product, g's view would keep all of it alive (a quarter of the activations)
-        sizes = [self.split[0] + self.split[1], *self.split[2:]]
+        # q, k, v and g as four products of the one parameter (same state dict): each is a tensor of its own, so
+        # that what the backward keeps (head-major copies of q, k, v; g) pins nothing else, and their gradients
+        # need no concatenation
+        sizes = [Dk * H, Dk * H, *self.split[1:]]
         biases = [None] * len(sizes) if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
-        qkv, *g = (F.linear(x, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases, strict=True))
-        qk, v = qkv.split(self.split[:2], dim=-1)
-        qk = qk.view(B, T, 2 * H, Dk).transpose(1, 2)  # (B, 2H, T, Dk): q heads, then k heads
+        q, k, v, *g = (F.linear(x, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases, strict=True))
+        q, k = (t.view(B, T, H, Dk).transpose(1, 2) for t in (q, k))  # (B, H, T, Dk)
         v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
-        if self.rotary:  # one rotation for q and k together
+        if self.rotary:
             phase = rotary_phase(positions_of(x, state, padding_mask), Dk, x.dtype) if rotary is None else rotary
-            qk = apply_rotary(qk, phase)  # phase: (B, 1, T, Dk/2)
-        q, k = qk.chunk(2, dim=1)  # (B, H, T, Dk) each
+            q, k = apply_rotary(q, phase), apply_rotary(k, phase)  # phase: (B, 1, T, Dk/2)
         if padding_mask is not None:
             keep = padding_mask[:, None, :, None].to(x.dtype)  # (B, 1, T, 1)
             k, v = k * keep, v * keep
