@@ -92,3 +92,19 @@ def test_scan_states_is_the_reference_scan_both_ways(N, H, reverse):
         (chunk.scan_states(ks, z, g_chunk, reverse=reverse), (flip(z_in), z_end)),
     ):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_output_alone_skips_the_key_sum_and_agrees():
+    """A loss on o alone (training: no row sums, no state out) gives no gradient through z: the backward skips
+    its scan, and every other gradient still equals autograd through the reference."""
+    inputs = make(2, 3, 50, 8, 5, True, F64)
+    grads = []
+    for module in (chunk, reference):
+        q, k, v, S, z = (inputs[n] for n in "qkvSz")
+        lg = log_gamma("retnet", 3).to(F64)
+        o = module.chunkwise(q, k, v, lg, S, z, chunk_size=16, with_rowsum=False, scale=0.3).o
+        got = torch.autograd.grad((o * o).sum(), [q, k, v, S, z], allow_unused=True, materialize_grads=True)
+        grads.append(got)
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert not grads[0][-1].any()

@@ -89,6 +89,7 @@ class ChunkRetention(torch.autograd.Function):
         q, k, v, log_g, S_in, z_in = ctx.saved_tensors
         do = do.contiguous()  # the gradient arrives token-major too
         decay = chunk_decay(log_g, q.shape[-2], ctx.scale)
+        with_z = dr is not None or dz is not None  # else z_in and the gradient of z play no part
 
         # inside each chunk, one C x C matrix alive at a time: they are the largest tensors here
         A = (q @ k.transpose(-1, -2)).mul_(decay.D)  # (B, H, N, C, C)
@@ -105,20 +106,24 @@ class ChunkRetention(torch.autograd.Function):
         # across chunks: the gradient of the state after each chunk, scanned from the last chunk to the first
         q_in = q * decay.g_in  # (B, H, N, C, Dk)
         dS_in = q_in.transpose(-1, -2) @ do  # (B, H, N, Dk, Dv): what chunk n's tokens ask of S_in
-        dz_in = (q_in * dr[..., None]).sum(-2) if dr is not None else torch.zeros_like(z_in)  # (B, H, N, Dk)
-        del q_in
         G = torch.zeros_like(S_in[:, :, 0]) if dS is None else dS
-        Gz = torch.zeros_like(z_in[:, :, 0]) if dz is None else dz
         G_out, dS0 = scan_states(dS_in, G, decay.g_chunk[..., None], reverse=True)  # (B, H, N, Dk, Dv)
-        Gz_out, dz0 = scan_states(dz_in, Gz, decay.g_chunk, reverse=True)  # (B, H, N, Dk)
         del dS_in
+        Gz_out = dz0 = None
+        if with_z:
+            dz_in = (q_in * dr[..., None]).sum(-2) if dr is not None else torch.zeros_like(z_in)  # (B, H, N, Dk)
+            Gz = torch.zeros_like(z_in[:, :, 0]) if dz is None else dz
+            Gz_out, dz0 = scan_states(dz_in, Gz, decay.g_chunk, reverse=True)  # (B, H, N, Dk)
+        del q_in
 
         cross_q = do @ S_in.transpose(-1, -2)  # (B, H, N, C, Dk)
         if dr is not None:
             cross_q.addcmul_(dr[..., None], z_in[:, :, :, None])
         dq.addcmul_(cross_q, decay.g_in)
         del cross_q
-        cross_k = (v @ G_out.transpose(-1, -2)).add_(Gz_out[:, :, :, None])  # (B, H, N, C, Dk)
+        cross_k = v @ G_out.transpose(-1, -2)  # (B, H, N, C, Dk)
+        if with_z:
+            cross_k.add_(Gz_out[:, :, :, None])
         dk.addcmul_(cross_k, decay.g_out)
         del cross_k
         _add_product(dv, k * decay.g_out, G_out)
