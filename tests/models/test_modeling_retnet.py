@@ -361,3 +361,21 @@ def test_empty_and_malformed_input_is_refused(model: RetNetForCausalLM) -> None:
         model(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="left padding"):
         model(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1]]))
+
+
+def test_training_after_inference_mode_generation():
+    """Decoding under torch.inference_mode first fills the decay and rotary caches; a training step after it must
+    find tensors that autograd can save (inference tensors cannot be)."""
+    from retentive.ops.decay import _cached_log_gamma
+    from retentive.ops.rotary import rotary_angles
+
+    _cached_log_gamma.cache_clear()
+    rotary_angles.cache_clear()
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(RetNetConfig(vocab_size=64, dim_model=32, num_layers=1, num_heads=2))
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2)
+    model.train()
+    model(ids, labels=ids, mode="chunkwise").loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0

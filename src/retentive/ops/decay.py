@@ -61,6 +61,7 @@ def log_gamma(decay: DecaySpec, num_heads: int) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)  # a cached tensor made while decoding must still serve training (saved for backward)
 def _cached_log_gamma(
     decay: str | tuple[float, ...], num_heads: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:

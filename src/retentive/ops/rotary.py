@@ -15,6 +15,7 @@ from torch import Tensor
 
 
 @functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)  # a cached tensor made while decoding must still serve training
 def rotary_angles(head_dim: int, device: torch.device | None = None) -> Tensor:
     """angle_i = 10000^(-linspace(0, 1, dk/2)), shape (dk/2,), float64 (float32 where float64 is missing)."""
     if head_dim % 2:
