@@ -4,7 +4,7 @@ Each configuration runs in a fresh process (``measure.py``), so its peak RSS is 
 tiny sizes in this process (seconds, for CI). Results go to ``<out>/bench_results.json``; ``report.py``
 turns them into the tables, checks and plots of docs/benchmarks.md.
 
-    python benchmarks/run.py            # the full CPU run (~15 min on 2 quiet cores)
+    python benchmarks/run.py            # the full CPU run (~23 min on 2 cores)
     python benchmarks/run.py --quick    # tiny sizes, seconds
 """
 
