@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def run_all(plan: dict, models: list[str], fresh_process: bool) -> dict:
     return results
 
 
-def train_all(plan: dict, present: list[str], one) -> dict:
+def train_all(plan: dict, present: list[str], one: Callable[[dict], dict]) -> dict:
     """Training tokens/s and step memory for every trainer at every length.
 
     Timings go round-robin: each round visits every (length, trainer) cell once, and a cell's figure is its best
@@ -156,10 +157,10 @@ def train_all(plan: dict, present: list[str], one) -> dict:
         for key, spec in cells.items()
         if spec.get("mode") == "parallel" and spec["tokens"] > plan["parallel_max_tokens"]
     }
-    best = dict(skipped)
+    best = dict(skipped)  # (label, tokens) -> the fastest result so far
     for _ in range(plan["train_rounds"]):
         for key, spec in cells.items():
-            if key in skipped or "error" in best.get(key, {}):
+            if "error" in best.get(key, {}):  # skipped, or failed in an earlier round
                 continue
             cell = one(spec)
             if key not in best or ("error" not in cell and cell["tokens_per_s"] > best[key]["tokens_per_s"]):
