@@ -220,9 +220,9 @@ def speed_markdown(results: dict, prefix: str) -> str:
         "",
         "#### Training: forward+backward tokens/s, one sequence, best of 3 steps after a warm-up (higher is better)",
         "",
-        f"Each cell is timed in {plan.get('train_rounds', 1)} fresh process(es), in rounds that visit every model "
-        "at every length in turn; the best round counts, so a slow spell of this shared machine falls on all "
-        "models alike.",
+        f"Each cell is timed in {plan.get('train_rounds', 1)} round(s) that visit every model at every length in "
+        "turn (a fresh process per cell and round, except in --quick mode); the best round counts, so a slow "
+        "spell of this shared machine falls on all models alike.",
         "",
         "The loss is each library's own where it has one: retentive's `model(ids, labels=ids)` in training mode "
         "(output layer and cross-entropy block by block, `ops.linear_cross_entropy`), Hugging Face's for the "

@@ -176,6 +176,14 @@ def train_all(plan: dict, present: list[str], one: Callable[[dict], dict]) -> di
     }
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, in this process (seconds; for CI)")
@@ -184,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", help="override the decode contexts")
     parser.add_argument("--train-tokens", type=int, nargs="+", help="override the training lengths")
     parser.add_argument("--chunk-size", type=int, help="retentive's chunk size (prefill and training)")
-    parser.add_argument("--train-rounds", type=int, help="processes per training cell, interleaved across models")
+    parser.add_argument(
+        "--train-rounds", type=_positive, help="timings per training cell, in rounds interleaved across models"
+    )
     parser.add_argument(
         "--threads", type=int, help="torch threads per measurement (default all cores; 1 on a busy machine)"
     )
