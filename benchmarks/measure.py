@@ -114,15 +114,15 @@ def train_memory(spec: dict) -> dict:
 
     Run it in a process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``run.py`` does): every buffer above
     64 KiB is then its own mapping, returned to the system when freed, so the resident set follows the live
-    tensors. After a warm-up step at a short length (one-time setup), the kernel's high-water mark is reset
+    tensors. After a warm-up step of the same length (one-time setup: lazily built caches, and the gated norm
+    that retentive compiles at this size, ~64 MiB of compiler state), the kernel's high-water mark is reset
     (``/proc/self/clear_refs``); the peak is ``VmHWM - VmRSS`` around the measured step. Linux only.
     """
     kwargs = {k: spec[k] for k in ("mode", "chunk_size", "loss") if k in spec}
     adapter = peers.build(spec["model"], _dims(spec), **kwargs)
     adapter.model.train()
-    short = torch.randint(0, adapter.dims.vocab_size, (1, min(64, spec["tokens"])))
     tokens = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
-    adapter.train_loss(short).backward()
+    adapter.train_loss(tokens).backward()
     adapter.model.zero_grad(set_to_none=False)  # gradients stay allocated: the measured step only fills them
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_bytes("VmRSS")

@@ -232,7 +232,7 @@ def speed_markdown(results: dict, prefix: str) -> str:
         _grid("tokens", lengths, tr, lambda x: x["tokens_per_s"], 0),
         "",
         "#### Training: peak memory of one forward+backward, MiB (model, inputs and gradients excluded; "
-        "VmHWM - VmRSS in a process with glibc's mmap threshold at 64 KiB)",
+        "VmHWM - VmRSS in a process with glibc's mmap threshold at 64 KiB, after a warm-up step of the same length)",
         "",
         _grid("tokens", lengths, tr, lambda x: x["step_peak_bytes"] / MiB, 0),
     ]

@@ -1,4 +1,5 @@
-"""The fused gate ⊙ GroupNorm (layers/gated_norm.py) against the unfused ops, values and gradients."""
+"""The fused gate ⊙ GroupNorm (layers/gated_norm.py) against the unfused ops, values and gradients, eager and
+through torch.compile."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retentive.layers.gated_norm import FUSED_GATES, gated_head_norm
+from retentive.layers import gated_norm
+from retentive.layers.gated_norm import COMPILE_MIN_NUMEL, FUSED_GATES, gated_head_norm
 
 F64 = torch.float64
 
@@ -18,10 +20,7 @@ def unfused(o, g, weight, bias, gate, eps):
     return FUSED_GATES[gate][0](g) * y
 
 
-@pytest.mark.parametrize("gate", sorted(FUSED_GATES))
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 1e-5)])
-def test_fused_matches_unfused(gate, affine, dtype, tol):
+def check_against_unfused(gate, affine, dtype, tol, compile):
     B, H, T, Dv = 2, 3, 11, 8
     gen = torch.Generator().manual_seed(0)
 
@@ -33,8 +32,47 @@ def test_fused_matches_unfused(gate, affine, dtype, tol):
     dout = torch.randn(B, T, H * Dv, generator=gen, dtype=F64).to(dtype)
     leaves = [t for t in (o, g, weight, bias) if t is not None]
     results = []
-    for fn in (gated_head_norm, unfused):
+    for fn in (lambda *a: gated_head_norm(*a, compile=compile), unfused):
         out = fn(o, g, weight, bias, gate, 1e-6)
         results.append([out, *torch.autograd.grad(out, leaves, dout)])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("gate", sorted(FUSED_GATES))
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_matches_unfused(gate, affine, dtype, tol):
+    check_against_unfused(gate, affine, dtype, tol, compile=False)
+
+
+# each case compiles both passes (seconds): the two gate kinds, with and without affine, both dtypes
+@pytest.mark.parametrize("gate,affine,dtype,tol", [("swish", True, torch.float32, 1e-5), ("gelu", False, F64, 1e-12)])
+def test_compiled_matches_unfused(gate, affine, dtype, tol):
+    check_against_unfused(gate, affine, dtype, tol, compile=True)
+
+
+def test_compile_failure_falls_back_to_the_eager_ops(monkeypatch):
+    def broken(fn):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(gated_norm, "_compiled", broken)
+    monkeypatch.setattr(gated_norm, "_compile_failed", False)
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        check_against_unfused("swish", True, torch.float32, 1e-5, compile=True)
+    assert gated_norm._compile_failed  # not tried again: the next call is silent
+    check_against_unfused("swish", True, torch.float32, 1e-5, compile=True)
+
+
+def test_compile_by_default_on_large_cpu_inputs(monkeypatch):
+    small, large = torch.empty(COMPILE_MIN_NUMEL - 1), torch.empty(COMPILE_MIN_NUMEL)
+    monkeypatch.delenv("RETENTIVE_COMPILE_NORM", raising=False)
+    assert (gated_norm._compile_by_default(small), gated_norm._compile_by_default(large)) == (False, True)
+    assert not gated_norm._compile_by_default(torch.empty(COMPILE_MIN_NUMEL, device="meta"))
+    monkeypatch.setenv("RETENTIVE_COMPILE_NORM", "0")
+    assert not gated_norm._compile_by_default(large)
+    monkeypatch.setenv("RETENTIVE_COMPILE_NORM", "1")
+    assert gated_norm._compile_by_default(small)
+    monkeypatch.setenv("RETENTIVE_COMPILE_NORM", "yes")
+    with pytest.raises(ValueError, match="RETENTIVE_COMPILE_NORM must be 0, 1 or unset, got 'yes'"):
+        gated_norm._compile_by_default(small)
