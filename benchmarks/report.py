@@ -186,7 +186,10 @@ def speed_markdown(results: dict, prefix: str) -> str:
         f"Command: `{meta['command'].strip()}` (under the benchmark environment, `make bench`). "
         f"Every model: {dims['num_layers']} layers, d={dims['dim_model']}, {dims['num_heads']} heads, "
         f"vocabulary {dims['vocab_size']}, parameters matched within 0.1% (the Transformer's MLP width and the "
-        "peers' FFN width are solved for it). Each configuration runs in a fresh process.",
+        "peers' FFN width are solved for it).",
+        f"Every timed cell (decode, prefill, training) runs in {plan.get('rounds', 1)} round(s) that visit every "
+        "model at every size in turn, a fresh process per cell and round (except in --quick mode); the best round "
+        "counts, so that a slow spell of this shared machine falls on all models alike.",
         "",
     ]
     for name, reason in results["missing"].items():
@@ -219,10 +222,6 @@ def speed_markdown(results: dict, prefix: str) -> str:
         _grid("", ["seconds"], {m: {"seconds": pre[m]} for m in pre}, lambda x: x["seconds"], 2),
         "",
         "#### Training: forward+backward tokens/s, one sequence, best of 3 steps after a warm-up (higher is better)",
-        "",
-        f"Each cell is timed in {plan.get('train_rounds', 1)} round(s) that visit every model at every length in "
-        "turn (a fresh process per cell and round, except in --quick mode); the best round counts, so a slow "
-        "spell of this shared machine falls on all models alike.",
         "",
         "The loss is each library's own where it has one: retentive's `model(ids, labels=ids)` in training mode "
         "(output layer and cross-entropy block by block, `ops.linear_cross_entropy`), Hugging Face's for the "

@@ -55,3 +55,18 @@ def test_quick_speed_run_writes_results_tables_and_plots(tmp_path):
     assert "PASS" in text or "FAIL" in text
     assert (tmp_path / "bench_quick_decode.png").stat().st_size > 0
     assert (tmp_path / "bench_quick_train.png").stat().st_size > 0
+
+
+def test_best_of_rounds_interleaves_cells_keeps_the_best_and_drops_failures():
+    times = {"a": [3.0, 1.0], "b": [2.0, 5.0], "broken": [None, 1.0]}
+    calls = []
+
+    def one(spec):
+        calls.append(spec["key"])
+        t = times[spec["key"]][sum(c == spec["key"] for c in calls) - 1]
+        return {"error": "crashed"} if t is None else {"seconds": t}
+
+    cells = {key: {"key": key} for key in times}
+    best = run.best_of_rounds(cells, 2, one, lambda x, y: x["seconds"] < y["seconds"])
+    assert calls == ["a", "b", "broken", "a", "b"]  # round by round; a failed cell is not tried again
+    assert best == {"a": {"seconds": 1.0}, "b": {"seconds": 2.0}, "broken": {"error": "crashed"}}
