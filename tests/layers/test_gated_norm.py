@@ -76,3 +76,23 @@ def test_compile_by_default_on_large_cpu_inputs(monkeypatch):
     monkeypatch.setenv("RETENTIVE_COMPILE_NORM", "yes")
     with pytest.raises(ValueError, match="RETENTIVE_COMPILE_NORM must be 0, 1 or unset, got 'yes'"):
         gated_norm._compile_by_default(small)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_half_precision_stays_near_float64(dtype, tol, compile):
+    """Relative to the unfused ops in float64 on the same (rounded) inputs: output and every gradient."""
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(*shape, generator=gen).to(dtype) for shape in ((2, 3, 11, 8), (2, 11, 24), (24,), (24,))]
+    dout = torch.randn(2, 11, 24, generator=gen).to(dtype)
+
+    def run(fn, work):
+        leaves = [t.to(work).requires_grad_() for t in inputs]
+        out = fn(*leaves, "swish", 1e-6)
+        return [out, *torch.autograd.grad(out, leaves, dout.to(work))]
+
+    want = run(unfused, F64)
+    got = run(lambda *args: gated_head_norm(*args, compile=compile), dtype)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        assert (g.double() - w).abs().max() <= tol * w.abs().max()
