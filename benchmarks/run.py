@@ -173,8 +173,11 @@ def train_all(plan: dict, present: list[str], one: Callable[[dict], dict]) -> di
             elif model != "transformer":
                 spec["chunk_size"] = plan["peer_chunk_size"]
             cells[label, tokens] = spec
-    too_long = {key for key, spec in cells.items() if spec.get("mode") == "parallel"}
-    too_long = {key for key in too_long if cells[key]["tokens"] > plan["parallel_max_tokens"]}
+    too_long = {
+        key
+        for key, spec in cells.items()
+        if spec.get("mode") == "parallel" and spec["tokens"] > plan["parallel_max_tokens"]
+    }
     timed = {key: spec for key, spec in cells.items() if key not in too_long}
     best = best_of_rounds(timed, plan["rounds"], one, _more_tokens_per_s)
     best |= {key: {"error": "skipped: the parallel form's (H, T, T) matrices do not fit"} for key in too_long}
