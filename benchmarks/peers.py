@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from retentive import RetentionState
 from retentive.baselines import count_parameters, llama_config_matching
-from retentive.models import RetNetCache, RetNetConfig, RetNetForCausalLM
+from retentive.models import CACHE_NAME, RetNetCache, RetNetConfig, RetNetForCausalLM, cache_of
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Retentive:
         self.model = RetNetForCausalLM(retnet_config(dims, chunk_size=chunk_size))
 
     def prefill(self, tokens: Tensor) -> RetNetCache:
-        return self.model(tokens, use_cache=True, mode="chunkwise", logits_to_keep=1).past_key_values
+        return cache_of(self.model(tokens, use_cache=True, mode="chunkwise", logits_to_keep=1))
 
     def synthetic_state(self, batch_size: int, context: int) -> RetNetCache:
         cfg = self.model.config
@@ -99,8 +99,8 @@ class Retentive:
         return RetNetCache(states, seen_tokens=context)
 
     def decode_step(self, token: Tensor, state: RetNetCache) -> tuple[Tensor, RetNetCache]:
-        out = self.model(token, past_key_values=state, use_cache=True)
-        return out.logits[:, -1], out.past_key_values
+        out = self.model(token, cache=state, use_cache=True)
+        return out.logits[:, -1], cache_of(out)
 
     def train_loss(self, tokens: Tensor) -> Tensor:
         if self.loss == "fused":
@@ -126,7 +126,7 @@ class Transformer:
         self.model = LlamaForCausalLM(config)
 
     def prefill(self, tokens: Tensor):
-        return self.model(input_ids=tokens, use_cache=True, logits_to_keep=1).past_key_values
+        return cache_of(self.model(input_ids=tokens, use_cache=True, logits_to_keep=1))
 
     def synthetic_state(self, batch_size: int, context: int):
         from transformers import DynamicCache
@@ -139,8 +139,8 @@ class Transformer:
         return cache
 
     def decode_step(self, token: Tensor, state):
-        out = self.model(input_ids=token, past_key_values=state, use_cache=True)
-        return out.logits[:, -1], out.past_key_values
+        out = self.model(input_ids=token, use_cache=True, **{CACHE_NAME: state})
+        return out.logits[:, -1], cache_of(out)
 
     def train_loss(self, tokens: Tensor) -> Tensor:
         return self.model(input_ids=tokens, labels=tokens, use_cache=False).loss  # Hugging Face's causal LM loss

@@ -8,6 +8,7 @@ from . import ops
 from .layers import FeedForward, MultiScaleRetention, RetNetBlock
 from .models import (
     RetNet,
+    RetNetCache,
     RetNetConfig,
     RetNetForCausalLM,
     RetNetModel,
@@ -15,6 +16,7 @@ from .models import (
     RMTForImageClassification,
     ViRConfig,
     ViRForImageClassification,
+    cache_of,
 )
 from .ops import RetentionState, retention
 
@@ -27,12 +29,14 @@ __all__ = [
     "RMTForImageClassification",
     "RetNet",
     "RetNetBlock",
+    "RetNetCache",
     "RetNetConfig",
     "RetNetForCausalLM",
     "RetNetModel",
     "RetentionState",
     "ViRConfig",
     "ViRForImageClassification",
+    "cache_of",
     "ops",
     "retention",
 ]

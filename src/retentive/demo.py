@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .models import RetNetConfig, RetNetForCausalLM
+from .models import RetNetConfig, RetNetForCausalLM, cache_of
 from .streamer import TokenStreamer
 from .training import TrainConfig
 from .training.lm import LMConfig, train_language_model, unigram_perplexity
@@ -67,15 +67,15 @@ def greedy_by_form(model: RetNetForCausalLM, prompt: torch.Tensor, new_tokens: i
             ids = torch.cat([ids, nxt], dim=1)
     cache, logits = None, None
     for t in range(prompt.shape[1]):
-        step = model(prompt[:, t : t + 1], past_key_values=cache, use_cache=True, mode="recurrent")
-        cache, logits = step.past_key_values, step.logits[:, -1]
+        step = model(prompt[:, t : t + 1], cache=cache, use_cache=True, mode="recurrent")
+        cache, logits = cache_of(step), step.logits[:, -1]
     out["recurrent"], last_logits["recurrent"] = [], []
     for _ in range(new_tokens):
         nxt = logits.argmax(-1, keepdim=True)
         out["recurrent"].append(int(nxt))
         last_logits["recurrent"].append(logits)
-        step = model(nxt, past_key_values=cache, use_cache=True, mode="recurrent")
-        cache, logits = step.past_key_values, step.logits[:, -1]
+        step = model(nxt, cache=cache, use_cache=True, mode="recurrent")
+        cache, logits = cache_of(step), step.logits[:, -1]
     ref = torch.cat(last_logits["parallel"])
     diff = max((torch.cat(last_logits[m]) - ref).abs().max().item() for m in ("chunkwise", "recurrent"))
     return out, diff
@@ -93,13 +93,13 @@ def decode_timings(model: RetNetForCausalLM, contexts: list[int], steps: int = 3
     for context in contexts:
         prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=gen)
         out = model(prompt, use_cache=True, mode="chunkwise", chunk_size=chunk_size)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+        cache, nxt = cache_of(out), out.logits[:, -1:].argmax(-1)  # (1, 1)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, cache=cache, use_cache=True)
             times.append(time.perf_counter() - t0)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, nxt = cache_of(out), out.logits[:, -1:].argmax(-1)
         times.sort()
         rows.append((context, times[len(times) // 2], cache.nbytes()))
     return rows

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import re
+import warnings
 from unittest import mock
 
 import pytest
@@ -14,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
 from retentive import MultiScaleRetention, RetNetConfig, RetNetForCausalLM
-from retentive.models import RetNetCache
+from retentive.models import CACHE_NAME, RetNetCache, cache_of
 
 logging.disable_progress_bar()
 V = 64  # vocabulary of the test models
@@ -65,7 +67,7 @@ def test_loss_is_the_shifted_cross_entropy_ignoring_minus_100(model: RetNetForCa
     labels = ids.clone()
     labels[0, 3] = -100
     out = model(ids, labels=labels)
-    assert out.past_key_values is None  # scoring needs no state
+    assert cache_of(out) is None  # scoring needs no state
     logp = out.logits.log_softmax(-1)[:, :-1]  # (B, T-1, V): position t predicts t + 1
     keep = labels[:, 1:] != -100
     nll = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
@@ -119,9 +121,9 @@ def test_bfloat16_model_keeps_a_float32_state_and_follows_the_float32_model() ->
     want = model(ids, use_cache=False).logits
     out = half(ids, use_cache=True)
     assert out.logits.dtype == torch.bfloat16
-    assert all(s.S.dtype == s.z.dtype == torch.float32 for s in out.past_key_values.states)
+    assert all(s.S.dtype == s.z.dtype == torch.float32 for s in cache_of(out).states)
     torch.testing.assert_close(out.logits.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-    step = half(ids[:, :1], past_key_values=out.past_key_values).logits
+    step = half(ids[:, :1], cache=cache_of(out)).logits
     assert step.dtype == torch.bfloat16 and bool(step.isfinite().all())
 
 
@@ -133,7 +135,7 @@ def test_prefill_then_cached_steps_equal_the_full_forward_with_left_padding(mode
     steps = [out.logits[:, -1]]
     for t in range(5):
         tok = torch.cat([c[:, t] for c in cont])[:, None]  # (B, 1)
-        steps.append(model(tok, past_key_values=out.past_key_values).logits[:, -1])
+        steps.append(model(tok, cache=cache_of(out)).logits[:, -1])
     for b, row in enumerate(rows):
         full = model(torch.cat([row, cont[b]], dim=1), use_cache=False).logits[0, row.shape[1] - 1 :]
         torch.testing.assert_close(torch.stack([s[b] for s in steps]), full, rtol=1e-9, atol=1e-9)
@@ -145,20 +147,49 @@ def test_prefill_then_cached_steps_equal_the_full_forward_with_left_padding(mode
 def test_cache_size_does_not_depend_on_length() -> None:
     model = small_model(torch.float32)
     ids = prompts([10])[0]
-    after_10 = model(ids).past_key_values
+    after_10 = cache_of(model(ids))
     out = model.generate(ids, max_new_tokens=990, min_new_tokens=990, do_sample=False, return_dict_in_generate=True)
-    after_1000 = out.past_key_values
+    after_1000 = cache_of(out)
     assert out.sequences.shape[1] == after_1000.get_seq_length() + 1 == 1000  # the last token is not read yet
     assert isinstance(after_1000, RetNetCache) and len(after_1000) == 2
     assert after_10.nbytes() == after_1000.nbytes() > 0
 
 
 def test_cache_rejects_rollback_and_other_caches(model: RetNetForCausalLM) -> None:
-    cache = model(prompts([3])[0]).past_key_values
+    cache = cache_of(model(prompts([3])[0]))
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(1)
     with pytest.raises(TypeError, match="RetNetCache"):
-        model(prompts([3])[0], past_key_values=object())
+        model(prompts([3])[0], cache=object())
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_forward_takes_the_cache_under_its_current_and_its_older_name(model: RetNetForCausalLM, name: str) -> None:
+    """transformers 5.24 renamed past_key_values to cache; generate() of every release passes one of the two."""
+    ids = prompts([9])[0]
+    full = model(ids, use_cache=False).logits[:, -1]
+    prefix = cache_of(model(ids[:, :-1], use_cache=True))
+    step = model(ids[:, -1:], **{name: prefix})
+    torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-9, atol=1e-9)
+    assert cache_of(step) is prefix and prefix.get_seq_length() == 9  # updated in place, returned under CACHE_NAME
+    with pytest.raises(TypeError, match="given twice"):
+        model(ids[:, -1:], cache=prefix, past_key_values=prefix)
+
+
+def test_generate_logs_no_deprecation_warning(model: RetNetForCausalLM) -> None:
+    """The demo's output stays clean: nothing in the generation path uses a name transformers deprecates."""
+    said = []
+    record = lambda _logger, *args, **kwargs: said.append(str(args))  # transformers' warning_once is memoized
+    with (
+        mock.patch.object(std_logging.Logger, "warning_once", record, create=True),
+        mock.patch.object(std_logging.Logger, "warning", record),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        out = model.generate(prompts([6])[0], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    said += [str(w.message) for w in caught]
+    assert isinstance(cache_of(out), RetNetCache)
+    assert not [m for m in said if "deprecat" in m.lower()], said
 
 
 # --- generate() -------------------------------------------------------------------------------------------------
@@ -199,8 +230,8 @@ def test_generation_continues_from_its_returned_cache(model: RetNetForCausalLM) 
     prompt = prompts([7], seed=5)[0]
     whole = model.generate(prompt, max_new_tokens=12, do_sample=False)
     first = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    assert first.past_key_values.get_seq_length() == 11  # the last generated token is not read yet
-    rest = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=7, do_sample=False)
+    assert cache_of(first).get_seq_length() == 11  # the last generated token is not read yet
+    rest = model.generate(first.sequences, **{CACHE_NAME: cache_of(first)}, max_new_tokens=7, do_sample=False)
     assert torch.equal(rest, whole)
 
 

@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_retnet import RetNetCache
+from .cache_retnet import CACHE_NAME, RetNetCache, cache_of
 from .configuration_retnet import PRESETS, RetNetConfig
 from .modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
 from .retnet import RetNet
@@ -14,6 +14,7 @@ AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)
 AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM, exist_ok=True)
 
 __all__ = [
+    "CACHE_NAME",
     "PRESETS",
     "RMT_PRESETS",
     "VIR_PRESETS",
@@ -27,4 +28,5 @@ __all__ = [
     "RetNetPreTrainedModel",
     "ViRConfig",
     "ViRForImageClassification",
+    "cache_of",
 ]

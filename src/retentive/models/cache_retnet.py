@@ -6,10 +6,40 @@ Unlike a key-value cache it cannot be cropped: a recurrent state cannot forget i
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from transformers import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..ops import RetentionState
+
+# transformers 5.24 renamed the cache of generate() and of the model outputs from ``past_key_values`` to ``cache``
+# (the old name still works there, with a deprecation warning). The models accept both names and fill the output
+# field under the installed release's name, so one code path serves every release pyproject.toml admits.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+LEGACY_CACHE_NAME = "past_key_values"
+
+
+def take_cache(cache: Any, kwargs: dict[str, Any]) -> RetNetCache | None:
+    """The cache a forward was given as ``cache=`` or as ``past_key_values=`` (popped from ``kwargs``).
+
+    Raises TypeError if both names are given, or if the object is not a :class:`RetNetCache`.
+    """
+    legacy = kwargs.pop(LEGACY_CACHE_NAME, None)
+    if legacy is not None:
+        if cache is not None:
+            raise TypeError(f"the cache was given twice: pass it as cache= or as {LEGACY_CACHE_NAME}=, not both")
+        cache = legacy
+    if cache is not None and not isinstance(cache, RetNetCache):
+        raise TypeError(f"cache must be a RetNetCache (what this model returns), got {type(cache).__name__}")
+    return cache
+
+
+def cache_of(output: Any) -> RetNetCache | None:
+    """The cache of a model output, whichever name the installed transformers gives it (``out.cache`` from 5.24)."""
+    return getattr(output, CACHE_NAME)
 
 
 class RetNetCache(Cache):
@@ -54,6 +84,12 @@ class RetNetCache(Cache):
     @property
     def batch_size(self) -> int:
         return -1 if self.states is None else self.states[0].S.shape[0]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """False for every layer: this cache counts the positions it has read as a key-value cache does, so
+        generate() slices a continued prompt by ``get_seq_length()`` (5.24 slices none for linear caches)."""
+        return [False] * len(self)
 
     @property
     def is_initialized(self) -> bool:

@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 from ..layers import ACTIVATIONS, GATES, HEAD_NORMS
 from ..ops import MODES, SCHEDULES
+from .cache_retnet import CACHE_NAME
 
 # The paper (Sun et al. 2023, Table 2) gives d, layers, heads and FFN width, not the vocabulary; it trains on a
 # ~100k-token BPE. We use 100,352: a cl100k-sized BPE (100,277 tokens) padded to a multiple of 128.
@@ -38,7 +39,7 @@ class RetNetConfig(PretrainedConfig):
     """
 
     model_type: ClassVar[str] = "retnet"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = [CACHE_NAME]
     attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "dim_model",
         "num_hidden_layers": "num_layers",

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
 from ..ops import linear_cross_entropy
-from .cache_retnet import RetNetCache
+from .cache_retnet import CACHE_NAME, RetNetCache, take_cache
 from .configuration_retnet import RetNetConfig
 from .retnet import RetNet
 
@@ -110,7 +110,7 @@ class RetNetModel(RetNetPreTrainedModel):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
-        past_key_values: RetNetCache | None = None,
+        cache: RetNetCache | None = None,
         use_cache: bool | None = None,
         mode: str | None = None,
         chunk_size: int | None = None,
@@ -125,28 +125,27 @@ class RetNetModel(RetNetPreTrainedModel):
             attention_mask: (B, T) 1 on real tokens, 0 on LEFT padding. Padding belongs to the first call of
                 a stream: padded tokens add nothing to the state and each row's positions start at its first
                 real token. With a cache that already holds a state, the mask is ignored.
-            past_key_values: the cache a previous call returned (it is updated in place), or None.
+            cache: the cache a previous call returned (it is updated in place), or None; ``past_key_values``
+                is accepted as the same argument (its name before transformers 5.24).
             use_cache: return the cache; defaults to ``config.use_cache`` in eval mode and False in training.
             mode: ``"parallel"`` | ``"chunkwise"`` | ``"recurrent"``; by default, ``config.mode`` without cache,
                 the chunkwise form to fill a cache and the recurrent form for one token after a cache.
             chunk_size: tokens per chunk of the chunkwise form; defaults to ``config.chunk_size``.
         Returns:
-            BaseModelOutputWithPast with last_hidden_state (B, T, d) and past_key_values (or None).
+            BaseModelOutputWithPast with last_hidden_state (B, T, d) and the cache (or None), under the name
+            the installed transformers uses (``cache``, or ``past_key_values`` before 5.24).
         """
+        cache = take_cache(cache, kwargs)
         _reject_unused(kwargs)
-        if past_key_values is not None and not isinstance(past_key_values, RetNetCache):
-            raise TypeError(
-                f"past_key_values must be a RetNetCache (what this model returns), got {type(past_key_values).__name__}"
-            )
         # reading ids back is a host sync; on accelerators the decoding steps after a cache skip it
-        check_range = input_ids.device.type == "cpu" or past_key_values is None or past_key_values.states is None
+        check_range = input_ids.device.type == "cpu" or cache is None or cache.states is None
         self._check_input_ids(input_ids, check_range)
         B, T = input_ids.shape
         if use_cache is None:
-            use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
-        states = None if past_key_values is None else past_key_values.states
-        if states is not None and past_key_values.batch_size != B:
-            raise ValueError(f"past_key_values holds {past_key_values.batch_size} rows but input_ids has {B}")
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
+        states = None if cache is None else cache.states
+        if states is not None and cache.batch_size != B:
+            raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {B}")
         if mode is None:
             mode = ("recurrent" if T == 1 else "chunkwise") if states is not None or use_cache else self.config.mode
         padding_mask = None if states is not None else self._padding_mask(attention_mask, T)
@@ -160,14 +159,15 @@ class RetNetModel(RetNetPreTrainedModel):
             padding_mask=padding_mask,
             return_state=use_cache,
         )
-        cache = None
         if use_cache:
             x, new_states = x
-            cache = RetNetCache() if past_key_values is None else past_key_values
+            cache = RetNetCache() if cache is None else cache
             cache.update_states(new_states, T)
+        else:
+            cache = None
         if not return_dict:  # as ModelOutput.to_tuple(), without building one (it costs ~30 us per decoded token)
             return (x,) if cache is None else (x, cache)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache})
 
     def _check_input_ids(self, input_ids: Tensor, check_range: bool) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
@@ -236,7 +236,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         input_ids: Tensor,
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        past_key_values: RetNetCache | None = None,
+        cache: RetNetCache | None = None,
         use_cache: bool | None = None,
         mode: str | None = None,
         chunk_size: int | None = None,
@@ -248,7 +248,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         """Next-token logits, and the loss if ``labels`` are given.
 
         Args:
-            input_ids, attention_mask, past_key_values, use_cache, mode, chunk_size: see :meth:`RetNetModel.forward`.
+            input_ids, attention_mask, cache (or past_key_values), use_cache, mode, chunk_size: see
+                :meth:`RetNetModel.forward`.
             labels: (B, T) targets aligned with ``input_ids`` (the shift happens here: position t predicts
                 labels[t + 1]); -100 is ignored. With labels and no cache, use_cache defaults to False.
             logits_to_keep: if > 0, logits of the last ``logits_to_keep`` positions only (generate() uses 1).
@@ -257,14 +258,15 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 (B, T, V) logits and their gradient would be the largest tensors of the step.
         Returns:
             CausalLMOutputWithPast with loss (scalar, float32 or wider, or None), logits (B, T', vocab_size) or
-            None, and past_key_values.
+            None, and the cache (see :meth:`RetNetModel.forward`).
         """
-        if use_cache is None and labels is not None and past_key_values is None:
+        cache = take_cache(cache, kwargs)
+        if use_cache is None and labels is not None and cache is None:
             use_cache = False  # a loss needs no state: score in config.mode, as in training
         h, *cache = self.model(
             input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             mode=mode,
             chunk_size=chunk_size,
@@ -285,7 +287,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         else:
             logits = self.lm_head(h)  # (B, T', V)
             loss = None if labels is None else F.cross_entropy(upcast(logits).flatten(0, 1), targets)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache[0] if cache else None)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache[0] if cache else None})
         return result if return_dict else result.to_tuple()
 
 
