@@ -11,6 +11,7 @@ EXPECTED = {
     "relu": lambda ffn, x: ffn.down(F.relu(ffn.up(x))),
     "swish": lambda ffn, x: ffn.down(F.silu(ffn.up(x))),
     "glu": lambda ffn, x: ffn.down(torch.sigmoid(ffn.gate(x)) * ffn.up(x)),
+    "reglu": lambda ffn, x: ffn.down(F.relu(ffn.gate(x)) * ffn.up(x)),
     "geglu": lambda ffn, x: ffn.down(F.gelu(ffn.gate(x)) * ffn.up(x)),
     "swiglu": lambda ffn, x: ffn.down(F.silu(ffn.gate(x)) * ffn.up(x)),
 }
@@ -30,6 +31,22 @@ def test_formula_shapes_and_bias(activation, bias):
     assert ffn.up.out_features == ffn.down.in_features == 40 and ffn(x).shape == x.shape
     assert (ffn.gate is not None) == activation.endswith("glu")
     assert all(m.bias is None for m in (ffn.up, ffn.down)) != bias
+
+
+@pytest.mark.parametrize("hidden_norm", ["layernorm", "rmsnorm"])
+def test_hidden_norm_sits_between_the_activation_and_the_down_projection(hidden_norm):
+    torch.manual_seed(0)
+    ffn = FeedForward(12, 40, "gelu", hidden_norm=hidden_norm, norm_eps=1e-6, dtype=torch.float64)
+    torch.nn.init.normal_(ffn.norm.weight)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    h = F.gelu(ffn.up(x))
+    if hidden_norm == "layernorm":
+        h = F.layer_norm(h, (40,), ffn.norm.weight, ffn.norm.bias, eps=1e-6)
+    else:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * ffn.norm.weight
+    torch.testing.assert_close(ffn(x), ffn.down(h), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="hidden_norm"):
+        FeedForward(12, 40, hidden_norm="batchnorm")
 
 
 def test_dropout_on_the_hidden_layer_only_in_training():

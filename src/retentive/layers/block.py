@@ -1,4 +1,4 @@
-"""The RetNet block (pre-norm): Y = X + MSR(LN(X)); X' = Y + FFN(LN(Y))."""
+"""The RetNet block (pre-norm): Y = X + MSR(LN(X)); X' = Y + FFN(LN(Y)); LN is a LayerNorm or an RMSNorm."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import RetentionState
-from .feedforward import FeedForward
+from .feedforward import FeedForward, make_norm
 from .layer_scale import layer_scale as make_layer_scale
 from .retention import MultiScaleRetention
 
@@ -18,7 +18,9 @@ class RetNetBlock(nn.Module):
         dim_model, num_heads, value_factor, gate_fn: as in :class:`MultiScaleRetention`.
         ffn_dim: hidden width of the FFN; ffn_activation: see :class:`FeedForward`.
         dropout: on each residual branch (and in the FFN).
-        norm_eps: LayerNorm epsilon.
+        norm_eps: epsilon of the block's norms.
+        norm: the block's two norms, ``"layernorm"`` (paper) or ``"rmsnorm"`` (torchscale from 2023-09-28).
+        ffn_norm: the FFN's hidden norm, ``"none"`` | ``"layernorm"`` | ``"rmsnorm"`` (see :class:`FeedForward`).
         layer_scale: initial value of a per-channel LayerScale on both branches (ViR), or None for none.
         msr_kwargs: further options of :class:`MultiScaleRetention`.
     """
@@ -36,16 +38,20 @@ class RetNetBlock(nn.Module):
         dropout: float = 0.0,
         norm_eps: float = 1e-5,
         layer_scale: float | None = None,
+        norm: str = "layernorm",
+        ffn_norm: str = "none",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **msr_kwargs,
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.norm1 = nn.LayerNorm(dim_model, eps=norm_eps, **kw)
+        self.norm1 = make_norm(norm, dim_model, norm_eps, **kw)
         self.retention = MultiScaleRetention(dim_model, num_heads, gate_fn, value_factor, **msr_kwargs, **kw)
-        self.norm2 = nn.LayerNorm(dim_model, eps=norm_eps, **kw)
-        self.ffn = FeedForward(dim_model, ffn_dim, ffn_activation, ffn_bias, dropout, **kw)
+        self.norm2 = make_norm(norm, dim_model, norm_eps, **kw)
+        self.ffn = FeedForward(
+            dim_model, ffn_dim, ffn_activation, ffn_bias, dropout, hidden_norm=ffn_norm, norm_eps=norm_eps, **kw
+        )
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # no dropout op per decoded token
         self.ls1 = make_layer_scale(dim_model, layer_scale, **kw)
         self.ls2 = make_layer_scale(dim_model, layer_scale, **kw)

@@ -8,7 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import MODES, RetentionState, apply_rotary, log_gamma, retention, retention_step, rotary_phase
+from ..ops import (
+    MODES,
+    ROTARY_ANGLES,
+    ROTARY_LAYOUTS,
+    RetentionState,
+    apply_rotary,
+    log_gamma,
+    retention,
+    retention_step,
+    rotary_phase,
+)
 from ..ops.decay import DecaySpec
 from .gated_norm import FUSED_GATES, gated_head_norm
 
@@ -22,6 +32,7 @@ class HeadNorm(nn.Module):
     ``groupnorm``: GroupNorm with one group per head (paper), learnable per-channel affine.
     ``rmsnorm``: RMS per head, no affine (later torchscale). ``layernorm``: per head, no affine.
     ``none``: identity (ViR).
+    ``weight``: give ``rmsnorm`` or ``layernorm`` a learnable per-channel weight, no bias (flash-linear-attention).
     """
 
     def __init__(
@@ -31,16 +42,20 @@ class HeadNorm(nn.Module):
         head_dim: int,
         eps: float = 1e-6,
         *,
+        weight: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if kind not in HEAD_NORMS:
             raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {kind!r}")
+        if weight and kind not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"a head norm weight needs head_norm 'rmsnorm' or 'layernorm', got {kind!r}")
         self.kind, self.eps, self.head_dim = kind, eps, head_dim
         self.weight = self.bias = None
-        if kind == "groupnorm":
+        if kind == "groupnorm" or weight:
             self.weight = nn.Parameter(torch.ones(num_heads * head_dim, device=device, dtype=dtype))
+        if kind == "groupnorm":
             self.bias = nn.Parameter(torch.zeros(num_heads * head_dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -50,7 +65,9 @@ class HeadNorm(nn.Module):
         elif self.kind in ("groupnorm", "layernorm"):  # per-head layer_norm: F.group_norm's CPU backward is slower
             x = F.layer_norm(x, (self.head_dim,), eps=self.eps)
         x = x.flatten(-2)  # (B, T, H * Dv)
-        return torch.addcmul(self.bias, x, self.weight) if self.kind == "groupnorm" else x
+        if self.bias is not None:
+            return torch.addcmul(self.bias, x, self.weight)
+        return x if self.weight is None else x * self.weight
 
     def gated(self, o: Tensor, g: Tensor | None, gate_fn: str) -> Tensor:
         """gate(g) ⊙ HeadNorm(o): o (B, H, T, Dv), g (B, T, H * Dv) or None -> (B, T, H * Dv).
@@ -62,6 +79,7 @@ class HeadNorm(nn.Module):
             g is not None
             and torch.is_grad_enabled()
             and self.kind in ("groupnorm", "layernorm")
+            and (self.weight is None) == (self.bias is None)  # the fused node takes both or neither
             and gate_fn in FUSED_GATES
         ):
             return gated_head_norm(o, g, self.weight, self.bias, gate_fn, self.eps)
@@ -83,6 +101,12 @@ class MultiScaleRetention(nn.Module):
         bias: biases in the projections.
         normalize_attn, normalize_retn: the decay and retention normalizations (SPEC §2), used when
             forward does not say otherwise.
+        value_dim: the total value width H * dv when it is not a multiple of d (torchscale's
+            ``decoder_value_embed_dim``); None means value_factor * d. Must be a multiple of num_heads.
+        head_norm_weight: a learnable per-channel weight on an ``rmsnorm`` or ``layernorm`` head norm.
+        head_norm_eps: epsilon of the head norm.
+        rotary_layout, rotary_angles, rotary_base: which features pair up and at which angles (see
+            :mod:`retentive.ops.rotary`).
     """
 
     def __init__(
@@ -98,6 +122,12 @@ class MultiScaleRetention(nn.Module):
         bias: bool = False,
         normalize_attn: bool = False,
         normalize_retn: bool = False,
+        value_dim: int | None = None,
+        head_norm_weight: bool = False,
+        head_norm_eps: float = 1e-6,
+        rotary_layout: str = "interleaved",
+        rotary_angles: str = "retnet",
+        rotary_base: float = 10000.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -106,14 +136,24 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"dim_model ({dim_model}) must be a positive multiple of num_heads ({num_heads})")
         if not (isinstance(value_factor, int) and value_factor >= 1):
             raise ValueError(f"value_factor must be an integer >= 1, got {value_factor!r}")
+        dv_all = value_factor * dim_model if value_dim is None else value_dim
+        if not isinstance(dv_all, int) or dv_all < 1 or dv_all % num_heads:
+            raise ValueError(f"value_dim must be a positive multiple of num_heads ({num_heads}), got {value_dim!r}")
+        if rotary_layout not in ROTARY_LAYOUTS:
+            raise ValueError(f"rotary_layout must be one of {ROTARY_LAYOUTS}, got {rotary_layout!r}")
+        if rotary_angles not in ROTARY_ANGLES:
+            raise ValueError(f"rotary_angles must be one of {ROTARY_ANGLES}, got {rotary_angles!r}")
+        if not rotary_base > 1:
+            raise ValueError(f"rotary_base must be > 1, got {rotary_base!r}")
         if gate_fn not in GATES:
             raise ValueError(f"gate_fn must be one of {tuple(GATES)}, got {gate_fn!r}")
         self.dim_model, self.num_heads = dim_model, num_heads
         self.key_dim = dim_model // num_heads  # dk
-        self.value_dim = value_factor * dim_model // num_heads  # dv
+        self.value_dim = dv_all // num_heads  # dv
         if rotary and self.key_dim % 2:
             raise ValueError(f"rotary needs an even head dim, got dim_model / num_heads = {self.key_dim}")
         self.gate_fn, self.rotary = gate_fn, rotary
+        self.rotary_layout, self.rotary_angles, self.rotary_base = rotary_layout, rotary_angles, float(rotary_base)
         self.normalize_attn, self.normalize_retn = normalize_attn, normalize_retn
         # the decay spec (a name or a tuple of float64 gammas) stays out of parameters and buffers, so that
         # .to(bfloat16) cannot collapse it; being hashable, the ops cache its log per device and dtype
@@ -122,11 +162,10 @@ class MultiScaleRetention(nn.Module):
 
         kw = {"device": device, "dtype": dtype}
         # W_Q, W_K, W_V (and W_G) as one matmul: [q k | v | g] = x W_in   (nanoGPT's c_attn)
-        dv_all = value_factor * dim_model
         self.split = [2 * dim_model, dv_all] + [dv_all] * (GATES[gate_fn] is not None)
         self.in_proj = nn.Linear(dim_model, sum(self.split), bias=bias, **kw)
         self.out_proj = nn.Linear(dv_all, dim_model, bias=bias, **kw)
-        self.head_norm = HeadNorm(head_norm, num_heads, self.value_dim, **kw)
+        self.head_norm = HeadNorm(head_norm, num_heads, self.value_dim, head_norm_eps, weight=head_norm_weight, **kw)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -137,6 +176,10 @@ class MultiScaleRetention(nn.Module):
         for proj in (self.in_proj, self.out_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
+
+    def rotary_phase(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """e^(i n theta) of ``positions`` (B, T) with this layer's angles: (B, 1, T, Dk/2), for tensors of ``dtype``."""
+        return rotary_phase(positions, self.key_dim, dtype, angles=self.rotary_angles, base=self.rotary_base)
 
     def forward(
         self,
@@ -180,8 +223,8 @@ class MultiScaleRetention(nn.Module):
         q, k = (t.view(B, T, H, Dk).transpose(1, 2) for t in (q, k))  # (B, H, T, Dk)
         v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
         if self.rotary:
-            phase = rotary_phase(positions_of(x, state, padding_mask), Dk, x.dtype) if rotary is None else rotary
-            q, k = apply_rotary(q, phase), apply_rotary(k, phase)  # phase: (B, 1, T, Dk/2)
+            phase = self.rotary_phase(positions_of(x, state, padding_mask), x.dtype) if rotary is None else rotary
+            q, k = (apply_rotary(t, phase, self.rotary_layout) for t in (q, k))  # phase: (B, 1, T, Dk/2)
         if padding_mask is not None:
             keep = padding_mask[:, None, :, None].to(x.dtype)  # (B, 1, T, 1)
             k, v = k * keep, v * keep
@@ -214,7 +257,7 @@ class MultiScaleRetention(nn.Module):
         qk, v, *g = F.linear(x, self.in_proj.weight, self.in_proj.bias).split_with_sizes(self.split, dim=-1)
         qk = qk.view(B, 2 * H, 1, Dk)  # one token: (B, 1, 2H * Dk) is already head-major
         if self.rotary:
-            qk = apply_rotary(qk, rotary)
+            qk = apply_rotary(qk, rotary, self.rotary_layout)
         q, k = qk[:, :H], qk[:, H:]  # (B, H, 1, Dk)
         o, state = retention_step(
             q,

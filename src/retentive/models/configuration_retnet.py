@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 from transformers import PretrainedConfig
 
 from ..layers import ACTIVATIONS, GATES, HEAD_NORMS
-from ..ops import MODES, SCHEDULES
+from ..layers.feedforward import HIDDEN_NORMS
+from ..ops import MODES, ROTARY_ANGLES, ROTARY_LAYOUTS, SCHEDULES
 from .cache_retnet import CACHE_NAME
 
 # The paper (Sun et al. 2023, Table 2) gives d, layers, heads and FFN width, not the vocabulary; it trains on a
@@ -72,6 +73,18 @@ class RetNetConfig(PretrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # What the public checkpoints need (torchscale, syncdoth/RetNet, flash-linear-attention; see models/convert);
+    # each default keeps the model above unchanged.
+    value_dim: int | None = None  # H * dv when it is not value_factor * d (torchscale's decoder_value_embed_dim)
+    norm: str = "layernorm"  # the block, final and embedding norms: layernorm | rmsnorm (torchscale from 2023-09-28)
+    ffn_norm: str = "none"  # a norm on the FFN's hidden activations: none | layernorm | rmsnorm (torchscale's subln)
+    head_norm_weight: bool = False  # a learnable per-channel weight on an rmsnorm or layernorm head norm (fla)
+    head_norm_eps: float = 1e-6  # epsilon of the head norm
+    rotary_layout: str = "interleaved"  # the rotated pairs: interleaved (x_2i, x_2i+1) | halves (x_i, x_i+dk/2) (fla)
+    rotary_angles: str = "retnet"  # retnet: base^(-i/(dk/2-1)) (torchscale) | rope: base^(-2i/dk) (fla)
+    rotary_base: float = 10000.0
+    scale_embedding: bool = False  # multiply the token embeddings by sqrt(d) (torchscale's no_scale_embedding=False)
+    embed_norm: bool = False  # a norm of kind `norm` after the embeddings (torchscale's layernorm_embedding)
 
     def __post_init__(self, **kwargs) -> None:
         if self.ffn_dim is None:
@@ -94,7 +107,8 @@ class RetNetConfig(PretrainedConfig):
     @property
     def head_dims(self) -> tuple[int, int]:
         """(dk, dv): the key and value width of one head."""
-        return self.dim_model // self.num_heads, self.value_factor * self.dim_model // self.num_heads
+        value_dim = self.value_factor * self.dim_model if self.value_dim is None else self.value_dim
+        return self.dim_model // self.num_heads, value_dim // self.num_heads
 
     def validate(self) -> None:
         """Raise ValueError naming the field if this config cannot build a working model."""
@@ -112,11 +126,22 @@ class RetNetConfig(PretrainedConfig):
                 f"rotary needs an even head dim, got dim_model / num_heads = {self.dim_model // self.num_heads}: "
                 "change dim_model or num_heads, or set rotary=False"
             )
+        if self.value_dim is not None and (
+            not isinstance(self.value_dim, int) or self.value_dim < 1 or self.value_dim % self.num_heads
+        ):
+            raise ValueError(
+                f"value_dim must be None (value_factor * dim_model) or a positive multiple of num_heads "
+                f"({self.num_heads}), got {self.value_dim!r}"
+            )
         for name, allowed in (
             ("ffn_activation", tuple(ACTIVATIONS)),
             ("gate_fn", tuple(GATES)),
             ("head_norm", HEAD_NORMS),
             ("mode", MODES),
+            ("norm", ("layernorm", "rmsnorm")),
+            ("ffn_norm", HIDDEN_NORMS),
+            ("rotary_layout", ROTARY_LAYOUTS),
+            ("rotary_angles", ROTARY_ANGLES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -127,8 +152,16 @@ class RetNetConfig(PretrainedConfig):
             raise ValueError(f"decay must give one gamma in (0, 1) per head ({self.num_heads}), got {self.decay!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.head_norm_weight and self.head_norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(
+                f"head_norm_weight=True needs head_norm 'rmsnorm' or 'layernorm', got {self.head_norm!r} "
+                "(groupnorm always has its weight and bias)"
+            )
+        for name in ("norm_eps", "head_norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.rotary_base > 1:
+            raise ValueError(f"rotary_base must be > 1, got {self.rotary_base!r}")
         if not self.initializer_range > 0:
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}")
         for name in ("pad_token_id", "bos_token_id"):

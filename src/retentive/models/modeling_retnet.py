@@ -7,7 +7,11 @@ is a :class:`RetNetCache`: one retention state per layer, whose size does not de
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,10 +24,13 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
+from ..layers.feedforward import make_norm
 from ..ops import linear_cross_entropy
 from .cache_retnet import CACHE_NAME, RetNetCache, take_cache
 from .configuration_retnet import RetNetConfig
 from .retnet import RetNet
+
+logger = logging.getLogger(__name__)
 
 
 class RetNetPreTrainedModel(PreTrainedModel):
@@ -38,11 +45,19 @@ class RetNetPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
-        """Load a model saved with ``save_pretrained`` from a local directory (nothing is downloaded).
+        """Load a ``save_pretrained`` folder, a Hugging Face Hub id, or a foreign RetNet checkpoint.
 
-        A missing directory or a missing, truncated or corrupt weights file raises OSError naming the path.
+        A Hub id (``"owner/name"`` that is no local path) goes through ``huggingface_hub.snapshot_download``, which
+        honours ``HF_HUB_OFFLINE``, ``HF_HOME`` / ``HF_HUB_CACHE`` and the ``revision``, ``cache_dir``, ``token`` and
+        ``local_files_only`` arguments. A folder (or file) in a layout of :mod:`retentive.models.convert`
+        (torchscale, syncdoth/RetNet, flash-linear-attention) is converted on load, in ``dtype`` (default: the
+        source's). A missing directory or a missing, truncated or corrupt weights file raises OSError naming the path.
         """
         path = Path(pretrained_model_name_or_path)
+        if not path.exists() and _is_hub_id(str(pretrained_model_name_or_path)):
+            path = _download(str(pretrained_model_name_or_path), kwargs)
+        if foreign := _foreign_layout(path):
+            return cls._convert_on_load(path, foreign, kwargs)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such checkpoint directory (write one with model.save_pretrained)")
         files = sorted(path.glob("*.safetensors"))
@@ -56,6 +71,23 @@ class RetNetPreTrainedModel(PreTrainedModel):
                 raise OSError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
         return super().from_pretrained(path, *args, **kwargs)
 
+    @classmethod
+    def _convert_on_load(cls, path: Path, layout: str, kwargs: dict):
+        from .convert import build, convert
+
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        dtype = None if dtype == "auto" else dtype
+        source_config = kwargs.pop("source_config", None)
+        if unused := sorted(k for k, v in kwargs.items() if v is not None):
+            raise TypeError(
+                f"{path}: converting a {layout} checkpoint on load takes dtype and source_config, not {unused}"
+            )
+        config, state, source = convert(path, layout, source_config)
+        if not issubclass(cls, RetNetForCausalLM):
+            raise TypeError(f"{path}: a {layout} checkpoint converts to RetNetForCausalLM, not {cls.__name__}")
+        logger.info("%s: converted from the %s layout", path, layout)
+        return build(config, state, source, dtype)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Embeddings and linear layers ~ N(0, initializer_range); retention keeps its own (Xavier) init."""
@@ -68,9 +100,10 @@ class RetNetPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (nn.LayerNorm, HeadNorm)) and getattr(module, "weight", None) is not None:
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, HeadNorm)) and getattr(module, "weight", None) is not None:
             init.ones_(module.weight)
-            init.zeros_(module.bias)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
 
 
 class RetNetModel(RetNetPreTrainedModel):
@@ -80,6 +113,8 @@ class RetNetModel(RetNetPreTrainedModel):
         super().__init__(config)
         config.validate()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim_model)
+        self.embed_scale = math.sqrt(config.dim_model) if config.scale_embedding else None
+        self.embed_norm = make_norm(config.norm, config.dim_model, config.norm_eps) if config.embed_norm else None
         self.retnet = RetNet(
             num_layer=config.num_layers,
             num_heads=config.num_heads,
@@ -97,6 +132,14 @@ class RetNetModel(RetNetPreTrainedModel):
             normalize_attn=config.normalize_attn,
             normalize_retn=config.normalize_retn,
             norm_eps=config.norm_eps,
+            norm=config.norm,
+            ffn_norm=config.ffn_norm,
+            value_dim=config.value_dim,
+            head_norm_weight=config.head_norm_weight,
+            head_norm_eps=config.head_norm_eps,
+            rotary_layout=config.rotary_layout,
+            rotary_angles=config.rotary_angles,
+            rotary_base=config.rotary_base,
         )
         self.post_init()
 
@@ -151,6 +194,10 @@ class RetNetModel(RetNetPreTrainedModel):
         padding_mask = None if states is not None else self._padding_mask(attention_mask, T)
 
         x = self.embed_tokens(input_ids)  # (B, T, d)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.retnet(
             x,
             mode=mode,
@@ -289,6 +336,38 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             loss = None if labels is None else F.cross_entropy(upcast(logits).flatten(0, 1), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache[0] if cache else None})
         return result if return_dict else result.to_tuple()
+
+
+def _is_hub_id(name: str) -> bool:
+    """``owner/name`` as the Hub spells repository ids (not an absolute, relative or home path)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "~"))
+
+
+def _download(repo_id: str, kwargs: dict) -> Path:
+    """The local snapshot of a Hub repository (weights, configuration and tokenizer files only)."""
+    from huggingface_hub import snapshot_download
+
+    hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    patterns = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.model", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, **hub))
+    except Exception as e:
+        raise OSError(
+            f"{repo_id}: neither a local folder nor a Hub repository that could be fetched ({type(e).__name__}: {e}); "
+            "check the id, or download it first (with HF_HUB_OFFLINE=1 only cached snapshots are used)"
+        ) from e
+
+
+def _foreign_layout(path: Path) -> str | None:
+    """The convertible layout of a checkpoint folder or file, or None for retentive's own folders (and the rest)."""
+    from .convert import foreign_layout
+
+    if path.is_file():
+        return "torchscale" if path.suffix in (".pt", ".pth") else None
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return "torchscale" if any(path.glob("*.pt")) else None
+    return foreign_layout(json.loads(config_file.read_text()), [])
 
 
 def next_token_targets(labels: Tensor, shape: torch.Size) -> Tensor:

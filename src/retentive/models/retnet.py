@@ -1,4 +1,4 @@
-"""The RetNet backbone over embeddings: a stack of RetNet blocks and a final LayerNorm."""
+"""The RetNet backbone over embeddings: a stack of RetNet blocks and a final norm."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import RetNetBlock, positions_of
-from ..ops import RetentionState, rotary_phase
+from ..layers.feedforward import make_norm
+from ..ops import RetentionState
 from ..ops.decay import DecaySpec
 
 
@@ -24,8 +25,11 @@ class RetNet(nn.Module):
         mlp_mult: FFN hidden width as a multiple of d (the paper: 2).
         mlp_bias: biases in the FFN.
         head_norm, decay, rotary, msr_bias, normalize_attn, normalize_retn: see MultiScaleRetention.
-        norm_eps: LayerNorm epsilon.
+        norm_eps: epsilon of the block and final norms.
         layer_scale: initial value of a per-channel LayerScale on every residual branch (ViR), or None.
+        norm: the block and final norms, ``"layernorm"`` or ``"rmsnorm"``; ffn_norm: see :class:`RetNetBlock`.
+        value_dim, head_norm_weight, head_norm_eps, rotary_layout, rotary_angles, rotary_base: see
+            MultiScaleRetention.
     """
 
     def __init__(
@@ -48,6 +52,14 @@ class RetNet(nn.Module):
         normalize_retn: bool = False,
         norm_eps: float = 1e-5,
         layer_scale: float | None = None,
+        norm: str = "layernorm",
+        ffn_norm: str = "none",
+        value_dim: int | None = None,
+        head_norm_weight: bool = False,
+        head_norm_eps: float = 1e-6,
+        rotary_layout: str = "interleaved",
+        rotary_angles: str = "retnet",
+        rotary_base: float = 10000.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -78,12 +90,20 @@ class RetNet(nn.Module):
                 bias=msr_bias,
                 normalize_attn=normalize_attn,
                 normalize_retn=normalize_retn,
+                norm=norm,
+                ffn_norm=ffn_norm,
+                value_dim=value_dim,
+                head_norm_weight=head_norm_weight,
+                head_norm_eps=head_norm_eps,
+                rotary_layout=rotary_layout,
+                rotary_angles=rotary_angles,
+                rotary_base=rotary_base,
                 device=device,
                 dtype=dtype,
             )
             for _ in range(num_layer)
         )
-        self.norm = nn.LayerNorm(dim_model, eps=norm_eps, device=device, dtype=dtype)
+        self.norm = make_norm(norm, dim_model, norm_eps, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -123,7 +143,7 @@ class RetNet(nn.Module):
         first = self.blocks[0].retention
         if first.rotary:  # every layer rotates the same positions: form the phases once
             positions = positions_of(x, state and state[0], padding_mask)
-            kwargs["rotary"] = rotary_phase(positions, first.key_dim, x.dtype)
+            kwargs["rotary"] = first.rotary_phase(positions, x.dtype)
         new_state = []
         for i, block in enumerate(self.blocks):
             x = block(x, state=None if state is None else state[i], **kwargs)
@@ -143,7 +163,7 @@ class RetNet(nn.Module):
         """
         with torch.inference_mode():
             first = self.blocks[0].retention
-            rotary = rotary_phase(state[0].offset[:, None], first.key_dim, x.dtype) if first.rotary else None
+            rotary = first.rotary_phase(state[0].offset[:, None], x.dtype) if first.rotary else None
             new_state = []
             for block, s in zip(self.blocks, state, strict=True):
                 x, s = block.step(x, s, rotary)

@@ -9,12 +9,14 @@ from .decay import SCHEDULES, decay_sum, gamma_schedule, log_gamma
 from .decay2d import log_decay_1d, manhattan_log_decay, rmt_log_gamma
 from .masa import decomposed_manhattan_attention, manhattan_attention
 from .retention import BACKENDS, MODES, retention, retention_step
-from .rotary import apply_rotary, rotary_angles, rotary_phase
+from .rotary import ROTARY_ANGLES, ROTARY_LAYOUTS, apply_rotary, rotary_angles, rotary_phase
 from .state import RetentionState
 
 __all__ = [
     "BACKENDS",
     "MODES",
+    "ROTARY_ANGLES",
+    "ROTARY_LAYOUTS",
     "SCHEDULES",
     "RetentionState",
     "apply_rotary",
