@@ -1,4 +1,4 @@
-"""Command line: ``retentive demo | train | generate | train-vision | bench``."""
+"""Command line: ``retentive demo | train | generate | train-vision | bench | convert``."""
 
 from __future__ import annotations
 
@@ -253,6 +253,43 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def convert(args: argparse.Namespace) -> None:
+    """Convert a torchscale, syncdoth/RetNet or flash-linear-attention checkpoint into a save_pretrained folder."""
+    from .models.convert import convert_checkpoint
+    from .models.modeling_retnet import _download, _is_hub_id
+
+    src = args.src
+    if not Path(src).exists() and _is_hub_id(src):
+        src = _download(src, {})
+    source_config = None
+    if args.source_config:
+        source_config = json.loads(Path(args.source_config).read_text())
+        if not isinstance(source_config, dict):
+            raise ValueError(f"--source-config {args.source_config}: expected a JSON object of the source's settings")
+    out = convert_checkpoint(src, args.out, args.layout, source_config, DTYPES.get(args.dtype))
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out}: {files}\nload it with RetNetForCausalLM.from_pretrained({str(out)!r})")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a torchscale, syncdoth/RetNet (hf-retnet) or flash-linear-attention RetNet checkpoint"
+    )
+    p.add_argument("src", help="a checkpoint file (.pt), a downloaded model folder, or a Hub id (owner/name)")
+    p.add_argument("out", help="the folder to write (config.json, model.safetensors, the tokenizer files of SRC)")
+    p.add_argument("--from", dest="layout", choices=("torchscale", "hf-retnet", "fla"), help="default: detected")
+    p.add_argument(
+        "--source-config",
+        help="a JSON file of the source's settings the checkpoint lacks, e.g. a torchscale .pt saved without its "
+        'fairseq cfg: {"activation_fn": "swish", "no_scale_embedding": false}',
+    )
+    p.add_argument("--dtype", choices=("source", *DTYPES), default="source", help="of the written weights")
+    p.set_defaults(func=convert)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="retentive", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -262,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_generate(sub)
     _add_train_vision(sub)
     _add_bench(sub)
+    _add_convert(sub)
     args, extra = parser.parse_known_args(argv)  # bench passes what it does not know on to its script
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -271,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError, ModuleNotFoundError, CheckpointError) as e:
+    except (OSError, ValueError, ModuleNotFoundError, CheckpointError) as e:
         if args.verbose:
             raise
         raise SystemExit(f"error: {e}") from e

@@ -19,14 +19,14 @@ import torch
 from torch import Tensor
 
 from ..configuration_retnet import RetNetConfig
-from ._source import CheckpointError, Source, copy_tokenizer, read_source
+from ._source import ConversionError, Source, copy_tokenizer, read_source
 from .fla import convert_fla
 from .torchscale import convert_hf_retnet, convert_torchscale
 
 Converter = Callable[[Source, dict[str, Any]], tuple[RetNetConfig, dict[str, Tensor]]]
 LAYOUTS: dict[str, Converter] = {"torchscale": convert_torchscale, "hf-retnet": convert_hf_retnet, "fla": convert_fla}
 
-__all__ = ["LAYOUTS", "CheckpointError", "build", "convert", "convert_checkpoint", "detect_layout", "foreign_layout"]
+__all__ = ["LAYOUTS", "ConversionError", "build", "convert", "convert_checkpoint", "detect_layout", "foreign_layout"]
 
 
 def foreign_layout(config: dict[str, Any], keys: set[str] | list[str]) -> str | None:
@@ -49,11 +49,11 @@ def foreign_layout(config: dict[str, Any], keys: set[str] | list[str]) -> str | 
 
 
 def detect_layout(source: Source) -> str:
-    """The layout of a read source; CheckpointError naming the file if it is none of ``LAYOUTS``."""
+    """The layout of a read source; ConversionError naming the file if it is none of ``LAYOUTS``."""
     layout = foreign_layout(source.config, source.state.keys())
     if layout is None:
         sample = sorted(source.state)[:5]
-        raise CheckpointError(
+        raise ConversionError(
             f"{source.where}: unknown checkpoint layout (keys such as {sample}): retentive converts "
             f"{tuple(LAYOUTS)}; name one with --from if the detection missed it, or load a retentive folder with "
             "RetNetForCausalLM.from_pretrained"
@@ -77,7 +77,7 @@ def convert(
     source = read_source(path)
     layout = detect_layout(source) if layout is None else layout
     if layout not in LAYOUTS:
-        raise CheckpointError(f"{path}: unknown layout {layout!r}: choose one of {tuple(LAYOUTS)}")
+        raise ConversionError(f"{path}: unknown layout {layout!r}: choose one of {tuple(LAYOUTS)}")
     config, state = LAYOUTS[layout](source, dict(source_config or {}))
     return config, state, source
 
@@ -94,7 +94,7 @@ def build(config: RetNetConfig, state: dict[str, Tensor], source: Source, dtype:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:  # a bug of a mapping, not of the checkpoint
-        raise CheckpointError(f"{source.where}: conversion left {missing} unset and {unexpected} unused")
+        raise ConversionError(f"{source.where}: conversion left {missing} unset and {unexpected} unused")
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

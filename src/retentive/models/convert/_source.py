@@ -34,7 +34,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(ValueError):
+class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names the file, the key and what to do."""
 
 
@@ -55,10 +55,10 @@ class Source:
 
 
 def read_source(path: str | Path) -> Source:
-    """Read a checkpoint file or folder (see the module docstring). Raises CheckpointError naming the path."""
+    """Read a checkpoint file or folder (see the module docstring). Raises ConversionError naming the path."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder (give a checkpoint file or a downloaded model folder)")
+        raise ConversionError(f"{path}: no such file or folder (give a checkpoint file or a downloaded model folder)")
     if path.is_file():
         state, config = _read_weights(path)
         return Source(path, [path], state, config, path.parent)
@@ -81,12 +81,12 @@ def _weight_files(folder: Path) -> list[Path]:
         if files:
             break
     else:
-        raise CheckpointError(
+        raise ConversionError(
             f"{folder}: no weight file (*.safetensors, *.bin, *.pt) in this folder: download the model's weights too"
         )
     if len(files) > 1 and files[0].suffix in (".pt", ".pth") and not all(_is_shard(f) for f in files):
         names = ", ".join(f.name for f in files)
-        raise CheckpointError(f"{folder}: several checkpoints ({names}): name the one to convert")
+        raise ConversionError(f"{folder}: several checkpoints ({names}): name the one to convert")
     return files
 
 
@@ -100,15 +100,17 @@ def _read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         try:
             return load_file(file), {}
         except Exception as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
+            raise ConversionError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
     if file.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{file}: unknown weight file type {file.suffix!r} (expected .safetensors, .pt or .bin)")
+        raise ConversionError(f"{file}: unknown weight file type {file.suffix!r} (expected .safetensors, .pt or .bin)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # fairseq's "args": plain attributes
             obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{file}: cannot be read with torch.load(weights_only=True): {e}\n"
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        reason = f"it needs the code of {found.group(1)}" if found else str(e).splitlines()[0]
+        raise ConversionError(
+            f"{file}: cannot be read with torch.load(weights_only=True) ({reason}). "
             "It holds Python objects whose code would have to run to load it, which retentive never does. Where you "
             "trust the file, keep only its tensors and plain settings, e.g. in Python: ck = torch.load(path, "
             "weights_only=False); torch.save({'model': ck['model'], 'cfg': dict(ck['cfg']['model'])}, 'plain.pt') "
@@ -120,7 +122,7 @@ def _read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def _split_pickle(file: Path, obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(state dict, config) of a loaded pickle: a bare state dict, or fairseq's {"model": ..., "cfg" | "args": ...}."""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{file}: holds a {type(obj).__name__}, not a state dict or a fairseq checkpoint")
+        raise ConversionError(f"{file}: holds a {type(obj).__name__}, not a state dict or a fairseq checkpoint")
     config: dict[str, Any] = {}
     if isinstance(obj.get("model"), dict):
         cfg = obj.get("cfg")
@@ -131,7 +133,7 @@ def _split_pickle(file: Path, obj: Any) -> tuple[dict[str, Tensor], dict[str, An
         obj = obj["model"]
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not state:
-        raise CheckpointError(f"{file}: holds no tensors (expected a state dict, or fairseq's {{'model': ...}})")
+        raise ConversionError(f"{file}: holds no tensors (expected a state dict, or fairseq's {{'model': ...}})")
     return state, config
 
 
@@ -147,7 +149,7 @@ def copy_tokenizer(source: Source, out: Path) -> list[str]:
 
 
 class Weights:
-    """The source's tensors, taken one key at a time: a missing key or a wrong shape raises CheckpointError naming
+    """The source's tensors, taken one key at a time: a missing key or a wrong shape raises ConversionError naming
     the file and the key; :meth:`check_all_taken` refuses tensors no mapping used (options retentive lacks)."""
 
     def __init__(self, source: Source, ignore: tuple[str, ...] = ()) -> None:
@@ -160,13 +162,13 @@ class Weights:
     def take(self, key: str, shape: tuple[int, ...] | None = None) -> Tensor:
         """The tensor under ``key``, checked against ``shape`` (what the configuration implies)."""
         if key not in self.source.state:
-            raise CheckpointError(
+            raise ConversionError(
                 f"{self.source.where}: missing key {key!r}: the checkpoint is incomplete or not of this layout "
                 "(download every weight file, or name the layout with --from)"
             )
         tensor = self.source.state[key]
         if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
+            raise ConversionError(
                 f"{self.source.where}: {key!r} has shape {tuple(tensor.shape)} but the configuration implies "
                 f"{tuple(shape)}: the configuration does not describe these weights (check config.json, or pass "
                 "the source's settings with --source-config)"
@@ -178,7 +180,7 @@ class Weights:
         """How many layers ``pattern`` (a regex with one group, the layer index) numbers, checked to be 0..n-1."""
         found = {int(m.group(1)) for k in self.source.state if (m := re.match(pattern, k))}
         if not found or found != set(range(len(found))):
-            raise CheckpointError(
+            raise ConversionError(
                 f"{self.source.where}: layers numbered {sorted(found)[:8]} under {pattern!r}, expected 0..n-1: "
                 "the checkpoint is incomplete or not of this layout"
             )
@@ -187,7 +189,7 @@ class Weights:
     def check_all_taken(self) -> None:
         if self.left:
             keys = sorted(self.left)
-            raise CheckpointError(
+            raise ConversionError(
                 f"{self.source.where}: {len(keys)} tensor(s) that retentive has no place for, e.g. {keys[:4]}: the "
                 "checkpoint uses an option retentive does not support (or is of another layout: see --from)"
             )

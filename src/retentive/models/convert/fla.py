@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from ..configuration_retnet import RetNetConfig
-from ._source import CheckpointError, Source, Weights, token_ids
+from ._source import ConversionError, Source, Weights, token_ids
 from ._target import _retention_keys, block_prefix, norm_keys
 
 IGNORED = (r"rotary\.inv_freq$",)
@@ -34,23 +34,23 @@ def convert_fla(source: Source, overrides: dict[str, Any]) -> tuple[RetNetConfig
     settings |= {k: v for k, v in source.config.items()} | overrides
     for name, supported in UNSUPPORTED.items():
         if settings.get(name, supported) != supported:
-            raise CheckpointError(
+            raise ConversionError(
                 f"{source.where}: {name}={settings[name]!r} is not supported by retentive (it needs {supported!r})"
             )
     num_kv_heads = settings.get("num_kv_heads")
     if num_kv_heads is not None and num_kv_heads != settings.get("num_heads"):
-        raise CheckpointError(f"{source.where}: num_kv_heads={num_kv_heads} (grouped keys) is not supported")
+        raise ConversionError(f"{source.where}: num_kv_heads={num_kv_heads} (grouped keys) is not supported")
     if settings["hidden_act"] != "swish":
-        raise CheckpointError(f"{source.where}: hidden_act={settings['hidden_act']!r}: only 'swish' is supported")
+        raise ConversionError(f"{source.where}: hidden_act={settings['hidden_act']!r}: only 'swish' is supported")
     for name in ("num_heads", "num_hidden_layers"):
         if name not in settings:
-            raise CheckpointError(f"{source.where}: config.json lacks {name!r}: download the model's config.json")
+            raise ConversionError(f"{source.where}: config.json lacks {name!r}: download the model's config.json")
     w = Weights(source, IGNORED)
     vocab_size, d = w.take("model.embeddings.weight").shape
     num_heads = int(settings["num_heads"])
     num_layers = w.layers(r"model\.layers\.(\d+)\.")
     if num_layers != settings["num_hidden_layers"]:
-        raise CheckpointError(
+        raise ConversionError(
             f"{source.where}: {num_layers} layers in the weights but num_hidden_layers="
             f"{settings['num_hidden_layers']} in config.json"
         )

@@ -26,7 +26,7 @@ from typing import Any
 from torch import Tensor
 
 from ..configuration_retnet import RetNetConfig
-from ._source import CheckpointError, Source, Weights, match_schedule, token_ids
+from ._source import ConversionError, Source, Weights, match_schedule, token_ids
 from ._target import _retention_keys, block_prefix, norm_keys
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def convert_hf_retnet(source: Source, overrides: dict[str, Any]) -> tuple[RetNet
     }
     settings = _settings(source, defaults, overrides)
     if settings.get("deepnorm") or settings.get("decoder_normalize_before") is False:
-        raise CheckpointError(f"{source.where}: deepnorm / post-norm RetNets are not supported by retentive")
+        raise ConversionError(f"{source.where}: deepnorm / post-norm RetNets are not supported by retentive")
     return _convert_decoder(
         Weights(source, IGNORED),
         settings,
@@ -91,7 +91,7 @@ def _settings(source: Source, defaults: dict[str, Any], overrides: dict[str, Any
     if assumed := {k: v for k, v in defaults.items() if k not in source.config and k not in overrides}:
         logger.info("%s: settings not in the checkpoint, taken at the source's defaults: %s", source.where, assumed)
     if settings.get("multiway") or settings.get("moe_freq") or settings.get("deepnorm"):
-        raise CheckpointError(
+        raise ConversionError(
             f"{source.where}: multiway, mixture-of-experts and deepnorm RetNets are not supported by retentive"
         )
     return settings
@@ -123,10 +123,10 @@ def _convert_decoder(
     if w.has(p + "layers.0.ffn.ffn_layernorm.weight"):
         ffn_norm = "layernorm" if w.has(p + "layers.0.ffn.ffn_layernorm.bias") else "rmsnorm"
     if not w.has(p + "layer_norm.weight"):
-        raise CheckpointError(f"{where}: no final norm ({p}layer_norm.weight): post-norm RetNets are not supported")
+        raise ConversionError(f"{where}: no final norm ({p}layer_norm.weight): post-norm RetNets are not supported")
     activations = GLU_ACTIVATIONS if glu else PLAIN_ACTIVATIONS
     if settings["activation_fn"] not in activations:
-        raise CheckpointError(
+        raise ConversionError(
             f"{where}: activation_fn {settings['activation_fn']!r} is not one of {tuple(activations)} "
             "(fix it with --source-config)"
         )
@@ -139,7 +139,7 @@ def _convert_decoder(
         num_heads=num_heads,
         ffn_dim=ffn_dim,
         ffn_activation=activations[settings["activation_fn"]],
-        ffn_bias=w.has("layers.0.ffn.fc1.bias"),
+        ffn_bias=w.has(p + "layers.0.ffn.fc1.bias"),
         gate_fn="swish",
         head_norm=head_norm,
         decay=decay,
@@ -168,7 +168,7 @@ def _num_heads(w: Weights, settings: dict[str, Any], prefix: str) -> int:
         return w.source.state[prefix + "retnet_rel_pos.decay"].numel()
     if "decoder_retention_heads" in settings:
         return int(settings["decoder_retention_heads"])
-    raise CheckpointError(
+    raise ConversionError(
         f"{w.source.where}: the number of retention heads is neither stored ({prefix}retnet_rel_pos.decay) nor "
         'configured: pass it, e.g. --source-config with {"decoder_retention_heads": 8}'
     )
@@ -185,7 +185,7 @@ def _check_angles(w: Weights, config: RetNetConfig, prefix: str) -> None:
     want = rotary_angles(dk).repeat_interleave(2).float()
     stored = w.source.state[key].float()
     if stored.shape != want.shape or not stored.allclose(want, rtol=1e-5, atol=0):
-        raise CheckpointError(
+        raise ConversionError(
             f"{w.source.where}: {key!r} holds rotary angles that are not 10000^(-linspace(0, 1, dk/2)) for "
             f"dk = {dk}: this rotary is not supported"
         )
