@@ -65,6 +65,29 @@ def test_every_gate_and_head_norm_keeps_the_forms_equal(gate_fn, head_norm):
         torch.testing.assert_close(layer(x, normalize_attn=True, normalize_retn=True, **form), want, **TIGHT)
 
 
+@pytest.mark.parametrize("head_norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("gate_fn", ["swish", "none"])
+def test_head_norm_weight_by_its_formula_and_in_every_form_with_gradients(head_norm, gate_fn):
+    """flash-linear-attention's head norm: RMSNorm per head times a learnable per-channel weight, then the gate."""
+    layer = msr(head_norm=head_norm, head_norm_weight=True, head_norm_eps=1e-5, gate_fn=gate_fn, value_dim=24)
+    assert layer.head_norm.weight.shape == (24,) and layer.head_norm.bias is None
+    x = x_(2, 13)
+    outs = []
+    for form in FORMS:
+        y = layer(x, **form)
+        outs.append((y, torch.autograd.grad(y.square().sum(), list(layer.parameters()))))
+    for y, g in outs[1:]:
+        torch.testing.assert_close(y, outs[0][0], **TIGHT)
+        for a, b in zip(g, outs[0][1], strict=True):
+            torch.testing.assert_close(a, b, **TIGHT)
+    o = torch.randn(2, 4, 13, 6, dtype=F64)  # (B, H, T, Dv)
+    h = o.transpose(1, 2)
+    if head_norm == "layernorm":
+        h = h - h.mean(-1, keepdim=True)
+    h = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-5)).flatten(-2) * layer.head_norm.weight
+    torch.testing.assert_close(layer.head_norm.gated(o, None, "none"), h, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("normalize_attn,normalize_retn", NORMS)
 def test_seed_api_num_chunks_agree_with_parallel(normalize_attn, normalize_retn):
     """MultiScaleRetention(dim_model, num_heads, gate_fn, value_factor); forward(x, attn_mask, num_chunks, ...)."""

@@ -13,15 +13,17 @@ from retentive.models import PRESETS
 def closed_form_parameters(cfg: RetNetConfig) -> int:
     """Parameters of RetNetForCausalLM counted from the config alone (SPEC §5), independently of the modules."""
     d, f, V = cfg.dim_model, cfg.ffn_dim, cfg.vocab_size
-    dv = cfg.value_factor * d
-    gated_ffn = cfg.ffn_activation in ("glu", "geglu", "swiglu")
+    dv = cfg.value_factor * d if cfg.value_dim is None else cfg.value_dim
+    gated_ffn = cfg.ffn_activation in ("glu", "reglu", "geglu", "swiglu")
+    norm = (2 if cfg.norm == "layernorm" else 1) * d  # LayerNorm: weight and bias; RMSNorm: weight
     retention = 2 * d * d + dv * d + dv * d * (cfg.gate_fn != "none") + dv * d  # W_Q, W_K, W_V, W_G, W_O
     retention += cfg.msr_bias * (2 * d + dv + dv * (cfg.gate_fn != "none") + d)
-    retention += 2 * dv * (cfg.head_norm == "groupnorm")  # GroupNorm affine
+    retention += 2 * dv * (cfg.head_norm == "groupnorm") + dv * cfg.head_norm_weight  # head norm affine
     ffn = (2 + gated_ffn) * d * f + cfg.ffn_bias * ((1 + gated_ffn) * f + d)
-    layer = retention + ffn + 2 * 2 * d  # two LayerNorms
-    embeddings = V * d * (1 if cfg.tie_word_embeddings else 2)
-    return cfg.num_layers * layer + 2 * d + embeddings  # + the final LayerNorm
+    ffn += {"none": 0, "layernorm": 2 * f, "rmsnorm": f}[cfg.ffn_norm]
+    layer = retention + ffn + 2 * norm  # two norms
+    embeddings = V * d * (1 if cfg.tie_word_embeddings else 2) + cfg.embed_norm * norm
+    return cfg.num_layers * layer + norm + embeddings  # + the final norm
 
 
 def count_on_meta(cfg: RetNetConfig) -> int:
@@ -63,6 +65,8 @@ def test_cpu_presets_sizes() -> None:
         dict(ffn_activation="swiglu", ffn_bias=False),
         dict(gate_fn="none", head_norm="rmsnorm", msr_bias=True),
         dict(tie_word_embeddings=False, value_factor=1, ffn_dim=48),
+        dict(norm="rmsnorm", value_dim=36, ffn_activation="reglu", ffn_norm="layernorm", embed_norm=True),
+        dict(head_norm="rmsnorm", head_norm_weight=True, ffn_norm="rmsnorm", embed_norm=True, scale_embedding=True),
     ],
 )
 def test_options_parameter_count_matches_closed_form(overrides: dict) -> None:
@@ -88,6 +92,14 @@ def test_options_parameter_count_matches_closed_form(overrides: dict) -> None:
         (dict(dropout=1.0), "dropout"),
         (dict(eos_token_id=4096), "eos_token_id"),
         (dict(pad_token_id=-1), "pad_token_id"),
+        (dict(value_dim=30), "value_dim must be None"),
+        (dict(norm="batchnorm"), "norm must be one of"),
+        (dict(ffn_norm="groupnorm"), "ffn_norm must be one of"),
+        (dict(head_norm_weight=True), "head_norm_weight=True needs head_norm 'rmsnorm' or 'layernorm'"),
+        (dict(head_norm_eps=0.0), "head_norm_eps must be > 0"),
+        (dict(rotary_layout="pairs"), "rotary_layout must be one of"),
+        (dict(rotary_angles="xpos"), "rotary_angles must be one of"),
+        (dict(rotary_base=1.0), "rotary_base must be > 1"),
     ],
 )
 def test_bad_config_is_refused_with_a_message(overrides: dict, message: str) -> None:

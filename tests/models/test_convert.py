@@ -136,7 +136,9 @@ def test_torchscale_logits_in_every_form_and_greedy_tokens(case, tmp_path):
     old, fields = TORCHSCALE_CASES[case]
     source, args = torchscale_decoder(old, **fields)
     file = tmp_path / "checkpoint_best.pt"  # fairseq's layout: {"model": ..., "args": Namespace}
-    torch.save({"model": {f"decoder.{k}": v for k, v in source.state_dict().items()}, "args": argparse.Namespace(**args)}, file)
+    torch.save(
+        {"model": {f"decoder.{k}": v for k, v in source.state_dict().items()}, "args": argparse.Namespace(**args)}, file
+    )
     cli(["convert", str(file), str(tmp_path / "out")])
     model = RetNetForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert model.config.norm == ("layernorm" if old else "rmsnorm")

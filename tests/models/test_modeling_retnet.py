@@ -106,6 +106,23 @@ def test_recurrent_chunkwise_parallel_logits_agree(length: int, chunk_size: int,
     torch.testing.assert_close(recurrent, parallel, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_embedding_scale_and_norm_in_every_form_and_in_cached_decoding(norm: str) -> None:
+    """torchscale's sqrt(d) embedding scale and embedding norm: x = N(sqrt(d) E[ids]) before the blocks."""
+    model = small_model(scale_embedding=True, embed_norm=True, norm=norm, normalize_attn=True, normalize_retn=True)
+    ids = prompts([19])[0]
+    want = model(ids, mode="parallel", use_cache=False).logits
+    for form in ({"mode": "chunkwise", "chunk_size": 5}, {"mode": "recurrent"}):
+        torch.testing.assert_close(model(ids, use_cache=False, **form).logits, want, rtol=1e-10, atol=1e-10)
+    out = model(ids[:, :11])
+    steps = [model(ids[:, t : t + 1], cache=cache_of(out)).logits for t in range(11, 19)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), want[:, 11:], rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        x = model.model.embed_norm(model.model.embed_tokens(ids) * 32**0.5)
+        hidden = model.model.retnet(x, mode="parallel")
+    torch.testing.assert_close(model.lm_head(hidden), want, rtol=1e-12, atol=1e-12)
+
+
 def test_float32_forms_agree_within_float32_tolerance() -> None:
     model = small_model(torch.float32)
     ids = prompts([50])[0]

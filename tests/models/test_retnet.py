@@ -130,6 +130,16 @@ def test_bad_arguments_are_refused_naming_them():
         net(x, state=[RetentionState.zeros(1, 4, 8, 16)])
     with pytest.raises(ValueError, match="num_chunks must be an integer in"):
         net(x, num_chunks=7)
+    with pytest.raises(ValueError, match=r"value_dim must be a positive multiple of num_heads \(2\), got 33"):
+        RetNet(1, 2, 16, value_dim=33)
+    with pytest.raises(ValueError, match="rotary_layout must be one of"):
+        RetNet(1, 2, 16, rotary_layout="pairs")
+    with pytest.raises(ValueError, match="rotary_angles must be one of"):
+        RetNet(1, 2, 16, rotary_angles="xpos")
+    with pytest.raises(ValueError, match="a head norm weight needs head_norm 'rmsnorm' or 'layernorm'"):
+        RetNet(1, 2, 16, head_norm_weight=True)
+    with pytest.raises(ValueError, match="norm must be 'layernorm' or 'rmsnorm'"):
+        RetNet(1, 2, 16, norm="batchnorm")
 
 
 STEP_CONFIGS = [
@@ -137,7 +147,48 @@ STEP_CONFIGS = [
     {"normalize_attn": True, "normalize_retn": True, "msr_bias": True, "msr_gate_fn": "gelu"},
     {"msr_gate_fn": "none", "head_norm": "none", "rotary": False, "decay": "linspace", "layer_scale": 0.1},  # ViR
     {"head_norm": "rmsnorm", "value_factor": 1, "mlp_gate_fn": "swiglu"},
+    {"head_norm": "rmsnorm", "head_norm_weight": True, "rotary_layout": "halves", "rotary_angles": "rope"},  # fla
 ]
+
+# the options of the public checkpoints (models/convert), each with the normalizations torchscale uses
+CHECKPOINT_OPTIONS = [
+    {"norm": "rmsnorm", "head_norm": "rmsnorm", "value_dim": 72, "mlp_gate_fn": "reglu"},  # torchscale 2023-09-28
+    {"head_norm": "layernorm", "ffn_norm": "layernorm", "msr_bias": True, "head_norm_eps": 1e-5},  # before
+    {"norm": "rmsnorm", "ffn_norm": "rmsnorm", "head_norm": "layernorm", "head_norm_weight": True},
+    {"head_norm": "rmsnorm", "head_norm_weight": True, "rotary_layout": "halves", "rotary_angles": "rope"},  # fla
+    {"rotary_layout": "halves", "rotary_base": 500.0},
+]
+
+
+@pytest.mark.parametrize("kwargs", CHECKPOINT_OPTIONS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_checkpoint_options_keep_every_form_and_stream_exact(kwargs, normalize):
+    torch.manual_seed(0)
+    net = RetNet(2, 4, 32, normalize_attn=normalize, normalize_retn=normalize, **kwargs).double()
+    for p in net.parameters():  # norm weights other than 1, so that a misplaced weight shows
+        p.data.add_(torch.randn_like(p) * 0.1)
+    x = x_(2, 30)
+    want = net(x)
+    for form in ({"num_chunks": 4}, {"mode": "chunkwise", "chunk_size": 7}, {"mode": "recurrent"}):
+        torch.testing.assert_close(net(x, **form), want, **TIGHT)
+    head, state = net(x[:, :11], mode="chunkwise", chunk_size=4, return_state=True)
+    tail = net(x[:, 11:], mode="recurrent", state=state)
+    torch.testing.assert_close(torch.cat([head, tail], dim=1), want, **TIGHT)
+
+
+def test_checkpoint_options_default_to_the_paper_model():
+    """Every option the converters added defaults to what RetNet built before them: same keys, same output."""
+    torch.manual_seed(0)
+    plain = RetNet(2, 4, 32)
+    torch.manual_seed(0)
+    explicit = RetNet(
+        2, 4, 32, norm="layernorm", ffn_norm="none", value_dim=64, head_norm_weight=False, head_norm_eps=1e-6,
+        rotary_layout="interleaved", rotary_angles="retnet", rotary_base=10000.0,
+    )  # fmt: skip
+    assert plain.state_dict().keys() == explicit.state_dict().keys()
+    assert all(isinstance(b.norm1, torch.nn.LayerNorm) and b.ffn.norm is None for b in plain.blocks)
+    x = x_(1, 9).float()
+    torch.testing.assert_close(plain(x), explicit(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs", STEP_CONFIGS)

@@ -20,6 +20,37 @@ def test_angles_are_10000_to_minus_linspace(head_dim):
     torch.testing.assert_close(rotary_angles(head_dim), torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("head_dim", [2, 8, 100])
+def test_rope_angles_are_base_to_minus_2i_over_d(head_dim):
+    want = [500.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)]
+    got = rotary_angles(head_dim, None, "rope", 500.0)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_halves_pair_x_i_with_x_i_plus_half_by_hand():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(1, 1, 1, 4)
+    got = apply_rotary(x, rotary_phase(torch.tensor([[3]]), 4, angles="rope"), layout="halves")
+    a0, a1 = 3 * 1.0, 3 * 10000.0**-0.5  # pairs (x_0, x_2) and (x_1, x_3) at angles 10000^0, 10000^(-2/4)
+    want = [
+        1 * math.cos(a0) - 3 * math.sin(a0),
+        2 * math.cos(a1) - 4 * math.sin(a1),
+        1 * math.sin(a0) + 3 * math.cos(a0),
+        2 * math.sin(a1) + 4 * math.cos(a1),
+    ]
+    torch.testing.assert_close(got.flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=1e-14)
+
+
+def test_halves_is_interleaved_after_a_fixed_permutation():
+    """Rotating halves equals rotating interleaved pairs of the features reordered (x_0, x_D/2, x_1, x_D/2+1, ...)."""
+    x = torch.randn(2, 3, 7, 16, dtype=torch.float64)
+    phase = rotary_phase(torch.randint(0, 1000, (2, 7)), 16)
+    order = torch.arange(16).view(2, 8).t().flatten()  # 0, 8, 1, 9, ...
+    want = apply_rotary(x[..., order], phase)
+    torch.testing.assert_close(apply_rotary(x, phase, layout="halves")[..., order], want, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="rotary layout must be one of"):
+        apply_rotary(x, phase, layout="pairs")
+
+
 def test_rotation_of_one_pair_by_hand():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(1, 1, 1, 4)
     got = rotate(x, torch.tensor([[3]]))
