@@ -136,9 +136,8 @@ def test_torchscale_logits_in_every_form_and_greedy_tokens(case, tmp_path):
     old, fields = TORCHSCALE_CASES[case]
     source, args = torchscale_decoder(old, **fields)
     file = tmp_path / "checkpoint_best.pt"  # fairseq's layout: {"model": ..., "args": Namespace}
-    torch.save(
-        {"model": {f"decoder.{k}": v for k, v in source.state_dict().items()}, "args": argparse.Namespace(**args)}, file
-    )
+    state = {f"decoder.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"model": state, "args": argparse.Namespace(**args)}, file)
     cli(["convert", str(file), str(tmp_path / "out")])
     model = RetNetForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert model.config.norm == ("layernorm" if old else "rmsnorm")
@@ -154,7 +153,7 @@ def test_torchscale_logits_in_every_form_and_greedy_tokens(case, tmp_path):
 def test_torchscale_recurrent_form_agrees_where_its_normalization_is_idle(tmp_path):
     """torchscale's recurrent form skips the retention normalization of its parallel form; at its own init scale the
     score sums stay below 1, where that normalization does nothing, and retentive's recurrent form matches it too."""
-    source, args = torchscale_decoder(False, scale=0.0, decoder_value_embed_dim=96, activation_fn="swish")
+    source, _ = torchscale_decoder(False, scale=0.0, decoder_value_embed_dim=96, activation_fn="swish")
     file = tmp_path / "weights.pt"
     torch.save(source.state_dict(), file)  # a bare state dict: the settings come from source_config
     model = RetNetForCausalLM.from_pretrained(file, source_config={"activation_fn": "swish"}, dtype=torch.float32)
@@ -281,8 +280,9 @@ def test_fla_older_fused_gate_proj_converts_to_the_same_model(fla_reference, tmp
 def torchscale_file(tmp_path) -> tuple[Path, dict]:
     """A small later-generation torchscale state dict (built by hand: no torchscale needed) and its path."""
     d, F_, H = 16, 32, 2
+    log_decay = torch.log(1 - 2.0 ** (-5 - torch.arange(H)))
     state = {"embed_tokens.weight": torch.randn(V, d), "output_projection.weight": torch.randn(V, d),
-             "layer_norm.weight": torch.ones(d), "retnet_rel_pos.decay": torch.log(1 - 2.0 ** (-5 - torch.arange(H)))}  # fmt: skip
+             "layer_norm.weight": torch.ones(d), "retnet_rel_pos.decay": log_decay}  # fmt: skip
     p = "layers.0."
     for name, shape in dict(q=(d, d), k=(d, d), v=(2 * d, d), g=(2 * d, d), out=(d, 2 * d)).items():
         state[f"{p}retention.{name}_proj.weight"] = torch.randn(shape)
@@ -345,7 +345,7 @@ def test_pickle_that_needs_code_is_refused_naming_the_file_and_the_way_out(torch
 
 
 def test_missing_source_and_wrong_layout_name(tmp_path, torchscale_file):
-    with pytest.raises(ConversionError, match="no-such-file.pt: no such file"):
+    with pytest.raises(ConversionError, match=r"no-such-file\.pt: no such file"):
         convert(tmp_path / "no-such-file.pt")
     with pytest.raises(ConversionError, match="unknown layout 'gpt'"):
         convert(torchscale_file[0], layout="gpt")
