@@ -23,20 +23,24 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup lint
-	$(PY) -m pytest -q
+# under the peers' environment (.venv plus the peers, see below): the conversion tests compare with torchscale and
+# flash-linear-attention themselves; under $(PY) alone they skip, saying why
+test: setup lint bench-env
+	$(PEERS)/bin/python -m pytest -q
 
-# The peers (torchscale, yet-another-retnet) go into their own environment, never into .venv: it sees
-# .venv's packages (torch, transformers, retentive) through a .pth file and adds only the peers, --no-deps.
-# torchscale's timm import is stubbed in benchmarks/peers.py (timm 0.6 would pull torchvision).
+# The peers (torchscale, yet-another-retnet, flash-linear-attention) go into their own environment, never into
+# .venv: it sees .venv's packages (torch, transformers, triton, retentive) through a .pth file and adds only the
+# peers, --no-deps. torchscale's timm import is stubbed in benchmarks/peers.py and tests/models/test_convert.py
+# (timm 0.6 would pull torchvision).
 PEERS := .venv-peers
-$(PEERS)/.installed: $(VENV)/.installed
+$(PEERS)/.installed: $(VENV)/.installed Makefile
 	$(PYTHON) -m venv $(PEERS)
 	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'))')" \
 		> $$($(PEERS)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_retentive_venv.pth
 	$(PEERS)/bin/python -m pip install -q setuptools wheel
 	$(PEERS)/bin/python -m pip install -q --no-deps --no-build-isolation \
-		torchscale==0.3.0 yet-another-retnet==0.5.1 fairscale==0.4.0 einops==0.8.2
+		torchscale==0.3.0 yet-another-retnet==0.5.1 fairscale==0.4.0 einops==0.8.2 \
+		flash-linear-attention==0.6.0 fla-core==0.6.0
 	touch $@
 
 bench-env: $(PEERS)/.installed

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from retentive.cli import main as cli
-from retentive.models import RetNetForCausalLM
+from retentive.models import RetNetConfig, RetNetForCausalLM
 from retentive.models.convert import ConversionError, convert
 
 ATOL = 1e-4
@@ -200,25 +200,40 @@ def test_hf_retnet_layout_gives_torchscale_logits(use_lm_decay, tmp_path):
     assert (convert_out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
 
 
-@needs_torchscale
-def test_hub_id_resolves_through_the_local_cache_offline(tmp_path, monkeypatch):
-    """A folder laid out like a Hub snapshot in HF_HUB_CACHE, with HF_HUB_OFFLINE=1: nothing is downloaded."""
+def test_hub_ids_resolve_through_the_local_cache_offline(tmp_path, monkeypatch, torchscale_file):
+    """Folders laid out like Hub snapshots in HF_HUB_CACHE, with HF_HUB_OFFLINE=1: nothing is downloaded. A foreign
+    layout is converted on load, retentive's own folder loads as saved; a repository not in the cache is refused."""
     import huggingface_hub.constants as hub_constants
 
-    source, args = torchscale_decoder(False, decoder_value_embed_dim=64)
-    cache = tmp_path / "hub"
-    repo = cache / "models--someone--tiny-retnet"
-    commit = "0" * 40
-    hf_retnet_folder(repo / "snapshots" / commit, source, args)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    cache, commit = tmp_path / "hub", "0" * 40
+
+    def snapshot(repo_id: str) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        return repo / "snapshots" / commit
+
+    _, state = torchscale_file  # in syncdoth/RetNet's layout
+    folder = snapshot("someone/tiny-retnet")
+    folder.mkdir(parents=True)
+    hf_state = {f"model.{k}": v for k, v in state.items() if k != "output_projection.weight"}
+    save_file(hf_state | {"lm_head.weight": state["output_projection.weight"]}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "retnet", "decoder_embed_dim": 16}))
+    native = RetNetForCausalLM(RetNetConfig(vocab_size=V, dim_model=16, num_layers=1, num_heads=2))
+    native.save_pretrained(snapshot("someone/native-retnet"))
     for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    model = RetNetForCausalLM.from_pretrained("someone/tiny-retnet", dtype=torch.float32)
-    assert_forms_match(model, lambda t: source(t)[0], lengths=(7,))
-    with pytest.raises(OSError, match="someone/no-such-model"):
+
+    tokens = prompts([7])[0]
+    with torch.no_grad():
+        got = RetNetForCausalLM.from_pretrained("someone/tiny-retnet", dtype=torch.float32)(tokens).logits
+        want = RetNetForCausalLM.from_pretrained(folder, dtype=torch.float32)(tokens).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        loaded = RetNetForCausalLM.from_pretrained("someone/native-retnet")
+        torch.testing.assert_close(loaded(tokens).logits, native.eval()(tokens).logits, rtol=0, atol=0)
+    with pytest.raises(OSError, match="someone/no-such-model: neither a local folder nor a Hub repository"):
         RetNetForCausalLM.from_pretrained("someone/no-such-model")
 
 
