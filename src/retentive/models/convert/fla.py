@@ -30,8 +30,8 @@ UNSUPPORTED = {  # setting -> the value retentive supports
 
 def convert_fla(source: Source, overrides: dict[str, Any]) -> tuple[RetNetConfig, dict[str, Tensor]]:
     """A flash-linear-attention RetNet folder (``config.json`` with ``hidden_size`` and ``expand_v``)."""
-    settings = {"expand_v": 2, "hidden_act": "swish", "norm_eps": 1e-6, "use_output_gate": True}
-    settings |= {k: v for k, v in source.config.items()} | overrides
+    settings = {"expand_v": 2, "hidden_act": "swish", "use_output_gate": True} | source.config | overrides
+    eps = float(settings.get("norm_eps", settings.get("rms_norm_eps", 1e-6)))  # rms_norm_eps before 2024-04
     for name, supported in UNSUPPORTED.items():
         if settings.get(name, supported) != supported:
             raise ConversionError(
@@ -72,12 +72,12 @@ def convert_fla(source: Source, overrides: dict[str, Any]) -> tuple[RetNetConfig
         msr_bias=False,
         normalize_attn=False,
         normalize_retn=False,
-        norm_eps=float(settings["norm_eps"]),
+        norm_eps=eps,
         tie_word_embeddings=bool(settings.get("tie_word_embeddings", False)),
         value_dim=int(d * settings["expand_v"]),
         norm="rmsnorm",
         head_norm_weight=w.has(head_norm),
-        head_norm_eps=float(settings["norm_eps"]),
+        head_norm_eps=eps,
         rotary_layout="halves",
         rotary_angles="rope",
         **token_ids(settings, vocab_size),

@@ -12,6 +12,13 @@ Common to both: keys scaled by dk^-1/2 (equal to scaling the scores), interleave
 retention), an optional sqrt(d) embedding scale and embedding norm. syncdoth/RetNet is the later generation with
 RMSNorm everywhere, keys under ``model.`` and ``lm_head``, and an optional ``use_lm_decay`` (the linspace schedule).
 
+Two departures of the sources from exactness, which retentive does not copy: torchscale's recurrent form omits the
+retention normalization of its parallel form, and syncdoth/RetNet (from 2024-01, as torchscale after 0.3.0) divides
+the parallel scores by the sum of their absolute values, clamped to [1, 5e4], which has no recurrent form. retentive
+uses torchscale 0.3.0's |sum of the scores|, exact in every form. Each divides a head's output row by a positive
+number, which the per-head norm that follows removes except through its eps: the choices differ only where
+mean(o^2) is comparable to eps * c^2.
+
 The settings the weights do not show (activation, embedding scale, eps, tied head) come from the checkpoint's own
 configuration (``cfg``/``args`` of a fairseq checkpoint, ``config.json`` of a Hugging Face folder), else from the
 source's defaults, and ``overrides`` (the CLI's ``--source-config``) win over both.
