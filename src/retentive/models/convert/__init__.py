@@ -1,9 +1,10 @@
 """Convert the public RetNet checkpoints into retentive's :class:`RetNetForCausalLM`.
 
-Three layouts (one module each): ``torchscale`` (torchscale / fairseq ``.pt``, both generations), ``hf-retnet``
-(the Hugging Face layout of syncdoth/RetNet) and ``fla`` (flash-linear-attention's RetNet). Each maps the source's
-tensors onto retentive's keys and its settings onto a :class:`RetNetConfig` whose options reproduce its math, so
-that the converted model gives the source's logits in each of retentive's three forms.
+Three layouts: ``torchscale`` (torchscale / fairseq ``.pt``, both generations) and ``hf-retnet`` (the Hugging Face
+layout of syncdoth/RetNet, which copies torchscale's modules) in :mod:`.torchscale`, ``fla`` (flash-linear-attention's
+RetNet) in :mod:`.fla`. Each maps the source's tensors onto retentive's keys (the retention projections through one
+function, ``_target._retention_keys``) and its settings onto a :class:`RetNetConfig` whose options reproduce its
+math, so that the converted model gives the source's logits in each of retentive's three forms.
 
     config, state = convert("path/to/checkpoint")            # the layout is detected
     convert_checkpoint("path/to/checkpoint", "out/")          # a save_pretrained folder (+ tokenizer files)
