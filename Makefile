@@ -61,8 +61,8 @@ bench-env: $(PEERS)/.installed
 bench: bench-env
 	$(VENV)/bin/retentive bench --python $(PEERS)/bin/python
 
-bench-quality: setup
-	$(VENV)/bin/retentive bench --quality
+bench-quality: bench-env  # retentive, torchscale, yet-another-retnet, the Transformer (--ablation, --lr-sweep: docs)
+	$(VENV)/bin/retentive bench --quality --python $(PEERS)/bin/python
 
 bench-forms: setup  # the three forms of retention, T = 512 ... 16,384
 	$(PY) benchmarks/forms.py
