@@ -35,6 +35,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import torch  # noqa: E402
+
 import peers  # noqa: E402
 import report  # noqa: E402
 from retentive.baselines import count_parameters, model_from_preset  # noqa: E402
@@ -129,7 +131,10 @@ def load_corpus(name: str, cache: Path, max_chars: int | None) -> list[str]:
 def build_model(kind: str, vocab_size: int, model: dict, overrides: dict):
     """A fresh model of ``kind`` at the plan's sizes; ``overrides`` change retentive's RetNetConfig."""
     if kind == "transformer":  # the Llama twin of the default RetNet
-        return model_from_preset("transformer-tiny", vocab_size=vocab_size, **model)
+        twin = model_from_preset("transformer-tiny", vocab_size=vocab_size, **model)
+        if "embedding_init_std" in overrides:  # Llama's is N(0, initializer_range = 0.02)
+            torch.nn.init.normal_(twin.get_input_embeddings().weight, std=overrides["embedding_init_std"])
+        return twin
     if kind == "retnet":
         fields = model | {k: v for k, v in overrides.items() if k != "ffn_scale"}
         fields["ffn_dim"] = round(fields["ffn_dim"] * overrides.get("ffn_scale", 1))
@@ -385,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
             if kind in ("retnet", "transformer")
             for lr in LEARNING_RATES
         }
+        d = plan["model"]["dim_model"]
+        variants["Transformer lr 0.002, embedding N(0, d^-1/2)"] = ("transformer", {"embedding_init_std": d**-0.5}, {})
         what = "retentive's RetNet and its Transformer twin at each peak learning rate (tied embeddings);"
     else:
         name, markers = "quality", (START, END, "Quality: RetNet, the peers and the Transformer, same recipe")
