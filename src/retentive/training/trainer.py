@@ -233,7 +233,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
         self.step = int(state["step"])
-        self.total_steps = int(state.get("total_steps", self.config.steps))
+        if self.config.time_budget is not None:  # the length fitted so far; otherwise config.steps (a run may grow)
+            self.total_steps = int(state.get("total_steps", self.config.steps))
         rng = state["rng"]
         if len(rng) != self.dist.world_size:
             logger.warning("checkpoint has RNG states of %d processes, this run has %d", len(rng), self.dist.world_size)
