@@ -114,7 +114,7 @@ class RetNetModel(RetNetPreTrainedModel):
         use_cache: bool | None = None,
         mode: str | None = None,
         chunk_size: int | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Hidden states of ``input_ids`` (B, T), continuing ``past_key_values`` if given.
@@ -131,6 +131,7 @@ class RetNetModel(RetNetPreTrainedModel):
             mode: ``"parallel"`` | ``"chunkwise"`` | ``"recurrent"``; by default, ``config.mode`` without cache,
                 the chunkwise form to fill a cache and the recurrent form for one token after a cache.
             chunk_size: tokens per chunk of the chunkwise form; defaults to ``config.chunk_size``.
+            return_dict: a ModelOutput (True) or a tuple (False); None follows ``config.return_dict``.
         Returns:
             BaseModelOutputWithPast with last_hidden_state (B, T, d) and the cache (or None), under the name
             the installed transformers uses (``cache``, or ``past_key_values`` before 5.24).
@@ -165,6 +166,8 @@ class RetNetModel(RetNetPreTrainedModel):
             cache.update_states(new_states, T)
         else:
             cache = None
+        if return_dict is None:
+            return_dict = self.config.return_dict
         if not return_dict:  # as ModelOutput.to_tuple(), without building one (it costs ~30 us per decoded token)
             return (x,) if cache is None else (x, cache)
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache})
@@ -242,7 +245,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         chunk_size: int | None = None,
         logits_to_keep: int = 0,
         skip_logits: bool | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits, and the loss if ``labels`` are given.
@@ -255,7 +258,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             logits_to_keep: if > 0, logits of the last ``logits_to_keep`` positions only (generate() uses 1).
             skip_logits: compute the loss block by block from the hidden states (:func:`linear_cross_entropy`)
                 and return no logits. Default: in training mode with labels (Liger's convention), where the
-                (B, T, V) logits and their gradient would be the largest tensors of the step.
+                (B, T, V) logits and their gradient would be the largest tensors of the step. Only for a plain
+                ``nn.Linear`` head: a wrapped one (an adapter) runs as a module, on logits.
+            return_dict: a ModelOutput (True) or a tuple (False); None follows ``config.return_dict``.
         Returns:
             CausalLMOutputWithPast with loss (scalar, float32 or wider, or None), logits (B, T', vocab_size) or
             None, and the cache (see :meth:`RetNetModel.forward`).
@@ -277,8 +282,14 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             if labels is not None:
                 raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
             h = h[:, -logits_to_keep:]
+        plain_head = type(self.lm_head) is nn.Linear  # the blockwise loss reads lm_head.weight, not the module
         if skip_logits is None:
-            skip_logits = self.training and labels is not None
+            skip_logits = self.training and labels is not None and plain_head
+        if skip_logits and not plain_head:
+            raise ValueError(
+                f"skip_logits=True reads lm_head.weight directly and would bypass the {type(self.lm_head).__name__} "
+                "wrapping lm_head: leave skip_logits unset (None) to compute the loss from the module's logits"
+            )
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True leaves only the loss: pass labels, or skip_logits=False for logits")
         targets = None if labels is None else next_token_targets(labels, h.shape[:2]).to(h.device)
@@ -288,7 +299,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             logits = self.lm_head(h)  # (B, T', V)
             loss = None if labels is None else F.cross_entropy(upcast(logits).flatten(0, 1), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache[0] if cache else None})
-        return result if return_dict else result.to_tuple()
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
 
 def next_token_targets(labels: Tensor, shape: torch.Size) -> Tensor:
