@@ -19,6 +19,7 @@ from .. import baselines
 from ..data import EvalWindows, Tokenizer, TokenSplits, TokenWindows, build_tokenizer, load_tokenizer, read_corpus
 from ..data.tokens import tokenize_corpus
 from ..models import RetNetConfig, RetNetForCausalLM
+from ..models.configuration_retnet import merge_fields
 from .checkpoint import prepare_run_dir
 from .distributed import DistInfo, barrier, init_distributed
 from .trainer import TrainConfig, Trainer, TrainResult, seed_everything
@@ -71,7 +72,7 @@ def build_model_config(lm: LMConfig, tokenizer: Tokenizer) -> RetNetConfig:
     if lm.model_config is not None:
         fields = json.loads(Path(lm.model_config).read_text())
         fields = {k: v for k, v in fields.items() if k not in ("architectures", "model_type", "transformers_version")}
-        return RetNetConfig(**{**fields, **overrides})
+        return RetNetConfig(**merge_fields(fields, overrides))
     return RetNetConfig.from_preset(lm.preset, **overrides)
 
 
