@@ -68,6 +68,7 @@ class RetNetConfig(PretrainedConfig):
     tie_word_embeddings: bool = True  # the output head shares the token embedding
     mode: str = "parallel"  # the form of a forward without cache: parallel | chunkwise | recurrent
     chunk_size: int = 64  # chunk length of the chunkwise form: prefill of generate(), long prompts
+    prefill_chunk: int = 1024  # a cache is filled this many tokens at a time: prefill memory flat in the prompt length
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -101,7 +102,8 @@ class RetNetConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Raise ValueError naming the field if this config cannot build a working model."""
-        for name in ("vocab_size", "dim_model", "num_layers", "num_heads", "value_factor", "ffn_dim", "chunk_size"):
+        positive = ("vocab_size", "dim_model", "num_layers", "num_heads", "value_factor", "ffn_dim", "chunk_size")
+        for name in (*positive, "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

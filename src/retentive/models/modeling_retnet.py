@@ -20,7 +20,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
-from ..ops import linear_cross_entropy
+from ..layers.retention import left_padding
+from ..ops import RetentionState, linear_cross_entropy
 from .cache_retnet import CACHE_NAME, RetNetCache, take_cache
 from .configuration_retnet import RetNetConfig
 from .retnet import RetNet
@@ -115,6 +116,7 @@ class RetNetModel(RetNetPreTrainedModel):
         mode: str | None = None,
         chunk_size: int | None = None,
         return_dict: bool | None = None,
+        hidden_to_keep: int = 0,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Hidden states of ``input_ids`` (B, T), continuing ``past_key_values`` if given.
@@ -132,9 +134,13 @@ class RetNetModel(RetNetPreTrainedModel):
                 the chunkwise form to fill a cache and the recurrent form for one token after a cache.
             chunk_size: tokens per chunk of the chunkwise form; defaults to ``config.chunk_size``.
             return_dict: a ModelOutput (True) or a tuple (False); None follows ``config.return_dict``.
+            hidden_to_keep: if > 0, the hidden states of the last ``hidden_to_keep`` positions only.
         Returns:
-            BaseModelOutputWithPast with last_hidden_state (B, T, d) and the cache (or None), under the name
-            the installed transformers uses (``cache``, or ``past_key_values`` before 5.24).
+            BaseModelOutputWithPast with last_hidden_state (B, T, d) (or (B, hidden_to_keep, d)) and the cache (or
+            None), under the name the installed transformers uses (``cache``, or ``past_key_values`` before 5.24).
+
+        A cache is filled ``config.prefill_chunk`` tokens at a time (rounded down to whole chunks), each piece through
+        every layer before the next, so that with ``hidden_to_keep`` memory does not grow with the prompt.
         """
         cache = take_cache(cache, kwargs)
         _reject_unused(kwargs)
@@ -151,19 +157,34 @@ class RetNetModel(RetNetPreTrainedModel):
             mode = ("recurrent" if T == 1 else "chunkwise") if states is not None or use_cache else self.config.mode
         padding_mask = None if states is not None else self._padding_mask(attention_mask, T)
 
-        x = self.embed_tokens(input_ids)  # (B, T, d)
-        x = self.retnet(
-            x,
-            mode=mode,
-            chunk_size=self.config.chunk_size if chunk_size is None else chunk_size,
-            state=states,
-            padding_mask=padding_mask,
-            return_state=use_cache,
-        )
+        chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
+        keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
+        piece = T  # tokens per call of the backbone
+        if use_cache and mode != "parallel":  # the state carries everything between pieces
+            piece = max(self.config.prefill_chunk // chunk_size, 1) * chunk_size
+        if piece < T and states is None and padding_mask is not None:  # left padding may outlast the first piece
+            (dk, dv), offset = self.config.head_dims, -left_padding(padding_mask, T)
+            empty = RetentionState.zeros(B, self.config.num_heads, dk, dv, offset=offset, device=input_ids.device)
+            states = [empty] * self.config.num_layers  # states are never modified in place: one serves every layer
+        outputs = []
+        for start in range(0, T, piece):
+            end = min(start + piece, T)
+            x = self.retnet(
+                self.embed_tokens(input_ids[:, start:end]),  # (B, T_piece, d)
+                mode=mode,
+                chunk_size=chunk_size,
+                state=states,
+                padding_mask=None if padding_mask is None else padding_mask[:, start:end],
+                return_state=use_cache,
+            )
+            if use_cache:
+                x, states = x
+            if end > T - keep:
+                outputs.append(x[:, max(T - keep - start, 0) :])
+        x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, keep, d)
         if use_cache:
-            x, new_states = x
             cache = RetNetCache() if cache is None else cache
-            cache.update_states(new_states, T)
+            cache.update_states(states, T)
         else:
             cache = None
         if return_dict is None:
@@ -266,6 +287,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             None, and the cache (see :meth:`RetNetModel.forward`).
         """
         cache = take_cache(cache, kwargs)
+        if logits_to_keep and labels is not None:
+            raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
         if use_cache is None and labels is not None and cache is None:
             use_cache = False  # a loss needs no state: score in config.mode, as in training
         h, *cache = self.model(
@@ -276,12 +299,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             mode=mode,
             chunk_size=chunk_size,
             return_dict=False,
+            hidden_to_keep=logits_to_keep,
             **kwargs,
-        )  # h: (B, T, d)
-        if logits_to_keep:
-            if labels is not None:
-                raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
-            h = h[:, -logits_to_keep:]
+        )  # h: (B, T, d), or (B, logits_to_keep, d)
         plain_head = type(self.lm_head) is nn.Linear  # the blockwise loss reads lm_head.weight, not the module
         if skip_logits is None:
             skip_logits = self.training and labels is not None and plain_head
