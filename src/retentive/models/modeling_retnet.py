@@ -26,6 +26,23 @@ from .cache_retnet import CACHE_NAME, RetNetCache, take_cache
 from .configuration_retnet import RetNetConfig
 from .retnet import RetNet
 
+# What a saved folder carries for the trust_remote_code route: the classes come from the installed package.
+REMOTE_CODE_FILE = "retentive_auto.py"
+REMOTE_CODE = '''"""Loads this folder with transformers' Auto classes (trust_remote_code=True) in a process that never
+imported retentive: the classes come from the installed package (pip install retentive). Written by save_pretrained."""
+
+from retentive.models import RetNetConfig, RetNetForCausalLM, RetNetModel
+
+__all__ = ["RetNetConfig", "RetNetForCausalLM", "RetNetModel"]
+'''
+
+
+def remote_code_map() -> dict[str, str]:
+    """The ``auto_map`` of config.json: each Auto class -> the class in :data:`REMOTE_CODE_FILE`."""
+    module = REMOTE_CODE_FILE.removesuffix(".py")
+    classes = {"AutoConfig": "RetNetConfig", "AutoModel": "RetNetModel", "AutoModelForCausalLM": "RetNetForCausalLM"}
+    return {auto: f"{module}.{name}" for auto, name in classes.items()}
+
 
 class RetNetPreTrainedModel(PreTrainedModel):
     """Weight init and the Hugging Face plumbing shared by the RetNet models."""
@@ -56,6 +73,18 @@ class RetNetPreTrainedModel(PreTrainedModel):
             except Exception as e:
                 raise OSError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from e
         return super().from_pretrained(path, *args, **kwargs)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, remote_code: bool = True, is_main_process: bool = True, **kwargs
+    ) -> None:
+        """``PreTrainedModel.save_pretrained``; with ``remote_code`` (the default), the folder also loads through
+        ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` in a process that never imported
+        retentive: ``config.json`` gets an ``auto_map`` naming :data:`REMOTE_CODE_FILE`, which imports the classes
+        from the installed package (transformers names the package to install when it is missing)."""
+        self.config.auto_map = remote_code_map() if remote_code else None
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if remote_code and is_main_process:
+            (Path(save_directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

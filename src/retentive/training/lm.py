@@ -114,8 +114,10 @@ def build_model_config(lm: LMConfig, tokenizer: Tokenizer) -> RetNetConfig:
 
 
 def _vocabulary(lm: LMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """The model overrides with the tokenizer's vocabulary size and end-of-text id."""
-    return {**lm.model_overrides, "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id}
+    """The model overrides with the tokenizer's vocabulary size and its end-of-text id as EOS, BOS and pad token (as
+    the saved tokenizer says: see :meth:`Tokenizer.save`)."""
+    special = dict.fromkeys(("eos_token_id", "bos_token_id", "pad_token_id"), tokenizer.eos_id)
+    return {**lm.model_overrides, "vocab_size": tokenizer.vocab_size, **special}
 
 
 def _build_model(lm: LMConfig, tokenizer: Tokenizer) -> nn.Module:
