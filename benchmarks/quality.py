@@ -1,19 +1,29 @@
-"""Quality side by side: RetNet and its Transformer twin, same trainer, same recipe, same tokens.
+"""Quality side by side: retentive's RetNet, the peers' RetNets and the Transformer twin, same trainer, same tokens.
 
 For each corpus (Shakespeare; the King James Bible from Debian's ``bible-kjv``) a byte-level BPE is trained,
-then for each seed both models are trained by :class:`retentive.training.Trainer` on the same batches
-(the sampler's seed is the run's seed) and evaluated on the held-out tokens at the training length T, 2T
-and 4T. Results: ``<out>/bench_quality.json``, a table in ``<out>/benchmarks.md``, ``bench_quality.png``.
+then for each seed every model is trained by :class:`retentive.training.Trainer` on the same batches (the sampler's
+seed is the run's seed) and evaluated on the held-out tokens at the training length T, 2T and 4T. The peers
+(torchscale's and yet-another-retnet's RetNets, parameter-matched, :class:`peers.PeerLM`) take part where they are
+installed: run under the benchmark environment (``make bench-quality`` does). Results: ``<out>/bench_quality.json``,
+a table in ``<out>/benchmarks.md``, ``bench_quality.png``.
 
-    python benchmarks/quality.py              # the full run (~25 min on 2 quiet cores)
-    python benchmarks/quality.py --quick      # tiny, seconds (CI)
+    python benchmarks/quality.py                  # the four models, 2 corpora, 3 seeds (~25 min on 2 quiet cores)
+    python benchmarks/quality.py --ablation       # retentive's RetNet with one choice changed at a time
+    python benchmarks/quality.py --lr-sweep       # RetNet and the Transformer at three learning rates
+    python benchmarks/quality.py --quick          # tiny, seconds (CI)
+
+Runs go to ``--jobs`` worker processes (default: one per core, one thread each).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import logging
+import multiprocessing
+import os
 import re
 import shutil
 import statistics
@@ -25,14 +35,41 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import torch  # noqa: E402
+
+import peers  # noqa: E402
 import report  # noqa: E402
 from retentive.baselines import count_parameters, model_from_preset  # noqa: E402
-from retentive.data import EvalWindows, TokenWindows, build_tokenizer, read_corpus, tokenize_corpus  # noqa: E402
+from retentive.data import (  # noqa: E402
+    EvalWindows,
+    TokenWindows,
+    build_tokenizer,
+    load_token_splits,
+    read_corpus,
+    tokenize_corpus,
+)
 from retentive.training import TrainConfig, Trainer, seed_everything  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 START, END = "<!-- bench:quality:start -->", "<!-- bench:quality:end -->"
-MODELS = {"RetNet": "retnet-tiny", "Transformer": "transformer-tiny"}
+ABLATION_START, ABLATION_END = "<!-- bench:ablation:start -->", "<!-- bench:ablation:end -->"
+LR_START, LR_END = "<!-- bench:lr:start -->", "<!-- bench:lr:end -->"
+# label -> kind: "retnet" (this library), a peer (peers.PEERS), "transformer" (the Llama twin)
+MODELS = {"RetNet": "retnet", "torchscale RetNet": "torchscale", "yet-another-retnet": "yet-another-retnet"}
+MODELS["Transformer"] = "transformer"
+# label -> (RetNetConfig overrides, TrainConfig overrides): one choice changed from the defaults at a time.
+# "ffn_scale" multiplies the FFN width (a gated FFN has three matrices: 2/3 of the width keeps the parameters).
+ABLATIONS: dict[str, tuple[dict, dict]] = {
+    "defaults": ({}, {}),
+    "embedding and head init N(0, 0.02) (before)": ({"embedding_init_std": 0.02}, {}),
+    "head norm: RMSNorm without affine (torchscale)": ({"head_norm": "rmsnorm"}, {}),
+    "FFN: SwiGLU, 2/3 width (torchscale-like)": ({"ffn_activation": "swiglu", "ffn_scale": 2 / 3}, {}),
+    "gate: gelu (seed repository)": ({"gate_fn": "gelu"}, {}),
+    "decay: linspace (ViR)": ({"decay": "linspace"}, {}),
+    "decay + retention normalizations on": ({"normalize_attn": True, "normalize_retn": True}, {}),
+    "no rotary (no theta)": ({"rotary": False}, {}),
+}
+LEARNING_RATES = [1e-3, 2e-3, 4e-3]
 FULL = {
     "corpora": ["shakespeare", "kjv"],
     "seeds": [0, 1, 2],
@@ -41,7 +78,7 @@ FULL = {
     "vocab_size": 2048,
     "seq_len": 128,
     "batch_size": 16,
-    "steps": 400,
+    "steps": 250,
     "warmup": 40,
     "lr": 2e-3,
     "eval_lengths": [1, 2, 4],
@@ -89,19 +126,40 @@ def load_corpus(name: str, cache: Path, max_chars: int | None) -> list[str]:
     return docs
 
 
-def train_and_evaluate(preset: str, splits, vocab_size: int, seed: int, plan: dict) -> dict:
-    """Train one model and return its validation perplexity at each evaluation length."""
+def build_model(kind: str, vocab_size: int, model: dict, overrides: dict):
+    """A fresh model of ``kind`` at the plan's sizes; ``overrides`` change retentive's RetNetConfig."""
+    if kind == "transformer":  # the Llama twin of the default RetNet
+        twin = model_from_preset("transformer-tiny", vocab_size=vocab_size, **model)
+        if "embedding_init_std" in overrides:  # Llama's is N(0, initializer_range = 0.02)
+            torch.nn.init.normal_(twin.get_input_embeddings().weight, std=overrides["embedding_init_std"])
+        return twin
+    if kind == "retnet":
+        fields = model | {k: v for k, v in overrides.items() if k != "ffn_scale"}
+        fields["ffn_dim"] = round(fields["ffn_dim"] * overrides.get("ffn_scale", 1))
+        return model_from_preset("retnet-tiny", vocab_size=vocab_size, **fields)
+    target = count_parameters(model_from_preset("retnet-tiny", vocab_size=vocab_size, **model))
+    return peers.PeerLM(kind, vocab_size, model["dim_model"], model["num_layers"], model["num_heads"], target)
+
+
+def train_and_evaluate(job: dict, plan: dict) -> dict:
+    """Train one model (``job``: kind, overrides, train overrides, seed, token directory, vocabulary) and return its
+    validation perplexity at each evaluation length."""
+    seed = job["seed"]
+    splits = load_token_splits(job["tokens"])
     seed_everything(seed)
-    model = model_from_preset(preset, vocab_size=vocab_size, **plan["model"])
+    model = build_model(job["kind"], job["vocab_size"], plan["model"], job["overrides"])
     config = TrainConfig(
-        steps=plan["steps"],
-        lr=plan["lr"],
-        warmup=plan["warmup"],
-        eval_interval=0,
-        ckpt_interval=0,
-        log_interval=max(1, plan["steps"] // 10),
-        device="cpu",
-        progress=False,
+        **{
+            "steps": plan["steps"],
+            "lr": plan["lr"],
+            "warmup": plan["warmup"],
+            "eval_interval": 0,
+            "ckpt_interval": 0,
+            "log_interval": max(1, plan["steps"] // 10),
+            "device": "cpu",
+            "progress": False,
+        }
+        | job["train"]
     )
     T, B = plan["seq_len"], plan["batch_size"]
     with tempfile.TemporaryDirectory() as run_dir:
@@ -118,35 +176,77 @@ def train_and_evaluate(preset: str, splits, vocab_size: int, seed: int, plan: di
         "final_train_loss": result.losses[-1],
         "train_seconds": seconds,
         "parameters": count_parameters(model),
+        "lr": config.lr,
     }
 
 
-def run_all(plan: dict, cache: Path) -> dict:
-    """Every (corpus, seed, model) run of ``plan``."""
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: list[dict], plan: dict, workers: int) -> list[dict]:
+    """Every job, ``workers`` at a time in fresh processes of ``threads`` torch threads each (one process: here)."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    with (
+        contextlib.nullcontext()
+        if workers <= 1
+        else concurrent.futures.ProcessPoolExecutor(workers, context, _init_worker, (threads,))
+    ) as pool:
+        futures = [pool.submit(train_and_evaluate, job, plan) if pool else job for job in jobs]
+        results = []
+        for job, future in zip(jobs, futures, strict=True):
+            results.append(future.result() if pool else train_and_evaluate(job, plan))
+            log.info(
+                "%-12s %-48s seed %d: val ppl %s", job["corpus"], job["label"], job["seed"], results[-1]["val_ppl"]
+            )
+        return results
+
+
+def models_here() -> dict[str, str]:
+    """The models of MODELS that can be built in this environment (the peers need ``make bench-env``)."""
+    here = {}
+    for label, kind in MODELS.items():
+        reason = peers.available(kind) if kind in peers.PEERS else None
+        if reason:
+            log.warning("%s left out: %s", label, reason)
+        else:
+            here[label] = kind
+    return here
+
+
+def run_all(plan: dict, cache: Path, variants: dict[str, tuple[str, dict, dict]], workers: int) -> dict:
+    """Every (corpus, seed, variant) run of ``plan``; ``variants``: label -> (kind, overrides, train overrides)."""
     results: dict = {"plan": plan, "corpora": {}}
+    jobs = []
     for corpus in plan["corpora"]:
         docs = load_corpus(corpus, cache, plan["max_chars"])
         tokenizer = build_tokenizer(plan["tokenizer"], docs, plan["vocab_size"])
         splits = tokenize_corpus(docs, tokenizer, cache / "tokens")
-        entry = {
+        results["corpora"][corpus] = {
             "train_tokens": len(splits.train),
             "val_tokens": len(splits.val),
             "vocab_size": tokenizer.vocab_size,
-            "runs": {m: {} for m in MODELS},
+            "runs": {label: {} for label in variants},
         }
         for seed in plan["seeds"]:
-            for label, preset in MODELS.items():
-                run = train_and_evaluate(preset, splits, tokenizer.vocab_size, seed, plan)
-                entry["runs"][label][str(seed)] = run
-                log.info(
-                    "%-12s %-11s seed %d: val ppl %s (%.0f s)",
-                    corpus,
-                    label,
-                    seed,
-                    run["val_ppl"],
-                    run["train_seconds"],
+            for label, (kind, overrides, train) in variants.items():
+                jobs.append(
+                    {
+                        "corpus": corpus,
+                        "label": label,
+                        "kind": kind,
+                        "overrides": overrides,
+                        "train": train,
+                        "seed": seed,
+                        "tokens": str(splits.directory),
+                        "vocab_size": tokenizer.vocab_size,
+                    }
                 )
-        results["corpora"][corpus] = entry
+    for job, run in zip(jobs, run_jobs(jobs, plan, workers), strict=True):
+        results["corpora"][job["corpus"]]["runs"][job["label"]][str(job["seed"])] = run
     return results
 
 
@@ -155,36 +255,75 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
-def quality_markdown(results: dict, plot: str) -> str:
-    """The table (mean ± sd over seeds) and the gap RetNet - Transformer, per corpus and evaluation length."""
+def _ppl(runs: dict, factor: str) -> list[float]:
+    return [run["val_ppl"][factor] for run in runs.values()]
+
+
+def _caption(results: dict, what: str) -> list[str]:
     plan, meta = results["plan"], results["meta"]
     m = plan["model"]
-    lines = [
+    return [
         f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), float32, "
         f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}. "
         f"Command: `{meta['command'].strip()}`.",
-        f"Both models: {m['num_layers']} layers, d={m['dim_model']}, {m['num_heads']} heads, tied embeddings, "
-        f"tokenizer: {plan['tokenizer']} (a BPE is trained on each corpus); the Transformer is the Llama twin "
-        "of the RetNet (`transformer-tiny` with the same overrides; parameters matched within 2%). Same "
-        f"trainer and recipe: AdamW (0.9, 0.98), weight decay 0.05, lr {plan['lr']} with {plan['warmup']} warm-up "
-        f"steps and a cosine, {plan['steps']} steps of {plan['batch_size']} x {plan['seq_len']} tokens "
-        f"({plan['steps'] * plan['batch_size'] * plan['seq_len']:,} tokens), the same batches for both (seeded). "
-        f"Validation perplexity over seeds {plan['seeds']} (mean ± sd) at the training length T={plan['seq_len']} "
-        "and at 2T and 4T (no fine-tuning at the longer lengths).",
+        f"{what} {m['num_layers']} layers, d={m['dim_model']}, {m['num_heads']} heads, tokenizer: {plan['tokenizer']} "
+        f"(a BPE of {plan['vocab_size']} is trained on each corpus). Same trainer and recipe: AdamW (0.9, 0.98), "
+        f"weight decay 0.05, lr {plan['lr']} with {plan['warmup']} warm-up steps and a cosine, {plan['steps']} steps "
+        f"of {plan['batch_size']} x {plan['seq_len']} tokens "
+        f"({plan['steps'] * plan['batch_size'] * plan['seq_len']:,} tokens), the same batches for every model "
+        f"(seeded). Validation perplexity over seeds {plan['seeds']} (mean ± sd) at the training length "
+        f"T={plan['seq_len']}"
+        + (" and at 2T and 4T (no fine-tuning at the longer lengths)." if len(plan["eval_lengths"]) > 1 else "."),
         "",
     ]
-    header = ["corpus", "length", "RetNet ppl", "Transformer ppl", "gap RetNet - Transformer"]
+
+
+def quality_markdown(results: dict, plot: str) -> str:
+    """Every model's perplexity (mean ± sd over seeds) and retentive's gaps, per corpus and evaluation length."""
+    plan = results["plan"]
+    labels = list(next(iter(results["corpora"].values()))["runs"])
+    peer_label = next((label for label in labels if MODELS.get(label) in peers.PEERS), None)
+    lines = _caption(
+        results,
+        "Every model: tied embeddings except yet-another-retnet's (its own untied output layer), parameters matched "
+        "within 2% by solving the FFN width (the Transformer is the Llama twin, `transformer-tiny` with the same "
+        "overrides);",
+    )
+    header = ["corpus", "length", *(f"{label} ppl" for label in labels), "gap RetNet - Transformer"]
+    header += [f"gap RetNet - {peer_label}"] if peer_label else []
     rows = []
     for corpus, entry in results["corpora"].items():
         for factor in map(str, plan["eval_lengths"]):
-            r = [run["val_ppl"][factor] for run in entry["runs"]["RetNet"].values()]
-            t = [run["val_ppl"][factor] for run in entry["runs"]["Transformer"].values()]
-            gaps = [a - b for a, b in zip(r, t, strict=True)]
-            length = f"{int(factor) * plan['seq_len']} ({factor}T)"
+            ppl = {label: _ppl(entry["runs"][label], factor) for label in labels}
+            gaps = [
+                [a - b for a, b in zip(ppl["RetNet"], ppl[other], strict=True)]
+                for other in ["Transformer"] + ([peer_label] if peer_label else [])
+            ]
             rows.append(
-                [f"{corpus} ({entry['train_tokens']:,} train tokens)", length, _mean_sd(r), _mean_sd(t), _mean_sd(gaps)]
+                [f"{corpus} ({entry['train_tokens']:,} train tokens)", f"{int(factor) * plan['seq_len']} ({factor}T)"]
+                + [_mean_sd(ppl[label]) for label in labels]
+                + [_mean_sd(g) for g in gaps]
             )
     lines += [report._table(header, rows), "", f"![quality]({plot})", ""]
+    return "\n".join(lines)
+
+
+def variants_markdown(results: dict, what: str) -> str:
+    """One row per variant and corpus: perplexity at T (mean ± sd over seeds) and the change from the first row."""
+    lines = _caption(results, what)
+    header = ["corpus", "variant", "parameters", "val ppl at T", "change from the first row"]
+    rows = []
+    for corpus, entry in results["corpora"].items():
+        runs = entry["runs"]
+        base = statistics.mean(_ppl(next(iter(runs.values())), "1"))
+        for label, variant in runs.items():
+            ppl = _ppl(variant, "1")
+            params = next(iter(variant.values()))["parameters"]
+            change = statistics.mean(ppl) - base
+            rows.append(
+                [corpus, label, f"{params:,}", _mean_sd(ppl), "" if label == next(iter(runs)) else f"{change:+.2f}"]
+            )
+    lines += [report._table(header, rows), ""]
     return "\n".join(lines)
 
 
@@ -201,7 +340,7 @@ def plot_quality(results: dict, path: Path) -> None:
     lengths = [f * plan["seq_len"] for f in plan["eval_lengths"]]
     for ax, corpus in zip(axes[0], corpora, strict=True):
         for label, runs in results["corpora"][corpus]["runs"].items():
-            per_len = [[run["val_ppl"][str(f)] for run in runs.values()] for f in plan["eval_lengths"]]
+            per_len = [_ppl(runs, str(f)) for f in plan["eval_lengths"]]
             means = [statistics.mean(v) for v in per_len]
             sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_len]
             ax.errorbar(lengths, means, yerr=sds, marker="o", capsize=3, label=label)
@@ -220,30 +359,57 @@ def plot_quality(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, a slice of each corpus, 3 steps")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--ablation", action="store_true", help="retentive's RetNet, one choice changed at a time")
+    kind.add_argument("--lr-sweep", action="store_true", help="RetNet and the Transformer at " + str(LEARNING_RATES))
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "retentive" / "bench")
     parser.add_argument("--corpora", nargs="+", help="override: shakespeare, kjv, or a text file / folder")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     parser.add_argument("--steps", type=int, help="override the optimizer steps per run")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1: in this one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan = dict(QUICK if args.quick else FULL)
     for key in ("corpora", "seeds", "steps"):
         if getattr(args, key):
             plan[key] = getattr(args, key)
+    if args.ablation:
+        name, markers = "ablation", (ABLATION_START, ABLATION_END, "Ablation: retentive's RetNet, one choice at a time")
+        plan |= {"eval_lengths": [1]}
+        variants = {label: ("retnet", overrides, train) for label, (overrides, train) in ABLATIONS.items()}
+        what = "retentive's RetNet with one choice changed from the defaults per row (tied embeddings);"
+    elif args.lr_sweep:
+        name, markers = "lr", (LR_START, LR_END, "Learning rate: RetNet and the Transformer")
+        plan |= {"eval_lengths": [1]}
+        variants = {
+            f"{label} lr {lr:g}": (kind, {}, {"lr": lr})
+            for label, kind in MODELS.items()
+            if kind in ("retnet", "transformer")
+            for lr in LEARNING_RATES
+        }
+        d = plan["model"]["dim_model"]
+        variants["Transformer lr 0.002, embedding N(0, d^-1/2)"] = ("transformer", {"embedding_init_std": d**-0.5}, {})
+        what = "retentive's RetNet and its Transformer twin at each peak learning rate (tied embeddings);"
+    else:
+        name, markers = "quality", (START, END, "Quality: RetNet, the peers and the Transformer, same recipe")
+        variants = {label: (kind, {}, {}) for label, kind in models_here().items()}
     started = time.time()
-    results = run_all(plan, args.cache)
+    results = run_all(plan, args.cache, variants, args.jobs)
     results["meta"] = report.environment(started, quick=args.quick, argv=sys.argv[1:])
     results["meta"]["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    prefix = "bench_quick_" if args.quick else "bench_"
-    (args.out / f"{prefix}quality.json").write_text(json.dumps(results, indent=1))
-    plot_quality(results, args.out / f"{prefix}quality.png")
-    body = quality_markdown(results, f"{prefix}quality.png")
-    if args.quick:
-        (args.out / "bench_quick_quality.md").write_text(body)
+    prefix = ("bench_quick_" if args.quick else "bench_") + name
+    (args.out / f"{prefix}.json").write_text(json.dumps(results, indent=1))
+    if name == "quality":
+        plot_quality(results, args.out / f"{prefix}.png")
+        body = quality_markdown(results, f"{prefix}.png")
     else:
-        report.splice(args.out / "benchmarks.md", START, END, body, "Quality: RetNet and the Transformer, same recipe")
+        body = variants_markdown(results, what)
+    if args.quick:
+        (args.out / f"{prefix}.md").write_text(body)
+    else:
+        report.splice(args.out / "benchmarks.md", *markers[:2], body, markers[2])
     log.info("done in %.0f s", time.time() - started)
 
 

@@ -112,21 +112,23 @@ def run_demo(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, eval_batches=args.eval_batches, seed=args.seed,
     )  # fmt: skip
     print(f"retentive demo: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads")
-    steps, per_step = args.steps, None
-    if steps is None:
-        steps, per_step = calibrate_steps(lm, args.train_seconds)
-    budget = f" (~{per_step:.2f} s/step here, budget {args.train_seconds:.0f} s)" if per_step else ""
-    print(f"1. training retnet-tiny on {args.data!r} for {steps} steps of {lm.batch_size}x{lm.seq_len} tokens{budget}")
+    steps, budget = args.steps, None
+    if steps is None:  # a first estimate (it sets the warm-up); the trainer fits the count to the budget
+        steps, _ = calibrate_steps(lm, args.train_seconds)
+        budget = args.train_seconds
+    plan = f"~{steps} steps (fitted to a {budget:.0f} s budget while training)" if budget else f"{steps} steps"
+    print(f"1. training retnet-tiny on {args.data!r}, {plan} of {lm.batch_size}x{lm.seq_len} tokens")
     train = TrainConfig(
-        steps=steps, lr=args.lr, warmup=max(1, steps // 20), eval_interval=0, ckpt_interval=0, log_interval=5,
-        keep_last=1, device="cpu",
+        steps=steps, time_budget=budget, lr=args.lr, warmup=max(1, steps // 20), eval_interval=0, ckpt_interval=0,
+        log_interval=5, keep_last=1, device="cpu",
     )  # fmt: skip
     run = train_language_model(lm, train, args.out, overwrite=True)
     model, tok, splits = run.model.eval(), run.tokenizer, run.splits
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"   {n_params / 1e6:.1f}M parameters, BPE vocabulary {tok.vocab_size}, {len(splits.train):,} training "
-        f"and {len(splits.val):,} validation tokens; trained {run.result.seconds:.0f} s; run saved in {args.out}"
+        f"and {len(splits.val):,} validation tokens; trained {run.trainer.step} steps in {run.result.seconds:.0f} s; "
+        f"run saved in {args.out}"
     )
 
     val_ppl = run.result.eval["val_ppl"]

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py runs end to end (tiny shapes, Triton's interpreter) and exits cleanly without a GPU."""
+"""benchmarks/kernel_speed.py runs end to end (tiny shapes, Triton's interpreter) and exits cleanly without a GPU."""
 
 import importlib.util
 import os
@@ -20,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
         "PYTHONPATH": str(ROOT / "src"),
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     }
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), *args]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_speed.py"), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 

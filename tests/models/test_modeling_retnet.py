@@ -63,6 +63,25 @@ def left_pad(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+# --- initialization ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_and_head_start_at_std_d_to_the_minus_half_and_logits_near_unit_variance(tied: bool) -> None:
+    cfg = RetNetConfig.from_preset("retnet-tiny", vocab_size=2048, dim_model=128, tie_word_embeddings=tied)
+    model = RetNetForCausalLM(cfg)
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        assert weight.std().item() == pytest.approx(128**-0.5, rel=0.02)
+    assert model.model.retnet.blocks[0].ffn.up.weight.std().item() == pytest.approx(cfg.initializer_range, rel=0.05)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 2048, (2, 64))).logits
+    assert 0.5 < logits.std().item() < 2  # the final LayerNorm's unit features against a d^-1/2 head
+    custom = RetNetForCausalLM(RetNetConfig.from_preset("retnet-tiny", vocab_size=512, embedding_init_std=0.02))
+    assert custom.get_input_embeddings().weight.std().item() == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ValueError, match="embedding_init_std"):
+        RetNetConfig(embedding_init_std=0.0)
+
+
 # --- forward: loss and the three forms --------------------------------------------------------------------------
 
 

@@ -37,7 +37,9 @@ def _trainer(run_dir: Path, steps: int, resume: bool = False, dropout: float = 0
     seed_everything(0)
     tokens = _tokens()
     model = TinyLM(dropout=dropout)
-    config = TrainConfig(steps=steps, lr=1e-2, warmup=2, eval_interval=3, ckpt_interval=4, progress=False, **cfg)
+    config = TrainConfig(
+        **{"steps": steps, "lr": 1e-2, "warmup": 2, "eval_interval": 3, "ckpt_interval": 4} | cfg, progress=False
+    )
     return Trainer(
         model,
         TokenWindows(tokens, seq_len=16, batch_size=4, seed=1),
@@ -197,3 +199,25 @@ def test_a_trainer_state_that_unpickles_other_objects_is_named_with_what_to_do(t
 def test_train_config_refuses_options_that_cannot_work(option: str, value: float) -> None:
     with pytest.raises(ValueError, match=option):
         TrainConfig(**{option: value})
+
+
+def test_time_budget_fits_the_step_count_and_the_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fake clock that only steps advance: the first costs 5 s (one-time setup), every later one 0.5 s, so a
+    # 20 s budget holds 1 + (20 - 5) / 0.5 = 31 steps, whatever the first estimate (10) says
+    import retentive.training.trainer as trainer_module
+
+    now = [0.0]
+    trainer = _trainer(tmp_path, steps=10, time_budget=20.0, ckpt_interval=0, eval_interval=0)
+    real_step = trainer._train_step
+
+    def timed_step():
+        now[0] += 5.0 if trainer.step == 0 else 0.5
+        return real_step()
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(trainer, "_train_step", timed_step)
+    result = trainer.fit()
+    assert trainer.step == trainer.total_steps == 31 == len(result.losses)
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * 0.1)  # the cosine ended on the fitted step
+    with pytest.raises(ValueError, match="time_budget"):
+        TrainConfig(time_budget=0)

@@ -64,7 +64,8 @@ class RetNetConfig(PretrainedConfig):
     normalize_retn: bool = False  # retention normalization (SPEC §2), exact in every form
     dropout: float = 0.0  # on every residual branch and in the FFN
     norm_eps: float = 1e-5  # LayerNorm epsilon
-    initializer_range: float = 0.02  # std of the embeddings and FFN / head weights; retention keeps Xavier
+    initializer_range: float = 0.02  # std of the FFN weights; retention keeps Xavier (docs/math.md, "Defaults")
+    embedding_init_std: float | None = None  # std of the token embedding and an untied head; None: d^-1/2
     tie_word_embeddings: bool = True  # the output head shares the token embedding
     mode: str = "parallel"  # the form of a forward without cache: parallel | chunkwise | recurrent
     chunk_size: int = 64  # chunk length of the chunkwise form: prefill of generate(), long prompts
@@ -136,6 +137,8 @@ class RetNetConfig(PretrainedConfig):
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.initializer_range > 0:
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}")
+        if self.embedding_init_std is not None and not self.embedding_init_std > 0:
+            raise ValueError(f"embedding_init_std must be None (d^-1/2) or > 0, got {self.embedding_init_std!r}")
         for name in ("pad_token_id", "bos_token_id"):
             self._check_token_id(name, getattr(self, name))
         eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]

@@ -88,16 +88,20 @@ class RetNetPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Embeddings and linear layers ~ N(0, initializer_range); retention keeps its own (Xavier) init."""
-        std = self.config.initializer_range
+        """The token embedding and an untied output head ~ N(0, d^-1/2): unit-variance logits at the start, and
+        an embedding as large as what the first block adds to it (with 0.02 the blocks' outputs drown the token
+        identity; docs/math.md, "Defaults"). FFN weights ~ N(0, initializer_range); retention keeps its own
+        (Xavier) init."""
+        cfg = self.config
+        embedding_std = cfg.dim_model**-0.5 if cfg.embedding_init_std is None else cfg.embedding_init_std
         if isinstance(module, MultiScaleRetention):
             module.reset_parameters()  # runs after its children, so it overrides the Linear init below
+        elif isinstance(module, nn.Embedding) or module is getattr(self, "lm_head", None):
+            init.normal_(module.weight, mean=0.0, std=embedding_std)
         elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (nn.LayerNorm, HeadNorm)) and getattr(module, "weight", None) is not None:
             init.ones_(module.weight)
             init.zeros_(module.bias)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -44,11 +45,19 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int | Callable[[], int],
+    min_lr_ratio: float = 0.1,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following :func:`warmup_cosine`; its state (the step) goes into checkpoints."""
-    if warmup_steps < 0 or total_steps < 1:
-        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+    """A ``LambdaLR`` following :func:`warmup_cosine`; its state (the step) goes into checkpoints.
+
+    ``total_steps`` may be a callable, read at every step: a run fitted to a time budget learns its length
+    while it trains (:class:`~retentive.training.Trainer`).
+    """
+    total = total_steps if callable(total_steps) else lambda: total_steps
+    if warmup_steps < 0 or total() < 1:
+        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total()}")
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total(), min_lr_ratio)
     )

@@ -61,7 +61,8 @@ class BatchSource(Protocol):
 class TrainConfig:
     """The trainer's options (all recorded in the run's ``run.json``)."""
 
-    steps: int = 1000  # optimizer steps in total
+    steps: int = 1000  # optimizer steps in total (with time_budget: the first estimate)
+    time_budget: float | None = None  # seconds of training: the step count is re-fitted to it while training
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate / peak, at the end of the cosine
@@ -98,6 +99,8 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be None or > 0 seconds, got {self.time_budget}")
         self.betas = tuple(self.betas)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,7 +201,8 @@ class Trainer:
         if self.fsdp:
             shard_model(self.model, self.dist)  # in place: the optimizer must see the sharded parameters
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.betas)
-        self.scheduler = build_scheduler(self.optimizer, config.warmup, config.steps, config.min_lr_ratio)
+        self.total_steps = config.steps  # the schedule's length; fitted to config.time_budget while training
+        self.scheduler = build_scheduler(self.optimizer, config.warmup, lambda: self.total_steps, config.min_lr_ratio)
         self.step = 0
         self.unit = "tok/s"
         self.resumed_from = self._resume(ckpt) if ckpt is not None else None
@@ -237,6 +241,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
         self.step = int(state["step"])
+        if self.config.time_budget is not None:  # the length fitted so far; otherwise config.steps (a run may grow)
+            self.total_steps = int(state.get("total_steps", self.config.steps))
         rng = state["rng"]
         if len(rng) != self.dist.world_size:
             logger.warning("checkpoint has RNG states of %d processes, this run has %d", len(rng), self.dist.world_size)
@@ -310,6 +316,7 @@ class Trainer:
                 "data": self.train_data.state_dict(),
                 "rng": rng,
                 "step": self.step,
+                "total_steps": self.total_steps,
             }
 
             def write(directory: Path) -> None:
@@ -325,43 +332,51 @@ class Trainer:
         return path
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
-        """Train until ``config.steps``; evaluate and checkpoint on the way and at the end.
+        """Train until the schedule's last step; evaluate and checkpoint on the way and at the end.
+
+        The schedule has ``config.steps`` steps, or, with ``config.time_budget``, as many as fit in the budget:
+        through the first half of the budget the count is re-fitted after every step from the time per step
+        measured so far (the first step, which pays one-time costs, left out), then it is fixed.
 
         Args:
             stop_at: stop after this step, as an interruption would (no extra checkpoint); the schedule still
-                follows ``config.steps``.
+                runs to its last step.
         """
         cfg, result = self.config, TrainResult()
-        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         bar = tqdm(
-            total=cfg.steps,
+            total=self.total_steps,
             initial=self.step,
             desc="train",
             disable=not (cfg.progress and self.dist.is_main),
             dynamic_ncols=True,
         )
         start = time.perf_counter()
-        while self.step < end:
+        first_step_done = None  # when the first step of this call ended (budgeted runs)
+        while self.step < (self.total_steps if stop_at is None else min(stop_at, self.total_steps)):
             t0 = time.perf_counter()
             loss, grad_norm, items = self._train_step()
-            rate = items / max(time.perf_counter() - t0, 1e-9)
+            now = time.perf_counter()
+            rate = items / max(now - t0, 1e-9)
+            if cfg.time_budget is not None:
+                first_step_done = first_step_done or (now, self.step)
+                self._fit_to_budget(now - start, now - first_step_done[0], self.step - first_step_done[1])
+                bar.total = self.total_steps
+            last = self.step == self.total_steps
             result.losses.append(loss)
             bar.set_postfix({"loss": f"{loss:.3f}", self.unit: f"{rate:,.0f}"}, refresh=False)
             bar.update(1)
             record: dict[str, Any] = {}
-            if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_interval == 0 or last:
                 lr = self.scheduler.get_last_lr()[0]
                 record |= {"loss": loss, "lr": lr, "grad_norm": grad_norm, self.unit.replace("/", "_per_"): rate}
-            if self.val_data is not None and (
-                self.step == cfg.steps or (cfg.eval_interval and self.step % cfg.eval_interval == 0)
-            ):
+            if self.val_data is not None and (last or (cfg.eval_interval and self.step % cfg.eval_interval == 0)):
                 result.eval = self.evaluate()
                 record |= result.eval
                 if self.dist.is_main and cfg.progress:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items()))
             if record and self.log is not None:
                 self.log.write({"step": self.step, **record, "time_s": round(time.perf_counter() - start, 3)})
-            if self.step == cfg.steps or (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
+            if last or (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
                 result.checkpoint = self.save()
                 if self.log is not None:
                     self.log.plot()
@@ -370,3 +385,13 @@ class Trainer:
             result.checkpoint = self.resumed_from
         result.seconds = time.perf_counter() - start
         return result
+
+    def _fit_to_budget(self, elapsed: float, timed: float, timed_steps: int) -> None:
+        """Re-fit ``total_steps`` to ``config.time_budget`` from ``timed`` seconds over the last ``timed_steps``
+        steps, while less than half of the budget is spent (the processes agree on the mean of their estimates)."""
+        budget = self.config.time_budget
+        if timed_steps < 1 or elapsed > budget / 2:
+            return
+        remaining = (budget - elapsed) * timed_steps / timed
+        (remaining,) = all_reduce_sum([remaining], self.dist)
+        self.total_steps = self.step + max(1, round(remaining / self.dist.world_size))

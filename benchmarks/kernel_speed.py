@@ -7,9 +7,9 @@
    its weight-read bound: weight bytes / memory bandwidth, the bandwidth measured here by a large
    device-to-device copy. Also the retention step alone (24 layers of state) against its state-read bound.
 
-    python benchmarks/kernels.py                 # on a CUDA GPU: the full run (a few minutes)
-    python benchmarks/kernels.py --quick         # on a CUDA GPU: a few shapes
-    python benchmarks/kernels.py --interpret     # tiny shapes on the CPU (Triton's interpreter): checks the script
+    python benchmarks/kernel_speed.py                 # on a CUDA GPU: the full run (a few minutes)
+    python benchmarks/kernel_speed.py --quick         # on a CUDA GPU: a few shapes
+    python benchmarks/kernel_speed.py --interpret     # tiny shapes on the CPU (Triton's interpreter): checks the script
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events), in milliseconds; with --interpret they are
 one wall-clock call each and mean nothing.
@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not args.interpret and not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device here, nothing measured. Run it on a GPU, or pass --interpret")
+        print("benchmarks/kernel_speed.py: no CUDA device here, nothing measured. Run it on a GPU, or pass --interpret")
         print("to check the script on the CPU in Triton's interpreter (its times mean nothing).")
         return 0
     try:
         import triton
     except ImportError:
-        print("benchmarks/kernels.py: triton is not installed (pip install triton); nothing measured.")
+        print("benchmarks/kernel_speed.py: triton is not installed (pip install triton); nothing measured.")
         return 0
 
     device = "cpu" if args.interpret else "cuda"
