@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from retentive import RetNetForCausalLM
 from retentive.cli import main
-from retentive.data import ByteTokenizer, read_corpus
+from retentive.data import ByteTokenizer, load_tokenizer, read_corpus
 from retentive.streamer import TokenStreamer
 
 TINY = ["--set", "dim_model=32", "--set", "num_layers=1", "--set", "num_heads=2", "--set", "ffn_dim=64"]
@@ -121,3 +124,99 @@ def test_demo_runs_end_to_end(corpus: Path, tmp_path: Path, capsys: pytest.Captu
     assert "validation perplexity" in out and "unigram perplexity" in out
     assert "pick the SAME tokens" in out
     assert out.count("ms/token") == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--num-beams", "0", "--num-beams must be >= 1"),
+        ("--temperature", "-1", "--temperature must be >= 0"),
+        ("--top-p", "1.5", r"--top-p must lie in \(0, 1\]"),
+        ("--top-p", "0", r"--top-p must lie in \(0, 1\]"),
+        ("--max-new-tokens", "0", "--max-new-tokens must be >= 1"),
+        ("--top-k", "-2", "--top-k must be >= 0"),
+        ("--repetition-penalty", "0", "--repetition-penalty must be > 0"),
+    ],
+)
+def test_generation_options_are_refused_in_one_line(tmp_path: Path, option: str, value: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=rf"^error: {message}.*, got {re.escape(value)}(\.0)?$") as err:
+        main(["generate", str(tmp_path / "not-read"), "--prompt", "O", option, value])
+    assert "\n" not in str(err.value.code)
+
+
+def test_generate_accepts_a_save_pretrained_folder(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    ckpt = run_dir / "checkpoints" / "step-00000006"
+    model = RetNetForCausalLM.from_pretrained(ckpt)
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(SystemExit, match=r"no tokenizer in .*plain"):
+        main(["generate", str(tmp_path / "plain"), "--prompt", "KING.\n", "--max-new-tokens", "8"])
+    load_tokenizer(ckpt).save(tmp_path / "plain")
+    args = ["--prompt", "KING.\n", "--max-new-tokens", "8", "--temperature", "0"]
+    main(["generate", str(tmp_path / "plain"), *args])
+    main(["generate", str(ckpt), *args])
+    plain, from_run = capsys.readouterr().out.split("KING.\n")[1:]
+    assert plain == from_run and len(plain) > 2
+
+
+def test_a_damaged_checkpoint_hint_names_the_generate_command(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "checkpoints" / "step-00000006" / "model.safetensors").write_bytes(b"damaged")
+    older = copy / "checkpoints" / "step-00000003"
+    with pytest.raises(SystemExit, match=rf"is intact: retentive generate {re.escape(str(older))}$"):
+        main(["generate", str(copy), "--prompt", "O"])
+    with pytest.raises(SystemExit, match=r"no checkpoint in .*save_pretrained"):
+        main(["generate", str(tmp_path), "--prompt", "O"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--seq-len", "0"], r"seq_len \(--seq-len\) must be an integer >= 1, got 0"),
+        (["--batch-size", "0"], r"batch_size \(--batch-size\) must be an integer >= 1"),
+        (["--val-fraction", "1"], r"val_fraction \(--val-fraction\) must lie in \[0, 1\)"),
+        (["--vocab-size", "100"], r"vocab_size \(--vocab-size\) must be >= 258"),
+        (["--set", "num_heads=3"], "dim_model .* must be a multiple of num_heads"),
+        (["--set", "num_layer=3"], "unknown config field"),
+        (["--min-lr-ratio", "2"], "min_lr_ratio must lie in"),
+        (["--suffixes", ".py"], "holds no text files"),
+    ],
+)
+def test_train_options_are_checked_before_anything_is_written(
+    corpus: Path, tmp_path: Path, options: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit, match=message):
+        _train(corpus.parent, tmp_path / "out", *options)
+    assert not (tmp_path / "out").exists(), "nothing written: the corrected command is not 'a different run'"
+
+
+def test_out_that_is_a_file_is_one_line(corpus: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"^error: .*out is a file, not a run directory: choose another --out$"):
+        _train(corpus, tmp_path / "out")
+
+
+def test_data_folder_reads_the_suffixes_given_reports_what_it_skipped_and_refuses_binary_files(
+    corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    (data / "pkg").mkdir(parents=True)
+    text = corpus.read_text()
+    (data / "pkg" / "module.py").write_text(text[:12000])
+    (data / "guide.rst").write_text(text[12000:24000])
+    (data / "notes.txt").write_text("skipped: not among the suffixes\n")
+    (data / "logo.png").write_bytes(bytes(range(256)))
+    with caplog.at_level(logging.INFO, logger="retentive.data.corpus"):
+        _train(data, tmp_path / "out", "--suffixes", ".py,RST", "--steps", "2")
+    summary = next(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
+    read = (data / "pkg" / "module.py").stat().st_size + (data / "guide.rst").stat().st_size
+    assert f"reading 2 files ({read:,} bytes); skipped 2 files (" in summary and "1 .png" in summary
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["lm"]["suffixes"] == [".py", ".rst"]
+
+    (data / "pkg" / "data.py").write_bytes(b"import os\n\x00\x01\x02")
+    with pytest.raises(SystemExit, match=r"data\.py is a binary file \(a NUL byte at offset 10\)"):
+        _train(data, tmp_path / "out2", "--suffixes", ".py,.rst")
+    (data / "pkg" / "data.py").write_bytes("café".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"data\.py is not UTF-8 text \(byte 3 does not decode\)"):
+        _train(data, tmp_path / "out2", "--suffixes", ".py,.rst")
+    assert not (tmp_path / "out2").exists()

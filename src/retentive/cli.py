@@ -27,13 +27,25 @@ def _model_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _suffixes(text: str) -> list[str]:
+    """``.py,.rst`` -> [".py", ".rst"]."""
+    from .data.corpus import normalize_suffixes
+
+    try:
+        return list(normalize_suffixes(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def train(args: argparse.Namespace) -> None:
     """Train a RetNet language model (alone, or one process of ``torchrun``)."""
+    logging.getLogger("retentive.data.corpus").setLevel(logging.INFO)  # what was read and skipped, always
     from .training import TrainConfig
     from .training.lm import LMConfig, train_language_model
 
     lm = LMConfig(
         preset=args.preset, model_config=args.config, model_overrides=dict(args.set), data=args.data,
+        suffixes=args.suffixes,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size,
         val_fraction=args.val_fraction, eval_batches=args.eval_batches, seed=args.seed,
     )  # fmt: skip
@@ -53,16 +65,46 @@ def train(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
+def _check_generation(args: argparse.Namespace) -> None:
+    """Refuse generation options that cannot work, with one line naming the option (before loading anything)."""
+    checks = (
+        (bool(args.prompt), "--prompt is empty: give at least one character to continue"),
+        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.num_beams >= 1, f"--num-beams must be >= 1 (1: no beam search), got {args.num_beams}"),
+        (args.temperature >= 0, f"--temperature must be >= 0 (0: greedy), got {args.temperature}"),
+        (args.top_k >= 0, f"--top-k must be >= 0 (0: no top-k filtering), got {args.top_k}"),
+        (0 < args.top_p <= 1, f"--top-p must lie in (0, 1] (1: no nucleus filtering), got {args.top_p}"),
+        (args.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1: none), got {args.repetition_penalty}"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"error: {message}")
+
+
+def _generation_checkpoint(path: str) -> Path:
+    """A folder written by ``save_pretrained`` as it is; else a run directory's newest or a given checkpoint."""
+    from .training import resolve_checkpoint
+    from .training.checkpoint import CHECKPOINTS, MANIFEST
+
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file() and (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder  # from_pretrained names a missing or damaged file
+    if folder.is_dir() and not folder.name.startswith("step-") and not (folder / CHECKPOINTS).is_dir():
+        raise CheckpointError(
+            f"no checkpoint in {folder}: give a run directory (retentive train --out), one of its "
+            f"{CHECKPOINTS}/step-* folders, or a folder written by save_pretrained (config.json + model.safetensors)"
+        )
+    return resolve_checkpoint(folder, use="retentive generate {}")
+
+
 def generate(args: argparse.Namespace) -> None:
     """Continue a prompt with a trained model, streaming the tokens as they come."""
     from .data import load_tokenizer
     from .models import RetNetForCausalLM
     from .streamer import TokenStreamer
-    from .training import resolve_checkpoint
 
-    if not args.prompt:
-        raise SystemExit("error: --prompt is empty: give at least one character to continue")
-    ckpt = resolve_checkpoint(args.checkpoint)
+    _check_generation(args)
+    ckpt = _generation_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(ckpt)
     model = RetNetForCausalLM.from_pretrained(ckpt).to(args.device).eval()
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
@@ -105,6 +147,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shakespeare",
                    help="'shakespeare', a text file or folder, or 'datasets:<glob>' (HF datasets)")  # fmt: skip
+    g.add_argument("--suffixes", type=_suffixes, default=None, metavar=".EXT,...",
+                   help="file suffixes read from a --data folder, e.g. .py,.rst (default .txt,.md,.text)")  # fmt: skip
     g.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe", help="bpe: trained on the data (default)")
     g.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default 128)")
@@ -141,7 +185,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a trained model, streaming tokens")
-    p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint folder")
+    p.add_argument(
+        "checkpoint", help="a run directory (its newest checkpoint), a checkpoint folder or a save_pretrained folder"
+    )
     p.add_argument("--prompt", default="ROMEO.\n")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")

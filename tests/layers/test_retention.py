@@ -300,6 +300,6 @@ def test_training_gradients_in_every_dtype(dtype, tol):
         inputs.requires_grad_()
         y = msr(inputs, mode="chunkwise", chunk_size=64)
         y.float().pow(2).sum().backward()
-        results.append([t.double() for t in (y, inputs.grad, msr.in_proj.weight.grad, msr.head_norm.weight.grad)])
+        results.append([t.double() for t in (y, inputs.grad, msr.q_proj.weight.grad, msr.head_norm.weight.grad)])
     for want, got in zip(*results, strict=True):
         assert ((got - want).abs().max() / want.abs().max()).item() < tol

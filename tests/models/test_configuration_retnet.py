@@ -129,3 +129,23 @@ def test_config_round_trip_aliases_and_auto_classes(tmp_path) -> None:
     assert loaded.to_diff_dict() == cfg.to_diff_dict()
     assert isinstance(AutoModel.from_config(small), RetNetModel)
     assert isinstance(AutoModelForCausalLM.from_config(small), RetNetForCausalLM)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ffn_dim"),
+    [
+        (dict(dim_model=64), 128),  # the width changes: the FFN follows (2d), not the preset's 512
+        (dict(hidden_size=64), 128),  # the alias too
+        (dict(dim_model=64, ffn_dim=96), 96),  # given: kept
+        (dict(hidden_size=64, intermediate_size=96), 96),
+        (dict(num_layers=2), 512),  # the width unchanged: the preset's FFN
+    ],
+)
+def test_overriding_the_width_derives_the_ffn_width_unless_it_is_given(overrides, ffn_dim, tmp_path) -> None:
+    from retentive.data import ByteTokenizer
+    from retentive.training.lm import LMConfig, build_model_config
+
+    assert RetNetConfig.from_preset("retnet-tiny", **overrides).ffn_dim == ffn_dim
+    RetNetConfig.from_preset("retnet-tiny").save_pretrained(tmp_path)  # `retentive train --config` with --set
+    lm = LMConfig(model_config=str(tmp_path / "config.json"), model_overrides=overrides)
+    assert build_model_config(lm, ByteTokenizer()).ffn_dim == ffn_dim

@@ -312,7 +312,7 @@ def torchscale_file(tmp_path) -> tuple[Path, dict]:
 def test_a_hand_built_torchscale_state_dict_converts(torchscale_file):
     config, state, _ = convert(torchscale_file[0])
     assert (config.num_heads, config.ffn_activation, config.norm) == (2, "geglu", "rmsnorm")
-    assert "model.retnet.blocks.0.retention.in_proj.weight" in state
+    assert "model.retnet.blocks.0.retention.q_proj.weight" in state
 
 
 def test_unknown_layout_names_the_file_and_the_layouts(tmp_path):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging as std_logging
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -175,6 +179,48 @@ def test_prefill_then_cached_steps_equal_the_full_forward_with_left_padding(mode
     for b, row in enumerate(rows):
         full = model(torch.cat([row, cont[b]], dim=1), use_cache=False).logits[0, row.shape[1] - 1 :]
         torch.testing.assert_close(torch.stack([s[b] for s in steps]), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_long_prompts_are_prefilled_piece_by_piece_with_the_same_result(normalize: bool) -> None:
+    """A cache is filled prefill_chunk tokens at a time (whole chunks), padding longer than a piece included: the
+    last logits, the states and what generate() picks are those of the prompt in one call."""
+    norms = dict(normalize_attn=normalize, normalize_retn=normalize)
+    pieces = small_model(prefill_chunk=9, **norms)  # 9 -> pieces of 8 tokens (whole chunks of 4)
+    whole = small_model(prefill_chunk=10**6, **norms)
+    rows = prompts([30, 7, 19], seed=3)
+    ids, mask = left_pad(rows)  # row 1 has 23 pad tokens: three whole pieces of padding
+    calls = []
+    forward = MultiScaleRetention.forward
+
+    def spy(self, x, *args, **kwargs):
+        calls.append(x.shape[1])
+        return forward(self, x, *args, **kwargs)
+
+    with mock.patch.object(MultiScaleRetention, "forward", spy):
+        got = pieces(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    assert calls == [8, 8] * 3 + [6, 6]  # 2 layers per piece
+    want = whole(ids, attention_mask=mask, use_cache=True)
+    torch.testing.assert_close(got.logits[:, -1], want.logits[:, -1], rtol=1e-9, atol=1e-9)
+    for a, b in zip(cache_of(got).states, cache_of(want).states, strict=True):
+        torch.testing.assert_close((a.S, a.z, a.offset), (b.S, b.z, b.offset), rtol=1e-9, atol=1e-9)
+    assert cache_of(got).get_seq_length() == 30
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(pieces.generate(ids, **kw), whole.generate(ids, **kw))
+    assert pieces.model(ids, use_cache=True, hidden_to_keep=3).last_hidden_state.shape == (3, 3, 32)
+
+
+@pytest.mark.slow
+def test_prefill_memory_does_not_grow_with_the_prompt() -> None:
+    """Peak RSS of generate() after 1k and 24k-token prompts (retnet-tiny, a fresh process each): within 10%.
+    The prompt in one call needed ~1.35x here (the activations of every token at once)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "prefill_memory.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--lengths", "1024", "24576", "--threads", "1", "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    short, long = (row["peak_rss_bytes"] for row in json.loads(out))
+    assert long < 1.1 * short, f"peak RSS {short / 2**20:.0f} MiB at 1k tokens, {long / 2**20:.0f} MiB at 24k"
 
 
 # --- the cache --------------------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def test_loss_and_gradients():
 def test_retention_has_no_gate_no_head_norm_and_linspace_gammas():
     model = ViRForImageClassification(SMALL)
     msr = model.backbone.blocks[0].retention
-    assert msr.split == [64, 32], "q k | v and no gate"
+    assert [p.out_features for p in msr.projections] == [32, 32, 32, 32], "q, k, v, out and no gate"
+    assert msr.g_proj is None
     assert msr.head_norm.kind == "none" and msr.value_dim == msr.key_dim and msr.decay == "linspace"
 
 

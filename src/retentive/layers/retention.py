@@ -161,19 +161,31 @@ class MultiScaleRetention(nn.Module):
         log_gamma(self.decay, num_heads)  # validate now, not at the first forward
 
         kw = {"device": device, "dtype": dtype}
-        # W_Q, W_K, W_V (and W_G) as one matmul: [q k | v | g] = x W_in   (nanoGPT's c_attn)
-        self.split = [2 * dim_model, dv_all] + [dv_all] * (GATES[gate_fn] is not None)
-        self.in_proj = nn.Linear(dim_model, sum(self.split), bias=bias, **kw)
+        # W_Q, W_K, W_V, W_G and W_O, one nn.Linear each, called as modules in every form: whatever wraps a
+        # projection (a LoRA adapter, a quantized Linear, a hook) acts the same in training and in decoding. Four
+        # products rather than one fused matmul also leave q, k, v and g tensors of their own, so that what the
+        # backward keeps of them pins nothing else and their gradients need no concatenation.
+        self.q_proj = nn.Linear(dim_model, dim_model, bias=bias, **kw)
+        self.k_proj = nn.Linear(dim_model, dim_model, bias=bias, **kw)
+        self.v_proj = nn.Linear(dim_model, dv_all, bias=bias, **kw)
+        self.g_proj = nn.Linear(dim_model, dv_all, bias=bias, **kw) if GATES[gate_fn] is not None else None
         self.out_proj = nn.Linear(dv_all, dim_model, bias=bias, **kw)
         self.head_norm = HeadNorm(head_norm, num_heads, self.value_dim, head_norm_eps, weight=head_norm_weight, **kw)
         self.reset_parameters()
 
+    @property
+    def projections(self) -> tuple[nn.Module, ...]:
+        """W_Q, W_K, W_V, W_G (when there is a gate) and W_O, in this order."""
+        gate = () if self.g_proj is None else (self.g_proj,)
+        return (self.q_proj, self.k_proj, self.v_proj, *gate, self.out_proj)
+
     def reset_parameters(self) -> None:
         """Xavier init with gain 2^-1/2 on each of W_Q, W_K, W_V, W_G (torchscale), plain Xavier on W_O."""
-        for w in self.in_proj.weight.split([self.dim_model] * 2 + self.split[1:]):  # W_Q, W_K, W_V, W_G
-            nn.init.xavier_uniform_(w, gain=2**-0.5)
-        nn.init.xavier_uniform_(self.out_proj.weight)
-        for proj in (self.in_proj, self.out_proj):
+        *inputs, output = self.projections
+        for proj in inputs:
+            nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)
+        nn.init.xavier_uniform_(output.weight)
+        for proj in self.projections:
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
@@ -214,12 +226,8 @@ class MultiScaleRetention(nn.Module):
         if state is None and padding_mask is not None:
             state = RetentionState.zeros(B, H, Dk, Dv, offset=-left_padding(padding_mask, T), device=x.device)
 
-        # q, k, v and g as four products of the one parameter (same state dict): each is a tensor of its own, so
-        # that what the backward keeps (head-major copies of q, k, v; g) pins nothing else, and their gradients
-        # need no concatenation
-        sizes = [Dk * H, Dk * H, *self.split[1:]]
-        biases = [None] * len(sizes) if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
-        q, k, v, *g = (F.linear(x, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases, strict=True))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H * Dk), twice; (B, T, H * Dv)
+        g = None if self.g_proj is None else self.g_proj(x)  # (B, T, H * Dv)
         q, k = (t.view(B, T, H, Dk).transpose(1, 2) for t in (q, k))  # (B, H, T, Dk)
         v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
         if self.rotary:
@@ -242,7 +250,7 @@ class MultiScaleRetention(nn.Module):
             normalize_retention=self.normalize_retn if normalize_retn is None else normalize_retn,
             output_state=return_state,
         )
-        y = self.head_norm.gated(o, g[0] if g else None, self.gate_fn)  # (B, T, H * Dv)
+        y = self.head_norm.gated(o, g, self.gate_fn)  # (B, T, H * Dv)
         y = self.out_proj(y)  # (B, T, d)
         return (y, new_state) if return_state else y
 
@@ -254,23 +262,23 @@ class MultiScaleRetention(nn.Module):
         this token's position (see :func:`positions_of`). Returns y (B, 1, d) and the new state.
         """
         B, H, Dk, Dv = x.shape[0], self.num_heads, self.key_dim, self.value_dim
-        qk, v, *g = F.linear(x, self.in_proj.weight, self.in_proj.bias).split_with_sizes(self.split, dim=-1)
-        qk = qk.view(B, 2 * H, 1, Dk)  # one token: (B, 1, 2H * Dk) is already head-major
+        q = self.q_proj(x).view(B, H, 1, Dk)  # one token: (B, 1, H * Dk) is already head-major
+        k = self.k_proj(x).view(B, H, 1, Dk)
+        g = None if self.g_proj is None else self.g_proj(x)  # (B, 1, H * Dv)
         if self.rotary:
-            qk = apply_rotary(qk, rotary, self.rotary_layout)
-        q, k = qk[:, :H], qk[:, H:]  # (B, H, 1, Dk)
+            q, k = apply_rotary(q, rotary, self.rotary_layout), apply_rotary(k, rotary, self.rotary_layout)
         o, state = retention_step(
             q,
             k,
-            v.view(B, H, 1, Dv),
+            self.v_proj(x).view(B, H, 1, Dv),
             self.decay,
             state,
             scale=Dk**-0.5,
             normalize_decay=self.normalize_attn,
             normalize_retention=self.normalize_retn,
         )
-        y = self.head_norm.gated(o, g[0] if g else None, self.gate_fn)  # (B, 1, H * Dv)
-        return F.linear(y, self.out_proj.weight, self.out_proj.bias), state
+        y = self.head_norm.gated(o, g, self.gate_fn)  # (B, 1, H * Dv)
+        return self.out_proj(y), state
 
 
 def resolve_form(x: Tensor, mode: str | None, chunk_size: int | None, num_chunks: int | None) -> tuple[str, int]:

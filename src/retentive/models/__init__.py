@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_retnet import CACHE_NAME, RetNetCache, cache_of
+from .cache_retnet import CACHE_NAME, RetNetCache, cache_of, export_decode_step
 from .configuration_retnet import PRESETS, RetNetConfig
 from .modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
 from .retnet import RetNet
@@ -29,4 +29,5 @@ __all__ = [
     "ViRConfig",
     "ViRForImageClassification",
     "cache_of",
+    "export_decode_step",
 ]

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from transformers import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -121,3 +122,48 @@ class RetNetCache(Cache):
 
     def activate_past_recording(self) -> None:
         raise NotImplementedError("RetNetCache keeps no past tokens to roll back to")
+
+
+def _flatten(cache: RetNetCache) -> tuple[list[Any], None]:
+    return [cache.states, cache.seen_tokens], None
+
+
+def _flatten_with_keys(cache: RetNetCache) -> tuple[list[tuple[Any, Any]], None]:
+    return [(pytree.GetAttrKey("states"), cache.states), (pytree.GetAttrKey("seen_tokens"), cache.seen_tokens)], None
+
+
+def _unflatten(children: list[Any], context: None) -> RetNetCache:
+    return RetNetCache(*children)
+
+
+# a pytree of its states (each a pytree of tensors) and its token count: torch.export takes and returns the cache
+pytree.register_pytree_node(
+    RetNetCache,
+    _flatten,
+    _unflatten,
+    serialized_type_name=f"{__name__}.RetNetCache",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
+
+
+def export_decode_step(model: torch.nn.Module, cache: RetNetCache, input_ids: torch.Tensor | None = None):
+    """``torch.export`` one decoding step, ``model(input_ids, cache=cache, use_cache=True)``, for every position.
+
+    Args:
+        model: a :class:`RetNetForCausalLM` (or :class:`RetNetModel`) in eval mode.
+        cache: a filled cache of the batch size to serve (e.g. after a prefill); only its shapes are used.
+        input_ids: (B, 1) an example token per row (default zeros).
+
+    Returns:
+        A ``torch.export.ExportedProgram``; ``program.module()(ids, cache=cache, use_cache=True)`` returns what the
+        model does, with a new cache in place of the updated one (an exported program mutates none of its inputs).
+        The token count is a dynamic input, so the one program serves every step.
+    """
+    if cache.states is None:
+        raise ValueError("export_decode_step needs a filled cache (e.g. the one a prefill returned) for its shapes")
+    if input_ids is None:
+        input_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.states[0].S.device)
+    no_dims = [[None] * len(dataclasses.fields(s)) for s in cache.states]  # every state tensor keeps its shape
+    dynamic = {"input_ids": None, "cache": [no_dims, torch.export.Dim.DYNAMIC], "use_cache": None}
+    kwargs = {"cache": cache, "use_cache": True}
+    return torch.export.export(model, (input_ids,), kwargs, dynamic_shapes=dynamic)

@@ -70,6 +70,7 @@ class RetNetConfig(PretrainedConfig):
     tie_word_embeddings: bool = True  # the output head shares the token embedding
     mode: str = "parallel"  # the form of a forward without cache: parallel | chunkwise | recurrent
     chunk_size: int = 64  # chunk length of the chunkwise form: prefill of generate(), long prompts
+    prefill_chunk: int = 1024  # a cache is filled this many tokens at a time: prefill memory flat in the prompt length
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -97,13 +98,16 @@ class RetNetConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> RetNetConfig:
-        """A preset (see ``PRESETS``) with fields overridden: ``from_preset("retnet-tiny", vocab_size=256)``."""
+        """A preset (see ``PRESETS``) with fields overridden: ``from_preset("retnet-tiny", vocab_size=256)``.
+
+        Overriding ``dim_model`` alone re-derives ``ffn_dim`` (2d); give ``ffn_dim`` too to keep another width.
+        """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {tuple(PRESETS)}")
         known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
         if unknown := sorted(set(overrides) - known):
             raise ValueError(f"unknown config field(s) {unknown}: RetNetConfig has {sorted(known)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**merge_fields(PRESETS[name], overrides))
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -113,7 +117,8 @@ class RetNetConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Raise ValueError naming the field if this config cannot build a working model."""
-        for name in ("vocab_size", "dim_model", "num_layers", "num_heads", "value_factor", "ffn_dim", "chunk_size"):
+        positive = ("vocab_size", "dim_model", "num_layers", "num_heads", "value_factor", "ffn_dim", "chunk_size")
+        for name in (*positive, "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -176,3 +181,13 @@ class RetNetConfig(PretrainedConfig):
     def _check_token_id(self, name: str, token: int | None) -> None:
         if token is not None and not (isinstance(token, int) and 0 <= token < self.vocab_size):
             raise ValueError(f"{name} must be None or a token id in [0, vocab_size={self.vocab_size}), got {token!r}")
+
+
+def merge_fields(fields: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` updated by ``overrides``, aliases (``hidden_size``, ...) renamed to their fields. When the overrides
+    change ``dim_model`` but not ``ffn_dim``, ``ffn_dim`` is left out: it is derived again from the new width (2d)
+    instead of keeping the old model's."""
+    fields, overrides = ({RetNetConfig.attribute_map.get(k, k): v for k, v in d.items()} for d in (fields, overrides))
+    if "dim_model" in overrides and "ffn_dim" not in overrides:
+        fields.pop("ffn_dim", None)
+    return {**fields, **overrides}

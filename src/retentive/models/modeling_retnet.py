@@ -25,12 +25,30 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
 from ..layers.feedforward import make_norm
-from ..ops import linear_cross_entropy
+from ..layers.retention import left_padding
+from ..ops import RetentionState, linear_cross_entropy
 from .cache_retnet import CACHE_NAME, RetNetCache, take_cache
 from .configuration_retnet import RetNetConfig
 from .retnet import RetNet
 
 logger = logging.getLogger(__name__)
+
+# What a saved folder carries for the trust_remote_code route: the classes come from the installed package.
+REMOTE_CODE_FILE = "retentive_auto.py"
+REMOTE_CODE = '''"""Loads this folder with transformers' Auto classes (trust_remote_code=True) in a process that never
+imported retentive: the classes come from the installed package (pip install retentive). Written by save_pretrained."""
+
+from retentive.models import RetNetConfig, RetNetForCausalLM, RetNetModel
+
+__all__ = ["RetNetConfig", "RetNetForCausalLM", "RetNetModel"]
+'''
+
+
+def remote_code_map() -> dict[str, str]:
+    """The ``auto_map`` of config.json: each Auto class -> the class in :data:`REMOTE_CODE_FILE`."""
+    module = REMOTE_CODE_FILE.removesuffix(".py")
+    classes = {"AutoConfig": "RetNetConfig", "AutoModel": "RetNetModel", "AutoModelForCausalLM": "RetNetForCausalLM"}
+    return {auto: f"{module}.{name}" for auto, name in classes.items()}
 
 
 class RetNetPreTrainedModel(PreTrainedModel):
@@ -87,6 +105,18 @@ class RetNetPreTrainedModel(PreTrainedModel):
             raise TypeError(f"{path}: a {layout} checkpoint converts to RetNetForCausalLM, not {cls.__name__}")
         logger.info("%s: converted from the %s layout", path, layout)
         return build(config, state, source, dtype)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, remote_code: bool = True, is_main_process: bool = True, **kwargs
+    ) -> None:
+        """``PreTrainedModel.save_pretrained``; with ``remote_code`` (the default), the folder also loads through
+        ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` in a process that never imported
+        retentive: ``config.json`` gets an ``auto_map`` naming :data:`REMOTE_CODE_FILE`, which imports the classes
+        from the installed package (transformers names the package to install when it is missing)."""
+        self.config.auto_map = remote_code_map() if remote_code else None
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if remote_code and is_main_process:
+            (Path(save_directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -161,7 +191,8 @@ class RetNetModel(RetNetPreTrainedModel):
         use_cache: bool | None = None,
         mode: str | None = None,
         chunk_size: int | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        hidden_to_keep: int = 0,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Hidden states of ``input_ids`` (B, T), continuing ``past_key_values`` if given.
@@ -178,9 +209,14 @@ class RetNetModel(RetNetPreTrainedModel):
             mode: ``"parallel"`` | ``"chunkwise"`` | ``"recurrent"``; by default, ``config.mode`` without cache,
                 the chunkwise form to fill a cache and the recurrent form for one token after a cache.
             chunk_size: tokens per chunk of the chunkwise form; defaults to ``config.chunk_size``.
+            return_dict: a ModelOutput (True) or a tuple (False); None follows ``config.return_dict``.
+            hidden_to_keep: if > 0, the hidden states of the last ``hidden_to_keep`` positions only.
         Returns:
-            BaseModelOutputWithPast with last_hidden_state (B, T, d) and the cache (or None), under the name
-            the installed transformers uses (``cache``, or ``past_key_values`` before 5.24).
+            BaseModelOutputWithPast with last_hidden_state (B, T, d) (or (B, hidden_to_keep, d)) and the cache (or
+            None), under the name the installed transformers uses (``cache``, or ``past_key_values`` before 5.24).
+
+        A cache is filled ``config.prefill_chunk`` tokens at a time (rounded down to whole chunks), each piece through
+        every layer before the next, so that with ``hidden_to_keep`` memory does not grow with the prompt.
         """
         cache = take_cache(cache, kwargs)
         _reject_unused(kwargs)
@@ -197,28 +233,48 @@ class RetNetModel(RetNetPreTrainedModel):
             mode = ("recurrent" if T == 1 else "chunkwise") if states is not None or use_cache else self.config.mode
         padding_mask = None if states is not None else self._padding_mask(attention_mask, T)
 
-        x = self.embed_tokens(input_ids)  # (B, T, d)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
-        x = self.retnet(
-            x,
-            mode=mode,
-            chunk_size=self.config.chunk_size if chunk_size is None else chunk_size,
-            state=states,
-            padding_mask=padding_mask,
-            return_state=use_cache,
-        )
+        chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
+        keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
+        piece = T  # tokens per call of the backbone
+        if use_cache and mode != "parallel":  # the state carries everything between pieces
+            piece = max(self.config.prefill_chunk // chunk_size, 1) * chunk_size
+        if piece < T and states is None and padding_mask is not None:  # left padding may outlast the first piece
+            (dk, dv), offset = self.config.head_dims, -left_padding(padding_mask, T)
+            empty = RetentionState.zeros(B, self.config.num_heads, dk, dv, offset=offset, device=input_ids.device)
+            states = [empty] * self.config.num_layers  # states are never modified in place: one serves every layer
+        outputs = []
+        for start in range(0, T, piece):
+            end = min(start + piece, T)
+            x = self.retnet(
+                self._embed(input_ids[:, start:end]),  # (B, T_piece, d)
+                mode=mode,
+                chunk_size=chunk_size,
+                state=states,
+                padding_mask=None if padding_mask is None else padding_mask[:, start:end],
+                return_state=use_cache,
+            )
+            if use_cache:
+                x, states = x
+            if end > T - keep:
+                outputs.append(x[:, max(T - keep - start, 0) :])
+        x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, keep, d)
         if use_cache:
-            x, new_states = x
             cache = RetNetCache() if cache is None else cache
-            cache.update_states(new_states, T)
+            cache.update_states(states, T)
         else:
             cache = None
+        if return_dict is None:
+            return_dict = self.config.return_dict
         if not return_dict:  # as ModelOutput.to_tuple(), without building one (it costs ~30 us per decoded token)
             return (x,) if cache is None else (x, cache)
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache})
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, d): the embedding, scaled by sqrt(d) and normalized where the config says."""
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        return x if self.embed_norm is None else self.embed_norm(x)
 
     def _check_input_ids(self, input_ids: Tensor, check_range: bool) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
@@ -293,7 +349,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         chunk_size: int | None = None,
         logits_to_keep: int = 0,
         skip_logits: bool | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits, and the loss if ``labels`` are given.
@@ -306,12 +362,16 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             logits_to_keep: if > 0, logits of the last ``logits_to_keep`` positions only (generate() uses 1).
             skip_logits: compute the loss block by block from the hidden states (:func:`linear_cross_entropy`)
                 and return no logits. Default: in training mode with labels (Liger's convention), where the
-                (B, T, V) logits and their gradient would be the largest tensors of the step.
+                (B, T, V) logits and their gradient would be the largest tensors of the step. Only for a plain
+                ``nn.Linear`` head: a wrapped one (an adapter) runs as a module, on logits.
+            return_dict: a ModelOutput (True) or a tuple (False); None follows ``config.return_dict``.
         Returns:
             CausalLMOutputWithPast with loss (scalar, float32 or wider, or None), logits (B, T', vocab_size) or
             None, and the cache (see :meth:`RetNetModel.forward`).
         """
         cache = take_cache(cache, kwargs)
+        if logits_to_keep and labels is not None:
+            raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
         if use_cache is None and labels is not None and cache is None:
             use_cache = False  # a loss needs no state: score in config.mode, as in training
         h, *cache = self.model(
@@ -322,14 +382,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             mode=mode,
             chunk_size=chunk_size,
             return_dict=False,
+            hidden_to_keep=logits_to_keep,
             **kwargs,
-        )  # h: (B, T, d)
-        if logits_to_keep:
-            if labels is not None:
-                raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
-            h = h[:, -logits_to_keep:]
+        )  # h: (B, T, d), or (B, logits_to_keep, d)
+        plain_head = type(self.lm_head) is nn.Linear  # the blockwise loss reads lm_head.weight, not the module
         if skip_logits is None:
-            skip_logits = self.training and labels is not None
+            skip_logits = self.training and labels is not None and plain_head
+        if skip_logits and not plain_head:
+            raise ValueError(
+                f"skip_logits=True reads lm_head.weight directly and would bypass the {type(self.lm_head).__name__} "
+                "wrapping lm_head: leave skip_logits unset (None) to compute the loss from the module's logits"
+            )
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True leaves only the loss: pass labels, or skip_logits=False for logits")
         targets = None if labels is None else next_token_targets(labels, h.shape[:2]).to(h.device)
@@ -339,7 +402,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             logits = self.lm_head(h)  # (B, T', V)
             loss = None if labels is None else F.cross_entropy(upcast(logits).flatten(0, 1), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache[0] if cache else None})
-        return result if return_dict else result.to_tuple()
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
 
 def _is_hub_id(name: str) -> bool:

@@ -65,3 +65,7 @@ class RetentionState:
             )
         if not (self.S.is_floating_point() and self.S.dtype == self.z.dtype):
             raise TypeError(f"state S and z must share one floating dtype, got {self.S.dtype} and {self.z.dtype}")
+
+
+# a pytree of its three tensors: torch.export, torch.compile and tree_map see through it (state in, state out)
+torch.export.register_dataclass(RetentionState, serialized_type_name=f"{__name__}.RetentionState")

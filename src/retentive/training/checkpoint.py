@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -114,8 +115,12 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, use: str = "pass it with --resume {}") -> Path:
     """The checkpoint to load from a checkpoint folder or a run directory (its newest checkpoint), verified.
+
+    Args:
+        path: a checkpoint folder or a run directory.
+        use: how the caller's user passes another checkpoint, with ``{}`` for its path (the hint of the error).
 
     Raises:
         CheckpointError: no checkpoint there, or the chosen one is damaged: the message names the file and, for a run
@@ -136,9 +141,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 verify_checkpoint(older)
             except CheckpointError:
                 continue
-            raise CheckpointError(f"{e}; the previous checkpoint {older} is intact: pass it (--resume {older})") from e
+            raise CheckpointError(f"{e}; the previous checkpoint {older} is intact: {use.format(older)}") from e
         raise CheckpointError(f"{e}; no intact checkpoint remains in {path / CHECKPOINTS}") from e
     return ckpts[-1]
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> int:
+    """Delete the temporary folders that interrupted checkpoint writes left in ``run_dir`` (each may hold a
+    whole checkpoint). Call it when a run starts, before any checkpoint is written. Returns the bytes freed."""
+    root = Path(run_dir) / CHECKPOINTS
+    stale = [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")] if root.is_dir() else []
+    freed = sum(f.stat().st_size for d in stale for f in d.rglob("*") if f.is_file())
+    for folder in stale:
+        shutil.rmtree(folder)
+    if stale:
+        logger.info("removed %d unfinished checkpoint folder(s) from %s (%d bytes)", len(stale), root, freed)
+    return freed
 
 
 def save_weights(model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -183,8 +201,22 @@ def load_weights(model: nn.Module, directory: Path) -> None:
 
 
 def load_trainer_state(directory: Path) -> dict[str, Any]:
-    """Read ``trainer_state.pt`` (optimizer, scheduler, RNG, data position, step)."""
-    return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    """Read ``trainer_state.pt`` (optimizer, scheduler, RNG, data position, step).
+
+    Raises:
+        CheckpointError: the file holds objects that ``torch.load(weights_only=True)`` refuses to unpickle.
+    """
+    path = directory / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0]).split(" was not")[0]
+        raise CheckpointError(
+            f"{path} holds objects that are not tensors or plain containers, which are refused for safety "
+            f"({reason}); this trainer never writes them: resume from a checkpoint this version of retentive "
+            "wrote, or start afresh (--overwrite, or another --out)"
+        ) from e
 
 
 # Options that may change when a run is resumed: they do not alter the loss trajectory up to the resume point.
@@ -218,6 +250,8 @@ def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: boo
             ``resume`` was given for a run with a different configuration.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} is a file, not a run directory: choose another --out")
     run_file = run_dir / RUN_FILE
     config = json.loads(json.dumps(run_config))  # normalized as it will be stored (tuples -> lists)
     if overwrite and run_file.is_file():

@@ -11,14 +11,30 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from .. import baselines
-from ..data import EvalWindows, Tokenizer, TokenSplits, TokenWindows, build_tokenizer, load_tokenizer, read_corpus
+from ..data import (
+    TOKENIZERS,
+    ByteTokenizer,
+    EvalWindows,
+    Tokenizer,
+    TokenSplits,
+    TokenWindows,
+    build_tokenizer,
+    load_tokenizer,
+    read_corpus,
+)
+from ..data.corpus import normalize_suffixes
+from ..data.tokenizer import GPT2_VOCAB_SIZE, MIN_BPE_VOCAB
 from ..data.tokens import tokenize_corpus
 from ..models import RetNetConfig, RetNetForCausalLM
+from ..models.configuration_retnet import merge_fields
 from .checkpoint import prepare_run_dir
 from .distributed import DistInfo, barrier, init_distributed
 from .trainer import TrainConfig, Trainer, TrainResult, seed_everything
@@ -39,6 +55,7 @@ class LMConfig:
     model_config: str | None = None  # a config.json (RetNetConfig) used instead of the preset
     model_overrides: dict[str, Any] = field(default_factory=dict)  # RetNetConfig fields to change
     data: str = "shakespeare"  # "shakespeare", a text file or folder, or "datasets:<glob>"
+    suffixes: list[str] | None = None  # the file suffixes read from a folder; None: .txt, .md, .text
     tokenizer: str = "bpe"  # "bpe" (trained on the data), "gpt2" or "bytes"
     vocab_size: int = 4096  # for "bpe"
     seq_len: int = 128  # T: tokens per training window
@@ -47,8 +64,29 @@ class LMConfig:
     eval_batches: int = 20  # validation batches per evaluation (per process)
     seed: int = 0
 
+    def validate(self) -> None:
+        """Raise ValueError naming the option that cannot work (before the run writes anything)."""
+        for name in ("seq_len", "batch_size", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {value!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction (--val-fraction) must lie in [0, 1), got {self.val_fraction!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB:
+            raise ValueError(
+                f"vocab_size (--vocab-size) must be >= {MIN_BPE_VOCAB} for a BPE (256 bytes, end-of-text, one merge), "
+                f"got {self.vocab_size}"
+            )
+        if self.model_config is not None and not Path(self.model_config).is_file():
+            raise FileNotFoundError(f"model config {self.model_config} (--config) does not exist")
+        normalize_suffixes(self.suffixes)
+
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        if d["suffixes"] is None:  # the default: run.json as before the option existed, so older runs resume
+            del d["suffixes"]
         if d["data"] != "shakespeare" and not d["data"].startswith("datasets:"):
             d["data"] = str(Path(d["data"]).expanduser().resolve())
         return d
@@ -67,12 +105,34 @@ class LMRun:
 
 def build_model_config(lm: LMConfig, tokenizer: Tokenizer) -> RetNetConfig:
     """The model's config: the preset (or config file) with the overrides and the tokenizer's vocabulary."""
-    overrides = {**lm.model_overrides, "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id}
+    overrides = _vocabulary(lm, tokenizer)
     if lm.model_config is not None:
         fields = json.loads(Path(lm.model_config).read_text())
         fields = {k: v for k, v in fields.items() if k not in ("architectures", "model_type", "transformers_version")}
-        return RetNetConfig(**{**fields, **overrides})
+        return RetNetConfig(**merge_fields(fields, overrides))
     return RetNetConfig.from_preset(lm.preset, **overrides)
+
+
+def _vocabulary(lm: LMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The model overrides with the tokenizer's vocabulary size and its end-of-text id as EOS, BOS and pad token (as
+    the saved tokenizer says: see :meth:`Tokenizer.save`)."""
+    special = dict.fromkeys(("eos_token_id", "bos_token_id", "pad_token_id"), tokenizer.eos_id)
+    return {**lm.model_overrides, "vocab_size": tokenizer.vocab_size, **special}
+
+
+def _build_model(lm: LMConfig, tokenizer: Tokenizer) -> nn.Module:
+    """RetNetForCausalLM, or the Transformer twin of a RetNet preset (``transformer-<size>``)."""
+    if lm.preset.startswith(baselines.PREFIX) and lm.model_config is None:
+        return baselines.transformer_from_preset(lm.preset, **_vocabulary(lm, tokenizer))
+    return RetNetForCausalLM(build_model_config(lm, tokenizer))
+
+
+def check_model_options(lm: LMConfig) -> None:
+    """Build the model on the meta device with the vocabulary the tokenizer will have (nothing is allocated):
+    a bad preset, config file or ``--set`` is refused before the run writes anything."""
+    size = {"bytes": ByteTokenizer.vocab_size, "gpt2": GPT2_VOCAB_SIZE}.get(lm.tokenizer, lm.vocab_size)
+    with torch.device("meta"):
+        _build_model(lm, SimpleNamespace(vocab_size=size, eos_id=size - 1))
 
 
 def _tokenizer(lm: LMConfig, docs: list[str], run_dir: Path, dist: DistInfo) -> Tokenizer:
@@ -103,12 +163,14 @@ def train_language_model(
         cache_dir: where token files are cached (default :func:`default_cache_dir`).
         stop_at: stop after this step (see :meth:`Trainer.fit`).
     """
+    lm.validate()  # every option, the data and the model are checked before anything is written
+    docs = read_corpus(lm.data, lm.suffixes)
+    check_model_options(lm)
     dist = init_distributed(train.device)
     run_dir = Path(run_dir)
     if dist.is_main:
         prepare_run_dir(run_dir, {"lm": lm.to_dict(), "train": train.to_dict()}, bool(resume), overwrite)
     barrier(dist)
-    docs = read_corpus(lm.data)
     tokenizer = _tokenizer(lm, docs, run_dir, dist)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if dist.is_main:
@@ -118,11 +180,7 @@ def train_language_model(
         splits = tokenize_corpus(docs, tokenizer, cache, lm.val_fraction)
     del docs
     seed_everything(lm.seed)
-    if lm.preset.startswith(baselines.PREFIX) and lm.model_config is None:  # the Transformer twin of a RetNet preset
-        overrides = {**lm.model_overrides, "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id}
-        model = baselines.transformer_from_preset(lm.preset, **overrides)
-    else:
-        model = RetNetForCausalLM(build_model_config(lm, tokenizer))
+    model = _build_model(lm, tokenizer)
     logger.info("%s: %s parameters", type(model).__name__, f"{baselines.count_parameters(model):,}")
     train_data = TokenWindows(splits.train, lm.seq_len, lm.batch_size, lm.seed, dist.rank, dist.world_size)
     val_data = None

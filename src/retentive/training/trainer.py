@@ -35,6 +35,7 @@ from .checkpoint import (
     checkpoint_dirs,
     load_trainer_state,
     load_weights,
+    remove_stale_temporaries,
     resolve_checkpoint,
     save_checkpoint,
     save_weights,
@@ -93,6 +94,11 @@ class TrainConfig:
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be None or > 0 seconds, got {self.time_budget}")
         self.betas = tuple(self.betas)
@@ -187,6 +193,8 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.metrics_fn, self.save_extra = metrics_fn, save_extra
         self.fsdp = config.parallel == "fsdp" and self.dist.distributed
+        if self.dist.is_main:
+            remove_stale_temporaries(self.run_dir)  # what interrupted checkpoint writes left
         ckpt = self._find_checkpoint(resume) if resume else None
         if ckpt is not None:
             load_weights(self.model, ckpt)  # the full weights, before sharding

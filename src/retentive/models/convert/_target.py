@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
@@ -10,9 +9,9 @@ def _retention_keys(
     prefix: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, o: Tensor, *, suffix: str = "weight"
 ) -> dict[str, Tensor]:
     """The keys of one :class:`MultiScaleRetention` from its five projections (weights, or biases with
-    ``suffix="bias"``): W_Q, W_K, W_V, W_G (None without a gate) are the rows of ``in_proj``, W_O is ``out_proj``."""
-    rows = [q, k, v] if g is None else [q, k, v, g]
-    return {f"{prefix}.in_proj.{suffix}": torch.cat(rows, dim=0), f"{prefix}.out_proj.{suffix}": o}
+    ``suffix="bias"``): W_Q, W_K, W_V, W_G (None without a gate) and W_O are ``q_proj`` ... ``out_proj``."""
+    named = {"q_proj": q, "k_proj": k, "v_proj": v, "g_proj": g, "out_proj": o}
+    return {f"{prefix}.{name}.{suffix}": t for name, t in named.items() if t is not None}
 
 
 def block_prefix(i: int) -> str:
