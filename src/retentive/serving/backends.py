@@ -225,7 +225,7 @@ class KVCacheBackend(Backend):
             return
         length = self.batch_mask.shape[1]
         for row, slot in enumerate(self.batch):
-            if self.seen[slot] == 0:  # released while in the batch
+            if slot < 0:  # released while in the batch
                 continue
             cache = DynamicCache(config=self.model.config)
             for layer in range(self.num_layers):
@@ -238,6 +238,8 @@ class KVCacheBackend(Backend):
     def release(self, slot: int) -> None:
         super().release(slot)
         self.caches[slot] = None
+        if slot in self.batch:  # its row stays in the padded batch, dead, until the batch is rebuilt
+            self.batch[self.batch.index(slot)] = -1
 
     def _own_cache(self, slot: int) -> DynamicCache:
         if slot in self.batch:

@@ -233,8 +233,9 @@ class Engine:
         if request.n > self.backend.max_batch:
             raise ValueError(f"n={request.n} choices need more slots than the server has ({self.backend.max_batch})")
         with self.condition:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot (the limit): retry later")
+            waiting = sum(not r.cancelled for r in self.waiting)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting for a slot (the limit): retry later")
             self.waiting.append(request)
             self.condition.notify()
 
