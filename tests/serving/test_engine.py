@@ -106,12 +106,14 @@ def test_prompt_state_cache_resumes_exactly():
     engine.start()
     try:
         for prompt, tokens in zip(prompts + prompts, want + want, strict=True):
-            request = Request(prompt, SamplingParams(max_tokens=12, temperature=0.0), (c := Collector()), cache_points=[len(header)])
+            request = Request(
+                prompt, SamplingParams(max_tokens=12, temperature=0.0), (c := Collector()), cache_points=[len(header)]
+            )
             engine.submit(request)
             c.wait()
             assert request.sequences[0].tokens == tokens
-            yield_hit = request.cached_tokens
-        assert yield_hit == len(prompts[1])  # the repeat skipped its whole prefill
+            last_cached = request.cached_tokens
+        assert last_cached == len(prompts[1])  # the repeat skipped its whole prefill
     finally:
         engine.shutdown()
     assert cache.hits == 3 and cache.misses == 1  # the second prompt resumed after the header
@@ -137,7 +139,7 @@ def test_sampling_is_reproducible_per_request_and_top_k_1_is_greedy():
         request = Request(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=5), (c := Collector()), n=3)
         engine.submit(request)
         c.wait()
-        assert [s.tokens for s in request.sequences][0] == a[0]  # choice i samples with seed + i
+        assert request.sequences[0].tokens == a[0]  # choice i samples with seed + i
         assert len({tuple(s.tokens) for s in request.sequences}) == 3
     finally:
         engine.shutdown()
@@ -175,7 +177,7 @@ def test_queue_limit_and_cancelled_requests_free_their_slots():
             submit(engine, [5], 4)
         first.cancel()
         second.cancel()
-        request, collector = submit(engine, [6, 7], 3)
+        _, collector = submit(engine, [6, 7], 3)
         collector.wait()
     finally:
         engine.shutdown()

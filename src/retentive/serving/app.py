@@ -26,8 +26,6 @@ from . import protocol
 from .engine import Delta, Done, Engine, Event, QueueFull, SamplingParams
 from .engine import Request as EngineRequest
 
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
-
 
 @dataclass
 class ServerLimits:
@@ -190,25 +188,23 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
 
     async def _collect(request: EngineRequest, events: asyncio.Queue, rid: str, chat: bool, http: Request) -> dict:
         texts, reasons = [""] * request.n, [None] * request.n
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, request))
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await http.is_disconnected():
-                        request.cancel()
-                        return {}
-                    continue
+                event = await events.get()
                 if isinstance(event, Delta):
                     texts[event.index] += event.text
                     reasons[event.index] = event.finish_reason or reasons[event.index]
                 elif isinstance(event, Done):
                     use = protocol.usage(event.prompt_tokens, event.completion_tokens)
                     return protocol.completion_body(rid, model_name, list(zip(texts, reasons, strict=True)), use, chat)
+                elif request.cancelled:  # the client went away: nobody reads the answer
+                    return {}
                 else:
                     raise APIError(500, event.message, "server_error")
         finally:
-            request.cancel()  # a no-op once done; frees the slots if this coroutine was cancelled
+            watcher.cancel()
+            request.cancel()  # a no-op once done
 
     async def _stream(
         request: EngineRequest, events: asyncio.Queue, rid: str, chat: bool, include_usage: bool
@@ -234,6 +230,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
             request.cancel()  # the client went away mid-stream (or the stream ended): free the slots
 
     return app
+
+
+async def _cancel_on_disconnect(http: Request, request: EngineRequest) -> None:
+    """Cancel ``request`` when its client goes away before the answer (the body is already read)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    request.cancel()
 
 
 def _sse(body: dict) -> str:

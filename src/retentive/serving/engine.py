@@ -283,15 +283,21 @@ class Engine:
             self._decode_step()
 
     def _drop_cancelled(self) -> None:
+        """Free the slots of cancelled requests; each gets a last :class:`Failed` event, so no waiter hangs."""
         with self.condition:
+            dropped = {id(r): r for r in self.waiting if r.cancelled}
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
         for request in [r for r in self.prefilling if r.cancelled]:
             self.prefilling.remove(request)
+            dropped[id(request)] = request
             for seq in request.sequences:
                 self._release(seq)
         for request, seq in [(r, s) for r, s in self.decoding if r.cancelled]:
             self.decoding.remove((request, seq))
+            dropped[id(request)] = request
             self._release(seq)
+        for request in dropped.values():
+            request.emit(Failed("cancelled"))
 
     def _admit(self) -> None:
         while True:
