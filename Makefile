@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-env bench-quality bench-forms bench-vision clean
+.PHONY: setup demo test lint bench bench-env bench-quality bench-forms bench-vision bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench-forms: setup  # the three forms of retention, T = 512 ... 16,384
 
 bench-vision: setup  # ViR forms, RMT MaSA vs MaSAD, ViT: images/s and memory vs resolution
 	$(PY) benchmarks/vision.py
+
+bench-serve: setup  # RetNet vs the Transformer behind `retentive serve`: 1-64 clients, prompts 128-8,192 tokens
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) $(PEERS) build src/*.egg-info .pytest_cache .ruff_cache

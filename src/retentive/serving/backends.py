@@ -9,8 +9,8 @@ Two backends share one interface (:class:`Backend`), so the scheduler and the HT
 - :class:`KVCacheBackend`: a Hugging Face causal LM with a key-value cache (the Llama baseline). Each slot owns a
   ``DynamicCache`` that grows with its tokens. Decoding batches the running slots with LEFT padding (as
   ``generate()`` does for prompts of different lengths: an attention mask over the padding and explicit positions);
-  the padded batch is kept while the same slots run and rebuilt, from each row's own keys and values, whenever a
-  slot joins or leaves.
+  the padded batch (preallocated, written in place) is kept while the same slots run and rebuilt, from each row's
+  own keys and values, whenever a slot joins or leaves.
 
 All methods run on the engine's thread, under ``torch.inference_mode``.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from ..models import RetNetCache, RetNetForCausalLM, cache_of
 from ..models.cache_retnet import CACHE_NAME
@@ -161,6 +161,7 @@ class KVCacheBackend(Backend):
     """A Hugging Face causal LM with a ``DynamicCache`` per slot; decoding batches the slots with left padding."""
 
     kind = "transformer"
+    ROOM = 64  # decode steps a padded batch has room for before it is rebuilt longer
 
     def __init__(self, model: nn.Module, max_batch: int) -> None:
         super().__init__(model, max_batch)
@@ -180,7 +181,7 @@ class KVCacheBackend(Backend):
         return logits[0]
 
     def decode(self, slots: list[int], ids: list[int]) -> Tensor:
-        if slots != self.batch:
+        if slots != self.batch or self.batch_mask.shape[1] == self.batch_cache.get_max_length():
             self._unbatch()
             self._batch(slots)
         B = len(slots)
@@ -201,9 +202,13 @@ class KVCacheBackend(Backend):
         return out.logits[:, -1].float()
 
     def _batch(self, slots: list[int]) -> None:
-        """Left-pad the slots' caches into one batch: (B, H, L, D) per layer, L the longest."""
+        """Left-pad the slots' caches into one preallocated batch: (B, H, L + ROOM, D) per layer, L the longest.
+
+        A ``StaticCache``: each step writes its token's keys and values in place (a ``DynamicCache`` would copy
+        the whole batch's cache to append them); a batch that has filled its room is rebuilt with more.
+        """
         length = max(self.seen[s] for s in slots)
-        cache = DynamicCache(config=self.model.config)
+        cache = StaticCache(config=self.model.config, max_cache_len=length + self.ROOM)
         for layer in range(self.num_layers):
             parts = [self.caches[s].layers[layer] for s in slots]
             keys = parts[0].keys.new_zeros((len(slots), parts[0].keys.shape[1], length, parts[0].keys.shape[-1]))
@@ -230,7 +235,7 @@ class KVCacheBackend(Backend):
             cache = DynamicCache(config=self.model.config)
             for layer in range(self.num_layers):
                 part, start = self.batch_cache.layers[layer], length - self.seen[slot]
-                keys, values = part.keys[row : row + 1, :, start:], part.values[row : row + 1, :, start:]
+                keys, values = part.keys[row : row + 1, :, start:length], part.values[row : row + 1, :, start:length]
                 cache.update(keys.clone(), values.clone(), layer)
             self.caches[slot] = cache
         self.batch, self.batch_cache, self.batch_mask = [], None, None

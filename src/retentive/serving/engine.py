@@ -3,10 +3,10 @@
 Each running sequence (one choice of a request) holds one state slot of the backend. Every iteration of the loop:
 
 1. drops cancelled requests (a client that went away) and frees their slots;
-2. admits waiting requests, oldest first, while there are free slots for all their choices; a prompt whose prefix
-   the prompt-state cache holds starts from that state;
+2. admits waiting requests, oldest first, while there are free slots for all their choices;
 3. reads one piece of at most ``prefill_chunk`` prompt tokens of the oldest request still in prefill (the chunkwise
-   form), so that a long prompt never stalls the requests already decoding for more than one piece;
+   form), so that a long prompt never stalls the requests already decoding for more than one piece; a prompt whose
+   prefix the prompt-state cache holds starts from that state (looked up when its prefill begins);
 4. decodes one token for every decoding sequence, all in one batch, and samples each with its own generator.
 
 A sequence ends on its end-of-text token, a stop string or ``max_tokens``; its slot is free for the next request at
@@ -54,7 +54,8 @@ class SamplingParams:
 
 @dataclass
 class Delta:
-    """New text of choice ``index``; ``finish_reason`` ("stop" | "length") on its last delta."""
+    """The text one new token of choice ``index`` adds (``""`` while it is held back: part of a character or of a
+    possible stop string); ``finish_reason`` ("stop" | "length") on the last one."""
 
     index: int
     text: str
@@ -161,6 +162,7 @@ class Request:
         self.cache_points = sorted({p for p in cache_points or [] if 0 < p < len(prompt)} | {len(prompt)})
         self.prefilled = 0  # prompt tokens read so far
         self.cached_tokens = 0  # prompt tokens taken from the prompt-state cache
+        self.looked_up = False  # whether the prompt-state cache was asked for this prompt
         self.sequences: list[Sequence] = []
         self.cancelled = False
         self.submitted = time.perf_counter()
@@ -277,8 +279,7 @@ class Engine:
     def _iteration(self) -> None:
         self._drop_cancelled()
         self._admit()
-        if self.prefilling:
-            self._prefill_piece(self.prefilling[0])
+        self._prefill_step()
         if self.decoding:
             self._decode_step()
 
@@ -310,17 +311,33 @@ class Engine:
                 generator = torch.Generator(device=self.backend.device).manual_seed(seed)
                 text = TextStream(self.tokenizer, request.params.stop)
                 request.sequences.append(Sequence(index, heapq.heappop(self.free), generator, text))
-            entry = None if self.prefix_cache is None else self.prefix_cache.lookup(request.prompt)
-            if entry is None:
-                self.prefilling.append(request)
-                continue
-            tensors = {k: v for k, v in entry.tensors.items() if k != LOGITS}
-            self.backend.restore(request.sequences[0].slot, tensors, entry.length)
-            request.prefilled = request.cached_tokens = entry.length
-            if entry.length == len(request.prompt):  # the whole prompt was cached: decode at once
-                self._start_decoding(request, entry.tensors[LOGITS])
-            else:
-                self.prefilling.append(request)
+            self.prefilling.append(request)
+
+    def _prefill_step(self) -> None:
+        """Prefill the oldest request by one piece. Its prompt is looked up in the prompt-state cache only now, when
+        the requests before it have filled the cache: concurrent requests with one system prompt read it once."""
+        while self.prefilling:
+            request = self.prefilling[0]
+            if not request.looked_up:
+                request.looked_up = True
+                if self._resume_from_cache(request):  # the whole prompt was cached: it decodes already
+                    continue
+            self._prefill_piece(request)
+            return
+
+    def _resume_from_cache(self, request: Request) -> bool:
+        """Start ``request`` from the state of the longest cached prefix of its prompt; True if that is all of it."""
+        entry = None if self.prefix_cache is None else self.prefix_cache.lookup(request.prompt)
+        if entry is None:
+            return False
+        tensors = {k: v for k, v in entry.tensors.items() if k != LOGITS}
+        self.backend.restore(request.sequences[0].slot, tensors, entry.length)
+        request.prefilled = request.cached_tokens = entry.length
+        if entry.length < len(request.prompt):
+            return False
+        self.prefilling.remove(request)
+        self._start_decoding(request, entry.tensors[LOGITS])
+        return True
 
     def _prefill_piece(self, request: Request) -> None:
         """Read the next piece of the prompt: up to ``prefill_chunk`` tokens, cut at the next cache point."""
@@ -375,8 +392,7 @@ class Engine:
             reason = "stop" if stopped else "length" if len(seq.tokens) >= request.params.max_tokens else None
             if reason == "length":
                 text += seq.text.flush()
-        if text or reason:
-            request.emit(Delta(seq.index, text, reason))
+        request.emit(Delta(seq.index, text, reason))  # one event per token, its text possibly held back: ""
         if reason is None:
             return
         seq.finish_reason = reason
