@@ -59,6 +59,7 @@ FULL = {
     "max_tokens": 16,
     "max_batch": 64,
     "max_cell_tokens": 65536,
+    "threads": 1,  # the server's torch threads: on 2 cores the clients use the other one
 }
 QUICK = FULL | {
     "overrides": {"dim_model": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "vocab_size": 257},
@@ -110,24 +111,27 @@ def server(checkpoint: Path, cache: bool, plan: dict):
     command = [
         sys.executable, "-m", "retentive.cli", "serve", str(checkpoint), "--port", str(port), "--model-name", "m",
         "--max-batch", str(plan["max_batch"]), "--max-queue", "1024", "--max-prompt-tokens", str(max(plan["prompts"])),
-        "--prompt-cache-mib", "2048" if cache else "0",
+        "--prompt-cache-mib", "2048" if cache else "0", "--threads", str(plan["threads"]),
     ]  # fmt: skip
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    try:
-        while True:
-            try:
-                httpx.get(f"{url}/health").raise_for_status()
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not start: {proc.stderr.read()}") from None
-                time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 600
+        try:
+            while True:
+                try:
+                    httpx.get(f"{url}/health").raise_for_status()
+                    break
+                except httpx.TransportError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        proc.kill()
+                        log.seek(0)
+                        raise RuntimeError(f"the server did not start: {log.read()[-2000:]}") from None
+                    time.sleep(0.2)
+            yield url, proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 async def one_request(http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
@@ -210,26 +214,35 @@ def run_cell(url: str, pid: int, clients: int, prompt: int, plan: dict, seed: in
     }
 
 
-def run_all(plan: dict, workdir: Path) -> dict:
+def run_all(plan: dict, workdir: Path, done: list[dict]) -> dict:
+    """Every cell, each model and cache setting behind its own server; cells found in ``done`` are kept as they are."""
     results = {"plan": plan, "parameters": {}, "cells": []}
+    kept = {(c["model"], c["cache"], c["prompt"], c["clients"]): c for c in done}
     for label, preset in MODELS.items():
         folder = workdir / preset
         results["parameters"][label] = save_checkpoint(preset, plan["overrides"], folder)
         for cache in (False, True):
+            keys = [(label, cache, prompt, clients) for prompt in plan["prompts"] for clients in plan["clients"]]
+            if all(k in kept for k in keys):
+                results["cells"] += [kept[k] for k in keys]
+                continue
             with server(folder, cache, plan) as (url, proc):
                 asyncio.run(run_clients(url, 2, 2, min(plan["prompts"]), 4, seed=-1))  # warm up
-                for prompt in plan["prompts"]:
-                    for clients in plan["clients"]:
-                        cell = {"model": label, "cache": cache, "prompt": prompt, "clients": clients}
-                        if clients * plan["requests"] * prompt > plan["max_cell_tokens"]:
-                            cell["skipped"] = (
-                                f"{clients * plan['requests'] * prompt:,} prompt tokens > --max-cell-tokens"
-                            )
-                        else:
-                            cell |= run_cell(url, proc.pid, clients, prompt, plan, seed=prompt * 1000 + clients)
-                            print(json.dumps(cell), flush=True)
-                        results["cells"].append(cell)
+                for k in keys:
+                    cell = kept.get(k) or measure(url, proc.pid, k, plan)
+                    print(json.dumps(cell), flush=True)
+                    results["cells"].append(cell)
     return results
+
+
+def measure(url: str, pid: int, key: tuple, plan: dict) -> dict:
+    """One cell: (model, cache, prompt, clients), or its reason to be skipped."""
+    model, cache, prompt, clients = key
+    cell = {"model": model, "cache": cache, "prompt": prompt, "clients": clients}
+    tokens = clients * plan["requests"] * prompt
+    if tokens > plan["max_cell_tokens"]:
+        return cell | {"skipped": f"{tokens:,} prompt tokens > --max-cell-tokens"}
+    return cell | run_cell(url, pid, clients, prompt, plan, seed=prompt * 1000 + clients)
 
 
 def _cell(results: dict, **key) -> dict | None:
@@ -249,11 +262,12 @@ def markdown(results: dict, plot: str) -> str:
         f"Command: `{meta['command']}` (`make bench-serve`).",
         f"Models: `retnet-tiny` and `transformer-tiny` (its Llama twin), random weights, byte tokenizer, float32; "
         f"parameters: {params}. One `retentive serve` process per model and cache setting, `--max-batch "
-        f"{plan['max_batch']}`, prefill in pieces of 512 tokens. Each of N clients sends {plan['requests']} streamed "
-        f"chat requests in turn; each generates {plan['max_tokens']} tokens. The system message (prompt length "
+        f"{plan['max_batch']} --threads {plan['threads']}`, prefill in pieces of 512 tokens. Each of N clients sends "
+        f"{plan['requests']} streamed chat request(s) in turn; each generates {plan['max_tokens']} tokens. The system "
+        "message (prompt length "
         f"- {SUFFIX} tokens) is shared by the requests of a cell, the user message is unique. The RetNet decodes all "
         "running requests in one batched recurrent step; the Transformer in one batched forward over its key-value "
-        "caches, left-padded to the longest (rebuilt when a request joins or leaves).",
+        "caches, left-padded to the longest in a preallocated `StaticCache` (rebuilt when a request joins or leaves).",
         "TTFT: time to first token; ITL: inter-token latency (every gap between two tokens of a request). Peak RSS: "
         "the server process; state: the running requests' retention states or key-value caches.",
         "",
@@ -346,16 +360,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, help="requests per client, one after the other")
     parser.add_argument("--max-tokens", type=int, help="tokens generated per request")
     parser.add_argument("--max-cell-tokens", type=int, help="skip cells with more prompt tokens than this")
+    parser.add_argument("--threads", type=int, help="the server's torch threads (default 1)")
+    parser.add_argument("--resume", type=Path, help="keep the cells printed (one JSON per line) by an interrupted run")
     args = parser.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
-    for key in ("prompts", "clients", "requests", "max_tokens", "max_cell_tokens"):
+    for key in ("prompts", "clients", "requests", "max_tokens", "max_cell_tokens", "threads"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
     if min(plan["prompts"]) <= SUFFIX:
         parser.error(f"--prompts must be longer than the {SUFFIX} tokens of each request's own message")
     started, load = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_all(plan, Path(tmp))
+        done = [json.loads(line) for line in args.resume.read_text().splitlines()] if args.resume else []
+        results = run_all(plan, Path(tmp), done)
     argv = sys.argv[1:] if argv is None else argv
     results["meta"] = report.environment(started, quick=args.quick, argv=argv)
     results["meta"] |= {"command": " ".join(["python benchmarks/serve.py", *argv]), "load": load}
