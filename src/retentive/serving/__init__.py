@@ -1,0 +1,32 @@
+"""An OpenAI-compatible HTTP server for RetNet (and the Transformer baseline): continuous batching over fixed-size
+state slots and exact prompt-state caching. ``retentive serve RUN_OR_CHECKPOINT`` runs it.
+
+- ``protocol``: the OpenAI request and response bodies (pydantic) and error bodies;
+- ``backends``: one state slot per running sequence, for RetNet and for a key-value-cache model;
+- ``prefix_cache``: the state after a token prefix, in memory (LRU) and optionally on disk;
+- ``engine``: the scheduler thread (continuous batching, chunked prefill, sampling, stop strings);
+- ``app``: the HTTP routes; ``server``: loading a checkpoint and putting it all together.
+"""
+
+from .app import ServerLimits, create_app
+from .backends import Backend, KVCacheBackend, RetNetBackend, backend_for
+from .engine import Engine, Request, SamplingParams
+from .prefix_cache import PrefixCache
+from .server import ServeConfig, build_app, load_checkpoint, run
+
+__all__ = [
+    "Backend",
+    "Engine",
+    "KVCacheBackend",
+    "PrefixCache",
+    "Request",
+    "RetNetBackend",
+    "SamplingParams",
+    "ServeConfig",
+    "ServerLimits",
+    "backend_for",
+    "build_app",
+    "create_app",
+    "load_checkpoint",
+    "run",
+]

@@ -1,0 +1,431 @@
+"""Continuous batching: one scheduler thread runs the model; requests join and leave the batch at every step.
+
+Each running sequence (one choice of a request) holds one state slot of the backend. Every iteration of the loop:
+
+1. drops cancelled requests (a client that went away) and frees their slots;
+2. admits waiting requests, oldest first, while there are free slots for all their choices;
+3. reads one piece of at most ``prefill_chunk`` prompt tokens of the oldest request still in prefill (the chunkwise
+   form), so that a long prompt never stalls the requests already decoding for more than one piece; a prompt whose
+   prefix the prompt-state cache holds starts from that state (looked up when its prefill begins);
+4. decodes one token for every decoding sequence, all in one batch, and samples each with its own generator.
+
+A sequence ends on its end-of-text token, a stop string or ``max_tokens``; its slot is free for the next request at
+once. Events go back to the caller through the request's ``emit`` callback (called on this thread).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import secrets
+import threading
+import time
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..data import Tokenizer
+from .backends import Backend
+from .prefix_cache import LOGITS, PrefixCache
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit: the caller answers 429."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples. ``temperature == 0`` is greedy; ``top_k`` 0 or less and ``top_p == 1`` are off."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Delta:
+    """The text one new token of choice ``index`` adds (``""`` while it is held back: part of a character or of a
+    possible stop string); ``finish_reason`` ("stop" | "length") on the last one."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class Done:
+    """The request is complete: its token counts."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """The request failed inside the engine."""
+
+    message: str
+
+
+Event = Delta | Done | Failed
+
+
+class TextStream:
+    """Decodes one sequence's tokens to text as they come, holding back what might still become a stop string.
+
+    Args:
+        tokenizer: decodes the ids.
+        stop: strings that end the sequence; they are not part of the text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the text already given out
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns the text that is now safe to give out and whether a stop string was reached."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        ends = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if ends:
+            end = min(ends)
+            delta, self.sent = text[self.sent : end], end
+            return delta, True
+        held = max((_overlap(text, s) for s in self.stop), default=0)
+        if text.endswith("\ufffd"):  # a character cut between tokens: wait for its other bytes
+            held = max(held, 1)
+        safe = max(self.sent, len(text) - held)
+        delta, self.sent = text[self.sent : safe], safe
+        return delta, False
+
+    def flush(self) -> str:
+        """The text held back, at the end of the sequence."""
+        text = self.tokenizer.decode(self.ids)
+        delta, self.sent = text[self.sent :], len(text)
+        return delta
+
+
+def _overlap(text: str, stop: str) -> int:
+    """The length of the longest end of ``text`` that begins ``stop`` (a stop string that may be coming)."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+@dataclass(eq=False)  # compared by identity: a sequence is one running thing
+class Sequence:
+    """One choice of a request: its slot, its sampling generator, its tokens and text."""
+
+    index: int
+    slot: int
+    generator: torch.Generator
+    text: TextStream
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Request:
+    """A prompt to continue, with ``n`` choices.
+
+    Args:
+        prompt: the prompt's token ids.
+        params: how to sample.
+        emit: called with each :class:`Delta`, then one :class:`Done` (or :class:`Failed`), on the engine's thread.
+        n: the number of choices, each continued from the same prompt state.
+        cache_points: prompt lengths (besides the whole prompt) after which the state is worth caching, such as
+            the end of each chat message.
+    """
+
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        emit: Callable[[Event], None],
+        n: int = 1,
+        cache_points: list[int] | None = None,
+    ) -> None:
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        self.prompt, self.params, self.emit, self.n = prompt, params, emit, n
+        self.cache_points = sorted({p for p in cache_points or [] if 0 < p < len(prompt)} | {len(prompt)})
+        self.prefilled = 0  # prompt tokens read so far
+        self.cached_tokens = 0  # prompt tokens taken from the prompt-state cache
+        self.looked_up = False  # whether the prompt-state cache was asked for this prompt
+        self.sequences: list[Sequence] = []
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the engine frees the slots at its next iteration."""
+        self.cancelled = True
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.sequences) and all(s.finish_reason is not None for s in self.sequences)
+
+
+class Engine:
+    """The scheduler over a :class:`Backend`'s slots, on its own thread.
+
+    Args:
+        backend: the model and its slots (``backend.max_batch`` is the most sequences running at once).
+        tokenizer: decodes the generated tokens.
+        eos_token_id: ends a sequence (unless ``ignore_eos``); None: only stop strings and max_tokens do.
+        max_queue: requests waiting for slots beyond which :meth:`submit` raises :class:`QueueFull`.
+        prefill_chunk: prompt tokens read per iteration (one piece of one prompt between two decode steps).
+        prefix_cache: the prompt-state cache, or None.
+        cache_block: also cache the state every ``cache_block`` prompt tokens (0: only at the request's cache
+            points and at the end of the prompt).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        eos_token_id: int | None,
+        *,
+        max_queue: int = 64,
+        prefill_chunk: int = 512,
+        prefix_cache: PrefixCache | None = None,
+        cache_block: int = 0,
+    ) -> None:
+        for name, value, low in (("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        self.backend, self.tokenizer, self.eos_token_id = backend, tokenizer, eos_token_id
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.prefix_cache, self.cache_block = prefix_cache, cache_block
+        self.free = list(range(backend.max_batch))  # a heap: the lowest slots first, so running rows stay contiguous
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
+        self.decoding: list[tuple[Request, Sequence]] = []
+        self.condition = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.steps = self.prefill_tokens = self.generated_tokens = 0
+        self.peak_state_bytes = 0
+
+    # --- the caller's side (any thread) ---
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="retentive-engine", daemon=True)
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises :class:`QueueFull` when ``max_queue`` requests already wait."""
+        if request.n > self.backend.max_batch:
+            raise ValueError(f"n={request.n} choices need more slots than the server has ({self.backend.max_batch})")
+        with self.condition:
+            waiting = sum(not r.cancelled for r in self.waiting)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting for a slot (the limit): retry later")
+            self.waiting.append(request)
+            self.condition.notify()
+
+    def stats(self) -> dict:
+        """Slots, queue and counters (read without the lock: a snapshot, good enough for /health)."""
+        out = {
+            "kind": self.backend.kind,
+            "max_batch": self.backend.max_batch,
+            "free_slots": len(self.free),
+            "running": len(self.decoding) + sum(len(r.sequences) for r in self.prefilling),
+            "waiting": len(self.waiting),
+            "steps": self.steps,
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.generated_tokens,
+            "state_bytes": self.backend.state_bytes(),
+            "peak_state_bytes": self.peak_state_bytes,
+        }
+        if self.prefix_cache is not None:
+            out["prompt_cache"] = self.prefix_cache.stats()
+        return out
+
+    # --- the engine's thread ---
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.condition:
+                    while not (self.stopping or self.waiting or self.prefilling or self.decoding):
+                        self.condition.wait()
+                    if self.stopping:
+                        return
+                try:
+                    self._iteration()
+                except Exception as e:  # a bug or a model error: fail what runs, keep serving
+                    logger.exception("engine iteration failed")
+                    self._fail_all(f"{type(e).__name__}: {e}")
+                self.peak_state_bytes = max(self.peak_state_bytes, self.backend.state_bytes())
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill_step()
+        if self.decoding:
+            self._decode_step()
+
+    def _drop_cancelled(self) -> None:
+        """Free the slots of cancelled requests; each gets a last :class:`Failed` event, so no waiter hangs."""
+        with self.condition:
+            dropped = {id(r): r for r in self.waiting if r.cancelled}
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for request in [r for r in self.prefilling if r.cancelled]:
+            self.prefilling.remove(request)
+            dropped[id(request)] = request
+            for seq in request.sequences:
+                self._release(seq)
+        for request, seq in [(r, s) for r, s in self.decoding if r.cancelled]:
+            self.decoding.remove((request, seq))
+            dropped[id(request)] = request
+            self._release(seq)
+        for request in dropped.values():
+            request.emit(Failed("cancelled"))
+
+    def _admit(self) -> None:
+        while True:
+            with self.condition:
+                if not self.waiting or len(self.free) < self.waiting[0].n:
+                    return
+                request = self.waiting.popleft()
+            for index in range(request.n):
+                seed = secrets.randbits(62) if request.params.seed is None else request.params.seed + index
+                generator = torch.Generator(device=self.backend.device).manual_seed(seed)
+                text = TextStream(self.tokenizer, request.params.stop)
+                request.sequences.append(Sequence(index, heapq.heappop(self.free), generator, text))
+            self.prefilling.append(request)
+
+    def _prefill_step(self) -> None:
+        """Prefill the oldest request by one piece. Its prompt is looked up in the prompt-state cache only now, when
+        the requests before it have filled the cache: concurrent requests with one system prompt read it once."""
+        while self.prefilling:
+            request = self.prefilling[0]
+            if not request.looked_up:
+                request.looked_up = True
+                if self._resume_from_cache(request):  # the whole prompt was cached: it decodes already
+                    continue
+            self._prefill_piece(request)
+            return
+
+    def _resume_from_cache(self, request: Request) -> bool:
+        """Start ``request`` from the state of the longest cached prefix of its prompt; True if that is all of it."""
+        entry = None if self.prefix_cache is None else self.prefix_cache.lookup(request.prompt)
+        if entry is None:
+            return False
+        tensors = {k: v for k, v in entry.tensors.items() if k != LOGITS}
+        self.backend.restore(request.sequences[0].slot, tensors, entry.length)
+        request.prefilled = request.cached_tokens = entry.length
+        if entry.length < len(request.prompt):
+            return False
+        self.prefilling.remove(request)
+        self._start_decoding(request, entry.tensors[LOGITS])
+        return True
+
+    def _prefill_piece(self, request: Request) -> None:
+        """Read the next piece of the prompt: up to ``prefill_chunk`` tokens, cut at the next cache point."""
+        start, first = request.prefilled, request.sequences[0]
+        end = min(start + self.prefill_chunk, request.cache_points[bisect_right(request.cache_points, start)])
+        if self.cache_block:
+            end = min(end, (start // self.cache_block + 1) * self.cache_block)
+        logits = self.backend.prefill(first.slot, request.prompt[start:end])
+        request.prefilled = end
+        self.prefill_tokens += end - start
+        cache_here = end in request.cache_points or (self.cache_block and end % self.cache_block == 0)
+        if self.prefix_cache is not None and cache_here and request.prompt[:end] not in self.prefix_cache:
+            self.prefix_cache.insert(request.prompt[:end], {**self.backend.snapshot(first.slot), LOGITS: logits})
+        if end == len(request.prompt):
+            self.prefilling.remove(request)
+            self._start_decoding(request, logits)
+
+    def _start_decoding(self, request: Request, logits: Tensor) -> None:
+        """Give every choice the prompt's state, sample its first token from ``logits`` (V,), and let it decode."""
+        first = request.sequences[0]
+        for seq in request.sequences[1:]:
+            self.backend.fork(first.slot, seq.slot)
+        tokens = self._sample(logits[None].expand(request.n, -1), [(request, s) for s in request.sequences])
+        for seq, token in zip(request.sequences, tokens, strict=True):
+            self.decoding.append((request, seq))
+            self._advance(request, seq, token)
+
+    def _decode_step(self) -> None:
+        self.decoding.sort(key=lambda rs: rs[1].slot)  # contiguous slots read the pool without a gather
+        logits = self.backend.decode([s.slot for _, s in self.decoding], [s.tokens[-1] for _, s in self.decoding])
+        self.steps += 1
+        for (request, seq), token in zip(list(self.decoding), self._sample(logits, self.decoding), strict=True):
+            self._advance(request, seq, token)
+
+    def _sample(self, logits: Tensor, running: list[tuple[Request, Sequence]]) -> list[int]:
+        """The next token of each row of ``logits`` (B, V): greedy, or sampled with the row's own generator."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, (request, seq) in enumerate(running):
+            p = request.params
+            if p.temperature > 0:
+                tokens[row] = sample_token(logits[row], p.temperature, p.top_k, p.top_p, seq.generator)
+        return tokens
+
+    def _advance(self, request: Request, seq: Sequence, token: int) -> None:
+        """Take the sampled token: give out its text, and end the sequence if it is done."""
+        seq.tokens.append(token)
+        self.generated_tokens += 1
+        if token == self.eos_token_id and not request.params.ignore_eos:
+            text, reason = seq.text.flush(), "stop"
+        else:
+            text, stopped = seq.text.push(token)
+            reason = "stop" if stopped else "length" if len(seq.tokens) >= request.params.max_tokens else None
+            if reason == "length":
+                text += seq.text.flush()
+        request.emit(Delta(seq.index, text, reason))  # one event per token, its text possibly held back: ""
+        if reason is None:
+            return
+        seq.finish_reason = reason
+        self.decoding.remove((request, seq))
+        self._release(seq)
+        if request.finished:
+            request.emit(Done(len(request.prompt), sum(len(s.tokens) for s in request.sequences)))
+
+    def _release(self, seq: Sequence) -> None:
+        self.backend.release(seq.slot)
+        heapq.heappush(self.free, seq.slot)
+        seq.slot = -1
+
+    def _fail_all(self, message: str) -> None:
+        running = {id(r): r for r in self.prefilling} | {id(r): r for r, _ in self.decoding}
+        for request in running.values():
+            for seq in request.sequences:
+                if seq.slot >= 0:
+                    self._release(seq)
+            request.emit(Failed(message))
+        self.prefilling, self.decoding = [], []
+
+
+def sample_token(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
+    """One token from ``logits`` (V,): scaled by the temperature, cut to the ``top_k`` best (if > 0), then to the
+    smallest set whose probability reaches ``top_p`` (the order of Hugging Face's processors)."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # the tokens after the set has reached top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

@@ -1,0 +1,188 @@
+"""The OpenAI wire format: pydantic request models (validated on arrival), response bodies and error bodies.
+
+Only what the server honours is accepted with a meaning; OpenAI parameters it cannot honour (``logprobs``,
+``echo``, penalties, tools, ...) are refused with a 400 when set, rather than silently ignored. Unknown fields are
+ignored, as OpenAI's clients add new ones over time.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# OpenAI's parameters that this server cannot honour: refused when set to anything but their neutral value
+UNSUPPORTED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class SamplingRequest(BaseModel):
+    """The fields shared by ``/v1/completions`` and ``/v1/chat/completions``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1, description="tokens to generate per choice")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1, description="0 or -1: off (an extension, as in vLLM)")
+    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = Field(default=False, description="an extension (as in vLLM): generate max_tokens tokens")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> SamplingRequest:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise ValueError(f"{name} is not supported by this server: leave it unset")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a chunk carrying the token counts."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions``: one prompt, as text or as token ids."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> str | list[int]:
+        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+            if len(value) != 1:
+                raise ValueError("give one prompt per request (a batch of prompts is not supported: send several)")
+            value = value[0]
+        if len(value) == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        return value
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` as a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.get("type") != "text" for part in self.content):
+            raise ValueError("only text content parts are supported")
+        return "".join(str(part.get("text", "")) for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+def chat_segments(messages: list[ChatMessage]) -> list[str]:
+    """The chat template, one segment per message plus the assistant's cue: ``"role: text\\n"`` ... ``"assistant:"``.
+
+    The models trained here have no chat template of their own; segments are tokenized one by one, so that the
+    token count at the end of each message is a point where the prompt-state cache can keep the state.
+    """
+    return [f"{m.role}: {m.text}\n" for m in messages] + ["assistant:"]
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(rid: str, model: str, choices: list[tuple[str, str | None]], use: dict | None, chat: bool) -> dict:
+    """A whole response (``chat=False``: ``text_completion``; True: ``chat.completion``).
+
+    Args:
+        choices: (text, finish_reason) per choice, in order.
+        use: the token counts (:func:`usage`), or None in a streamed chunk that carries none.
+    """
+    if chat:
+        items = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+            for i, (text, reason) in enumerate(choices)
+        ]
+    else:
+        items = [
+            {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+            for i, (text, reason) in enumerate(choices)
+        ]
+    kind = "chat.completion" if chat else "text_completion"
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": items, "usage": use}
+
+
+def chunk_body(rid: str, model: str, index: int, text: str | None, reason: str | None, chat: bool) -> dict:
+    """One streamed chunk of choice ``index``: a piece of text and/or its finish reason."""
+    if chat:
+        delta = {} if text is None else {"content": text}
+        item = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+        kind = "chat.completion.chunk"
+    else:
+        item = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+        kind = "text_completion"
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [item]}
+
+
+def role_chunk(rid: str, model: str, index: int) -> dict:
+    """The first chunk of a streamed chat choice: the assistant's role, no content yet."""
+    body = chunk_body(rid, model, index, None, None, chat=True)
+    body["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    return body
+
+
+def usage_chunk(rid: str, model: str, use: dict, chat: bool) -> dict:
+    """The last streamed chunk when ``stream_options.include_usage``: no choices, the token counts."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [], "usage": use}

@@ -1,0 +1,116 @@
+"""Put the parts together: load a run or checkpoint, build the engine and the app, run it under uvicorn."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from torch import nn
+
+from ..data import Tokenizer, load_tokenizer
+from .app import ServerLimits, create_app
+from .backends import backend_for
+from .engine import Engine
+from .prefix_cache import PrefixCache, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+MiB = 2**20
+
+
+@dataclass
+class ServeConfig:
+    """How the server schedules and caches.
+
+    Attributes:
+        max_batch: sequences decoding at once (one state slot each).
+        max_queue: requests waiting for a slot; beyond it the server answers 429.
+        prefill_chunk: prompt tokens read per scheduler iteration, between two decode steps.
+        prompt_cache_mib: the in-memory budget of the prompt-state cache (0: no cache).
+        prompt_cache_dir: where evicted cache entries are written as safetensors (None: dropped).
+        prompt_cache_disk_mib: the on-disk budget.
+        cache_block: also cache the state every this many prompt tokens (0: only at message ends and prompt ends).
+        limits: what one request may ask for.
+    """
+
+    max_batch: int = 16
+    max_queue: int = 64
+    prefill_chunk: int = 512
+    prompt_cache_mib: float = 256
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_mib: float = 1024
+    cache_block: int = 0
+    limits: ServerLimits | None = None
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
+    """The model and tokenizer of a run directory (its newest checkpoint), a checkpoint folder, or a folder written
+    by ``save_pretrained`` with a tokenizer saved beside it (``tokenizer_meta.json`` there or in ``tokenizer/``).
+
+    A RetNet checkpoint gives a :class:`RetNetForCausalLM`; a ``transformer-*`` one, its ``LlamaForCausalLM``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .. import models  # noqa: F401  (registers the RetNet with the Auto classes)
+    from ..training import resolve_checkpoint
+
+    path = Path(path)
+    ckpt = path if (path / "config.json").is_file() else resolve_checkpoint(path)
+    for place in (ckpt, ckpt / "tokenizer", path / "tokenizer"):
+        if (place / "tokenizer_meta.json").is_file():
+            tokenizer = load_tokenizer(place)
+            break
+    else:
+        raise FileNotFoundError(
+            f"no tokenizer beside {ckpt}: expected tokenizer_meta.json there or in a tokenizer/ folder "
+            "(save one with retentive.data.build_tokenizer(...).save(folder))"
+        )
+    model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
+    logger.info("loading %s (%s)", ckpt, model_type)
+    model = AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer of {ckpt} has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}"
+        )
+    return model, tokenizer
+
+
+def build_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, config: ServeConfig | None = None) -> FastAPI:
+    """The OpenAI-compatible app serving ``model`` (RetNet or a key-value-cache causal LM) as ``model_name``."""
+    config = config or ServeConfig()
+    backend = backend_for(model, config.max_batch)
+    cache = None
+    if config.prompt_cache_mib > 0:
+        with torch.inference_mode():
+            fingerprint = model_fingerprint(model)
+        cache = PrefixCache(
+            fingerprint,
+            int(config.prompt_cache_mib * MiB),
+            config.prompt_cache_dir,
+            int(config.prompt_cache_disk_mib * MiB),
+        )
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else getattr(tokenizer, "eos_id", None)
+    engine = Engine(
+        backend,
+        tokenizer,
+        eos,
+        max_queue=config.max_queue,
+        prefill_chunk=config.prefill_chunk,
+        prefix_cache=cache,
+        cache_block=config.cache_block,
+    )
+    limits = config.limits or ServerLimits()
+    if backend.kind == "transformer" and limits.max_context is None:
+        limits.max_context = getattr(model.config, "max_position_embeddings", None)
+    return create_app(engine, tokenizer, model_name, limits)
+
+
+def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``app`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,184 @@
+"""The scheduler without HTTP: continuous batching gives each request what generate() gives it alone."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+import torch
+from servekit import greedy, tiny_model
+
+from retentive.data import ByteTokenizer
+from retentive.serving import Engine, PrefixCache, Request, SamplingParams, backend_for
+from retentive.serving.engine import Delta, Done, TextStream, sample_token
+
+
+class Collector:
+    """The ``emit`` of a request: keeps its events for the test thread."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+
+    def __call__(self, event) -> None:
+        self.events.put(event)
+
+    def wait(self, timeout: float = 60) -> tuple[list[Delta], Done]:
+        deltas = []
+        while True:
+            event = self.events.get(timeout=timeout)
+            if isinstance(event, Done):
+                return deltas, event
+            assert isinstance(event, Delta), event
+            deltas.append(event)
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def make_engine(kind: str = "retnet", max_batch: int = 32, **kw) -> Engine:
+    model = tiny_model(kind)
+    return Engine(backend_for(model, max_batch), ByteTokenizer(), eos_token_id=None, **kw)
+
+
+def submit(engine: Engine, prompt: list[int], max_tokens: int, **params) -> tuple[Request, Collector]:
+    collector = Collector()
+    request = Request(prompt, SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **params}), collector)
+    engine.submit(request)
+    return request, collector
+
+
+@pytest.mark.parametrize("kind", ["retnet", "transformer"])
+def test_greedy_alone_and_among_16_others_equals_generate(kind):
+    engine = make_engine(kind, max_batch=32, prefill_chunk=24)
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 256, (int(n),)).tolist() for n in torch.randint(1, 120, (17,))]
+    lengths = [int(n) for n in torch.randint(4, 20, (17,))]
+    want = [greedy(engine.backend.model, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    engine.start()
+    try:
+        request, collector = submit(engine, prompts[0], lengths[0])  # alone
+        collector.wait()
+        assert request.sequences[0].tokens == want[0]
+        running = [submit(engine, p, n) for p, n in zip(prompts, lengths, strict=True)]  # 17 at once
+        for (request, collector), tokens in zip(running, want, strict=True):
+            _, done = collector.wait()
+            assert request.sequences[0].tokens == tokens
+            assert done.completion_tokens == len(tokens)
+    finally:
+        engine.shutdown()
+    assert len(engine.free) == 32 and not engine.decoding and not engine.prefilling
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_between_decode_steps():
+    engine = make_engine(prefill_chunk=32)
+    engine.start()
+    try:
+        short = Request([1, 2, 3], SamplingParams(max_tokens=200, temperature=0.0), Collector())
+        engine.submit(short)
+        wait_for(lambda: short.sequences and short.sequences[0].tokens)
+        decoded: list[int] = []  # the short request's token count when the long one is submitted and answered
+
+        def on_long(event):
+            if not decoded[1:]:
+                decoded.append(len(short.sequences[0].tokens))
+
+        long = Request(list(range(256)) * 4, SamplingParams(max_tokens=2, temperature=0.0), on_long)
+        decoded.append(len(short.sequences[0].tokens))
+        engine.submit(long)
+        wait_for(lambda: long.finished)
+        # 1,024 prompt tokens in 32 pieces of 32: the short request decoded a token after each of the first 31
+        assert decoded[1] - decoded[0] >= 31
+    finally:
+        engine.shutdown()
+
+
+def test_prompt_state_cache_resumes_exactly():
+    cache = PrefixCache("test", max_bytes=2**30)
+    engine = make_engine(prefix_cache=cache, prefill_chunk=16)
+    header = list(b"system: you are a tiny random model.\n")
+    prompts = [header + list(b"user: hello\n"), header + list(b"user: something else\n")]
+    want = [greedy(engine.backend.model, p, 12) for p in prompts]
+    engine.start()
+    try:
+        for prompt, tokens in zip(prompts + prompts, want + want, strict=True):
+            request = Request(
+                prompt, SamplingParams(max_tokens=12, temperature=0.0), (c := Collector()), cache_points=[len(header)]
+            )
+            engine.submit(request)
+            c.wait()
+            assert request.sequences[0].tokens == tokens
+            last_cached = request.cached_tokens
+        assert last_cached == len(prompts[1])  # the repeat skipped its whole prefill
+    finally:
+        engine.shutdown()
+    assert cache.hits == 3 and cache.misses == 1  # the second prompt resumed after the header
+
+
+def test_sampling_is_reproducible_per_request_and_top_k_1_is_greedy():
+    engine = make_engine()
+    engine.start()
+    try:
+        prompt = list(b"The quick brown fox")
+
+        def run(**params):
+            request, collector = submit(engine, prompt, 16, **params)
+            collector.wait()
+            return [s.tokens for s in request.sequences]
+
+        params = dict(temperature=1.0, seed=5)
+        a, b = run(**params), run(**params)
+        assert a == b
+        assert run(temperature=1.0, seed=6) != a
+        assert run(temperature=1.0, top_k=1, seed=7) == run()
+        assert run(temperature=0.7, top_p=1e-6, seed=8) == run()
+        request = Request(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=5), (c := Collector()), n=3)
+        engine.submit(request)
+        c.wait()
+        assert request.sequences[0].tokens == a[0]  # choice i samples with seed + i
+        assert len({tuple(s.tokens) for s in request.sequences}) == 3
+    finally:
+        engine.shutdown()
+
+
+def test_sample_token_keeps_only_the_top_p_set():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    seen = {sample_token(logits, 1.0, 0, 0.7, g) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+    seen = {sample_token(logits, 1.0, 3, 1.0, g) for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+def test_text_stream_holds_back_a_possible_stop_string():
+    stream = TextStream(ByteTokenizer(), stop=["END"])
+    out = [stream.push(t) for t in b"abcEN"]
+    assert "".join(t for t, _ in out) == "abc"  # "EN" may begin "END"
+    assert stream.push(ord("X")) == ("ENX", False)
+    assert stream.push(ord("E")) == ("", False)
+    assert stream.push(ord("N")) == ("", False)
+    assert stream.push(ord("D")) == ("", True)
+    euro = TextStream(ByteTokenizer(), stop=[])
+    assert [euro.push(t)[0] for t in "a€".encode()] == ["a", "", "", "€"]
+
+
+def test_queue_limit_and_cancelled_requests_free_their_slots():
+    engine = make_engine(max_batch=1, max_queue=1)
+    engine.start()
+    try:
+        first, _ = submit(engine, [1, 2], 4000, ignore_eos=True)
+        wait_for(lambda: first.sequences)
+        second, _ = submit(engine, [3, 4], 4000)
+        with pytest.raises(Exception, match="waiting"):
+            submit(engine, [5], 4)
+        first.cancel()
+        second.cancel()
+        _, collector = submit(engine, [6, 7], 3)
+        collector.wait()
+    finally:
+        engine.shutdown()
+    assert engine.free == [0] and not engine.waiting
