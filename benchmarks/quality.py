@@ -68,6 +68,7 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "decay: linspace (ViR)": ({"decay": "linspace"}, {}),
     "decay + retention normalizations on": ({"normalize_attn": True, "normalize_retn": True}, {}),
     "no rotary (no theta)": ({"rotary": False}, {}),
+    "value_factor 1, FFN 1.75x wider (parameters kept)": ({"value_factor": 1, "ffn_scale": 1.75}, {}),
 }
 LEARNING_RATES = [1e-3, 2e-3, 4e-3]
 FULL = {
