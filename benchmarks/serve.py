@@ -281,6 +281,9 @@ def markdown(results: dict, plot: str) -> str:
                 for model in MODELS:
                     c = _cell(results, model=model, cache=cache, prompt=prompt, clients=clients)
                     head = [f"{prompt:,}", str(clients), model, "on" if cache else "off"]
+                    if c is None:
+                        rows.append([*head, "not measured", "", "", "", ""])
+                        continue
                     if "skipped" in c:
                         rows.append([*head, "skipped", "", "", "", ""])
                         continue

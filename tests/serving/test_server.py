@@ -83,7 +83,7 @@ def test_chat_streamed_and_not_and_the_cached_prefix_gives_the_same_tokens(serve
     model, url = served
     system = {"role": "system", "content": "You are a tiny model with random weights. " * 3}
     questions = ["Hello?", "What is retention?", "Hello?"]
-    before = health(url)["prompt_cache"]
+    before, cached = health(url)["prompt_cache"], []
     for question in questions:
         messages = [system, {"role": "user", "content": question}]
         rendered = f"system: {system['content']}\nuser: {question}\nassistant:"
@@ -91,8 +91,11 @@ def test_chat_streamed_and_not_and_the_cached_prefix_gives_the_same_tokens(serve
         args = dict(model="tiny", messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
         reply = client(url).chat.completions.create(**args)
         assert reply.choices[0].message.content == want and reply.choices[0].message.role == "assistant"
+        cached.append(reply.usage.prompt_tokens_details.cached_tokens)
         streamed = client(url).chat.completions.create(stream=True, **args)
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == want
+    # nothing, then the system message, then the whole repeated prompt came from the cache
+    assert cached == [0, len(f"system: {system['content']}\n"), len(rendered)]
     after = health(url)["prompt_cache"]
     # the first call missed; every later one found the system prompt or, repeated, the whole prompt
     assert after["hits"] - before["hits"] == 5 and after["misses"] - before["misses"] == 1

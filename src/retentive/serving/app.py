@@ -196,7 +196,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
                     texts[event.index] += event.text
                     reasons[event.index] = event.finish_reason or reasons[event.index]
                 elif isinstance(event, Done):
-                    use = protocol.usage(event.prompt_tokens, event.completion_tokens)
+                    use = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
                     return protocol.completion_body(rid, model_name, list(zip(texts, reasons, strict=True)), use, chat)
                 elif request.cancelled:  # the client went away: nobody reads the answer
                     return {}
@@ -219,7 +219,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
                     yield _sse(protocol.chunk_body(rid, model_name, event.index, event.text, event.finish_reason, chat))
                 elif isinstance(event, Done):
                     if include_usage:
-                        use = protocol.usage(event.prompt_tokens, event.completion_tokens)
+                        use = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
                         yield _sse(protocol.usage_chunk(rid, model_name, use, chat))
                     break
                 else:

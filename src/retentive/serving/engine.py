@@ -19,7 +19,6 @@ import heapq
 import logging
 import secrets
 import threading
-import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
@@ -64,10 +63,11 @@ class Delta:
 
 @dataclass
 class Done:
-    """The request is complete: its token counts."""
+    """The request is complete: its token counts (``cached_tokens``: prompt tokens read from the prompt cache)."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -165,7 +165,6 @@ class Request:
         self.looked_up = False  # whether the prompt-state cache was asked for this prompt
         self.sequences: list[Sequence] = []
         self.cancelled = False
-        self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the engine frees the slots at its next iteration."""
@@ -399,7 +398,8 @@ class Engine:
         self.decoding.remove((request, seq))
         self._release(seq)
         if request.finished:
-            request.emit(Done(len(request.prompt), sum(len(s.tokens) for s in request.sequences)))
+            completion = sum(len(s.tokens) for s in request.sequences)
+            request.emit(Done(len(request.prompt), completion, request.cached_tokens))
 
     def _release(self, seq: Sequence) -> None:
         self.backend.release(seq.slot)
