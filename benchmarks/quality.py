@@ -35,7 +35,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import torch  # noqa: E402
 
 import peers  # noqa: E402
 import report  # noqa: E402
@@ -130,10 +129,7 @@ def load_corpus(name: str, cache: Path, max_chars: int | None) -> list[str]:
 def build_model(kind: str, vocab_size: int, model: dict, overrides: dict):
     """A fresh model of ``kind`` at the plan's sizes; ``overrides`` change retentive's RetNetConfig."""
     if kind == "transformer":  # the Llama twin of the default RetNet
-        twin = model_from_preset("transformer-tiny", vocab_size=vocab_size, **model)
-        if "embedding_init_std" in overrides:  # Llama's is N(0, initializer_range = 0.02)
-            torch.nn.init.normal_(twin.get_input_embeddings().weight, std=overrides["embedding_init_std"])
-        return twin
+        return model_from_preset("transformer-tiny", vocab_size=vocab_size, **model, **overrides)
     if kind == "retnet":
         fields = model | {k: v for k, v in overrides.items() if k != "ffn_scale"}
         fields["ffn_dim"] = round(fields["ffn_dim"] * overrides.get("ffn_scale", 1))
@@ -368,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpora", nargs="+", help="override: shakespeare, kjv, or a text file / folder")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     parser.add_argument("--steps", type=int, help="override the optimizer steps per run")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"of the comparison: some of {list(MODELS)}")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1: in this one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -383,18 +380,16 @@ def main(argv: list[str] | None = None) -> None:
     elif args.lr_sweep:
         name, markers = "lr", (LR_START, LR_END, "Learning rate: RetNet and the Transformer")
         plan |= {"eval_lengths": [1]}
-        variants = {
-            f"{label} lr {lr:g}": (kind, {}, {"lr": lr})
-            for label, kind in MODELS.items()
-            if kind in ("retnet", "transformer")
-            for lr in LEARNING_RATES
+        llama = {"embedding_init_std": 0.02}  # the twin's embedding as Llama initializes it (the twin's before)
+        variants = {f"RetNet lr {lr:g}": ("retnet", {}, {"lr": lr}) for lr in LEARNING_RATES}
+        variants |= {
+            f"Transformer lr {lr:g}, embedding N(0, 0.02)": ("transformer", llama, {"lr": lr}) for lr in LEARNING_RATES
         }
-        d = plan["model"]["dim_model"]
-        variants["Transformer lr 0.002, embedding N(0, d^-1/2)"] = ("transformer", {"embedding_init_std": d**-0.5}, {})
+        variants["Transformer lr 0.002, embedding N(0, d^-1/2) (the twin's default)"] = ("transformer", {}, {})
         what = "retentive's RetNet and its Transformer twin at each peak learning rate (tied embeddings);"
     else:
         name, markers = "quality", (START, END, "Quality: RetNet, the peers and the Transformer, same recipe")
-        variants = {label: (kind, {}, {}) for label, kind in models_here().items()}
+        variants = {label: (kind, {}, {}) for label, kind in models_here().items() if label in args.models}
     started = time.time()
     results = run_all(plan, args.cache, variants, args.jobs)
     results["meta"] = report.environment(started, quick=args.quick, argv=sys.argv[1:])

@@ -13,6 +13,7 @@ from retentive.baselines import (
     model_from_preset,
     retnet_preset_for,
     transformer_config_from_preset,
+    transformer_from_preset,
     transformer_presets,
 )
 from retentive.models import RetNetConfig, RetNetForCausalLM
@@ -116,3 +117,10 @@ def test_the_lm_recipe_trains_a_transformer_preset(tmp_path):
     assert isinstance(run.model, LlamaForCausalLM)
     assert run.model.config.hidden_size == 32 and run.model.config.vocab_size == run.tokenizer.vocab_size
     assert 1 < run.result.eval["val_ppl"] < float("inf")
+
+
+def test_the_twin_starts_its_embedding_as_the_retnet_does() -> None:
+    twin = transformer_from_preset("transformer-tiny", vocab_size=2048, dim_model=128, num_layers=1)
+    assert twin.get_input_embeddings().weight.std().item() == pytest.approx(128**-0.5, rel=0.03)
+    llama = transformer_from_preset("transformer-tiny", vocab_size=2048, dim_model=128, embedding_init_std=0.02)
+    assert llama.get_input_embeddings().weight.std().item() == pytest.approx(0.02, rel=0.03)

@@ -120,8 +120,21 @@ def transformer_config_from_preset(name: str, **overrides) -> LlamaConfig:
 
 
 def transformer_from_preset(name: str, **overrides) -> LlamaForCausalLM:
-    """A freshly initialized ``LlamaForCausalLM`` for ``transformer-<size>`` (overrides: RetNetConfig fields)."""
-    return LlamaForCausalLM(transformer_config_from_preset(name, **overrides))
+    """A freshly initialized ``LlamaForCausalLM`` for ``transformer-<size>`` (overrides: RetNetConfig fields).
+
+    Its token embedding (and an untied head) start as the RetNet's, N(0, d^-1/2) unless ``embedding_init_std`` says
+    otherwise, not at Llama's 0.02: measured, the twin gains as much from it as the RetNet does (docs/benchmarks.md,
+    "Learning rate"), so neither model is compared at a handicap.
+    """
+    from .models import RetNetConfig
+
+    model = LlamaForCausalLM(transformer_config_from_preset(name, **overrides))
+    cfg = RetNetConfig.from_preset(retnet_preset_for(name), **overrides)
+    std = cfg.dim_model**-0.5 if cfg.embedding_init_std is None else cfg.embedding_init_std
+    with torch.no_grad():
+        for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.lm_head.weight)}.values():
+            weight.normal_(0.0, std)
+    return model
 
 
 def model_from_preset(name: str, **overrides) -> nn.Module:
