@@ -280,22 +280,20 @@ def quality_markdown(results: dict, plot: str) -> str:
     plan = results["plan"]
     labels = list(next(iter(results["corpora"].values()))["runs"])
     peer_label = next((label for label in labels if MODELS.get(label) in peers.PEERS), None)
+    # the gaps: retentive's RetNet against the Transformer and the first peer, where this run has them
+    others = [label for label in ("Transformer", peer_label) if "RetNet" in labels and label in labels]
     lines = _caption(
         results,
         "Every model: tied embeddings except yet-another-retnet's (its own untied output layer), parameters matched "
         "within 2% by solving the FFN width (the Transformer is the Llama twin, `transformer-tiny` with the same "
         "overrides);",
     )
-    header = ["corpus", "length", *(f"{label} ppl" for label in labels), "gap RetNet - Transformer"]
-    header += [f"gap RetNet - {peer_label}"] if peer_label else []
+    header = ["corpus", "length", *(f"{label} ppl" for label in labels), *(f"gap RetNet - {o}" for o in others)]
     rows = []
     for corpus, entry in results["corpora"].items():
         for factor in map(str, plan["eval_lengths"]):
             ppl = {label: _ppl(entry["runs"][label], factor) for label in labels}
-            gaps = [
-                [a - b for a, b in zip(ppl["RetNet"], ppl[other], strict=True)]
-                for other in ["Transformer"] + ([peer_label] if peer_label else [])
-            ]
+            gaps = [[a - b for a, b in zip(ppl["RetNet"], ppl[other], strict=True)] for other in others]
             rows.append(
                 [f"{corpus} ({entry['train_tokens']:,} train tokens)", f"{int(factor) * plan['seq_len']} ({factor}T)"]
                 + [_mean_sd(ppl[label]) for label in labels]
