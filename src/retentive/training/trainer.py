@@ -335,8 +335,8 @@ class Trainer:
         """Train until the schedule's last step; evaluate and checkpoint on the way and at the end.
 
         The schedule has ``config.steps`` steps, or, with ``config.time_budget``, as many as fit in the budget:
-        through the first half of the budget the count is re-fitted after every step from the time per step
-        measured so far (the first step, which pays one-time costs, left out), then it is fixed.
+        until 90% of the budget is spent the count is re-fitted after every step from the time per step of the
+        latest half of the steps (see :meth:`_fit_to_budget`).
 
         Args:
             stop_at: stop after this step, as an interruption would (no extra checkpoint); the schedule still
@@ -351,15 +351,15 @@ class Trainer:
             dynamic_ncols=True,
         )
         start = time.perf_counter()
-        first_step_done = None  # when the first step of this call ended (budgeted runs)
+        step_ends: list[float] = []  # when each step of this call ended (budgeted runs)
         while self.step < (self.total_steps if stop_at is None else min(stop_at, self.total_steps)):
             t0 = time.perf_counter()
             loss, grad_norm, items = self._train_step()
             now = time.perf_counter()
             rate = items / max(now - t0, 1e-9)
             if cfg.time_budget is not None:
-                first_step_done = first_step_done or (now, self.step)
-                self._fit_to_budget(now - start, now - first_step_done[0], self.step - first_step_done[1])
+                step_ends.append(now)
+                self._fit_to_budget(now - start, step_ends)
                 bar.total = self.total_steps
             last = self.step == self.total_steps
             result.losses.append(loss)
@@ -386,12 +386,14 @@ class Trainer:
         result.seconds = time.perf_counter() - start
         return result
 
-    def _fit_to_budget(self, elapsed: float, timed: float, timed_steps: int) -> None:
-        """Re-fit ``total_steps`` to ``config.time_budget`` from ``timed`` seconds over the last ``timed_steps``
-        steps, while less than half of the budget is spent (the processes agree on the mean of their estimates)."""
+    def _fit_to_budget(self, elapsed: float, step_ends: list[float]) -> None:
+        """Re-fit ``total_steps`` to ``config.time_budget`` from the time per step over the latest half of the steps
+        (the first step, which pays one-time costs, left out), until 90% of the budget is spent: the machine's speed
+        may change under the run (the processes agree on the mean of their estimates)."""
         budget = self.config.time_budget
-        if timed_steps < 1 or elapsed > budget / 2:
+        if len(step_ends) < 2 or elapsed > 0.9 * budget:
             return
-        remaining = (budget - elapsed) * timed_steps / timed
-        (remaining,) = all_reduce_sum([remaining], self.dist)
+        window = max(1, (len(step_ends) - 1) // 2)  # steps in the latest half
+        per_step = (step_ends[-1] - step_ends[-1 - window]) / window
+        (remaining,) = all_reduce_sum([(budget - elapsed) / per_step], self.dist)
         self.total_steps = self.step + max(1, round(remaining / self.dist.world_size))
