@@ -9,14 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import (
+    CHUNK_SIZE,
     MODES,
     ROTARY_ANGLES,
     ROTARY_LAYOUTS,
     RetentionState,
     apply_rotary,
+    check_chunk_size,
+    decode_step,
     log_gamma,
     retention,
-    retention_step,
     rotary_phase,
 )
 from ..ops.decay import DecaySpec
@@ -267,7 +269,7 @@ class MultiScaleRetention(nn.Module):
         g = None if self.g_proj is None else self.g_proj(x)  # (B, 1, H * Dv)
         if self.rotary:
             q, k = apply_rotary(q, rotary, self.rotary_layout), apply_rotary(k, rotary, self.rotary_layout)
-        o, state = retention_step(
+        o, state = decode_step(
             q,
             k,
             self.v_proj(x).view(B, H, 1, Dv),
@@ -297,10 +299,7 @@ def resolve_form(x: Tensor, mode: str | None, chunk_size: int | None, num_chunks
     mode = "parallel" if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    chunk_size = 64 if chunk_size is None else chunk_size
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    return mode, chunk_size
+    return mode, check_chunk_size(CHUNK_SIZE if chunk_size is None else chunk_size)
 
 
 def positions_of(x: Tensor, state: RetentionState | None, padding_mask: Tensor | None) -> Tensor:

@@ -8,19 +8,22 @@ from .cross_entropy import linear_cross_entropy
 from .decay import SCHEDULES, decay_sum, gamma_schedule, log_gamma
 from .decay2d import log_decay_1d, manhattan_log_decay, rmt_log_gamma
 from .masa import decomposed_manhattan_attention, manhattan_attention
-from .retention import BACKENDS, MODES, retention, retention_step
+from .retention import BACKENDS, CHUNK_SIZE, MODES, check_chunk_size, decode_step, retention
 from .rotary import ROTARY_ANGLES, ROTARY_LAYOUTS, apply_rotary, rotary_angles, rotary_phase
 from .state import RetentionState
 
 __all__ = [
     "BACKENDS",
+    "CHUNK_SIZE",
     "MODES",
     "ROTARY_ANGLES",
     "ROTARY_LAYOUTS",
     "SCHEDULES",
     "RetentionState",
     "apply_rotary",
+    "check_chunk_size",
     "decay_sum",
+    "decode_step",
     "decomposed_manhattan_attention",
     "gamma_schedule",
     "linear_cross_entropy",
@@ -29,7 +32,6 @@ __all__ = [
     "manhattan_attention",
     "manhattan_log_decay",
     "retention",
-    "retention_step",
     "rmt_log_gamma",
     "rotary_angles",
     "rotary_phase",

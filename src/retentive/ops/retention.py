@@ -17,6 +17,14 @@ Mode = Literal["parallel", "chunkwise", "recurrent"]
 MODES = ("parallel", "chunkwise", "recurrent")
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
+CHUNK_SIZE = 64  # tokens per chunk of the chunkwise form, unless a caller says otherwise
+
+
+def check_chunk_size(chunk_size: object, name: str = "chunk_size") -> int:
+    """``chunk_size`` if it is an integer >= 1, else a ValueError naming ``name``."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {chunk_size!r}")
+    return chunk_size
 
 
 def retention(
@@ -26,7 +34,7 @@ def retention(
     decay: DecaySpec = "retnet",
     *,
     mode: Mode = "parallel",
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
     state: RetentionState | None = None,
     causal: bool = True,
     scale: float | None = None,
@@ -63,7 +71,7 @@ def retention(
     scale = Dk**-0.5 if scale is None else scale
     if mode == "recurrent" and T == 1 and causal and not _needs_grad(q, k, v, state):
         kw = dict(normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=output_state)
-        return retention_step(q, k, v, decay, state, scale=scale, backend=backend, **kw)
+        return decode_step(q, k, v, decay, state, scale=scale, backend=backend, **kw)
     forms = _forms(backend, q)
     out_dtype, dtype = v.dtype, torch.promote_types(q.dtype, torch.float32)  # half precision keeps sums in float32
     work = dtype if forms is chunk else q.dtype  # the kernels multiply half precision on the tensor cores
@@ -98,7 +106,7 @@ def retention(
     return o.to(out_dtype), new_state
 
 
-def retention_step(
+def decode_step(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -173,8 +181,8 @@ def _check(
         raise ValueError(f"v must match q in (batch, heads, length), got {tuple(v.shape[:3])} and {tuple(q.shape[:3])}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "chunkwise" and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if mode == "chunkwise":
+        check_chunk_size(chunk_size)
     if state is not None:
         if not causal:
             raise ValueError("bidirectional retention (causal=False) carries no state: pass state=None")
