@@ -289,10 +289,10 @@ def test_greedy_generate_equals_the_parallel_argmax_at_every_step(model: RetNetF
 
 def test_generate_prefills_in_the_chunkwise_form_then_steps_recurrently(model: RetNetForCausalLM) -> None:
     calls = []
-    forward, step = MultiScaleRetention.forward, MultiScaleRetention.step
+    forward, step = MultiScaleRetention.forward, MultiScaleRetention.decode_step
 
     def spy_forward(self, x, *args, **kwargs):
-        calls.append((kwargs["mode"], kwargs["chunk_size"], x.shape[1]))
+        calls.append((kwargs["form"].mode, kwargs["form"].chunk_size, x.shape[1]))
         return forward(self, x, *args, **kwargs)
 
     def spy_step(self, x, *args):
@@ -301,7 +301,7 @@ def test_generate_prefills_in_the_chunkwise_form_then_steps_recurrently(model: R
 
     with (
         mock.patch.object(MultiScaleRetention, "forward", spy_forward),
-        mock.patch.object(MultiScaleRetention, "step", spy_step),
+        mock.patch.object(MultiScaleRetention, "decode_step", spy_step),
     ):
         model.generate(prompts([10])[0], max_new_tokens=3, do_sample=False)
     chunk = model.config.chunk_size

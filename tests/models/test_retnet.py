@@ -200,7 +200,7 @@ def test_decoding_step_matches_the_recurrent_form(kwargs):
     with torch.no_grad():
         _, state = net(prompt, mode="chunkwise", chunk_size=3, return_state=True)
     fast, slow = state, state
-    with mock.patch.object(RetNet, "step", side_effect=RetNet.step, autospec=True) as step:
+    with mock.patch.object(RetNet, "decode_step", side_effect=RetNet.decode_step, autospec=True) as step:
         for t in range(steps.shape[1]):
             x = steps[:, t : t + 1]
             with torch.no_grad():

@@ -3,6 +3,7 @@
 from .block import RetNetBlock
 from .conv import ConvFeedForward, ConvStem, DepthwiseConv2d, PatchMerging
 from .feedforward import ACTIVATIONS, FeedForward
+from .form import Form
 from .layer_scale import LayerScale
 from .masa import ManhattanSelfAttention, MaSA, MaSAD
 from .retention import GATES, HEAD_NORMS, HeadNorm, MultiScaleRetention, positions_of
@@ -16,6 +17,7 @@ __all__ = [
     "ConvStem",
     "DepthwiseConv2d",
     "FeedForward",
+    "Form",
     "HeadNorm",
     "LayerScale",
     "MaSA",

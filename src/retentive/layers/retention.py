@@ -1,27 +1,23 @@
-"""Gated multi-scale retention (MSR), SPEC §5: MSR(X) = (gate(X W_G) ⊙ HeadNorm(retention)) W_O."""
+"""Gated multi-scale retention (MSR): MSR(X) = (gate(X W_G) ⊙ HeadNorm(retention)) W_O (docs/math.md, "The layer")."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import (
-    CHUNK_SIZE,
-    MODES,
     ROTARY_ANGLES,
     ROTARY_LAYOUTS,
     RetentionState,
     apply_rotary,
-    check_chunk_size,
     decode_step,
     log_gamma,
     retention,
     rotary_phase,
 )
 from ..ops.decay import DecaySpec
+from .form import Form
 from .gated_norm import FUSED_GATES, gated_head_norm
 
 GATES = {"swish": F.silu, "silu": F.silu, "gelu": F.gelu, "none": None}
@@ -101,8 +97,8 @@ class MultiScaleRetention(nn.Module):
         decay: a schedule (``"retnet"``, ``"linspace"``) or one gamma per head.
         rotary: rotate q and k by the paper's Theta at absolute positions.
         bias: biases in the projections.
-        normalize_attn, normalize_retn: the decay and retention normalizations (SPEC §2), used when
-            forward does not say otherwise.
+        normalize_decay, normalize_retention: the decay and retention normalizations (docs/math.md,
+            "Normalizations"), used when forward does not say otherwise.
         value_dim: the total value width H * dv when it is not a multiple of d (torchscale's
             ``decoder_value_embed_dim``); None means value_factor * d. Must be a multiple of num_heads.
         head_norm_weight: a learnable per-channel weight on an ``rmsnorm`` or ``layernorm`` head norm.
@@ -122,8 +118,8 @@ class MultiScaleRetention(nn.Module):
         decay: DecaySpec = "retnet",
         rotary: bool = True,
         bias: bool = False,
-        normalize_attn: bool = False,
-        normalize_retn: bool = False,
+        normalize_decay: bool = False,
+        normalize_retention: bool = False,
         value_dim: int | None = None,
         head_norm_weight: bool = False,
         head_norm_eps: float = 1e-6,
@@ -156,7 +152,7 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"rotary needs an even head dim, got dim_model / num_heads = {self.key_dim}")
         self.gate_fn, self.rotary = gate_fn, rotary
         self.rotary_layout, self.rotary_angles, self.rotary_base = rotary_layout, rotary_angles, float(rotary_base)
-        self.normalize_attn, self.normalize_retn = normalize_attn, normalize_retn
+        self.normalize_decay, self.normalize_retention = normalize_decay, normalize_retention
         # the decay spec (a name or a tuple of float64 gammas) stays out of parameters and buffers, so that
         # .to(bfloat16) cannot collapse it; being hashable, the ops cache its log per device and dtype
         self.decay = decay if isinstance(decay, str) else tuple(log_gamma(decay, num_heads).exp().tolist())
@@ -205,6 +201,7 @@ class MultiScaleRetention(nn.Module):
         *,
         mode: str | None = None,
         chunk_size: int | None = None,
+        form: Form | None = None,
         state: RetentionState | None = None,
         padding_mask: Tensor | None = None,
         rotary: Tensor | None = None,
@@ -212,17 +209,18 @@ class MultiScaleRetention(nn.Module):
     ) -> Tensor | tuple[Tensor, RetentionState]:
         """Apply MSR to ``x`` (B, T, d).
 
-        The form is chosen by ``mode`` (with ``chunk_size``) or, as in the seed repository, by
-        ``num_chunks``: None is the parallel form, k is the chunkwise form with ceil(T / k)-token chunks.
-        ``attn_mask="causal"`` is causal retention, None bidirectional. ``padding_mask`` (B, T), True on
+        The form is ``form`` when a stack has resolved it already, else it comes from ``mode`` and ``chunk_size``
+        or the seed repository's ``attn_mask``, ``num_chunks``, ``normalize_attn`` and ``normalize_retn`` (see
+        :meth:`Form.resolve`). ``padding_mask`` (B, T), True on
         real tokens, marks left padding: padded tokens add nothing to the state and each row's first real
         token sits at position 0. ``rotary`` (B, 1, T, Dk/2): the rotation e^(i n theta) of these positions,
         when a caller shares it across layers (see :func:`positions_of`). Returns y (B, T, d), and the new state
         if ``return_state``.
         """
-        mode, chunk_size = resolve_form(x, mode, chunk_size, num_chunks)
-        if attn_mask not in ("causal", None):
-            raise ValueError(f"attn_mask must be 'causal' or None (bidirectional), got {attn_mask!r}")
+        if form is None:
+            form = Form.resolve(
+                x, attn_mask, num_chunks, normalize_attn, normalize_retn, mode=mode, chunk_size=chunk_size
+            )
         B, T, _ = x.shape
         H, Dk, Dv = self.num_heads, self.key_dim, self.value_dim
         if state is None and padding_mask is not None:
@@ -244,19 +242,18 @@ class MultiScaleRetention(nn.Module):
             k,
             v,
             self.decay,
-            mode=mode,
-            chunk_size=chunk_size,
+            mode=form.mode,
+            chunk_size=form.chunk_size,
             state=state,
-            causal=attn_mask == "causal",
-            normalize_decay=self.normalize_attn if normalize_attn is None else normalize_attn,
-            normalize_retention=self.normalize_retn if normalize_retn is None else normalize_retn,
+            causal=form.causal,
+            **form.normalizations(self.normalize_decay, self.normalize_retention),
             output_state=return_state,
         )
         y = self.head_norm.gated(o, g, self.gate_fn)  # (B, T, H * Dv)
         y = self.out_proj(y)  # (B, T, d)
         return (y, new_state) if return_state else y
 
-    def step(self, x: Tensor, state: RetentionState, rotary: Tensor | None) -> tuple[Tensor, RetentionState]:
+    def decode_step(self, x: Tensor, state: RetentionState, rotary: Tensor | None) -> tuple[Tensor, RetentionState]:
         """``forward(x, mode="recurrent", state=state, rotary=rotary, return_state=True)`` for one token, without
         gradients: decoding runs it for every token and layer, so it skips the general path's checks and reshapes.
 
@@ -276,30 +273,11 @@ class MultiScaleRetention(nn.Module):
             self.decay,
             state,
             scale=Dk**-0.5,
-            normalize_decay=self.normalize_attn,
-            normalize_retention=self.normalize_retn,
+            normalize_decay=self.normalize_decay,
+            normalize_retention=self.normalize_retention,
         )
         y = self.head_norm.gated(o, g, self.gate_fn)  # (B, 1, H * Dv)
         return self.out_proj(y), state
-
-
-def resolve_form(x: Tensor, mode: str | None, chunk_size: int | None, num_chunks: int | None) -> tuple[str, int]:
-    """(mode, chunk_size) from either the library's or the seed repository's arguments."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be (batch, length, dim_model), got shape {tuple(x.shape)}")
-    T = x.shape[1]
-    if num_chunks is not None:
-        if mode not in (None, "chunkwise"):
-            raise ValueError(f"num_chunks={num_chunks} asks for the chunkwise form but mode={mode!r}")
-        if not isinstance(num_chunks, int) or not 1 <= num_chunks <= T:
-            raise ValueError(
-                f"num_chunks must be an integer in [1, T={T}] (at most one chunk per token), got {num_chunks!r}"
-            )
-        return "chunkwise", math.ceil(T / num_chunks)
-    mode = "parallel" if mode is None else mode
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode, check_chunk_size(CHUNK_SIZE if chunk_size is None else chunk_size)
 
 
 def positions_of(x: Tensor, state: RetentionState | None, padding_mask: Tensor | None) -> Tensor:

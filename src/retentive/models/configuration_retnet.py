@@ -13,14 +13,14 @@ from transformers import PretrainedConfig
 
 from ..layers import ACTIVATIONS, GATES, HEAD_NORMS
 from ..layers.feedforward import HIDDEN_NORMS
-from ..ops import MODES, ROTARY_ANGLES, ROTARY_LAYOUTS, SCHEDULES
+from ..ops import CHUNK_SIZE, MODES, ROTARY_ANGLES, ROTARY_LAYOUTS, SCHEDULES
 from .cache_retnet import CACHE_NAME
 
 # The paper (Sun et al. 2023, Table 2) gives d, layers, heads and FFN width, not the vocabulary; it trains on a
 # ~100k-token BPE. We use 100,352: a cl100k-sized BPE (100,277 tokens) padded to a multiple of 128.
 PAPER_VOCAB_SIZE = 100_352
 
-# name -> the fields that differ from the defaults; ffn_dim = 2d and value_factor = 2 everywhere (SPEC §5)
+# name -> the fields that differ from the defaults; ffn_dim = 2d and value_factor = 2 everywhere (the paper's shapes)
 PRESETS: dict[str, dict[str, Any]] = {
     "retnet-tiny": dict(vocab_size=4096, dim_model=256, num_layers=4, num_heads=4, ffn_dim=512),
     "retnet-small": dict(vocab_size=16384, dim_model=512, num_layers=6, num_heads=8, ffn_dim=1024),
@@ -31,11 +31,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The fields RetNet.from_options, RetNetBlock and MultiScaleRetention take under the same names.
+BACKBONE_FIELDS = (
+    *("num_layers", "num_heads", "dim_model", "ffn_dim", "dropout", "value_factor", "gate_fn", "head_norm", "decay"),
+    *("ffn_activation", "ffn_bias", "ffn_norm", "norm", "norm_eps", "rotary", "msr_bias", "value_dim"),
+    *("normalize_decay", "normalize_retention", "head_norm_weight", "head_norm_eps"),
+    *("rotary_layout", "rotary_angles", "rotary_base"),
+)
+
+
 class RetNetConfig(PretrainedConfig):
     """Configuration of :class:`RetNetModel` and :class:`RetNetForCausalLM`.
 
     ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads`` and ``intermediate_size`` are aliases of
-    ``dim_model``, ``num_layers``, ``num_heads`` and ``ffn_dim``, for Hugging Face utilities.
+    ``dim_model``, ``num_layers``, ``num_heads`` and ``ffn_dim``, for Hugging Face utilities; ``normalize_attn`` and
+    ``normalize_retn`` (the seed repository's names, which older config.json files carry) of ``normalize_decay`` and
+    ``normalize_retention``.
     Build one with ``RetNetConfig(**fields)`` or ``RetNetConfig.from_preset(name, **overrides)``.
     """
 
@@ -46,6 +57,8 @@ class RetNetConfig(PretrainedConfig):
         "num_hidden_layers": "num_layers",
         "num_attention_heads": "num_heads",
         "intermediate_size": "ffn_dim",
+        "normalize_attn": "normalize_decay",
+        "normalize_retn": "normalize_retention",
     }
 
     vocab_size: int = 4096
@@ -61,15 +74,15 @@ class RetNetConfig(PretrainedConfig):
     decay: str | list[float] = "retnet"  # "retnet" (gamma_h = 1 - 2^(-5-h)), "linspace", or one gamma per head
     rotary: bool = True  # the paper's Theta (xPos-style rotation at absolute positions); needs an even head dim
     msr_bias: bool = False  # biases in the q, k, v, g and output projections
-    normalize_attn: bool = False  # decay normalization (SPEC §2), exact in every form
-    normalize_retn: bool = False  # retention normalization (SPEC §2), exact in every form
+    normalize_decay: bool = False  # decay normalization (docs/math.md, "Normalizations"), exact in every form
+    normalize_retention: bool = False  # retention normalization (docs/math.md, "Normalizations"), exact in every form
     dropout: float = 0.0  # on every residual branch and in the FFN
     norm_eps: float = 1e-5  # LayerNorm epsilon
     initializer_range: float = 0.02  # std of the FFN weights; retention keeps Xavier (docs/math.md, "Defaults")
     embedding_init_std: float | None = None  # std of the token embedding and an untied head; None: d^-1/2
     tie_word_embeddings: bool = True  # the output head shares the token embedding
     mode: str = "parallel"  # the form of a forward without cache: parallel | chunkwise | recurrent
-    chunk_size: int = 64  # chunk length of the chunkwise form: prefill of generate(), long prompts
+    chunk_size: int = CHUNK_SIZE  # chunk length of the chunkwise form: prefill of generate(), long prompts
     prefill_chunk: int = 1024  # a cache is filled this many tokens at a time: prefill memory flat in the prompt length
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -108,6 +121,10 @@ class RetNetConfig(PretrainedConfig):
         if unknown := sorted(set(overrides) - known):
             raise ValueError(f"unknown config field(s) {unknown}: RetNetConfig has {sorted(known)}")
         return cls(**merge_fields(PRESETS[name], overrides))
+
+    def backbone_options(self) -> dict[str, Any]:
+        """The fields that shape the backbone, as :meth:`RetNet.from_options` takes them."""
+        return {name: getattr(self, name) for name in BACKBONE_FIELDS}
 
     @property
     def head_dims(self) -> tuple[int, int]:

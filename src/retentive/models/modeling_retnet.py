@@ -149,32 +149,7 @@ class RetNetModel(RetNetPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim_model)
         self.embed_scale = math.sqrt(config.dim_model) if config.scale_embedding else None
         self.embed_norm = make_norm(config.norm, config.dim_model, config.norm_eps) if config.embed_norm else None
-        self.retnet = RetNet(
-            num_layer=config.num_layers,
-            num_heads=config.num_heads,
-            dim_model=config.dim_model,
-            dropout=config.dropout,
-            value_factor=config.value_factor,
-            msr_gate_fn=config.gate_fn,
-            mlp_gate_fn=config.ffn_activation,
-            mlp_mult=config.ffn_dim / config.dim_model,
-            mlp_bias=config.ffn_bias,
-            head_norm=config.head_norm,
-            decay=config.decay,
-            rotary=config.rotary,
-            msr_bias=config.msr_bias,
-            normalize_attn=config.normalize_attn,
-            normalize_retn=config.normalize_retn,
-            norm_eps=config.norm_eps,
-            norm=config.norm,
-            ffn_norm=config.ffn_norm,
-            value_dim=config.value_dim,
-            head_norm_weight=config.head_norm_weight,
-            head_norm_eps=config.head_norm_eps,
-            rotary_layout=config.rotary_layout,
-            rotary_angles=config.rotary_angles,
-            rotary_base=config.rotary_base,
-        )
+        self.retnet = RetNet.from_options(**config.backbone_options())
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -235,6 +210,31 @@ class RetNetModel(RetNetPreTrainedModel):
 
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
         keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
+        x, states = self._run(input_ids, states, padding_mask, mode, chunk_size, use_cache, keep)
+        if use_cache:
+            cache = RetNetCache() if cache is None else cache
+            cache.update_states(states, T)
+        else:
+            cache = None
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        if not return_dict:  # as ModelOutput.to_tuple(), without building one: this runs per decoded token
+            return (x,) if cache is None else (x, cache)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache})
+
+    def _run(
+        self,
+        input_ids: Tensor,
+        states: list[RetentionState] | None,
+        padding_mask: Tensor | None,
+        mode: str,
+        chunk_size: int,
+        use_cache: bool,
+        keep: int,
+    ) -> tuple[Tensor, list[RetentionState] | None]:
+        """The backbone over ``input_ids`` (B, T): the last ``keep`` hidden states (B, keep, d) and the new states
+        (None without ``use_cache``). A cache is filled ``config.prefill_chunk`` tokens at a time."""
+        B, T = input_ids.shape
         piece = T  # tokens per call of the backbone
         if use_cache and mode != "parallel":  # the state carries everything between pieces
             piece = max(self.config.prefill_chunk // chunk_size, 1) * chunk_size
@@ -258,16 +258,7 @@ class RetNetModel(RetNetPreTrainedModel):
             if end > T - keep:
                 outputs.append(x[:, max(T - keep - start, 0) :])
         x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, keep, d)
-        if use_cache:
-            cache = RetNetCache() if cache is None else cache
-            cache.update_states(states, T)
-        else:
-            cache = None
-        if return_dict is None:
-            return_dict = self.config.return_dict
-        if not return_dict:  # as ModelOutput.to_tuple(), without building one (it costs ~30 us per decoded token)
-            return (x,) if cache is None else (x, cache)
-        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache})
+        return x, states if use_cache else None
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, d): the embedding, scaled by sqrt(d) and normalized where the config says."""
