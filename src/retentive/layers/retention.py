@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -91,7 +93,7 @@ class MultiScaleRetention(nn.Module):
     Args:
         dim_model: d, the model width; dk = d / num_heads per head.
         num_heads: H; each head has its own decay gamma.
-        gate_fn: ``"swish"`` (paper), ``"gelu"`` (seed repository) or ``"none"`` (no gate, ViR).
+        gate_fn: ``"swish"`` (paper), ``"gelu"`` (the seed repository, myscience/retnet-pytorch) or ``"none"`` (no gate, ViR).
         value_factor: W_V, W_G map d -> value_factor * d; dv = value_factor * d / H.
         head_norm: ``"groupnorm"`` | ``"rmsnorm"`` | ``"layernorm"`` | ``"none"``.
         decay: a schedule (``"retnet"``, ``"linspace"``) or one gamma per head.
@@ -194,33 +196,25 @@ class MultiScaleRetention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        attn_mask: str | None = "causal",
-        num_chunks: int | None = None,
-        normalize_attn: bool | None = None,
-        normalize_retn: bool | None = None,
-        *,
-        mode: str | None = None,
-        chunk_size: int | None = None,
+        *form_args: Any,
         form: Form | None = None,
         state: RetentionState | None = None,
         padding_mask: Tensor | None = None,
         rotary: Tensor | None = None,
         return_state: bool = False,
+        **form_kwargs: Any,
     ) -> Tensor | tuple[Tensor, RetentionState]:
         """Apply MSR to ``x`` (B, T, d).
 
-        The form is ``form`` when a stack has resolved it already, else it comes from ``mode`` and ``chunk_size``
-        or the seed repository's ``attn_mask``, ``num_chunks``, ``normalize_attn`` and ``normalize_retn`` (see
-        :meth:`Form.resolve`). ``padding_mask`` (B, T), True on
-        real tokens, marks left padding: padded tokens add nothing to the state and each row's first real
-        token sits at position 0. ``rotary`` (B, 1, T, Dk/2): the rotation e^(i n theta) of these positions,
-        when a caller shares it across layers (see :func:`positions_of`). Returns y (B, T, d), and the new state
-        if ``return_state``.
+        The form is ``form`` when a stack has resolved it already, else :meth:`Form.resolve` makes it from
+        ``form_args`` and ``form_kwargs``: the seed repository's ``attn_mask, num_chunks, normalize_attn,
+        normalize_retn`` (in this order) and ``mode``, ``chunk_size``. ``padding_mask`` (B, T), True on real
+        tokens, marks left padding: padded tokens add nothing to the state and each row's first real token sits
+        at position 0. ``rotary`` (B, 1, T, Dk/2): the rotation e^(i n theta) of these positions, when a caller
+        shares it across layers (see :func:`positions_of`). Returns y (B, T, d), and the new state if
+        ``return_state``.
         """
-        if form is None:
-            form = Form.resolve(
-                x, attn_mask, num_chunks, normalize_attn, normalize_retn, mode=mode, chunk_size=chunk_size
-            )
+        form = Form.resolve(x, *form_args, **form_kwargs) if form is None else form
         B, T, _ = x.shape
         H, Dk, Dv = self.num_heads, self.key_dim, self.value_dim
         if state is None and padding_mask is not None:

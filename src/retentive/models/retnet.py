@@ -103,24 +103,20 @@ class RetNet(nn.Module):
     def forward(
         self,
         x: Tensor,
-        attn_mask: str | None = "causal",
-        num_chunks: int | None = None,
-        normalize_attn: bool | None = None,
-        normalize_retn: bool | None = None,
-        *,
-        mode: str | None = None,
-        chunk_size: int | None = None,
+        *form_args: Any,
         state: list[RetentionState] | None = None,
         padding_mask: Tensor | None = None,
         return_state: bool = False,
+        **form_kwargs: Any,
     ) -> Tensor | tuple[Tensor, list[RetentionState]]:
         """x: (B, T, d) embeddings -> (B, T, d), and each block's state if ``return_state``.
 
-        The form comes from ``mode`` and ``chunk_size`` or the seed repository's ``num_chunks`` (None: parallel,
-        k: chunkwise), see :meth:`Form.resolve`; it is resolved here, once for every block. ``state`` continues a
-        stream, one entry per block. One token after a state, without gradients, takes :meth:`decode_step`.
+        The form is resolved here, once for every block, by :meth:`Form.resolve` from ``form_args`` and
+        ``form_kwargs``: the seed repository's ``attn_mask, num_chunks, normalize_attn, normalize_retn`` (in this
+        order; ``num_chunks=k`` is the chunkwise form) and ``mode``, ``chunk_size``. ``state`` continues a stream,
+        one entry per block. One token after a state, without gradients, takes :meth:`decode_step`.
         """
-        form = Form.resolve(x, attn_mask, num_chunks, normalize_attn, normalize_retn, mode=mode, chunk_size=chunk_size)
+        form = Form.resolve(x, *form_args, **form_kwargs)
         if state is not None and len(state) != self.num_layers:
             raise ValueError(f"state must hold one RetentionState per block ({self.num_layers}), got {len(state)}")
         decoding = form.steps_one_token(x) and state is not None and return_state and padding_mask is None
