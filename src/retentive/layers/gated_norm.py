@@ -8,9 +8,8 @@ unfused ops.
 
 Both passes are chains of element-wise ops and row reductions, bound by memory traffic: eagerly, each op
 reads and writes a (B, T, H * Dv) tensor. On the CPU, large inputs run them through ``torch.compile``
-(inductor's C++ loops), which fuses each pass into one or two sweeps over memory: at 8k tokens, d = 256,
-forward 6.4 -> 3.8 ms and backward 12.1 -> 5.5 ms per layer alone, a 4-layer training step 1-5% faster (in
-the step, fresh pages and cache misses take part of the gain back; docs/benchmarks.md). The first call
+(inductor's C++ loops), which fuses each pass into one or two sweeps over memory (measured in
+docs/benchmarks.md). The first call
 compiles (seconds, cached on disk by inductor); where compiling fails (no C++ compiler) the eager ops run,
 after one warning. ``RETENTIVE_COMPILE_NORM=0`` turns it off, ``=1`` compiles at any size.
 """
