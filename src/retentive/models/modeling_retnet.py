@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
 from ..layers.feedforward import make_norm
 from ..layers.retention import left_padding
-from ..ops import RetentionState, linear_cross_entropy
+from ..ops import RetentionState, check_chunk_size, linear_cross_entropy
 from .cache_retnet import CACHE_NAME, RetNetCache, take_cache
 from .configuration_retnet import RetNetConfig
 from .retnet import RetNet
@@ -208,7 +208,7 @@ class RetNetModel(RetNetPreTrainedModel):
             mode = ("recurrent" if T == 1 else "chunkwise") if states is not None or use_cache else self.config.mode
         padding_mask = None if states is not None else self._padding_mask(attention_mask, T)
 
-        chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
+        chunk_size = self.config.chunk_size if chunk_size is None else check_chunk_size(chunk_size)
         keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
         x, states = self._run(input_ids, states, padding_mask, mode, chunk_size, use_cache, keep)
         if use_cache:
