@@ -36,7 +36,7 @@ test: setup lint bench-env
 lock: setup
 	$(PY) -m pip install -q pip-tools
 	echo "$(TORCH)" > $(VENV)/torch-pin.txt
-	$(VENV)/bin/pip-compile -q --extra dev --strip-extras --unsafe-package torch --no-emit-index-url \
+	$(VENV)/bin/pip-compile -q --extra dev --strip-extras --unsafe-package torch --unsafe-package retentive --no-emit-index-url \
 		--no-emit-find-links -c $(VENV)/torch-pin.txt --output-file requirements.lock pyproject.toml
 
 # An early warning: the newest releases pyproject admits, in their own environment, against the model, generation
