@@ -1,4 +1,5 @@
-"""PresetConfig: the ``PretrainedConfig`` base of the vision models' configs (named sizes, old names, validation).
+"""PresetConfig: the ``PretrainedConfig`` base of the vision models' configs (named sizes, old names, validation),
+and the field checks every config shares.
 
 A subclass declares its fields (dataclass style, as :class:`RetNetConfig` does), ``presets`` (name -> the fields
 that differ from the defaults), ``attribute_map`` (alias -> field) and ``validate()``.
@@ -53,3 +54,17 @@ def check_positive_int(name: str, value: Any) -> None:
     """A ValueError naming the field ``name`` unless ``value`` is an integer >= 1."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_heads(dim_model: int, num_heads: int, rotary: bool) -> None:
+    """A ValueError naming the fields unless ``num_heads`` split ``dim_model`` evenly, in pairs if ``rotary``."""
+    if dim_model % num_heads:
+        raise ValueError(
+            f"dim_model ({dim_model}) must be a multiple of num_heads ({num_heads}): "
+            "each head gets dim_model / num_heads key features"
+        )
+    if rotary and (dim_model // num_heads) % 2:
+        raise ValueError(
+            f"rotary needs an even head dim, got dim_model / num_heads = {dim_model // num_heads}: "
+            "change dim_model or num_heads, or set rotary=False"
+        )

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..ops import MODES, check_chunk_size
 from .image_classifier import ImageClassifier
-from .preset_config import PresetConfig, check_positive_int
+from .preset_config import PresetConfig, check_heads, check_positive_int
 from .retnet import RetNet
 
 # name -> the fields that differ from the defaults (the defaults are ViR-S/16)
@@ -97,16 +97,7 @@ class ViRConfig(PresetConfig):
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}): "
                 "the patches tile the image; change one of them"
             )
-        if self.dim_model % self.num_heads:
-            raise ValueError(
-                f"dim_model ({self.dim_model}) must be a multiple of num_heads ({self.num_heads}): "
-                "each head gets dim_model / num_heads features"
-            )
-        if self.rotary and (self.dim_model // self.num_heads) % 2:
-            raise ValueError(
-                f"rotary needs an even head dim, got dim_model / num_heads = {self.dim_model // self.num_heads}: "
-                "change dim_model or num_heads, or set rotary=False"
-            )
+        check_heads(self.dim_model, self.num_heads, self.rotary)
         if not self.ffn_ratio > 0 or self.ffn_dim < 1:
             raise ValueError(f"ffn_ratio must be > 0 with round(ffn_ratio * dim_model) >= 1, got {self.ffn_ratio!r}")
         if self.layer_scale is not None and not self.layer_scale > 0:
