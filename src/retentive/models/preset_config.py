@@ -8,7 +8,7 @@ that differ from the defaults), ``attribute_map`` (alias -> field) and ``validat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from transformers import PretrainedConfig
 
@@ -35,7 +35,7 @@ class PresetConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> PresetConfig:
+    def from_preset(cls, name: str, **overrides: Any) -> Self:
         """The preset ``name`` (see ``presets``) with fields overridden, aliases included:
         ``ViRConfig.from_preset("vir-tiny", num_classes=5)``."""
         if name not in cls.presets:

@@ -20,9 +20,9 @@ from .image_classifier import ImageClassifier
 from .preset_config import PresetConfig, check_heads, check_positive_int
 from .retnet import RetNet
 
-# name -> the fields that differ from the defaults (the defaults are ViR-S/16)
+# name -> the fields that differ from the defaults
 VIR_PRESETS: dict[str, dict[str, Any]] = {
-    "vir-small/16": {},
+    "vir-small/16": dict(dim_model=384, num_layers=12, num_heads=6),
     "vir-base/16": dict(dim_model=768, num_heads=12),
     "vir-large/16": dict(dim_model=1024, num_layers=24, num_heads=16),
     # 28 x 28 grayscale (Fashion-MNIST): 4 x 4 patches of 7 x 7 pixels, 17 tokens with the class token
