@@ -48,11 +48,11 @@ VARIANTS = {
     "ViT": ("vit", None, 4),
 }
 FULL = {"resolutions": [32, 64, 128, 256, 512], "gpu_resolutions": [1024], "batch": 4, "repeats": 3,
-        "chunk_size": 64, "vir": {"dim": 192, "depth": 4, "num_heads": 3},
-        "rmt": {"dims": (32, 64, 128, 256), "depths": (1, 1, 2, 1), "num_heads": (2, 2, 4, 8)}}  # fmt: skip
+        "chunk_size": 64, "vir": {"dim_model": 192, "num_layers": 4, "num_heads": 3},
+        "rmt": {"dim_model": (32, 64, 128, 256), "num_layers": (1, 1, 2, 1), "num_heads": (2, 2, 4, 8)}}  # fmt: skip
 QUICK = {"resolutions": [32, 64], "gpu_resolutions": [], "batch": 2, "repeats": 1, "chunk_size": 8,
-         "vir": {"dim": 32, "depth": 1, "num_heads": 2},
-         "rmt": {"dims": (16, 32), "depths": (1, 1), "num_heads": (2, 2)}}  # fmt: skip
+         "vir": {"dim_model": 32, "num_layers": 1, "num_heads": 2},
+         "rmt": {"dim_model": (16, 32), "num_layers": (1, 1), "num_heads": (2, 2)}}  # fmt: skip
 
 
 # ---- inside a worker process ----
@@ -64,9 +64,9 @@ def build(variant: str, px: int, cfg: dict) -> torch.nn.Module:
 
     family, option, _ = VARIANTS[variant]
     if family == "rmt":
-        stages = len(cfg["rmt"]["dims"])
+        stages = len(cfg["rmt"]["dim_model"])
         rmt = RMTConfig(
-            **cfg["rmt"], num_classes=10, heads_ranges=(4,) * stages, mlp_ratios=(3,) * stages,
+            **cfg["rmt"], num_classes=10, heads_range=(4,) * stages, ffn_ratio=(3,) * stages,
             decomposed=(option,) * stages, layer_scales=(False,) * stages, projection=256,
         )  # fmt: skip
         return RMTForImageClassification(rmt)
@@ -167,9 +167,10 @@ def markdown(command: str, host: str, threads: int, cfg: dict, results: dict, re
         f"Machine: {host}; torch {torch.__version__}, {threads} thread(s); "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
         f"Inference, float32, batch {cfg['batch']}, median of {cfg['repeats']} forward pass(es). ViR and ViT: "
-        f"d={cfg['vir']['dim']}, {cfg['vir']['depth']} layers, {cfg['vir']['num_heads']} heads, 16 x 16 patches; "
-        f"ViR chunkwise in chunks of {cfg['chunk_size']} tokens. RMT: widths {cfg['rmt']['dims']}, depths "
-        f"{cfg['rmt']['depths']}, MaSA or MaSAD at every stage. Peak: extra memory of one forward pass "
+        f"d={cfg['vir']['dim_model']}, {cfg['vir']['num_layers']} layers, {cfg['vir']['num_heads']} heads, "
+        f"16 x 16 patches; ViR chunkwise in chunks of {cfg['chunk_size']} tokens. RMT: widths "
+        f"{cfg['rmt']['dim_model']}, depths {cfg['rmt']['num_layers']}, MaSA or MaSAD at every stage. "
+        "Peak: extra memory of one forward pass "
         "(see the docstring of `benchmarks/vision.py`). Plot: `docs/vision_throughput.png`.",
         "",
         "| px | " + " | ".join(f"{n} img/s | {n} peak MiB" for n in names) + " |",

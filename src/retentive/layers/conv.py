@@ -32,7 +32,7 @@ class ConvFeedForward(nn.Module):
 
     Args:
         dim: C.
-        hidden_dim: width of h (mlp_ratio * C).
+        hidden_dim: width of h (the config's ffn_ratio * C).
     """
 
     def __init__(

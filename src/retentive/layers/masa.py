@@ -1,4 +1,4 @@
-"""RMT's Manhattan self-attention layer (SPEC §6): MaSA, or MaSAD when ``decomposed``.
+"""RMT's Manhattan self-attention layer (Fan et al., CVPR 2024): MaSA, or MaSAD when ``decomposed``.
 
 Projections with biases, the rotary shift on the raster index n = y * W + x, the 2-D Manhattan decay
 (per-head gamma by stage) and LCE, a 5 x 5 depthwise convolution on V added before the output projection.

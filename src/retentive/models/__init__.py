@@ -10,6 +10,8 @@ from .rmt import RMT_PRESETS, RMTConfig, RMTForImageClassification
 from .vir import VIR_PRESETS, ViRConfig, ViRForImageClassification
 
 AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
+AutoConfig.register(ViRConfig.model_type, ViRConfig, exist_ok=True)
+AutoConfig.register(RMTConfig.model_type, RMTConfig, exist_ok=True)
 AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)
 AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM, exist_ok=True)
 

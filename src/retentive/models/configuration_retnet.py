@@ -15,6 +15,7 @@ from ..layers import ACTIVATIONS, GATES, HEAD_NORMS
 from ..layers.feedforward import HIDDEN_NORMS
 from ..ops import CHUNK_SIZE, MODES, ROTARY_ANGLES, ROTARY_LAYOUTS, SCHEDULES
 from .cache_retnet import CACHE_NAME
+from .preset_config import check_heads, check_positive_int
 
 # The paper (Sun et al. 2023, Table 2) gives d, layers, heads and FFN width, not the vocabulary; it trains on a
 # ~100k-token BPE. We use 100,352: a cl100k-sized BPE (100,277 tokens) padded to a multiple of 128.
@@ -136,19 +137,8 @@ class RetNetConfig(PretrainedConfig):
         """Raise ValueError naming the field if this config cannot build a working model."""
         positive = ("vocab_size", "dim_model", "num_layers", "num_heads", "value_factor", "ffn_dim", "chunk_size")
         for name in (*positive, "prefill_chunk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.dim_model % self.num_heads:
-            raise ValueError(
-                f"dim_model ({self.dim_model}) must be a multiple of num_heads ({self.num_heads}): "
-                "each head gets dim_model / num_heads key features"
-            )
-        if self.rotary and (self.dim_model // self.num_heads) % 2:
-            raise ValueError(
-                f"rotary needs an even head dim, got dim_model / num_heads = {self.dim_model // self.num_heads}: "
-                "change dim_model or num_heads, or set rotary=False"
-            )
+            check_positive_int(name, getattr(self, name))
+        check_heads(self.dim_model, self.num_heads, self.rotary)
         if self.value_dim is not None and (
             not isinstance(self.value_dim, int) or self.value_dim < 1 or self.value_dim % self.num_heads
         ):

@@ -1,4 +1,4 @@
-"""RMT (Fan et al., CVPR 2024, SPEC §6): a four-stage vision backbone of Manhattan self-attention.
+"""RMT (Fan et al., CVPR 2024): a four-stage vision backbone of Manhattan self-attention.
 
 A convolutional stem (4x smaller grid), stages of :class:`RMTBlock` s (MaSAD, rows then columns, or
 MaSA over the whole grid, chosen per stage; per-head gamma by stage) separated by patch merging, then
@@ -8,8 +8,7 @@ The layout follows the official classification code, so the named sizes have its
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,85 +17,115 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..layers.conv import ConvStem, PatchMerging
 from ..layers.rmt_block import RMTBlock
+from .image_classifier import ImageClassifier
+from .preset_config import PresetConfig, check_positive_int
+
+# name -> the fields that differ from the defaults (the defaults are RMT-T)
+RMT_PRESETS: dict[str, dict[str, Any]] = {
+    "rmt-t": {},
+    "rmt-s": dict(num_layers=(3, 4, 18, 4), ffn_ratio=(4, 4, 3, 3), decomposed=(True, True, True, False)),
+    "rmt-b": dict(
+        dim_model=(80, 160, 320, 512),
+        num_layers=(4, 8, 25, 8),
+        num_heads=(5, 5, 10, 16),
+        heads_range=(5, 5, 6, 6),
+        ffn_ratio=(4, 4, 3, 3),
+        decomposed=(True, True, True, False),
+        layer_scales=(False, False, True, True),
+    ),
+}
+# RMT-L: RMT-B's blocks and per-stage options, wider
+RMT_PRESETS["rmt-l"] = {
+    **RMT_PRESETS["rmt-b"],
+    "dim_model": (112, 224, 448, 640),
+    "num_heads": (7, 7, 14, 20),
+    "heads_range": (6, 6, 6, 6),
+}
+# 28 x 28 grayscale (Fashion-MNIST): stem -> 7 x 7 (MaSAD), merge -> 4 x 4 (MaSA), merge -> 2 x 2 (MaSA)
+RMT_PRESETS["rmt-tiny"] = dict(
+    in_channels=1,
+    num_classes=10,
+    dim_model=(32, 64, 128),
+    num_layers=(1, 2, 1),
+    num_heads=(2, 4, 8),
+    heads_range=(4, 4, 6),
+    ffn_ratio=(2, 2, 2),
+    decomposed=(True, False, False),
+    layer_scales=(False, False, False),
+    projection=256,
+    image_size=28,
+)
+# 32 x 32 colour (CIFAR-like): 8 x 8, 4 x 4, 2 x 2
+RMT_PRESETS["rmt-tiny-32"] = {**RMT_PRESETS["rmt-tiny"], "in_channels": 3, "image_size": 32}
+
+# the fields with one entry per stage
+STAGE_FIELDS = ("dim_model", "num_layers", "num_heads", "heads_range", "ffn_ratio", "decomposed", "layer_scales")
 
 
-@dataclass(frozen=True)
-class RMTConfig:
-    """Shape of an RMT; one entry per stage in each tuple. ``from_preset`` gives the named sizes."""
+class RMTConfig(PresetConfig):
+    """Configuration of :class:`RMTForImageClassification` (model_type ``"rmt"``).
+
+    Each field of ``STAGE_FIELDS`` is a tuple with one entry per stage, in the library's names: ``dim_model`` (the
+    stage's width), ``num_layers`` (its blocks), ``num_heads``, ``heads_range`` (the spread of its heads' decay),
+    ``ffn_ratio`` (the conv FFN's hidden width / the stage's width), ``decomposed`` (MaSAD or MaSA) and
+    ``layer_scales`` (LayerScale or not). The earlier names ``dims``, ``depths``, ``mlp_ratios`` and
+    ``heads_ranges``, and Hugging Face's ``num_labels``, are aliases. Build one with ``RMTConfig(**fields)`` or
+    ``RMTConfig.from_preset(name, **overrides)`` (see ``RMT_PRESETS``).
+    """
+
+    model_type: ClassVar[str] = "rmt"
+    presets: ClassVar[dict[str, dict[str, Any]]] = RMT_PRESETS
+    attribute_map: ClassVar[dict[str, str]] = {
+        "dims": "dim_model",
+        "depths": "num_layers",
+        "mlp_ratios": "ffn_ratio",
+        "heads_ranges": "heads_range",
+        "num_labels": "num_classes",
+    }
 
     in_channels: int = 3
     num_classes: int = 1000
-    dims: tuple[int, ...] = (64, 128, 256, 512)  # width of each stage
-    depths: tuple[int, ...] = (2, 2, 8, 2)  # blocks per stage
+    dim_model: tuple[int, ...] = (64, 128, 256, 512)  # width of each stage
+    num_layers: tuple[int, ...] = (2, 2, 8, 2)  # blocks per stage
     num_heads: tuple[int, ...] = (4, 4, 8, 16)
-    heads_ranges: tuple[float, ...] = (4, 4, 6, 6)  # gamma_h = 1 - 2^-(initial_value + range * h / H)
+    heads_range: tuple[float, ...] = (4, 4, 6, 6)  # gamma_h = 1 - 2^-(initial_value + heads_range * h / H)
     initial_value: float = 2.0
-    mlp_ratios: tuple[float, ...] = (3, 3, 3, 3)  # conv FFN hidden width / stage width
+    ffn_ratio: tuple[float, ...] = (3, 3, 3, 3)  # conv FFN hidden width / stage width
     decomposed: tuple[bool, ...] = (True, True, False, False)  # MaSAD (True) or MaSA (False) per stage
     layer_scales: tuple[bool, ...] = (False, False, False, False)  # LayerScale per stage
-    layer_scale_init: float = 1e-6
+    layer_scale_init: float = 1e-6  # its initial value where a stage has it
     projection: int = 1024  # width of the head's projection before pooling
     image_size: int = 224  # nominal; any size works (odd and non-square grids included)
 
-    def __post_init__(self) -> None:
-        fields = ("dims", "depths", "num_heads", "heads_ranges", "mlp_ratios", "decomposed", "layer_scales")
-        lengths = {name: len(getattr(self, name)) for name in fields}
-        if len(set(lengths.values())) != 1 or not lengths["dims"]:
-            raise ValueError(f"every per-stage field needs one entry per stage, got lengths {lengths}")
-
     @property
     def num_stages(self) -> int:
-        return len(self.dims)
+        return len(self.dim_model)
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> RMTConfig:
-        """A named size (see ``RMT_PRESETS``), with any field overridden."""
-        if name not in RMT_PRESETS:
-            raise ValueError(f"unknown RMT preset {name!r}; choose one of {sorted(RMT_PRESETS)}")
-        return replace(RMT_PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-RMT_PRESETS = {
-    "rmt-t": RMTConfig(),
-    "rmt-s": RMTConfig(depths=(3, 4, 18, 4), mlp_ratios=(4, 4, 3, 3), decomposed=(True, True, True, False)),
-    "rmt-b": RMTConfig(
-        dims=(80, 160, 320, 512),
-        depths=(4, 8, 25, 8),
-        num_heads=(5, 5, 10, 16),
-        heads_ranges=(5, 5, 6, 6),
-        mlp_ratios=(4, 4, 3, 3),
-        decomposed=(True, True, True, False),
-        layer_scales=(False, False, True, True),
-    ),
-    "rmt-l": RMTConfig(
-        dims=(112, 224, 448, 640),
-        depths=(4, 8, 25, 8),
-        num_heads=(7, 7, 14, 20),
-        heads_ranges=(6, 6, 6, 6),
-        mlp_ratios=(4, 4, 3, 3),
-        decomposed=(True, True, True, False),
-        layer_scales=(False, False, True, True),
-    ),
-    # 28 x 28 grayscale (Fashion-MNIST): stem -> 7 x 7 (MaSAD), merge -> 4 x 4 (MaSA), merge -> 2 x 2 (MaSA)
-    "rmt-tiny": RMTConfig(
-        in_channels=1,
-        num_classes=10,
-        dims=(32, 64, 128),
-        depths=(1, 2, 1),
-        num_heads=(2, 4, 8),
-        heads_ranges=(4, 4, 6),
-        mlp_ratios=(2, 2, 2),
-        decomposed=(True, False, False),
-        layer_scales=(False, False, False),
-        projection=256,
-        image_size=28,
-    ),
-}
-# 32 x 32 colour (CIFAR-like): 8 x 8, 4 x 4, 2 x 2
-RMT_PRESETS["rmt-tiny-32"] = replace(RMT_PRESETS["rmt-tiny"], in_channels=3, image_size=32)
+    def validate(self) -> None:
+        """Raise ValueError naming the field if this config cannot build a working model."""
+        lengths = {name: len(getattr(self, name)) for name in STAGE_FIELDS}
+        if len(set(lengths.values())) != 1 or not lengths["dim_model"]:
+            raise ValueError(f"every per-stage field needs one entry per stage, got lengths {lengths}")
+        for name in ("in_channels", "num_classes", "projection"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("dim_model", "num_layers", "num_heads"):
+            for stage, value in enumerate(getattr(self, name)):
+                check_positive_int(f"{name}[{stage}]", value)
+        for stage, (dim, heads) in enumerate(zip(self.dim_model, self.num_heads, strict=True)):
+            if dim % heads or (dim // heads) % 2:
+                raise ValueError(
+                    f"dim_model[{stage}] ({dim}) must be a multiple of num_heads[{stage}] ({heads}) with an even "
+                    "quotient: each head gets dim_model / num_heads features, rotated in pairs"
+                )
+        if not self.initial_value > 0 or not all(r >= 0 for r in self.heads_range):
+            raise ValueError(
+                f"initial_value must be > 0 and every heads_range >= 0, got {self.initial_value!r} and "
+                f"{self.heads_range!r}"
+            )
+        if not all(r > 0 for r in self.ffn_ratio):
+            raise ValueError(f"every ffn_ratio must be > 0, got {self.ffn_ratio!r}")
+        if not self.layer_scale_init > 0:
+            raise ValueError(f"layer_scale_init must be > 0, got {self.layer_scale_init!r}")
 
 
 class RMTStage(nn.Module):
@@ -107,19 +136,19 @@ class RMTStage(nn.Module):
         c, i = config, index
         self.blocks = nn.ModuleList(
             RMTBlock(
-                c.dims[i],
+                c.dim_model[i],
                 c.num_heads[i],
-                int(c.mlp_ratios[i] * c.dims[i]),
+                int(c.ffn_ratio[i] * c.dim_model[i]),
                 decomposed=c.decomposed[i],
                 initial_value=c.initial_value,
-                heads_range=c.heads_ranges[i],
+                heads_range=c.heads_range[i],
                 layer_scale=c.layer_scale_init if c.layer_scales[i] else None,
                 **kw,
             )
-            for _ in range(c.depths[i])
+            for _ in range(c.num_layers[i])
         )
         last = i == c.num_stages - 1
-        self.downsample = None if last else PatchMerging(c.dims[i], c.dims[i + 1], **kw)
+        self.downsample = None if last else PatchMerging(c.dim_model[i], c.dim_model[i + 1], **kw)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, height, width, C) -> (B, height', width', C')."""
@@ -128,7 +157,7 @@ class RMTStage(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class RMTForImageClassification(nn.Module):
+class RMTForImageClassification(ImageClassifier):
     """RMT with the official classification head.
 
     Args:
@@ -140,12 +169,11 @@ class RMTForImageClassification(nn.Module):
     def __init__(
         self, config: RMTConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:
-        super().__init__()
-        self.config = c = config
-        kw = {"device": device, "dtype": dtype}
-        self.stem = ConvStem(c.in_channels, c.dims[0], **kw)
+        super().__init__(config)
+        c, kw = config, {"device": device, "dtype": dtype}
+        self.stem = ConvStem(c.in_channels, c.dim_model[0], **kw)
         self.stages = nn.ModuleList(RMTStage(c, i, **kw) for i in range(c.num_stages))
-        self.proj = nn.Linear(c.dims[-1], c.projection, **kw)
+        self.proj = nn.Linear(c.dim_model[-1], c.projection, **kw)
         self.norm = nn.BatchNorm1d(c.projection, **kw)
         self.head = nn.Linear(c.projection, c.num_classes, **kw)
         if device is None or torch.device(device).type != "meta":
@@ -168,11 +196,7 @@ class RMTForImageClassification(nn.Module):
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> ImageClassifierOutput:
         """Images (B, C, H, W), any H and W -> logits (B, num_classes); loss if ``labels``."""
         logits = self.head(self.forward_features(pixel_values))
-        loss = None if labels is None else F.cross_entropy(logits, labels)
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return self.classify(logits, labels)
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""ViR (Hatamizadeh et al. 2023, SPEC §6): a ViT whose attention is causal multi-scale retention.
+"""ViR (Hatamizadeh et al. 2023): a ViT whose attention is causal multi-scale retention.
 
 Patches are embedded, a learned position embedding is added, and the class token is appended at the
 END, after the position embedding, so that in causal raster order it sees every patch. Pre-norm blocks
@@ -9,80 +9,106 @@ the same logits; the last two stream the tokens through the whole stack, carryin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..ops import MODES
+from ..ops import MODES, check_chunk_size
+from .image_classifier import ImageClassifier
+from .preset_config import PresetConfig, check_heads, check_positive_int
 from .retnet import RetNet
 
-
-@dataclass(frozen=True)
-class ViRConfig:
-    """Shape of a ViR; ``from_preset`` gives the paper's sizes and tiny ones."""
-
-    image_size: int = 224  # square images of this side; the position embedding has one entry per patch
-    patch_size: int = 16  # side of a patch; image_size must be a multiple
-    in_channels: int = 3
-    num_classes: int = 1000
-    dim: int = 384  # d
-    depth: int = 12  # blocks
-    num_heads: int = 6  # retention heads, gammas by the "linspace" schedule
-    mlp_ratio: float = 4.0  # FFN hidden width / d
-    layer_scale: float | None = 1e-5  # LayerScale init on both branches of every block
-    rotary: bool = False  # the learned position embedding already carries position; rotary adds no parameters
-    normalize_decay: bool = False  # SPEC §2 decay normalization (no parameters; helps small models train)
-    dropout: float = 0.0
-    norm_eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim ({self.dim}) must be a multiple of num_heads ({self.num_heads})")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> ViRConfig:
-        """A named size (see ``VIR_PRESETS``), with any field overridden."""
-        if name not in VIR_PRESETS:
-            raise ValueError(f"unknown ViR preset {name!r}; choose one of {sorted(VIR_PRESETS)}")
-        return replace(VIR_PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-VIR_PRESETS = {
-    "vir-small/16": ViRConfig(dim=384, depth=12, num_heads=6),
-    "vir-base/16": ViRConfig(dim=768, depth=12, num_heads=12),
-    "vir-large/16": ViRConfig(dim=1024, depth=24, num_heads=16),
+# name -> the fields that differ from the defaults
+VIR_PRESETS: dict[str, dict[str, Any]] = {
+    "vir-small/16": dict(dim_model=384, num_layers=12, num_heads=6),
+    "vir-base/16": dict(dim_model=768, num_heads=12),
+    "vir-large/16": dict(dim_model=1024, num_layers=24, num_heads=16),
     # 28 x 28 grayscale (Fashion-MNIST): 4 x 4 patches of 7 x 7 pixels, 17 tokens with the class token
-    "vir-tiny": ViRConfig(
+    "vir-tiny": dict(
         image_size=28,
         patch_size=7,
         in_channels=1,
         num_classes=10,
-        dim=96,
-        depth=4,
+        dim_model=96,
+        num_layers=4,
         num_heads=4,
-        mlp_ratio=2.0,
+        ffn_ratio=2.0,
         layer_scale=0.1,
         normalize_decay=True,
     ),
 }
 # 32 x 32 colour (CIFAR-like): 8 x 8 patches of 4 x 4 pixels
-VIR_PRESETS["vir-tiny-32"] = replace(VIR_PRESETS["vir-tiny"], image_size=32, patch_size=4, in_channels=3)
+VIR_PRESETS["vir-tiny-32"] = {**VIR_PRESETS["vir-tiny"], "image_size": 32, "patch_size": 4, "in_channels": 3}
 
 
-class ViRForImageClassification(nn.Module):
+class ViRConfig(PresetConfig):
+    """Configuration of :class:`ViRForImageClassification` (model_type ``"vir"``).
+
+    Fields in the library's names: ``dim_model``, ``num_layers``, ``num_heads``, and ``ffn_ratio`` for the FFN
+    width as a multiple of d (ViT's convention; ``ffn_dim`` is the width it gives). The earlier names ``dim``,
+    ``depth`` and ``mlp_ratio``, Hugging Face's ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads`` and
+    ``num_labels`` are aliases. Build one with ``ViRConfig(**fields)`` or ``ViRConfig.from_preset(name,
+    **overrides)`` (see ``VIR_PRESETS``).
+    """
+
+    model_type: ClassVar[str] = "vir"
+    presets: ClassVar[dict[str, dict[str, Any]]] = VIR_PRESETS
+    attribute_map: ClassVar[dict[str, str]] = {
+        "dim": "dim_model",
+        "depth": "num_layers",
+        "mlp_ratio": "ffn_ratio",
+        "hidden_size": "dim_model",
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "num_labels": "num_classes",
+    }
+
+    image_size: int = 224  # square images of this side; the position embedding has one entry per patch
+    patch_size: int = 16  # side of a patch; image_size must be a multiple
+    in_channels: int = 3
+    num_classes: int = 1000
+    dim_model: int = 384  # d
+    num_layers: int = 12  # blocks
+    num_heads: int = 6  # retention heads, gammas by the "linspace" schedule
+    ffn_ratio: float = 4.0  # FFN hidden width / d
+    layer_scale: float | None = 1e-5  # LayerScale init on both branches of every block; None: no LayerScale
+    rotary: bool = False  # the learned position embedding already carries position; rotary adds no parameters
+    normalize_decay: bool = False  # docs/math.md, "Normalizations" (no parameters; helps small models train)
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def ffn_dim(self) -> int:
+        """The FFN hidden width, round(ffn_ratio * d), as the backbone builds it."""
+        return round(self.ffn_ratio * self.dim_model)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field if this config cannot build a working model."""
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim_model", "num_layers", "num_heads"):
+            check_positive_int(name, getattr(self, name))
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}): "
+                "the patches tile the image; change one of them"
+            )
+        check_heads(self.dim_model, self.num_heads, self.rotary)
+        if not self.ffn_ratio > 0 or self.ffn_dim < 1:
+            raise ValueError(f"ffn_ratio must be > 0 with round(ffn_ratio * dim_model) >= 1, got {self.ffn_ratio!r}")
+        if self.layer_scale is not None and not self.layer_scale > 0:
+            raise ValueError(f"layer_scale must be None (no LayerScale) or > 0, got {self.layer_scale!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+
+
+class ViRForImageClassification(ImageClassifier):
     """ViR with its classification head.
 
     Args:
@@ -94,21 +120,20 @@ class ViRForImageClassification(nn.Module):
     def __init__(
         self, config: ViRConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:
-        super().__init__()
-        self.config = c = config
-        kw = {"device": device, "dtype": dtype}
-        self.patch_embed = nn.Conv2d(c.in_channels, c.dim, c.patch_size, c.patch_size, **kw)
-        self.pos_embed = nn.Parameter(torch.empty(1, c.num_patches, c.dim, **kw))
-        self.cls_token = nn.Parameter(torch.empty(1, 1, c.dim, **kw))
+        super().__init__(config)
+        c, kw = config, {"device": device, "dtype": dtype}
+        self.patch_embed = nn.Conv2d(c.in_channels, c.dim_model, c.patch_size, c.patch_size, **kw)
+        self.pos_embed = nn.Parameter(torch.empty(1, c.num_patches, c.dim_model, **kw))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, c.dim_model, **kw))
         self.backbone = RetNet(
-            num_layer=c.depth,
+            num_layer=c.num_layers,
             num_heads=c.num_heads,
-            dim_model=c.dim,
+            dim_model=c.dim_model,
             dropout=c.dropout,
             value_factor=1,
             msr_gate_fn="none",
             mlp_gate_fn="gelu",
-            mlp_mult=c.mlp_ratio,
+            mlp_mult=c.ffn_ratio,
             mlp_bias=True,
             head_norm="none",
             decay="linspace",
@@ -119,7 +144,7 @@ class ViRForImageClassification(nn.Module):
             layer_scale=c.layer_scale,
             **kw,
         )
-        self.head = nn.Linear(c.dim, c.num_classes, **kw)
+        self.head = nn.Linear(c.dim_model, c.num_classes, **kw)
         if device is None or torch.device(device).type != "meta":
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -144,8 +169,7 @@ class ViRForImageClassification(nn.Module):
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         x = self.embed(pixel_values)
         if mode == "parallel":
             return self.backbone(x, mode="parallel")
@@ -168,8 +192,4 @@ class ViRForImageClassification(nn.Module):
     ) -> ImageClassifierOutput:
         """Images (B, C, S, S) -> logits (B, num_classes) from the last (class) token; loss if ``labels``."""
         logits = self.head(self.forward_features(pixel_values, mode=mode, chunk_size=chunk_size)[:, -1])
-        loss = None if labels is None else F.cross_entropy(logits, labels)
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return self.classify(logits, labels)

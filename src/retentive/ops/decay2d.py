@@ -1,4 +1,4 @@
-"""The 2-D Manhattan decay of RMT (SPEC §6): log D_nm = ln(gamma) * (|x_n - x_m| + |y_n - y_m|).
+"""The 2-D Manhattan decay of RMT (Fan et al., CVPR 2024): log D_nm = ln(gamma) * (|x_n - x_m| + |y_n - y_m|).
 
 Tokens of an H x W grid are numbered in raster order, n = y * W + x. The 2-D log-decay is the
 Kronecker sum of the 1-D ones along columns (y) and rows (x): log D = log D_y ⊗ 1_W + 1_H ⊗ log D_x,

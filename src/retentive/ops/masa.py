@@ -1,4 +1,4 @@
-"""Manhattan self-attention of RMT (SPEC §6), whole (MaSA) and decomposed (MaSAD), as pure functions.
+"""Manhattan self-attention of RMT, whole (MaSA) and decomposed (MaSAD), as pure functions.
 
 MaSA:  O = softmax(Q K^T * scale + log D) V with log D the 2-D Manhattan log-decay of the grid.
 MaSAD: along each row first, V' = softmax(Q K^T * scale + ln(gamma) |Δx|) V, then along each column,

@@ -74,13 +74,10 @@ def build_vision_model(name: str, channels: int, image_size: tuple[int, int], nu
     height, width = image_size
     if height != width:
         raise ValueError(f"ViR and ViT need square images, got {height} x {width}: use an RMT model")
-    base = VIR_PRESETS[BASELINES.get(name, name)]
+    preset = BASELINES.get(name, name)
+    patch_size = _patch_size(ViRConfig.from_preset(preset).patch_size, height)
     cfg = ViRConfig.from_preset(
-        BASELINES.get(name, name),
-        image_size=height,
-        patch_size=_patch_size(base.patch_size, height),
-        in_channels=channels,
-        num_classes=num_classes,
+        preset, image_size=height, patch_size=patch_size, in_channels=channels, num_classes=num_classes
     )
     return vit_like(cfg) if name in BASELINES else ViRForImageClassification(cfg)
 

@@ -1,0 +1,70 @@
+"""PresetConfig: the ``PretrainedConfig`` base of the vision models' configs (named sizes, old names, validation),
+and the field checks every config shares.
+
+A subclass declares its fields (dataclass style, as :class:`RetNetConfig` does), ``presets`` (name -> the fields
+that differ from the defaults), ``attribute_map`` (alias -> field) and ``validate()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Self
+
+from transformers import PretrainedConfig
+
+
+class PresetConfig(PretrainedConfig):
+    """A ``PretrainedConfig`` built from a named preset, that takes its aliases and refuses what cannot work.
+
+    Aliases given to the constructor are renamed before ``validate()`` runs, so ``ViRConfig(dim=96)`` is checked as
+    ``ViRConfig(dim_model=96)``; read or set on a config, they reach their field (``attribute_map``). A list given
+    for a field whose default is a tuple becomes a tuple: ``config.json`` stores tuples as lists, and the round trip
+    ``cls(**config.to_dict())`` gives back the same fields.
+    """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        for alias, name in self.attribute_map.items():
+            if alias in kwargs:
+                setattr(self, name, kwargs.pop(alias))
+        for field in dataclasses.fields(self):
+            if isinstance(field.default, tuple) and isinstance(getattr(self, field.name), list):
+                setattr(self, field.name, tuple(getattr(self, field.name)))
+        self.validate()
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> Self:
+        """The preset ``name`` (see ``presets``) with fields overridden, aliases included:
+        ``ViRConfig.from_preset("vir-tiny", num_classes=5)``."""
+        if name not in cls.presets:
+            raise ValueError(f"unknown {cls.model_type} preset {name!r}: choose one of {tuple(cls.presets)}")
+        known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
+        if unknown := sorted(set(overrides) - known):
+            raise ValueError(f"unknown config field(s) {unknown}: {cls.__name__} has {sorted(known)}")
+        return cls(**{**cls.presets[name], **{cls.attribute_map.get(k, k): v for k, v in overrides.items()}})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field if this config cannot build a working model (subclasses say how)."""
+        raise NotImplementedError
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """A ValueError naming the field ``name`` unless ``value`` is an integer >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_heads(dim_model: int, num_heads: int, rotary: bool) -> None:
+    """A ValueError naming the fields unless ``num_heads`` split ``dim_model`` evenly, in pairs if ``rotary``."""
+    if dim_model % num_heads:
+        raise ValueError(
+            f"dim_model ({dim_model}) must be a multiple of num_heads ({num_heads}): "
+            "each head gets dim_model / num_heads key features"
+        )
+    if rotary and (dim_model // num_heads) % 2:
+        raise ValueError(
+            f"rotary needs an even head dim, got dim_model / num_heads = {dim_model // num_heads}: "
+            "change dim_model or num_heads, or set rotary=False"
+        )
