@@ -93,7 +93,8 @@ class MultiScaleRetention(nn.Module):
     Args:
         dim_model: d, the model width; dk = d / num_heads per head.
         num_heads: H; each head has its own decay gamma.
-        gate_fn: ``"swish"`` (paper), ``"gelu"`` (the seed repository, myscience/retnet-pytorch) or ``"none"`` (no gate, ViR).
+        gate_fn: ``"swish"`` (paper), ``"gelu"`` (the seed repository, myscience/retnet-pytorch) or ``"none"``
+            (no gate, ViR).
         value_factor: W_V, W_G map d -> value_factor * d; dv = value_factor * d / H.
         head_norm: ``"groupnorm"`` | ``"rmsnorm"`` | ``"layernorm"`` | ``"none"``.
         decay: a schedule (``"retnet"``, ``"linspace"``) or one gamma per head.

@@ -125,21 +125,21 @@ class ViRForImageClassification(ImageClassifier):
         self.patch_embed = nn.Conv2d(c.in_channels, c.dim_model, c.patch_size, c.patch_size, **kw)
         self.pos_embed = nn.Parameter(torch.empty(1, c.num_patches, c.dim_model, **kw))
         self.cls_token = nn.Parameter(torch.empty(1, 1, c.dim_model, **kw))
-        self.backbone = RetNet(
-            num_layer=c.num_layers,
-            num_heads=c.num_heads,
-            dim_model=c.dim_model,
+        self.backbone = RetNet.from_options(
+            c.num_layers,
+            c.num_heads,
+            c.dim_model,
+            c.ffn_dim,
             dropout=c.dropout,
             value_factor=1,
-            msr_gate_fn="none",
-            mlp_gate_fn="gelu",
-            mlp_mult=c.ffn_ratio,
-            mlp_bias=True,
+            gate_fn="none",
+            ffn_activation="gelu",
+            ffn_bias=True,
             head_norm="none",
             decay="linspace",
             rotary=c.rotary,
             msr_bias=True,
-            normalize_attn=c.normalize_decay,
+            normalize_decay=c.normalize_decay,
             norm_eps=c.norm_eps,
             layer_scale=c.layer_scale,
             **kw,
