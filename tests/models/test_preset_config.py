@@ -55,7 +55,7 @@ def test_presets_take_overrides_by_either_name_and_refuse_unknown_ones():
     assert RMTConfig.from_preset("rmt-tiny", depths=(2, 2, 2)).num_layers == (2, 2, 2)
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['width'\]"):
         ViRConfig.from_preset("vir-tiny", width=3)
-    with pytest.raises(ValueError, match="unknown rmt preset"):
+    with pytest.raises(ValueError, match=r"unknown preset 'rmt-xxl' of RMTConfig"):
         RMTConfig.from_preset("rmt-xxl")
 
 

@@ -6,16 +6,13 @@ A ``transformers.PretrainedConfig`` (model_type ``"retnet"``), so it saves to an
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
-
-from transformers import PretrainedConfig
 
 from ..layers import ACTIVATIONS, GATES, HEAD_NORMS
 from ..layers.feedforward import HIDDEN_NORMS
 from ..ops import CHUNK_SIZE, MODES, ROTARY_ANGLES, ROTARY_LAYOUTS, SCHEDULES
 from .cache_retnet import CACHE_NAME
-from .preset_config import check_heads, check_positive_int
+from .preset_config import PresetConfig, check_heads, check_positive_int
 
 # The paper (Sun et al. 2023, Table 2) gives d, layers, heads and FFN width, not the vocabulary; it trains on a
 # ~100k-token BPE. We use 100,352: a cl100k-sized BPE (100,277 tokens) padded to a multiple of 128.
@@ -41,7 +38,7 @@ BACKBONE_FIELDS = (
 )
 
 
-class RetNetConfig(PretrainedConfig):
+class RetNetConfig(PresetConfig):
     """Configuration of :class:`RetNetModel` and :class:`RetNetForCausalLM`.
 
     ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads`` and ``intermediate_size`` are aliases of
@@ -52,6 +49,8 @@ class RetNetConfig(PretrainedConfig):
     """
 
     model_type: ClassVar[str] = "retnet"
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    derived: ClassVar[dict[str, str]] = {"ffn_dim": "dim_model"}  # ffn_dim None: 2d
     keys_to_ignore_at_inference: ClassVar[list[str]] = [CACHE_NAME]
     attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "dim_model",
@@ -102,26 +101,12 @@ class RetNetConfig(PretrainedConfig):
     scale_embedding: bool = False  # multiply the token embeddings by sqrt(d) (torchscale's no_scale_embedding=False)
     embed_norm: bool = False  # a norm of kind `norm` after the embeddings (torchscale's layernorm_embedding)
 
-    def __post_init__(self, **kwargs) -> None:
+    def complete(self) -> None:
+        """``ffn_dim`` None means 2d (the paper); a decay given as a tuple of gammas is kept as a list (JSON's)."""
         if self.ffn_dim is None:
             self.ffn_dim = 2 * self.dim_model if isinstance(self.dim_model, int) else None
         if isinstance(self.decay, tuple):
             self.decay = list(self.decay)
-        self.validate()
-        super().__post_init__(**kwargs)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> RetNetConfig:
-        """A preset (see ``PRESETS``) with fields overridden: ``from_preset("retnet-tiny", vocab_size=256)``.
-
-        Overriding ``dim_model`` alone re-derives ``ffn_dim`` (2d); give ``ffn_dim`` too to keep another width.
-        """
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: choose one of {tuple(PRESETS)}")
-        known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
-        if unknown := sorted(set(overrides) - known):
-            raise ValueError(f"unknown config field(s) {unknown}: RetNetConfig has {sorted(known)}")
-        return cls(**merge_fields(PRESETS[name], overrides))
 
     def backbone_options(self) -> dict[str, Any]:
         """The fields that shape the backbone, as :meth:`RetNet.from_options` takes them."""
@@ -188,13 +173,3 @@ class RetNetConfig(PretrainedConfig):
     def _check_token_id(self, name: str, token: int | None) -> None:
         if token is not None and not (isinstance(token, int) and 0 <= token < self.vocab_size):
             raise ValueError(f"{name} must be None or a token id in [0, vocab_size={self.vocab_size}), got {token!r}")
-
-
-def merge_fields(fields: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` updated by ``overrides``, aliases (``hidden_size``, ...) renamed to their fields. When the overrides
-    change ``dim_model`` but not ``ffn_dim``, ``ffn_dim`` is left out: it is derived again from the new width (2d)
-    instead of keeping the old model's."""
-    fields, overrides = ({RetNetConfig.attribute_map.get(k, k): v for k, v in d.items()} for d in (fields, overrides))
-    if "dim_model" in overrides and "ffn_dim" not in overrides:
-        fields.pop("ffn_dim", None)
-    return {**fields, **overrides}

@@ -1,8 +1,9 @@
-"""PresetConfig: the ``PretrainedConfig`` base of the vision models' configs (named sizes, old names, validation),
-and the field checks every config shares.
+"""PresetConfig: the ``PretrainedConfig`` base of every model config (named sizes, aliases, derived fields,
+validation), and the field checks they share.
 
-A subclass declares its fields (dataclass style, as :class:`RetNetConfig` does), ``presets`` (name -> the fields
-that differ from the defaults), ``attribute_map`` (alias -> field) and ``validate()``.
+A subclass declares its fields (dataclass style), ``presets`` (name -> the fields that differ from the defaults),
+``attribute_map`` (alias -> field), ``derived`` with ``complete()`` for fields that follow from others, and
+``validate()``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class PresetConfig(PretrainedConfig):
     """
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    derived: ClassVar[dict[str, str]] = {}  # a field left None -> the field ``complete()`` derives it from
 
     def __post_init__(self, **kwargs: Any) -> None:
         for alias, name in self.attribute_map.items():
@@ -31,19 +33,34 @@ class PresetConfig(PretrainedConfig):
         for field in dataclasses.fields(self):
             if isinstance(field.default, tuple) and isinstance(getattr(self, field.name), list):
                 setattr(self, field.name, tuple(getattr(self, field.name)))
+        self.complete()
         self.validate()
         super().__post_init__(**kwargs)
+
+    def complete(self) -> None:
+        """Fill in the fields of ``derived`` that were left None (subclasses with derived fields say how)."""
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Self:
         """The preset ``name`` (see ``presets``) with fields overridden, aliases included:
         ``ViRConfig.from_preset("vir-tiny", num_classes=5)``."""
         if name not in cls.presets:
-            raise ValueError(f"unknown {cls.model_type} preset {name!r}: choose one of {tuple(cls.presets)}")
+            raise ValueError(f"unknown preset {name!r} of {cls.__name__}: choose one of {tuple(cls.presets)}")
         known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
         if unknown := sorted(set(overrides) - known):
             raise ValueError(f"unknown config field(s) {unknown}: {cls.__name__} has {sorted(known)}")
-        return cls(**{**cls.presets[name], **{cls.attribute_map.get(k, k): v for k, v in overrides.items()}})
+        return cls(**cls.merge(cls.presets[name], overrides))
+
+    @classmethod
+    def merge(cls, fields: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` updated by ``overrides``, aliases renamed to their fields. A derived field whose source the
+        overrides change (and that they do not set themselves) is left out, to be derived again from the new value
+        rather than kept from the old model."""
+        fields, overrides = ({cls.attribute_map.get(k, k): v for k, v in d.items()} for d in (fields, overrides))
+        for name, source in cls.derived.items():
+            if source in overrides and name not in overrides:
+                fields.pop(name, None)
+        return {**fields, **overrides}
 
     def validate(self) -> None:
         """Raise ValueError naming the field if this config cannot build a working model (subclasses say how)."""

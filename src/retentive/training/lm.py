@@ -34,7 +34,6 @@ from ..data.corpus import normalize_suffixes
 from ..data.tokenizer import GPT2_VOCAB_SIZE, MIN_BPE_VOCAB
 from ..data.tokens import tokenize_corpus
 from ..models import RetNetConfig, RetNetForCausalLM
-from ..models.configuration_retnet import merge_fields
 from .checkpoint import prepare_run_dir
 from .distributed import DistInfo, barrier, init_distributed
 from .trainer import TrainConfig, Trainer, TrainResult, seed_everything
@@ -109,7 +108,7 @@ def build_model_config(lm: LMConfig, tokenizer: Tokenizer) -> RetNetConfig:
     if lm.model_config is not None:
         fields = json.loads(Path(lm.model_config).read_text())
         fields = {k: v for k, v in fields.items() if k not in ("architectures", "model_type", "transformers_version")}
-        return RetNetConfig(**merge_fields(fields, overrides))
+        return RetNetConfig(**RetNetConfig.merge(fields, overrides))
     return RetNetConfig.from_preset(lm.preset, **overrides)
 
 
