@@ -116,9 +116,14 @@ def table_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def table_rule(columns: int, align: str = "") -> str:
+    """The line under a markdown table's header; ``align=":"`` right-aligns every column (numbers)."""
+    return "|" + f"---{align}|" * columns
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
-    """A markdown table; ``align=":"`` right-aligns every column (numbers)."""
-    return "\n".join([table_row(header), "|" + f"---{align}|" * len(header), *map(table_row, rows)])
+    """A markdown table: ``header``, its rule (see :func:`table_rule` for ``align``), ``rows``."""
+    return "\n".join([table_row(header), table_rule(len(header), align), *map(table_row, rows)])
 
 
 def write_section(doc: Path, heading: str, text: str, name: str | None = None) -> None:
