@@ -1,7 +1,7 @@
 """Forward+backward time and peak memory of the three forms of retention, side by side (issue 2).
 
     python benchmarks/forms.py          # T = 512 ... 16,384; writes "Retention forms" in docs/benchmarks.md
-    python benchmarks/forms.py --quick  # tiny sizes, a few seconds (what the test runs)
+    python benchmarks/forms.py --quick  # tiny sizes (what the test runs)
 
 What is measured: ``retentive.ops.retention`` on one row of H=4 heads, dk=64, dv=128 (the retention of a
 d=256 layer with value_factor 2), float32, both normalizations on, then ``.backward()`` of a random linear
@@ -226,7 +226,7 @@ def write_section(path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, a few seconds)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--out", type=Path, default=benchkit.DOCS / "benchmarks.md", help="markdown file to update")
     benchkit.add_sweep_arguments(parser, max_seconds=120.0, max_seconds_help="time budget of one (form, T) cell")
     args = parser.parse_args(argv)

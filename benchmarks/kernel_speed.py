@@ -7,7 +7,7 @@
    its weight-read bound: weight bytes / memory bandwidth, the bandwidth measured here by a large
    device-to-device copy. Also the retention step alone (24 layers of state) against its state-read bound.
 
-    python benchmarks/kernel_speed.py                 # on a CUDA GPU: the full run (a few minutes)
+    python benchmarks/kernel_speed.py                 # on a CUDA GPU: the full run
     python benchmarks/kernel_speed.py --quick         # on a CUDA GPU: a few shapes
     python benchmarks/kernel_speed.py --interpret     # tiny shapes on the CPU (Triton's interpreter): checks the script
 

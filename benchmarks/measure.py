@@ -101,7 +101,7 @@ def train_memory(spec: dict) -> dict:
     Run it in a process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``run.py`` does): every buffer above
     64 KiB is then its own mapping, returned to the system when freed, so the resident set follows the live
     tensors. After a warm-up step of the same length (one-time setup: lazily built caches, and the gated norm
-    that retentive compiles at this size, ~64 MiB of compiler state), the kernel's high-water mark is reset
+    that retentive compiles at this size), the kernel's high-water mark is reset
     (``/proc/self/clear_refs``); the peak is ``VmHWM - VmRSS`` around the measured step. Linux only.
     """
     kwargs = {k: spec[k] for k in ("mode", "chunk_size", "loss") if k in spec}

@@ -10,7 +10,7 @@ a table in ``<out>/benchmarks.md``, ``bench_quality.png``.
     python benchmarks/quality.py                  # the four models, 2 corpora, 3 seeds
     python benchmarks/quality.py --ablation       # retentive's RetNet with one choice changed at a time
     python benchmarks/quality.py --lr-sweep       # RetNet and the Transformer at three learning rates
-    python benchmarks/quality.py --quick          # tiny, seconds (CI)
+    python benchmarks/quality.py --quick          # tiny (CI)
 
 Runs go to ``--jobs`` worker processes (default: one per core, one thread each).
 """

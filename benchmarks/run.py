@@ -1,11 +1,11 @@
 """Speed benchmarks side by side: decode, prefill and training for RetNet, the Transformer and the peers.
 
 Each configuration runs in a fresh process (``measure.py``), so its peak RSS is its own; ``--quick`` runs
-tiny sizes in this process (seconds, for CI). Results go to ``<out>/bench_results.json``; ``report.py``
+tiny sizes in this process (for CI). Results go to ``<out>/bench_results.json``; ``report.py``
 turns them into the tables, checks and plots of docs/benchmarks.md.
 
     python benchmarks/run.py            # the full CPU run
-    python benchmarks/run.py --quick    # tiny sizes, seconds
+    python benchmarks/run.py --quick    # tiny sizes
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, in this process (seconds; for CI)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, in this process (for CI)")
     parser.add_argument("--out", type=Path, default=DOCS, help="where results, tables and plots go")
     parser.add_argument("--models", nargs="+", default=list(peers.ADAPTERS), choices=list(peers.ADAPTERS))
     parser.add_argument("--contexts", type=int, nargs="+", help="override the decode contexts")

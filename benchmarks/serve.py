@@ -1,7 +1,7 @@
 """Serving under load: RetNet and its Transformer twin behind the same server, N concurrent clients on loopback.
 
     python benchmarks/serve.py            # the tiny presets; writes the "Serving" section of docs/benchmarks.md
-    python benchmarks/serve.py --quick    # a micro model and two small cells, seconds (what the test runs)
+    python benchmarks/serve.py --quick    # a micro model and two small cells (what the test runs)
 
 For each model (``retnet-tiny`` and ``transformer-tiny``, parameter-matched, random weights, byte tokenizer) and
 with the prompt-state cache off and on, one ``retentive serve`` process is started on 127.0.0.1; for each prompt

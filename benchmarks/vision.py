@@ -1,7 +1,7 @@
 """Images/s and peak memory versus resolution: ViR (parallel / chunkwise / recurrent), RMT (MaSA / MaSAD), ViT.
 
     python benchmarks/vision.py          # 32 ... 512 px (and 1024 on a GPU); writes "Vision" in docs/benchmarks.md
-    python benchmarks/vision.py --quick  # tiny models at 32 and 64 px, seconds (what the test runs)
+    python benchmarks/vision.py --quick  # tiny models at 32 and 64 px (what the test runs)
 
 What is measured: inference (``torch.no_grad``), float32, a batch of ``batch`` random RGB images, the median
 wall time of ``repeats`` forward passes after one at the smallest resolution. Models of one size class:
