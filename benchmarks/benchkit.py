@@ -2,7 +2,8 @@
 
 The name is deliberate: the scripts run with ``benchmarks/`` on ``sys.path``, where a module ``benchmarks/X.py``
 shadows any installed top-level package ``X``. transformers probes and imports optional PyPI packages (``kernels``,
-for one), so no module here may take the name of a package that our dependencies import: ``benchkit`` is none.
+for one), so no module here may take the name of a package that our dependencies import. ``benchkit`` is none
+of them (a PyPI project of that name exists, an unrelated tool that nothing we depend on imports).
 """
 
 from __future__ import annotations
