@@ -16,7 +16,11 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import table_row, table_rule
 
 FLOAT32_POINTERS = {"log_g", "S0", "z0", "S_final", "z_final", "dS_final", "dz_final", "dS0", "dz0", "S", "z", "S_out"}
 FLOAT32_POINTERS |= {"z_out", "r", "dr", "hz", "dhz"}
@@ -70,8 +74,8 @@ def main() -> None:
     from retentive.ops.triton.common import LAUNCHES, block_size
     from retentive.ops.triton.recurrent import STEP_BV, recurrent_step_kernel
 
-    print("| kernel | dk | dv | warps | stages | registers | stack (spill) bytes | shared KB | wgmma |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    header = ["kernel", "dk", "dv", "warps", "stages", "registers", "stack (spill) bytes", "shared KB", "wgmma"]
+    print(table_row(header), table_rule(len(header)), sep="\n")
     for Dk, Dv in (map(int, dims.split("x")) for dims in args.dims):
         tiles = dict(Dk=Dk, Dv=Dv, BC=args.chunk, BK=block_size(Dk), BV=block_size(Dv), PRECISION="tf32")
         step = dict(Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=STEP_BV)
@@ -95,7 +99,7 @@ def main() -> None:
                 reg, stack = resources(compiled.asm["cubin"], Path(triton.__file__).parent)
                 wgmma = "wgmma" in compiled.asm["ptx"]
                 shared = compiled.metadata.shared // 1024
-                print(f"| {fn.__name__} | {Dk} | {Dv} | {warps} | {stages} | {reg} | {stack} | {shared} | {wgmma} |")
+                print(table_row([str(x) for x in (fn.__name__, Dk, Dv, warps, stages, reg, stack, shared, wgmma)]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Forward+backward time and peak memory of the three forms of retention, side by side (issue 2).
 
     python benchmarks/forms.py          # T = 512 ... 16,384; writes "Retention forms" in docs/benchmarks.md
-    python benchmarks/forms.py --quick  # tiny sizes, a few seconds (what the test runs)
+    python benchmarks/forms.py --quick  # tiny sizes (what the test runs)
 
 What is measured: ``retentive.ops.retention`` on one row of H=4 heads, dk=64, dv=128 (the retention of a
 d=256 layer with value_factor 2), float32, both normalizations on, then ``.backward()`` of a random linear
@@ -23,13 +23,8 @@ position (the step at the last position within 1.2x of the first).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,9 +35,8 @@ import torch
 from retentive.ops import retention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sections import replace_section
+import benchkit
 
-ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Retention forms"
 FULL = {
     "lengths": [512, 1024, 2048, 4096, 8192, 16384],
@@ -59,11 +53,6 @@ FORMS = ("parallel", "chunkwise", "recurrent", "decode")  # decode: the recurren
 
 
 # ---- inside a worker process ----
-
-
-def _kib(key: str) -> int:
-    """A field of /proc/self/status, in bytes."""
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
 
 
 def _inputs(cfg: dict, T: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
@@ -83,10 +72,10 @@ def fwd_bwd(mode: str, T: int, cfg: dict, repeats: int) -> dict:
         q.grad = k.grad = v.grad = None
         return time.perf_counter() - t0
 
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident size
-    before = _kib("VmRSS")
+    benchkit.reset_peak_rss()
+    before = benchkit.rss_bytes()
     first = run()
-    peak = max(0, _kib("VmHWM") - before)
+    peak = max(0, benchkit.peak_rss_bytes() - before)
     del first  # the first run pays for one-time setup: time the repeats
     return {"seconds": statistics.median(run() for _ in range(repeats)), "peak_bytes": peak, "repeats": repeats}
 
@@ -163,27 +152,10 @@ def worker(job: dict) -> dict:
 # ---- the driver ----
 
 
-def spawn(job: dict) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
-    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)  # progress on stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def cell(r: dict) -> tuple[str, str]:
     if "skipped" in r:
         return f"skipped: {r['skipped']}", "-"
     return f"{1e3 * r['seconds']:.1f}", f"{r['peak_bytes'] / 2**20:.1f}"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        m = re.search(r"model name\s*:\s*(.+)", info.read_text())
-        cpu = m.group(1).strip() if m else cpu
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, load average {load:.1f} at start"
 
 
 def claims(results: dict, decode: dict, lengths: list[int]) -> list[tuple[str, bool]]:
@@ -223,23 +195,24 @@ def markdown(args: argparse.Namespace, cfg: dict, results: dict, decode: dict, c
         "`VmHWM` after a reset minus `VmRSS` before, in a worker process whose glibc mmap threshold is fixed "
         "at 64 KiB so that freed tensors leave the resident set (see the docstring of `benchmarks/forms.py`).",
         "",
-        "| T | " + " | ".join(f"{name} ms | {name} peak MiB" for _, name in forms) + " |",
-        "|---:|" + "---:|---:|" * len(forms),
-    ]
-    for T in cfg["lengths"]:
-        cells = [c for form, _ in forms for c in cell(results[form][str(T)])]
-        lines.append(f"| {T:,} | " + " | ".join(cells) + " |")
-    lines += [
+        benchkit.markdown_table(
+            ["T", *(f"{name} {what}" for _, name in forms for what in ("ms", "peak MiB"))],
+            [[f"{T:,}", *(c for form, _ in forms for c in cell(results[form][str(T)]))] for T in cfg["lengths"]],
+            align=":",
+        ),
         "",
         f"Recurrent decode step (T=1, after a chunkwise prefill to the position; median of {cfg['steps']} steps, "
         "positions interleaved):",
         "",
-        "| position | ms / token | state bytes |",
-        "|---:|---:|---:|",
+        benchkit.markdown_table(
+            ["position", "ms / token", "state bytes"],
+            [
+                [f"{P:,}", f"{1e3 * decode[str(P)]['seconds']:.3f}", f"{decode[str(P)]['state_bytes']:,}"]
+                for P in cfg["lengths"]
+            ],
+            align=":",
+        ),
     ]
-    for P in cfg["lengths"]:
-        d = decode[str(P)]
-        lines.append(f"| {P:,} | {1e3 * d['seconds']:.3f} | {d['state_bytes']:,} |")
     lines += ["", "Claims:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
     if args.quick:
         lines += ["", "(--quick: tiny sizes, a smoke run; the claims need the full sizes.)"]
@@ -248,32 +221,28 @@ def markdown(args: argparse.Namespace, cfg: dict, results: dict, decode: dict, c
 
 def write_section(path: Path, section: str) -> None:
     """Replace the "Retention forms" section of ``path`` (or append it), leaving other sections alone."""
-    replace_section(path, SECTION, section)
+    benchkit.write_section(path, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, a few seconds)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file to update")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    parser.add_argument("--max-gib", type=float, default=6.0, help="skip a run whose extrapolated peak exceeds this")
-    parser.add_argument("--max-seconds", type=float, default=120.0, help="time budget of one (form, T) cell")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--out", type=Path, default=benchkit.DOCS / "benchmarks.md", help="markdown file to update")
+    benchkit.add_sweep_arguments(parser, max_seconds=120.0, max_seconds_help="time budget of one (form, T) cell")
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        benchkit.answer_worker(worker, args.worker)
         return
-    if not Path("/proc/self/clear_refs").exists():
-        raise SystemExit("benchmarks/forms.py measures memory through /proc (Linux only)")
+    benchkit.require_proc("forms.py")
     args.command = (
         "python benchmarks/forms.py"
         + (" --quick" if args.quick else "")
         + (f" --threads {args.threads}" if args.threads != 1 else "")
     )
     cfg = QUICK if args.quick else FULL
-    host = machine()
+    host = benchkit.machine()
     job = {"cfg": cfg, "threads": args.threads, "max_gib": args.max_gib, "max_seconds": args.max_seconds}
-    results = spawn(job)
+    results = benchkit.run_worker(Path(__file__), job, env=benchkit.TRACKED_MEMORY_ENV, progress=True)
     decode = results.pop("decode")
     checks = claims(results, decode, cfg["lengths"])
     section = markdown(args, cfg, results, decode, checks, host)

@@ -7,7 +7,7 @@
    its weight-read bound: weight bytes / memory bandwidth, the bandwidth measured here by a large
    device-to-device copy. Also the retention step alone (24 layers of state) against its state-read bound.
 
-    python benchmarks/kernel_speed.py                 # on a CUDA GPU: the full run (a few minutes)
+    python benchmarks/kernel_speed.py                 # on a CUDA GPU: the full run
     python benchmarks/kernel_speed.py --quick         # on a CUDA GPU: a few shapes
     python benchmarks/kernel_speed.py --interpret     # tiny shapes on the CPU (Triton's interpreter): checks the script
 
@@ -23,6 +23,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import table_row, table_rule
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,12 +125,13 @@ def chunkwise_table(args: argparse.Namespace, device: str) -> list[str]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     columns = {"ours": ours(False), "ours+norm": ours(True), "fla": fla, "sdpa": sdpa, "reference": reference}
+    header = ["T", "dk", "dv", *columns, "fla / ours", "ours: rel. err vs reference", "vs fla"]
     lines = [
         f"Chunkwise retention, forward + backward, bf16, batch {B}, {H} heads: median ms (fla: "
         f"{'installed' if fla else 'not installed'})",
         "",
-        "| T | dk | dv | " + " | ".join(columns) + " | fla / ours | ours: rel. err vs reference | vs fla |",
-        "|---|---|---|" + "---|" * (len(columns) + 3),
+        table_row(header),
+        table_rule(len(header)),
     ]
     for Dk, Dv in dims:
         for T in lengths:
@@ -169,7 +174,7 @@ def chunkwise_table(args: argparse.Namespace, device: str) -> list[str]:
             errors = (relative_error(outs, "ours", "reference"), relative_error(outs, "ours", "fla"))
             row = [str(T), str(Dk), str(Dv), *times.values(), speedup, *errors]
             outs.clear()
-            lines.append("| " + " | ".join(row) + " |")
+            lines.append(table_row(row))
             print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
@@ -208,13 +213,13 @@ def decode_table(args: argparse.Namespace, device: str) -> list[str]:
         f"Decode step, bf16, batch 1: {layers} layers, d {d}, {heads} heads, dk {dk}, dv {dv}; "
         f"measured copy bandwidth {bw / 1e9:.0f} GB/s",
         "",
-        "| what | median ms | bytes that must move | bound ms | time / bound |",
-        "|---|---|---|---|---|",
+        table_row(["what", "median ms", "bytes that must move", "bound ms", "time / bound"]),
+        table_rule(5),
     ]
 
     def row(what: str, ms: float, nbytes: int) -> None:
         bound = nbytes / bw * 1e3
-        lines.append(f"| {what} | {ms:.3f} | {nbytes / 1e6:.1f} MB | {bound:.3f} | {ms / bound:.2f} |")
+        lines.append(table_row([what, f"{ms:.3f}", f"{nbytes / 1e6:.1f} MB", f"{bound:.3f}", f"{ms / bound:.2f}"]))
 
     # the retention step alone, every layer's state read and written once
     gen = torch.Generator(device=device).manual_seed(0)

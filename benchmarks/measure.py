@@ -3,15 +3,13 @@
 Run as a script, one measurement per fresh process, so that the process's peak RSS belongs to that
 configuration alone::
 
-    python benchmarks/measure.py '{"task": "decode", "model": "retentive", "context": 8192}'
+    python benchmarks/measure.py --worker '{"task": "decode", "model": "retentive", "context": 8192}'
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import re
-import resource
 import statistics
 import sys
 import time
@@ -21,11 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from benchkit import MMAP_VARIABLE, answer_worker, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def _dims(spec: dict) -> peers.Dims:
@@ -101,21 +95,13 @@ def train(spec: dict) -> dict:
     return {"tokens_per_s": tokens.numel() / seconds, "seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}
 
 
-MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-
-
-def _status_bytes(key: str) -> int:
-    """A field of /proc/self/status (VmRSS, VmHWM), in bytes."""
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) * 1024
-
-
 def train_memory(spec: dict) -> dict:
     """The extra resident memory of one forward+backward on ``tokens`` tokens (model and inputs excluded).
 
     Run it in a process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``run.py`` does): every buffer above
     64 KiB is then its own mapping, returned to the system when freed, so the resident set follows the live
     tensors. After a warm-up step of the same length (one-time setup: lazily built caches, and the gated norm
-    that retentive compiles at this size, ~64 MiB of compiler state), the kernel's high-water mark is reset
+    that retentive compiles at this size), the kernel's high-water mark is reset
     (``/proc/self/clear_refs``); the peak is ``VmHWM - VmRSS`` around the measured step. Linux only.
     """
     kwargs = {k: spec[k] for k in ("mode", "chunk_size", "loss") if k in spec}
@@ -124,10 +110,10 @@ def train_memory(spec: dict) -> dict:
     tokens = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
     adapter.train_loss(tokens).backward()
     adapter.model.zero_grad(set_to_none=False)  # gradients stay allocated: the measured step only fills them
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_bytes("VmRSS")
+    reset_peak_rss()
+    before = rss_bytes()
     adapter.train_loss(tokens).backward()
-    return {"step_peak_bytes": _status_bytes("VmHWM") - before, "malloc_mmap_threshold": os.environ.get(MMAP_ENV)}
+    return {"step_peak_bytes": peak_rss_bytes() - before, "malloc_mmap_threshold": os.environ.get(MMAP_VARIABLE)}
 
 
 def matmul(spec: dict) -> dict:
@@ -153,4 +139,6 @@ def run(spec: dict) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(json.dumps(run(json.loads(sys.argv[1]))))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", required=True, metavar="JOB", help="the measurement, as JSON")
+    answer_worker(run, parser.parse_args().worker)

@@ -11,36 +11,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import add_worker_argument, answer_worker, peak_rss_bytes, run_worker
 
 
-def measure(preset: str, length: int, overrides: dict, threads: int) -> dict:
-    """In this process: build ``preset``, generate 4 tokens after a random prompt of ``length`` tokens."""
+def measure(job: dict) -> dict:
+    """In this process: build ``job["preset"]``, generate 4 tokens after a random prompt of ``job["length"]`` tokens."""
     import torch
 
     import retentive as rt
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
-    model = rt.RetNetForCausalLM(rt.RetNetConfig.from_preset(preset, **overrides)).eval()
-    ids = torch.randint(1, model.config.vocab_size, (1, length))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = rt.RetNetForCausalLM(rt.RetNetConfig.from_preset(job["preset"], **job["overrides"])).eval()
+    ids = torch.randint(1, model.config.vocab_size, (1, job["length"]))
+    before = peak_rss_bytes()
     t0 = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"tokens": length, "peak_rss_bytes": peak, "before_bytes": before, "seconds": seconds}
-
-
-def in_fresh_process(preset: str, length: int, overrides: dict, threads: int) -> dict:
-    """:func:`measure` in a new interpreter, so that its peak RSS belongs to this prompt alone."""
-    spec = json.dumps({"preset": preset, "length": length, "overrides": overrides, "threads": threads})
-    command = [sys.executable, "-P", __file__, "--child", spec]  # -P: no benchmark module shadows a package
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return {"tokens": job["length"], "peak_rss_bytes": peak_rss_bytes(), "before_bytes": before, "seconds": seconds}
 
 
 def main() -> None:
@@ -50,14 +43,15 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RetNetConfig field")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_worker_argument(parser)
     args = parser.parse_args()
-    if args.child:
-        spec = json.loads(args.child)
-        print(json.dumps(measure(spec["preset"], spec["length"], spec["overrides"], spec["threads"])))
+    if args.worker:
+        answer_worker(measure, args.worker)
         return
     overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
-    rows = [in_fresh_process(args.preset, n, overrides, args.threads) for n in args.lengths]
+    # a fresh process per prompt, so that its peak RSS belongs to this prompt alone
+    jobs = [{"preset": args.preset, "length": n, "overrides": overrides, "threads": args.threads} for n in args.lengths]
+    rows = [run_worker(Path(__file__), job) for job in jobs]
     if args.json:
         print(json.dumps(rows))
         return

@@ -7,10 +7,10 @@ seed is the run's seed) and evaluated on the held-out tokens at the training len
 installed: run under the benchmark environment (``make bench-quality`` does). Results: ``<out>/bench_quality.json``,
 a table in ``<out>/benchmarks.md``, ``bench_quality.png``.
 
-    python benchmarks/quality.py                  # the four models, 2 corpora, 3 seeds (~25 min on 2 quiet cores)
+    python benchmarks/quality.py                  # the four models, 2 corpora, 3 seeds
     python benchmarks/quality.py --ablation       # retentive's RetNet with one choice changed at a time
     python benchmarks/quality.py --lr-sweep       # RetNet and the Transformer at three learning rates
-    python benchmarks/quality.py --quick          # tiny, seconds (CI)
+    python benchmarks/quality.py --quick          # tiny (CI)
 
 Runs go to ``--jobs`` worker processes (default: one per core, one thread each).
 """
@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import peers  # noqa: E402
-import report  # noqa: E402
+from benchkit import DOCS, environment, markdown_table, save_figure, subplots, write_section  # noqa: E402
 from retentive.baselines import count_parameters, model_from_preset  # noqa: E402
 from retentive.data import (  # noqa: E402
     EvalWindows,
@@ -50,9 +50,6 @@ from retentive.data import (  # noqa: E402
 from retentive.training import TrainConfig, Trainer, seed_everything  # noqa: E402
 
 log = logging.getLogger("bench.quality")
-START, END = "<!-- bench:quality:start -->", "<!-- bench:quality:end -->"
-ABLATION_START, ABLATION_END = "<!-- bench:ablation:start -->", "<!-- bench:ablation:end -->"
-LR_START, LR_END = "<!-- bench:lr:start -->", "<!-- bench:lr:end -->"
 # label -> kind: "retnet" (this library), a peer (peers.PEERS), "transformer" (the Llama twin)
 MODELS = {"RetNet": "retnet", "torchscale RetNet": "torchscale", "yet-another-retnet": "yet-another-retnet"}
 MODELS["Transformer"] = "transformer"
@@ -299,7 +296,7 @@ def quality_markdown(results: dict, plot: str) -> str:
                 + [_mean_sd(ppl[label]) for label in labels]
                 + [_mean_sd(g) for g in gaps]
             )
-    lines += [report._table(header, rows), "", f"![quality]({plot})", ""]
+    lines += [markdown_table(header, rows), "", f"![quality]({plot})", ""]
     return "\n".join(lines)
 
 
@@ -318,20 +315,15 @@ def variants_markdown(results: dict, what: str) -> str:
             rows.append(
                 [corpus, label, f"{params:,}", _mean_sd(ppl), "" if label == next(iter(runs)) else f"{change:+.2f}"]
             )
-    lines += [report._table(header, rows), ""]
+    lines += [markdown_table(header, rows), ""]
     return "\n".join(lines)
 
 
 def plot_quality(results: dict, path: Path) -> None:
     """Perplexity against evaluation length, per corpus, with the spread over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plan = results["plan"]
     corpora = list(results["corpora"])
-    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(corpora), figsize=(5 * len(corpora), 3.8), squeeze=False)
     lengths = [f * plan["seq_len"] for f in plan["eval_lengths"]]
     for ax, corpus in zip(axes[0], corpora, strict=True):
         for label, runs in results["corpora"][corpus]["runs"].items():
@@ -346,9 +338,7 @@ def plot_quality(results: dict, path: Path) -> None:
         ax.set_title(corpus)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -357,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--ablation", action="store_true", help="retentive's RetNet, one choice changed at a time")
     kind.add_argument("--lr-sweep", action="store_true", help="RetNet and the Transformer at " + str(LEARNING_RATES))
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs")
+    parser.add_argument("--out", type=Path, default=DOCS)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "retentive" / "bench")
     parser.add_argument("--corpora", nargs="+", help="override: shakespeare, kjv, or a text file / folder")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
@@ -371,12 +361,12 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, key):
             plan[key] = getattr(args, key)
     if args.ablation:
-        name, markers = "ablation", (ABLATION_START, ABLATION_END, "Ablation: retentive's RetNet, one choice at a time")
+        name, heading = "ablation", "## Ablation: retentive's RetNet, one choice at a time"
         plan |= {"eval_lengths": [1]}
         variants = {label: ("retnet", overrides, train) for label, (overrides, train) in ABLATIONS.items()}
         what = "retentive's RetNet with one choice changed from the defaults per row (tied embeddings);"
     elif args.lr_sweep:
-        name, markers = "lr", (LR_START, LR_END, "Learning rate: RetNet and the Transformer")
+        name, heading = "lr", "## Learning rate: RetNet and the Transformer"
         plan |= {"eval_lengths": [1]}
         llama = {"embedding_init_std": 0.02}  # the twin's embedding as Llama initializes it (the twin's before)
         variants = {f"RetNet lr {lr:g}": ("retnet", {}, {"lr": lr}) for lr in LEARNING_RATES}
@@ -386,12 +376,11 @@ def main(argv: list[str] | None = None) -> None:
         variants["Transformer lr 0.002, embedding N(0, d^-1/2) (the twin's default)"] = ("transformer", {}, {})
         what = "retentive's RetNet and its Transformer twin at each peak learning rate (tied embeddings);"
     else:
-        name, markers = "quality", (START, END, "Quality: RetNet, the peers and the Transformer, same recipe")
+        name, heading = "quality", "## Quality: RetNet, the peers and the Transformer, same recipe"
         variants = {label: (kind, {}, {}) for label, kind in models_here().items() if label in args.models}
     started = time.time()
     results = run_all(plan, args.cache, variants, args.jobs)
-    results["meta"] = report.environment(started, quick=args.quick, argv=sys.argv[1:])
-    results["meta"]["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    results["meta"] = environment("quality.py", started, quick=args.quick, argv=sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = ("bench_quick_" if args.quick else "bench_") + name
     (args.out / f"{prefix}.json").write_text(json.dumps(results, indent=1))
@@ -403,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         (args.out / f"{prefix}.md").write_text(body)
     else:
-        report.splice(args.out / "benchmarks.md", *markers[:2], body, markers[2])
+        write_section(args.out / "benchmarks.md", heading, body, name=name)
     log.info("done in %.0f s", time.time() - started)
 
 

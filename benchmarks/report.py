@@ -2,42 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import platform
-import re
-import time
 from pathlib import Path
 
-MiB = 2**20
-START, END = "<!-- bench:speed:start -->", "<!-- bench:speed:end -->"
-
-
-def environment(started: float, quick: bool, argv: list[str]) -> dict:
-    """The machine, the versions and the command, for the tables' captions."""
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        cpu = names[0] if names else cpu
-    import torch
-
-    versions = {}
-    for package in ("torch", "transformers", "torchscale", "yet-another-retnet", "retentive"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "quick": quick,
-        "command": "python benchmarks/run.py " + " ".join(argv),
-    }
+from benchkit import MiB, markdown_table, save_figure, subplots, write_section
 
 
 def _ok(cell: dict | None) -> bool:
@@ -48,15 +15,9 @@ def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _grid(corner: str, keys: list[str], columns: dict[str, dict], get, digits: int) -> str:
     """A table with one row per key and one column per entry of ``columns`` (each a dict keyed like ``keys``)."""
-    return _table(
+    return markdown_table(
         [corner, *columns], [[k] + [_cell(col.get(k), get, digits) for col in columns.values()] for k in keys]
     )
 
@@ -249,7 +210,7 @@ def speed_markdown(results: dict, prefix: str) -> str:
             f"#### Chunkwise training against this machine's matmul peak ({mm['n']}x{mm['n']} float32 matmul: "
             f"{mm['gflops']:.1f} GFLOP/s; {flops / 1e6:.1f} MFLOP per token, chunk {plan['chunk_size']})",
             "",
-            _table(["tokens", "GFLOP/s", "fraction of peak"], rows),
+            markdown_table(["tokens", "GFLOP/s", "fraction of peak"], rows),
         ]
     lines += ["", "#### The issue's targets", ""]
     for claim, ok, detail in checks(results):
@@ -261,14 +222,9 @@ def speed_markdown(results: dict, prefix: str) -> str:
 
 def plot_speed(results: dict, out: Path, prefix: str) -> list[Path]:
     """bench_decode.png (latency, cache) and bench_train.png (tokens/s, memory)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     dec, plan = results["decode"], results["plan"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     for model, row in dec.items():
         xs = [int(c) for c in row if _ok(row[c])]
         ax1.plot(xs, [row[str(c)]["b1"]["ms_per_token"] for c in xs], "o-", label=model)
@@ -280,13 +236,11 @@ def plot_speed(results: dict, out: Path, prefix: str) -> list[Path]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax1.legend()
-    fig.tight_layout()
     paths.append(out / f"{prefix}decode.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths[-1])
 
     tr = results["train"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     for label, row in tr.items():
         xs = [int(t) for t in row if _ok(row[t])]
         ax1.plot(xs, [row[str(t)]["tokens_per_s"] for t in xs], "o-", label=label)
@@ -300,22 +254,9 @@ def plot_speed(results: dict, out: Path, prefix: str) -> list[Path]:
     ax2.set_yscale("log")
     ax1.legend(fontsize=8)
     fig.suptitle(f"{plan['dims']['num_layers']} layers, d={plan['dims']['dim_model']}, float32, CPU", fontsize=9)
-    fig.tight_layout()
     paths.append(out / f"{prefix}train.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths[-1])
     return paths
-
-
-def splice(doc: Path, start: str, end: str, body: str, title: str) -> None:
-    """Replace the text between the markers ``start`` and ``end`` in ``doc`` (appending them if absent)."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
-    doc.write_text(text)
 
 
 def write_speed(results: dict, out: Path, prefix: str) -> None:
@@ -325,4 +266,5 @@ def write_speed(results: dict, out: Path, prefix: str) -> None:
     if results["meta"]["quick"]:
         (out / "bench_quick.md").write_text(body)
     else:
-        splice(out / "benchmarks.md", START, END, body, "Speed and memory: RetNet, the Transformer and the peers")
+        heading = "## Speed and memory: RetNet, the Transformer and the peers"
+        write_section(out / "benchmarks.md", heading, body, name="speed")

@@ -1,11 +1,11 @@
 """Speed benchmarks side by side: decode, prefill and training for RetNet, the Transformer and the peers.
 
 Each configuration runs in a fresh process (``measure.py``), so its peak RSS is its own; ``--quick`` runs
-tiny sizes in this process (seconds, for CI). Results go to ``<out>/bench_results.json``; ``report.py``
+tiny sizes in this process (for CI). Results go to ``<out>/bench_results.json``; ``report.py``
 turns them into the tables, checks and plots of docs/benchmarks.md.
 
-    python benchmarks/run.py            # the full CPU run (~30 min on 2 cores)
-    python benchmarks/run.py --quick    # tiny sizes, seconds
+    python benchmarks/run.py            # the full CPU run
+    python benchmarks/run.py --quick    # tiny sizes
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ sys.path.insert(0, str(HERE))
 import measure  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
+from benchkit import DOCS, TRACKED_MEMORY_ENV, environment, run_worker  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -74,23 +73,9 @@ def run_one(spec: dict, fresh_process: bool, timeout: float) -> dict:
     ``train_memory`` runs with glibc's mmap threshold fixed at 64 KiB, so that freed tensors leave the resident set.
     """
     t0 = time.perf_counter()
-    env = os.environ | ({measure.MMAP_ENV: "65536"} if spec["task"] == "train_memory" else {})
+    env = TRACKED_MEMORY_ENV if spec["task"] == "train_memory" else {}
     try:
-        if not fresh_process:
-            result = measure.run(spec)
-        else:
-            proc = subprocess.run(
-                [sys.executable, str(HERE / "measure.py"), json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=env,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except subprocess.TimeoutExpired:
-        result = {"error": f"timed out after {timeout:.0f} s"}
+        result = run_worker(HERE / "measure.py", spec, timeout=timeout, env=env) if fresh_process else measure.run(spec)
     except Exception as err:  # a failing configuration is reported in the tables, not fatal
         result = {"error": f"{type(err).__name__}: {err}"}
     log.info(
@@ -202,8 +187,8 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, in this process (seconds; for CI)")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs", help="where results, tables and plots go")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, in this process (for CI)")
+    parser.add_argument("--out", type=Path, default=DOCS, help="where results, tables and plots go")
     parser.add_argument("--models", nargs="+", default=list(peers.ADAPTERS), choices=list(peers.ADAPTERS))
     parser.add_argument("--contexts", type=int, nargs="+", help="override the decode contexts")
     parser.add_argument("--train-tokens", type=int, nargs="+", help="override the training lengths")
@@ -226,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     plan |= {key: value for key, value in overrides.items() if value}
     started = time.time()
     results = run_all(plan, args.models, fresh_process=not args.quick)
-    results["meta"] = report.environment(started, quick=args.quick, argv=sys.argv[1:])
+    results["meta"] = environment("run.py", started, quick=args.quick, argv=sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bench_results_quick.json" if args.quick else "bench_results.json"
     (args.out / name).write_text(json.dumps(results, indent=1))

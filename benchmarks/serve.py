@@ -1,7 +1,7 @@
 """Serving under load: RetNet and its Transformer twin behind the same server, N concurrent clients on loopback.
 
     python benchmarks/serve.py            # the tiny presets; writes the "Serving" section of docs/benchmarks.md
-    python benchmarks/serve.py --quick    # a micro model and two small cells, seconds (what the test runs)
+    python benchmarks/serve.py --quick    # a micro model and two small cells (what the test runs)
 
 For each model (``retnet-tiny`` and ``transformer-tiny``, parameter-matched, random weights, byte tokenizer) and
 with the prompt-state cache off and on, one ``retentive serve`` process is started on 127.0.0.1; for each prompt
@@ -36,19 +36,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psutil
 
-HERE = Path(__file__).resolve().parent
-# transformers imports the PyPI package `kernels` when it is installed: it must not find benchmarks/kernels.py
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-from retentive.baselines import count_parameters, model_from_preset  # noqa: E402
-from retentive.data import ByteTokenizer  # noqa: E402
+from retentive.baselines import count_parameters, model_from_preset
+from retentive.data import ByteTokenizer
 
-sys.path.insert(0, str(HERE))
-import report  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import (
+    DOCS,
+    TRACKED_MEMORY_ENV,
+    MiB,
+    environment,
+    markdown_table,
+    rss_bytes,
+    save_figure,
+    subplots,
+    write_section,
+)
 
-START, END = "<!-- bench:serve:start -->", "<!-- bench:serve:end -->"
-MiB = 2**20
 MODELS = {"RetNet": "retnet-tiny", "Transformer": "transformer-tiny"}
 # sized for a shared 2-core CPU; on a larger machine: --prompts 128 1024 4096 8192 --clients 1 4 16 64 --requests 2
 FULL = {
@@ -113,7 +117,7 @@ def server(checkpoint: Path, cache: bool, plan: dict):
         "--max-batch", str(plan["max_batch"]), "--max-queue", "1024", "--max-prompt-tokens", str(max(plan["prompts"])),
         "--prompt-cache-mib", "2048" if cache else "0", "--threads", str(plan["threads"]),
     ]  # fmt: skip
-    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = os.environ | TRACKED_MEMORY_ENV
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would block the server
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 600
@@ -167,17 +171,17 @@ async def run_clients(url: str, clients: int, requests: int, prompt: int, max_to
 
 
 class Sampler:
-    """Polls the server's resident memory (psutil) and its states' bytes (``/health``) while a cell runs."""
+    """Polls the server's resident memory (/proc) and its states' bytes (``/health``) while a cell runs."""
 
     def __init__(self, pid: int, url: str) -> None:
-        self.process, self.url = psutil.Process(pid), url
+        self.pid, self.url = pid, url
         self.peak_rss = self.peak_state = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            self.peak_rss = max(self.peak_rss, rss_bytes(self.pid))
             self.peak_state = max(self.peak_state, httpx.get(f"{self.url}/health").json()["state_bytes"])
             time.sleep(0.02)
 
@@ -292,10 +296,7 @@ def markdown(results: dict, plot: str) -> str:
                         f"{1e3 * c['itl_p50']:.1f} / {1e3 * c['itl_p99']:.1f}", f"{c['peak_rss_bytes'] / MiB:,.0f}",
                         f"{c['peak_state_bytes'] / MiB:,.2f}",
                     ])  # fmt: skip
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", *headline(results), "", f"![serving]({plot})"]
+    lines += [markdown_table(header, rows), "", *headline(results), "", f"![serving]({plot})"]
     return "\n".join(lines)
 
 
@@ -323,13 +324,8 @@ def headline(results: dict) -> list[str]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plan = results["plan"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = subplots(1, 3, figsize=(15, 4.2))
     clients = max(c for c in plan["clients"] if any(x["clients"] == c and "skipped" not in x for x in results["cells"]))
     clients = 16 if 16 in plan["clients"] else clients
     for model in MODELS:
@@ -349,15 +345,13 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a micro model, two small cells per setting")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs")
+    parser.add_argument("--out", type=Path, default=DOCS)
     parser.add_argument("--prompts", type=int, nargs="+", help="prompt lengths in tokens")
     parser.add_argument("--clients", type=int, nargs="+", help="numbers of concurrent clients")
     parser.add_argument("--requests", type=int, help="requests per client, one after the other")
@@ -377,8 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         done = [json.loads(line) for line in args.resume.read_text().splitlines()] if args.resume else []
         results = run_all(plan, Path(tmp), done)
     argv = sys.argv[1:] if argv is None else argv
-    results["meta"] = report.environment(started, quick=args.quick, argv=argv)
-    results["meta"] |= {"command": " ".join(["python benchmarks/serve.py", *argv]), "load": load}
+    results["meta"] = environment("serve.py", started, quick=args.quick, argv=argv) | {"load": load}
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = "bench_quick_" if args.quick else "bench_"
     (args.out / f"{prefix}serve.json").write_text(json.dumps(results, indent=1))
@@ -387,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         (args.out / "bench_quick_serve.md").write_text(body)
     else:
-        report.splice(args.out / "benchmarks.md", START, END, body, "Serving: RetNet and the Transformer under load")
+        heading = "## Serving: RetNet and the Transformer under load"
+        write_section(args.out / "benchmarks.md", heading, body, name="serve")
     print(f"done in {time.time() - started:.0f} s")
 
 

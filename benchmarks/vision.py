@@ -1,7 +1,7 @@
 """Images/s and peak memory versus resolution: ViR (parallel / chunkwise / recurrent), RMT (MaSA / MaSAD), ViT.
 
     python benchmarks/vision.py          # 32 ... 512 px (and 1024 on a GPU); writes "Vision" in docs/benchmarks.md
-    python benchmarks/vision.py --quick  # tiny models at 32 and 64 px, seconds (what the test runs)
+    python benchmarks/vision.py --quick  # tiny models at 32 and 64 px (what the test runs)
 
 What is measured: inference (``torch.no_grad``), float32, a batch of ``batch`` random RGB images, the median
 wall time of ``repeats`` forward passes after one at the smallest resolution. Models of one size class:
@@ -20,12 +20,7 @@ extrapolated from the previous resolution, exceeds the limits is skipped and say
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -34,9 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sections import replace_section
+import benchkit
 
-ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Vision"
 # name -> (family, form or attention, how memory grows with the resolution: exponent of px)
 VARIANTS = {
@@ -74,11 +68,6 @@ def build(variant: str, px: int, cfg: dict) -> torch.nn.Module:
     return vit_like(vir) if family == "vit" else ViRForImageClassification(vir)
 
 
-def _status(key: str) -> int:
-    """A field of /proc/self/status, in bytes."""
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
-
-
 def forward(variant: str, px: int, cfg: dict, device: torch.device) -> dict:
     """Median seconds of a forward pass at ``px`` and the peak extra memory of the first one."""
     torch.manual_seed(0)
@@ -92,8 +81,8 @@ def forward(variant: str, px: int, cfg: dict, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the resident high-water mark
-        before = _status("VmRSS")
+        benchkit.reset_peak_rss()
+        before = benchkit.rss_bytes()
     times = []
     with torch.no_grad():
         for i in range(cfg["repeats"]):
@@ -103,7 +92,7 @@ def forward(variant: str, px: int, cfg: dict, device: torch.device) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             if i == 0:
-                peak = (torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")) - before
+                peak = (torch.cuda.max_memory_allocated() if cuda else benchkit.peak_rss_bytes()) - before
     seconds = statistics.median(times)
     return {"seconds": seconds, "images_per_s": cfg["batch"] / seconds, "peak_bytes": max(peak, 0)}
 
@@ -140,24 +129,6 @@ def worker(job: dict) -> dict:
 # ---- the driver ----
 
 
-def spawn(job: dict) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
-    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)  # progress on stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        m = re.search(r"model name\s*:\s*(.+)", info.read_text())
-        cpu = m.group(1).strip() if m else cpu
-    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
-
-
 def markdown(command: str, host: str, threads: int, cfg: dict, results: dict, resolutions: list[int]) -> str:
     names = list(VARIANTS)
     lines = [
@@ -173,27 +144,24 @@ def markdown(command: str, host: str, threads: int, cfg: dict, results: dict, re
         "Peak: extra memory of one forward pass "
         "(see the docstring of `benchmarks/vision.py`). Plot: `docs/vision_throughput.png`.",
         "",
-        "| px | " + " | ".join(f"{n} img/s | {n} peak MiB" for n in names) + " |",
-        "|---:|" + "---:|---:|" * len(names),
+        benchkit.markdown_table(
+            ["px", *(f"{n} {what}" for n in names for what in ("img/s", "peak MiB"))],
+            [[str(px), *(c for n in names for c in cell(results[n][str(px)]))] for px in resolutions],
+            align=":",
+        ),
     ]
-    for px in resolutions:
-        cells = []
-        for n in names:
-            r = results[n][str(px)]
-            cells += [f"skipped: {r['skipped']}", "-"] if "skipped" in r else [
-                f"{r['images_per_s']:.1f}", f"{r['peak_bytes'] / 2**20:.1f}"
-            ]  # fmt: skip
-        lines.append(f"| {px} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def cell(r: dict) -> tuple[str, str]:
+    """The two cells (images/s, peak MiB) of one measurement, or why it was skipped."""
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}", "-"
+    return f"{r['images_per_s']:.1f}", f"{r['peak_bytes'] / 2**20:.1f}"
+
+
 def plot(results: dict, resolutions: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_speed, ax_mem) = benchkit.subplots(1, 2, figsize=(11, 4.2))
     for name, by_px in results.items():
         pts = [(px, by_px[str(px)]) for px in resolutions if "skipped" not in by_px[str(px)]]
         style = "--" if name.startswith("ViT") else "-"
@@ -207,44 +175,33 @@ def plot(results: dict, resolutions: list[int], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_speed.legend(fontsize=8)
     fig.suptitle("Vision backbones: inference throughput and memory versus resolution")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the "Vision" section of ``path`` (or append it), leaving other sections alone."""
-    replace_section(path, SECTION, section)
+    benchkit.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models at 32 and 64 px (a smoke run)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file to update")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "vision_throughput.png")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--out", type=Path, default=benchkit.DOCS / "benchmarks.md", help="markdown file to update")
+    parser.add_argument("--plot", type=Path, default=benchkit.DOCS / "vision_throughput.png")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-gib", type=float, default=6.0, help="skip a run whose extrapolated peak exceeds this")
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="skip a run estimated to take longer")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    benchkit.add_sweep_arguments(parser, max_seconds=60.0, max_seconds_help="skip a run estimated to take longer")
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        benchkit.answer_worker(worker, args.worker)
         return
     device = torch.device(args.device)
-    if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
-        raise SystemExit("benchmarks/vision.py measures CPU memory through /proc (Linux only)")
+    if device.type == "cpu":
+        benchkit.require_proc("vision.py")
     cfg = QUICK if args.quick else FULL
     resolutions = cfg["resolutions"] + (cfg["gpu_resolutions"] if device.type == "cuda" else [])
     command = "python benchmarks/vision.py" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads}" if args.threads != 1 else ""
-    host = machine(device)
+    host = benchkit.machine(args.device)
     job = {"cfg": cfg, "resolutions": resolutions, "threads": args.threads, "device": args.device,
            "max_gib": args.max_gib, "max_seconds": args.max_seconds}  # fmt: skip
-    results = spawn(job)
+    results = benchkit.run_worker(Path(__file__), job, env=benchkit.TRACKED_MEMORY_ENV, progress=True)
     section = markdown(command, host, args.threads, cfg, results, resolutions)
-    write_section(args.out, section)
+    benchkit.write_section(args.out, SECTION, section)
     plot(results, resolutions, args.plot)
     print(section)
     print(f"wrote {args.out} and {args.plot}")
