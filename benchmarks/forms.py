@@ -1,4 +1,4 @@
-"""Forward+backward time and peak memory of the three forms of retention, side by side (issue 2).
+"""Forward+backward time and peak memory of the three forms of retention, side by side.
 
     python benchmarks/forms.py          # T = 512 ... 16,384; writes "Retention forms" in docs/benchmarks.md
     python benchmarks/forms.py --quick  # tiny sizes (what the test runs)

@@ -1,4 +1,4 @@
-"""Retention kernels on the GPU, side by side (issue 5).
+"""Retention kernels on the GPU, side by side.
 
 1. Chunkwise retention, forward + backward, bf16, T = 2k ... 32k, dk = 64, 128, 256: our Triton kernels
    (without and with the normalizations), fla's ``chunk_retention`` (if ``flash-linear-attention`` is

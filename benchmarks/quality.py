@@ -62,7 +62,7 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "FFN: SwiGLU, 2/3 width (torchscale-like)": ({"ffn_activation": "swiglu", "ffn_scale": 2 / 3}, {}),
     "gate: gelu (seed repository)": ({"gate_fn": "gelu"}, {}),
     "decay: linspace (ViR)": ({"decay": "linspace"}, {}),
-    "decay + retention normalizations on": ({"normalize_attn": True, "normalize_retn": True}, {}),
+    "decay + retention normalizations on": ({"normalize_decay": True, "normalize_retention": True}, {}),
     "no rotary (no theta)": ({"rotary": False}, {}),
     "value_factor 1, FFN 1.75x wider (parameters kept)": ({"value_factor": 1, "ffn_scale": 1.75}, {}),
 }
