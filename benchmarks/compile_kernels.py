@@ -72,7 +72,7 @@ def main() -> None:
     from retentive.ops.triton.chunk_state import chunk_state_kernel
     from retentive.ops.triton.chunk_state_grad import chunk_state_grad_kernel
     from retentive.ops.triton.common import LAUNCHES, block_size
-    from retentive.ops.triton.recurrent import STEP_BV, recurrent_step_kernel
+    from retentive.ops.triton.recurrent import STEP_BV, decode_step_kernel
 
     header = ["kernel", "dk", "dv", "warps", "stages", "registers", "stack (spill) bytes", "shared KB", "wgmma"]
     print(table_row(header), table_rule(len(header)), sep="\n")
@@ -85,7 +85,7 @@ def main() -> None:
             (chunk_state_grad_kernel, {**tiles, "WITH_ROWSUM": True}),
             (chunk_grad_qk_kernel, {**tiles, "WITH_ROWSUM": True}),
             (chunk_grad_v_kernel, tiles),
-            (recurrent_step_kernel, {**step, "NORMALIZE_DECAY": True, "NORMALIZE_RETENTION": True}),
+            (decode_step_kernel, {**step, "NORMALIZE_DECAY": True, "NORMALIZE_RETENTION": True}),
         ]
         for kernel, constexprs in kernels:
             autotuned = isinstance(kernel, triton.runtime.Autotuner)

@@ -203,7 +203,7 @@ def decode_table(args: argparse.Namespace, device: str) -> list[str]:
 
     from retentive import RetNet
     from retentive.ops import RetentionState, log_gamma, retention
-    from retentive.ops.triton import recurrent_step
+    from retentive.ops.triton import decode_step_
 
     bench = timer(device)
     layers, heads, d = (2, 2, 32) if args.interpret else (24, 8, 2048)
@@ -231,7 +231,7 @@ def decode_table(args: argparse.Namespace, device: str) -> list[str]:
 
     def fused():
         for s in states:
-            recurrent_step(q, k, v, log_g, s, **kw)
+            decode_step_(q, k, v, log_g, s, **kw)
 
     def through_retention(backend: str):
         for s in states:

@@ -261,7 +261,7 @@ def test_chunkwise_prefill_then_recurrent_steps(normalize):
 @pytest.mark.parametrize("carried", [False, True])
 @pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
 def test_decode_step_equals_the_recurrent_form(normalize_decay, normalize_retention, carried, dtype):
-    """One token without gradients takes reference.decode_step; with gradients, the recurrent loop."""
+    """One token without gradients takes torch_backend.decode_step; with gradients, the recurrent loop."""
     torch.manual_seed(4)
     norms = {"normalize_decay": normalize_decay, "normalize_retention": normalize_retention}
     state = None

@@ -1,4 +1,5 @@
-"""Per-head decay (multi-scale gamma) and the decay sums used by the normalizations (SPEC §2-3).
+"""Per-head decay (multi-scale gamma), the decay factors of a chunk, and the decay sums used by the normalizations
+(docs/math.md, Normalizations).
 
 Everything is kept as ``log(gamma)`` in float32 (float64 for the float64 reference): in bf16 the
 gammas collapse to 1.0 and positions past 256 stop being distinct.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -95,6 +97,31 @@ def causal_decay_matrix(log_g: Tensor, length: int) -> Tensor:
     idx = torch.arange(length, device=log_g.device, dtype=log_g.dtype)
     delta = idx[:, None] - idx[None, :]  # (L, L)
     return decay_powers(log_g, delta.clamp(min=0)) * (delta >= 0)
+
+
+class ChunkDecay(NamedTuple):
+    """The decay factors of one chunk of C tokens, per head."""
+
+    D: Tensor  # (H, 1, C, C) scale gamma^(j-l) for j >= l, else 0: inside the chunk
+    g_in: Tensor  # (H, 1, C, 1) scale gamma^(j+1): the incoming state -> token j
+    g_out: Tensor  # (H, 1, C, 1) gamma^(C-1-l): token l -> the end of the chunk
+    g_chunk: Tensor  # (H, 1) gamma^C: across one chunk
+
+
+def chunk_decay(log_g: Tensor, C: int, scale: float = 1.0) -> ChunkDecay:
+    """The factors the chunkwise form multiplies by (:func:`retentive.ops.reference.chunk_pieces`, and both passes
+    of :class:`retentive.ops.torch_backend.TorchChunkRetention`).
+
+    The two that multiply q, D and g_in, carry the score scale: it costs nothing there, where scaling q would
+    cost a pass over q (and a copy of it kept for the backward pass).
+    """
+    j = torch.arange(C, device=log_g.device, dtype=log_g.dtype)
+    return ChunkDecay(
+        causal_decay_matrix(log_g, C)[:, None] * scale,
+        decay_powers(log_g, j + 1)[:, None, :, None] * scale,
+        decay_powers(log_g, C - 1 - j)[:, None, :, None],
+        torch.exp(log_g * C)[:, None],
+    )
 
 
 def decay_sum(log_g: Tensor, positions: Tensor) -> Tensor:

@@ -1,15 +1,16 @@
-"""``retention(q, k, v, decay, mode=...)``: the one entry point to the three forms (SPEC §1-4)."""
+"""``retention(q, k, v, decay, mode=...)``: the one entry point to the three forms (docs/math.md, One entry point,
+three forms), and the one small dispatch to a :class:`~retentive.ops.backend.RetentionBackend`."""
 
 from __future__ import annotations
 
 from functools import cache
-from types import ModuleType
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from . import chunk, reference
+from . import torch_backend
+from .backend import Pieces, RetentionBackend
 from .decay import DecaySpec, decay_sum, log_gamma_on
 from .state import RetentionState
 
@@ -45,7 +46,7 @@ def retention(
 ) -> tuple[Tensor, RetentionState | None]:
     """Multi-scale retention of every head, in any of its three forms; they agree up to rounding.
 
-    o_n = sum_{m<=n} gamma^(n-m) (q_n . k_m) v_m, optionally normalized (SPEC §2):
+    o_n = sum_{m<=n} gamma^(n-m) (q_n . k_m) v_m, optionally normalized (docs/math.md, Normalizations):
     ``normalize_decay`` divides row n by sqrt(c_n), c_n = sum_{m<=n} gamma^(n-m);
     ``normalize_retention`` then divides it by max(|sum_m of its retention scores|, 1).
 
@@ -56,11 +57,11 @@ def retention(
         mode: ``"parallel"`` (training), ``"chunkwise"`` (long sequences), ``"recurrent"`` (decoding).
         chunk_size: tokens per chunk in the chunkwise form, >= 1; need not divide T.
         state: what an earlier call returned, to continue a stream; None starts at position 0.
-        causal: False gives bidirectional retention, D_nm = gamma^|n-m| (SPEC §4); no state then.
+        causal: False gives bidirectional retention, D_nm = gamma^|n-m| (docs/math.md, Normalizations); no state.
         scale: multiplies q . k; defaults to Dk^-1/2.
         output_state: also return the state after the last token.
-        backend: ``"torch"`` (plain PyTorch, :mod:`.chunk`: the reference forms with a hand-written chunkwise
-            backward that stores only q, k, v and the chunk states), ``"triton"`` (fused kernels, CUDA tensors or
+        backend: ``"torch"`` (plain PyTorch, :mod:`.torch_backend`, with a hand-written chunkwise backward that
+            stores only q, k, v and the chunk states), ``"triton"`` (fused kernels, CUDA tensors or
             TRITON_INTERPRET=1) or ``"auto"``: the kernels for CUDA tensors when triton imports, PyTorch elsewhere.
     Returns:
         o: (B, H, T, Dv) in the dtype of v.
@@ -69,18 +70,18 @@ def retention(
     _check(q, k, v, mode, chunk_size, state, causal)
     B, H, T, Dk = q.shape
     scale = Dk**-0.5 if scale is None else scale
-    if mode == "recurrent" and T == 1 and causal and not _needs_grad(q, k, v, state):
+    if _is_decode_token(mode, causal, q, k, v, state):
         kw = dict(normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=output_state)
         return decode_step(q, k, v, decay, state, scale=scale, backend=backend, **kw)
     forms = _forms(backend, q)
     out_dtype, dtype = v.dtype, torch.promote_types(q.dtype, torch.float32)  # half precision keeps sums in float32
-    work = dtype if forms is chunk else q.dtype  # the kernels multiply half precision on the tensor cores
+    work = dtype if forms is torch_backend else q.dtype  # the kernels multiply half precision on the tensor cores
     log_g = log_gamma_on(decay, H, q.device, dtype)  # (H,)
     q, k, v = q.to(work), k.to(work), v.to(work)  # no copies when they are already there
     S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
     offset = q.new_zeros(B, dtype=torch.long) if state is None else state.offset  # (B,)
 
-    def run(q: Tensor, k: Tensor, v: Tensor) -> reference.Pieces:
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Pieces:
         if mode == "recurrent":
             return forms.recurrent(q, k, v, log_g, S, z, with_rowsum=normalize_retention, scale=scale)
         size = T if mode == "parallel" else chunk_size
@@ -138,26 +139,30 @@ def decode_step(
     )
 
 
-def _forms(backend: str, q: Tensor) -> ModuleType:
-    """The module that computes the unnormalized pieces: ``chunk`` (PyTorch) or the Triton kernels."""
+def _forms(backend: str, q: Tensor) -> RetentionBackend:
+    """The backend that computes the unnormalized pieces: :mod:`.torch_backend` or the Triton kernels."""
     if backend == "auto" and not q.is_cuda:  # the common case first: decoding asks once per token and layer
-        return chunk
+        return torch_backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not (q.is_cuda and q.dtype != torch.float64 and _kernels())):
-        return chunk
+        return torch_backend
     if _kernels() is None:
         raise ImportError("backend='triton' needs the triton package (pip install triton), or use backend='torch'")
     return _kernels()
 
 
-def _needs_grad(q: Tensor, k: Tensor, v: Tensor, state: RetentionState | None) -> bool:
+def _is_decode_token(mode: str, causal: bool, q: Tensor, k: Tensor, v: Tensor, state: RetentionState | None) -> bool:
+    """One token of the causal recurrent form that no gradient flows through: :func:`retention` hands it to
+    :func:`decode_step` (decoding), and this is the one place that decides so."""
+    if mode != "recurrent" or q.shape[2] != 1 or not causal:
+        return False
     tensors = (q, k, v) if state is None else (q, k, v, state.S, state.z)
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 @cache
-def _kernels() -> ModuleType | None:
+def _kernels() -> RetentionBackend | None:
     try:
         from . import triton
     except ImportError:

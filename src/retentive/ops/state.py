@@ -1,4 +1,4 @@
-"""The state a retention head carries between calls: (S, z, offset), SPEC §2."""
+"""The state a retention head carries between calls: (S, z, offset) (docs/math.md, One entry point, three forms)."""
 
 from __future__ import annotations
 

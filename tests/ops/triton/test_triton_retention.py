@@ -7,7 +7,7 @@ import torch
 from triton_checks import DEVICE, TOL, rel_err
 
 from retentive.ops import RetentionState, log_gamma, retention
-from retentive.ops.triton import recurrent_step
+from retentive.ops.triton import decode_step_
 
 retention_module = importlib.import_module("retentive.ops.retention")  # the module, not the function it exports
 
@@ -69,7 +69,7 @@ def test_recurrent_step_in_place(dtype, Dk, Dv):
     want_state = RetentionState(state.S.double(), state.z.double(), state.offset.clone())
     S_storage = state.S.data_ptr()
     for t in range(T):
-        o = recurrent_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], log_g, state, **kw)
+        o = decode_step_(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], log_g, state, **kw)
         x = (y[:, :, t : t + 1].double() for y in (q, k, v))
         want, want_state = retention(*x, mode="recurrent", state=want_state, output_state=True, backend="torch", **kw)
         assert rel_err(o, want) <= TOL[dtype]
@@ -112,8 +112,8 @@ def test_gradients_through_retention():
 
 def test_dispatch():
     cpu = torch.zeros(1, 1, 1, 4)
-    assert retention_module._forms("auto", cpu) is retention_module.chunk
-    assert retention_module._forms("torch", cpu) is retention_module.chunk
+    assert retention_module._forms("auto", cpu) is retention_module.torch_backend
+    assert retention_module._forms("torch", cpu) is retention_module.torch_backend
     with pytest.raises(ValueError, match="backend"):
         retention(cpu, cpu, cpu, backend="cuda")
 

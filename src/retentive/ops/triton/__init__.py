@@ -1,6 +1,7 @@
-"""Fused retention kernels in Triton; ``chunkwise`` and ``recurrent`` have the signatures of ``reference``."""
+"""Fused retention kernels in Triton: a :class:`~retentive.ops.backend.RetentionBackend`, and the decoding step
+in place (:func:`decode_step_`)."""
 
 from .chunk import chunkwise
-from .recurrent import decode_step, recurrent, recurrent_step
+from .recurrent import decode_step, decode_step_, recurrent
 
-__all__ = ["chunkwise", "decode_step", "recurrent", "recurrent_step"]
+__all__ = ["chunkwise", "decode_step", "decode_step_", "recurrent"]

@@ -1,4 +1,4 @@
-"""The chunkwise form in Triton, forward and backward, with the reference's signature and return.
+"""The chunkwise form in Triton, forward and backward: :meth:`~retentive.ops.backend.RetentionBackend.chunkwise`.
 
 Forward: a scan over chunks writes the state entering each chunk (``chunk_state``), then every chunk's
 output is computed in parallel (``chunk_output``). Backward: the states are recomputed rather than
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import Pieces
+from ..backend import Pieces
 from .chunk_grad import chunk_grads
 from .chunk_output import chunk_output
 from .chunk_state import chunk_states
@@ -23,7 +23,7 @@ from .chunk_state_grad import chunk_state_grads
 from .common import check_runnable, chunk_block, dot_precision
 
 
-class ChunkRetention(torch.autograd.Function):
+class TritonChunkRetention(torch.autograd.Function):
     """(q, k, v, S0, z0) -> (o, r, S, z) on flattened heads: q, k (BH, T, Dk), v (BH, T, Dv), S (BH, Dk, Dv)."""
 
     @staticmethod
@@ -64,14 +64,11 @@ def chunkwise(
     with_rowsum: bool,
     scale: float = 1.0,
 ) -> Pieces:
-    """Drop-in for :func:`retentive.ops.reference.chunkwise`, on the GPU (or in Triton's interpreter).
+    """See :meth:`~retentive.ops.backend.RetentionBackend.chunkwise`; on the GPU (or in Triton's interpreter).
 
-    Chunks are at most 64 tokens (``common.MAX_CHUNK``); any chunking gives the same result up to rounding.
-    Args:
-        q, k: (B, H, T, Dk); v: (B, H, T, Dv), one dtype among float32, float16, bfloat16; scale multiplies q . k.
-        log_g: (H,); S: (B, H, Dk, Dv) and z: (B, H, Dk), the incoming state (float32), or both None.
-    Returns:
-        Pieces: o (B, H, T, Dv) in v's dtype, r (B, H, T) float32 or None, S and z float32.
+    q, k, v in one dtype among float32, float16, bfloat16; the state S, z float32. Chunks are at most
+    ``common.MAX_CHUNK`` tokens: any chunking gives the same result up to rounding. Returns o in v's dtype,
+    r, S and z in float32.
     """
     check_runnable(q, k, v)
     q = q * scale  # the kernels take q scaled
@@ -82,6 +79,6 @@ def chunkwise(
     S0 = None if S is None else S.float().reshape(B * H, Dk, Dv).contiguous()
     z0 = None if z is None else z.float().reshape(B * H, Dk).contiguous()
     flat = (x.reshape(B * H, T, -1).contiguous() for x in (q, k, v))
-    o, r, S, z = ChunkRetention.apply(*flat, log_g.float().contiguous(), S0, z0, chunk_size, with_rowsum)
+    o, r, S, z = TritonChunkRetention.apply(*flat, log_g.float().contiguous(), S0, z0, chunk_size, with_rowsum)
     r = r.view(B, H, T) if with_rowsum else None
     return Pieces(o.view(B, H, T, Dv), r, S.view(B, H, Dk, Dv), z.view(B, H, Dk))

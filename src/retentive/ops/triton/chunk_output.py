@@ -1,4 +1,5 @@
-"""Forward output of every chunk, in parallel over chunks (SPEC §1, steps 1 and 4).
+"""Forward output of every chunk, in parallel over chunks (steps 1 and 4 of
+:func:`retentive.ops.reference.chunk_pieces`).
 
     o_j = sum_{l<=j} gamma^(j-l) (q_j . k_l) v_l  +  gamma^(j+1) q_j S_in
     r_j = sum_{l<=j} gamma^(j-l) (q_j . k_l)      +  gamma^(j+1) q_j . z_in      (= q_j . z_j, WITH_ROWSUM)

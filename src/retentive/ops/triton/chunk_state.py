@@ -1,4 +1,5 @@
-"""Forward scan over chunks: the state entering every chunk, and the final state (SPEC §1, step 3).
+"""Forward scan over chunks: the state entering every chunk, and the final state (step 3 of
+:func:`retentive.ops.reference.chunk_pieces`).
 
     S_next = gamma^L S_prev + sum_l gamma^(L-1-l) k_l^T v_l      (L the length of the chunk)
     z_next = gamma^L z_prev + sum_l gamma^(L-1-l) k_l            (the key sum of the retention normalization)

@@ -1,7 +1,8 @@
 """What every retention kernel shares: decay powers inside a chunk, tile sizes, launch checks.
 
-Decay powers are always exp(delta * log gamma) with delta >= 0 (SPEC §1), and every power that would
-belong to a row past the end of a short chunk is set to 0 before use, so no inf ever meets a masked 0.
+Decay powers are always exp(delta * log gamma) with delta >= 0 (docs/math.md, Why nothing overflows), and every
+power that would belong to a row past the end of a short chunk is set to 0 before use, so no inf ever meets a
+masked 0.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def block_size(dim: int, limit: int = MAX_TILE) -> int:
 def chunk_block(chunk_size: int) -> tuple[int, int]:
     """(tokens per chunk, its power-of-two tile): chunks longer than MAX_CHUNK are cut to MAX_CHUNK.
 
-    Any chunking gives the same retention up to rounding (SPEC §1), so this changes no result.
+    Any chunking gives the same retention up to rounding, so this changes no result.
     """
     length = min(chunk_size, MAX_CHUNK)
     return length, max(16, triton.next_power_of_2(length))

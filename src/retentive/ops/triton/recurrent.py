@@ -1,4 +1,5 @@
-"""The recurrent form in Triton: one decoding step for every head, the normalizations fused.
+"""The recurrent form in Triton: one decoding step for every head, the normalizations fused (docs/math.md,
+Normalizations).
 
     S_n = gamma S_{n-1} + k_n^T v_n,   z_n = gamma z_{n-1} + k_n,   o_n = q_n S_n,   r_n = q_n . z_n
     (decay normalization)      o_n, r_n <- o_n / sqrt(c_n), r_n / sqrt(c_n),  c_n = (1 - gamma^(n+1)) / (1 - gamma)
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import Pieces
+from ..backend import Pieces
 from ..state import RetentionState
 from .chunk import chunkwise
 from .common import MAX_CHUNK, block_size, check_runnable
@@ -31,7 +32,7 @@ def expm1(x):
 
 
 @triton.jit
-def recurrent_step_kernel(
+def decode_step_kernel(
     q,  # (BH, Dk)
     k,  # (BH, Dk)
     v,  # (BH, Dv)
@@ -105,7 +106,7 @@ def _step(
     o = v.new_empty(B, H, 1, Dv)
     z_out = torch.empty_like(z)
     BV = block_size(Dv, limit=STEP_BV)
-    recurrent_step_kernel[(triton.cdiv(Dv, BV), B * H)](
+    decode_step_kernel[(triton.cdiv(Dv, BV), B * H)](
         q.contiguous(), k.contiguous(), v.contiguous(), log_g.float().contiguous(), offset.contiguous(),
         S, z, S_out, z_out, o, scale, H,
         Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=BV,
@@ -116,7 +117,7 @@ def _step(
 
 
 @torch.compiler.disable
-def recurrent_step(
+def decode_step_(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -127,20 +128,16 @@ def recurrent_step(
     normalize_decay: bool = False,
     normalize_retention: bool = False,
 ) -> Tensor:
-    """One decoding step of retention for every head, updating ``state`` in place (S, z, offset).
+    """:func:`decode_step` updating ``state`` in place (S, z, offset): nothing but the step's output is allocated.
 
-    Args:
-        q, k: (B, H, 1, Dk) rotated, unscaled; v: (B, H, 1, Dv); one dtype (float32, float16, bfloat16).
-        log_g: (H,) log gamma; state: float32 S (B, H, Dk, Dv), z (B, H, Dk), contiguous, on q's device.
-        scale: multiplies q . k; defaults to Dk^-1/2.
-        normalize_decay, normalize_retention: the normalizations of SPEC §2, as in ``retention``.
-    Returns:
-        o: (B, H, 1, Dv) in v's dtype, normalized as asked: what ``retention`` returns for this token.
+    q, k, v and log_g as in :meth:`~retentive.ops.backend.RetentionBackend.decode_step`, in one dtype among
+    float32, float16, bfloat16; ``state``: a contiguous float32 S (B, H, Dk, Dv), z (B, H, Dk) on q's device.
+    ``scale`` defaults to Dk^-1/2. Returns o (B, H, 1, Dv) in v's dtype, normalized as asked.
     """
     if q.shape[2] != 1:
-        raise ValueError(f"recurrent_step reads one token per row, got q of shape {tuple(q.shape)}")
+        raise ValueError(f"decode_step_ reads one token per row, got q of shape {tuple(q.shape)}")
     if state.S.dtype != torch.float32 or not state.S.is_contiguous() or not state.z.is_contiguous():
-        raise ValueError("recurrent_step updates a contiguous float32 state in place: pass RetentionState.zeros(...)")
+        raise ValueError("decode_step_ updates a contiguous float32 state in place: pass RetentionState.zeros(...)")
     o, z = _step(
         q, k, v, log_g, state.offset, state.S, state.z, state.S,
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
@@ -164,10 +161,7 @@ def decode_step(
     normalize_retention: bool,
     output_state: bool,
 ) -> tuple[Tensor, RetentionState | None]:
-    """``retention`` of one token in the recurrent form, one fused kernel: returns (o, new state or None).
-
-    The given state is left as it is; q, k (B, H, 1, Dk) unscaled, v (B, H, 1, Dv).
-    """
+    """See :meth:`~retentive.ops.backend.RetentionBackend.decode_step`: one fused kernel."""
     B, H, _, Dk = q.shape
     if state is None:
         state = RetentionState.zeros(B, H, Dk, v.shape[-1], device=q.device)
@@ -191,7 +185,6 @@ def recurrent(
     with_rowsum: bool,
     scale: float = 1.0,
 ) -> Pieces:
-    """Drop-in for :func:`retentive.ops.reference.recurrent`: the same recurrence, computed
-    by the chunkwise kernels (differentiable, and faster than token by token). One token without
-    gradients goes through :func:`decode_step` instead (see ``retention``)."""
+    """See :meth:`~retentive.ops.backend.RetentionBackend.recurrent`: the same recurrence, computed by the
+    chunkwise kernels (differentiable, and faster than token by token)."""
     return chunkwise(q, k, v, log_g, S, z, chunk_size=MAX_CHUNK, with_rowsum=with_rowsum, scale=scale)

@@ -1,17 +1,19 @@
-"""Chunkwise retention in PyTorch with a hand-written backward: what ``backend="torch"`` trains with.
+"""The PyTorch backend (``backend="torch"``): every form of :class:`~retentive.ops.backend.RetentionBackend` in plain
+PyTorch, the chunkwise one with a hand-written backward.
 
-Autograd through :func:`reference.chunk_pieces` keeps every intermediate of every chunk: the C x C scores,
-the decayed keys and queries, ... (about 4x the inputs at C = 256). This autograd function keeps only q, k, v
-and the state entering each chunk, and recomputes the scores in the backward pass, which is the forward
-pass run backwards (SPEC §1): with A = (Q K^T) ⊙ D inside a chunk and G_n the gradient of the state after
-chunk n, scanned from the last chunk to the first (G_(n-1) = gamma^C G_n + (Q_n ⊙ g_in)^T dO_n),
+Autograd through the chunkwise form (:func:`retentive.ops.reference.chunk_pieces`) keeps every intermediate of every
+chunk: the C x C scores, the decayed keys and queries, ... (about 4x the inputs at C = 256).
+:class:`TorchChunkRetention` keeps only q, k, v and the state entering each chunk, and recomputes the scores in the
+backward pass, which is the forward pass run backwards (docs/math.md, One entry point, three forms): with
+A = (Q K^T) ⊙ D inside a chunk and G_n the gradient of the state after chunk n, scanned from the last chunk to the
+first (G_(n-1) = gamma^C G_n + (Q_n ⊙ g_in)^T dO_n),
 
     dA = (dO V^T + dr 1^T) ⊙ D
     dQ = dA K + (dO S_in^T + dr z_in^T) ⊙ g_in
     dK = dA^T Q + (V G_n^T + 1 Gz_n^T) ⊙ g_out
     dV = A^T dO + (K ⊙ g_out) G_n
 
-The tests compare outputs and gradients with autograd through :func:`reference.chunk_pieces`.
+The tests compare outputs and gradients with autograd through :func:`retentive.ops.reference.chunkwise`.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import reference
-from .reference import Pieces, chunk_decay, decode_step, recurrent
+from .backend import Pieces, chunked
+from .decay import chunk_decay, decay_sum
+from .state import RetentionState
 
 __all__ = ["chunkwise", "decode_step", "recurrent"]
 
 
 def scan_states(x: Tensor, s: Tensor, g: Tensor, *, reverse: bool = False) -> tuple[Tensor, Tensor]:
     """s_(n+1) = g s_n + x_n from s_0 = ``s``: the states entering each step (B, H, N, ...) and the one after
-    the last; ``reverse`` runs from n = N-1 down to 0. :func:`reference.scan_chunks` without autograd: each
-    state is written in place into one buffer (no list to stack), and the backward scan needs no flips.
+    the last; ``reverse`` runs from n = N-1 down to 0. :func:`~retentive.ops.reference.scan_chunks` without
+    autograd: each state is written in place into one buffer (no list to stack), and the backward scan needs no
+    flips.
     Args: x (B, H, N, *F); s (B, H, *F); g (H, 1, ...) broadcasting over F.
     """
     states = torch.empty_like(x)
@@ -48,8 +52,8 @@ def _add_product(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-class ChunkRetention(torch.autograd.Function):
-    """:func:`reference.chunk_pieces` (N equal chunks) with the backward above.
+class TorchChunkRetention(torch.autograd.Function):
+    """:func:`~retentive.ops.reference.chunk_pieces` (N equal chunks) with the backward above.
 
     Both passes update in place what the reference writes anew (no autograd to serve here): each (N, C, D)
     temporary is a fresh 8-16 MiB buffer at 8k tokens, whose page faults cost as much as the arithmetic.
@@ -142,8 +146,8 @@ def chunk_pieces(
     with_rowsum: bool,
     scale: float = 1.0,
 ) -> Pieces:
-    """:func:`reference.chunk_pieces`, with the hand-written backward."""
-    return Pieces(*ChunkRetention.apply(q, k, v, log_g, S, z, with_rowsum, scale))
+    """N equal chunks through :class:`TorchChunkRetention`: q, k (B, H, N, C, Dk), v (B, H, N, C, Dv)."""
+    return Pieces(*TorchChunkRetention.apply(q, k, v, log_g, S, z, with_rowsum, scale))
 
 
 def chunkwise(
@@ -158,7 +162,75 @@ def chunkwise(
     with_rowsum: bool,
     scale: float = 1.0,
 ) -> Pieces:
-    """:func:`reference.chunkwise` (same arguments, same result), saving only q, k, v and the chunk states."""
-    return reference.chunkwise(
-        q, k, v, log_g, S, z, chunk_size=chunk_size, with_rowsum=with_rowsum, scale=scale, pieces=chunk_pieces
-    )
+    """See :meth:`~retentive.ops.backend.RetentionBackend.chunkwise`; the backward pass keeps only q, k, v and the
+    state entering each chunk."""
+    return chunked(chunk_pieces, q, k, v, log_g, S, z, chunk_size=chunk_size, with_rowsum=with_rowsum, scale=scale)
+
+
+def recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    S: Tensor | None,
+    z: Tensor | None,
+    *,
+    with_rowsum: bool,
+    scale: float = 1.0,
+) -> Pieces:
+    """See :meth:`~retentive.ops.backend.RetentionBackend.recurrent`: one token at a time, through autograd."""
+    q = q * scale
+    B, H, _, Dk = q.shape
+    gamma = log_g.exp()[:, None]  # (H, 1)
+    S = q.new_zeros(B, H, Dk, v.shape[-1]) if S is None else S
+    z = q.new_zeros(B, H, Dk) if z is None else z
+    outs, rows = [], []
+    for q_t, k_t, v_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), strict=True):  # unbind: one backward, not T
+        S = gamma[..., None] * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, Dk, Dv)
+        z = gamma * z + k_t
+        outs.append((q_t[..., None, :] @ S).squeeze(-2))  # (B, H, Dv)
+        if with_rowsum:
+            rows.append((q_t * z).sum(-1))  # (B, H)
+    o = torch.stack(outs, dim=2)
+    r = torch.stack(rows, dim=2) if with_rowsum else None
+    return Pieces(o, r, S, z)
+
+
+def decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_g: Tensor,
+    state: RetentionState | None,
+    *,
+    scale: float,
+    normalize_decay: bool,
+    normalize_retention: bool,
+    output_state: bool,
+) -> tuple[Tensor, RetentionState | None]:
+    """See :meth:`~retentive.ops.backend.RetentionBackend.decode_step`: the recurrent form unrolled once, in as few
+    tensor ops as the math allows (decoding runs it for every token and layer)."""
+    out_dtype, dtype = v.dtype, log_g.dtype
+    if q.dtype != dtype:  # half precision: state and sums in float32 (tested first: even a no-op cast costs a dispatch)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    kv = k.transpose(-1, -2) * v  # (B, H, Dk, Dv): k_n^T v_n
+    if state is None:
+        S, z, offset = kv, k[:, :, 0], torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    else:
+        S, z, offset = state.S, state.z, state.offset
+        if S.dtype != dtype:
+            S, z = S.to(dtype), z.to(dtype)
+        gamma = log_g.exp()[:, None]  # (H, 1)
+        S = torch.addcmul(kv, gamma[..., None], S)  # gamma S + k^T v
+        z = torch.addcmul(k[:, :, 0], gamma, z)  # (B, H, Dk)
+    o = (q @ S) * scale  # (B, H, 1, Dv)
+    if normalize_decay or normalize_retention:
+        r = (q[:, :, 0] * z).sum(-1)[..., None, None] * scale if normalize_retention else None  # (B, H, 1, 1)
+        if normalize_decay:
+            c_sqrt = decay_sum(log_g, offset[:, None]).sqrt()[..., None]  # (B, H, 1, 1)
+            o = o / c_sqrt
+            r = r / c_sqrt if normalize_retention else None
+        if normalize_retention:
+            o = o / r.abs().clamp(min=1)
+    new_state = RetentionState(S, z, offset + 1) if output_state else None
+    return (o if o.dtype == out_dtype else o.to(out_dtype)), new_state

@@ -1,4 +1,4 @@
-"""The hand-written chunkwise backward (ops/chunk.py) against autograd through the reference forms."""
+"""The hand-written chunkwise backward (ops/torch_backend.py) against autograd through the reference forms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retentive.ops import chunk, log_gamma, reference
+from retentive.ops import log_gamma, reference, torch_backend
 
 F64 = torch.float64
 
@@ -50,7 +50,7 @@ def make(B: int, H: int, T: int, dk: int, dv: int, with_state: bool, dtype: torc
 def test_backward_matches_autograd_float64(B, H, T, dk, dv, chunk_size, with_rowsum, with_state):
     inputs = make(B, H, T, dk, dv, with_state, F64)
     kw = dict(chunk_size=chunk_size, with_rowsum=with_rowsum, scale=dk**-0.5)
-    for got, want in zip(run(chunk, inputs, **kw), run(reference, inputs, **kw), strict=True):
+    for got, want in zip(run(torch_backend, inputs, **kw), run(reference, inputs, **kw), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -58,7 +58,9 @@ def test_backward_matches_autograd_float64(B, H, T, dk, dv, chunk_size, with_row
 def test_backward_float32_close_to_float64(chunk_size):
     """float32 gradients within 1e-5 (relative to the largest) of the float64 ones, 300 tokens."""
     want = run(reference, make(1, 4, 300, 16, 32, True, F64), chunk_size=chunk_size, with_rowsum=True, scale=0.25)
-    got = run(chunk, make(1, 4, 300, 16, 32, True, torch.float32), chunk_size=chunk_size, with_rowsum=True, scale=0.25)
+    got = run(
+        torch_backend, make(1, 4, 300, 16, 32, True, torch.float32), chunk_size=chunk_size, with_rowsum=True, scale=0.25
+    )
     for g, w in zip(got, want, strict=True):
         assert ((g.to(F64) - w).abs().max() / w.abs().max()).item() < 1e-5
 
@@ -68,7 +70,7 @@ def test_keeps_only_inputs_and_chunk_states():
     inputs = make(1, 2, 512, 8, 16, False, torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        chunk.chunkwise(
+        torch_backend.chunkwise(
             *(inputs[n] for n in "qkv"), log_gamma("retnet", 2).float(), None, None, chunk_size=64, with_rowsum=True
         )
     inputs_ptr = {inputs[n].untyped_storage().data_ptr() for n in "qkv"}
@@ -88,8 +90,8 @@ def test_scan_states_is_the_reference_scan_both_ways(N, H, reverse):
     flip = (lambda x: x.flip(2)) if reverse else (lambda x: x)
     S_in, z_in, S_end, z_end = reference.scan_chunks(flip(kv), flip(ks), g_chunk, S, z)
     for got, want in (
-        (chunk.scan_states(kv, S, g_chunk[..., None], reverse=reverse), (flip(S_in), S_end)),
-        (chunk.scan_states(ks, z, g_chunk, reverse=reverse), (flip(z_in), z_end)),
+        (torch_backend.scan_states(kv, S, g_chunk[..., None], reverse=reverse), (flip(S_in), S_end)),
+        (torch_backend.scan_states(ks, z, g_chunk, reverse=reverse), (flip(z_in), z_end)),
     ):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -99,7 +101,7 @@ def test_output_alone_skips_the_key_sum_and_agrees():
     its scan, and every other gradient still equals autograd through the reference."""
     inputs = make(2, 3, 50, 8, 5, True, F64)
     grads = []
-    for module in (chunk, reference):
+    for module in (torch_backend, reference):
         q, k, v, S, z = (inputs[n] for n in "qkvSz")
         lg = log_gamma("retnet", 3).to(F64)
         o = module.chunkwise(q, k, v, lg, S, z, chunk_size=16, with_rowsum=False, scale=0.3).o
