@@ -1,5 +1,5 @@
 """What a retention backend computes, stated once: :class:`RetentionBackend`, its return :class:`Pieces`, and the
-chunk driver the PyTorch forms share.
+chunk driver the PyTorch forms share (:func:`chunkwise_from`).
 
 A backend computes the *unnormalized* pieces, so that :func:`retentive.ops.retention` applies the normalizations
 once, the same way for every backend (docs/math.md, Normalizations):
@@ -93,39 +93,44 @@ class RetentionBackend(Protocol):
         ...
 
 
-def chunked(
-    pieces: Callable[..., Pieces],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_g: Tensor,
-    S: Tensor | None,
-    z: Tensor | None,
-    *,
-    chunk_size: int,
-    with_rowsum: bool,
-    scale: float = 1.0,
-) -> Pieces:
-    """:meth:`RetentionBackend.chunkwise` from ``pieces``, which computes N equal chunks at once: the full chunks in
-    one call, then the shorter last one (no padding), the state carried from one to the other.
+def chunkwise_from(pieces: Callable[..., tuple]) -> Callable[..., Pieces]:
+    """:meth:`RetentionBackend.chunkwise` from ``pieces``, which computes N equal chunks at once.
 
-    ``pieces(q, k, v, log_g, S, z, *, with_rowsum, scale)`` takes q, k (B, H, N, C, Dk), v (B, H, N, C, Dv)
-    and returns Pieces with o (B, H, N, C, Dv), r (B, H, N, C).
+    ``pieces(q, k, v, log_g, S, z, with_rowsum, scale)`` takes q, k (B, H, N, C, Dk), v (B, H, N, C, Dv) and
+    returns (o (B, H, N, C, Dv), r (B, H, N, C) or None, S, z): the PyTorch forms, with autograd or a hand-written
+    backward. The chunkwise form runs the full chunks in one call, then the shorter last one (no padding), the
+    state carried from one to the other.
     """
-    T = q.shape[-2]
-    C = min(chunk_size, T)
-    full = T - T % C
-    outs = []
-    for start, end, n in ((0, full, full // C), (full, T, 1)):  # the full chunks, then the short one
-        if end == start:
-            continue
-        q_, k_, v_ = (x[:, :, start:end].unflatten(2, (n, -1)) for x in (q, k, v))  # (B, H, n, C', D)
-        p = pieces(q_, k_, v_, log_g, S, z, with_rowsum=with_rowsum, scale=scale)
-        S, z = p.S, p.z
-        outs.append(p)
-    o = _concat_time([p.o.flatten(2, 3) for p in outs])
-    r = _concat_time([p.r.flatten(2, 3) for p in outs]) if with_rowsum else None
-    return Pieces(o, r, S, z)
+
+    def chunkwise(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        log_g: Tensor,
+        S: Tensor | None,
+        z: Tensor | None,
+        *,
+        chunk_size: int,
+        with_rowsum: bool,
+        scale: float = 1.0,
+    ) -> Pieces:
+        """See :meth:`RetentionBackend.chunkwise`."""
+        T = q.shape[-2]
+        C = min(chunk_size, T)
+        full = T - T % C
+        outs = []
+        for start, end, n in ((0, full, full // C), (full, T, 1)):  # the full chunks, then the short one
+            if end == start:
+                continue
+            q_, k_, v_ = (x[:, :, start:end].unflatten(2, (n, -1)) for x in (q, k, v))  # (B, H, n, C', D)
+            p = Pieces(*pieces(q_, k_, v_, log_g, S, z, with_rowsum, scale))
+            S, z = p.S, p.z
+            outs.append(p)
+        o = _concat_time([p.o.flatten(2, 3) for p in outs])
+        r = _concat_time([p.r.flatten(2, 3) for p in outs]) if with_rowsum else None
+        return Pieces(o, r, S, z)
+
+    return chunkwise
 
 
 def _concat_time(pieces: list[Tensor]) -> Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import Pieces, chunked
+from .backend import Pieces, chunkwise_from
 from .decay import chunk_decay, decay_powers
 
 
@@ -63,7 +63,6 @@ def chunk_pieces(
     log_g: Tensor,
     S: Tensor | None,
     z: Tensor | None,
-    *,
     with_rowsum: bool,
     scale: float = 1.0,
 ) -> Pieces:
@@ -102,18 +101,4 @@ def chunk_pieces(
     return Pieces(o, r, S, z)
 
 
-def chunkwise(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_g: Tensor,
-    S: Tensor | None,
-    z: Tensor | None,
-    *,
-    chunk_size: int,
-    with_rowsum: bool,
-    scale: float = 1.0,
-) -> Pieces:
-    """:func:`chunk_pieces` over chunks of ``chunk_size`` tokens, the last one shorter when chunk_size does not
-    divide T; see :meth:`~retentive.ops.backend.RetentionBackend.chunkwise`."""
-    return chunked(chunk_pieces, q, k, v, log_g, S, z, chunk_size=chunk_size, with_rowsum=with_rowsum, scale=scale)
+chunkwise = chunkwise_from(chunk_pieces)  # with autograd through every step: the truth for the backward passes

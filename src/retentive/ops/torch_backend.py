@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .backend import Pieces, chunked
+from .backend import Pieces, chunkwise_from
 from .decay import chunk_decay, decay_sum
 from .state import RetentionState
 
@@ -135,36 +135,7 @@ class TorchChunkRetention(torch.autograd.Function):
         return dq, dk, dv, None, dS0 if needs[4] else None, dz0 if needs[5] else None, None, None
 
 
-def chunk_pieces(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_g: Tensor,
-    S: Tensor | None,
-    z: Tensor | None,
-    *,
-    with_rowsum: bool,
-    scale: float = 1.0,
-) -> Pieces:
-    """N equal chunks through :class:`TorchChunkRetention`: q, k (B, H, N, C, Dk), v (B, H, N, C, Dv)."""
-    return Pieces(*TorchChunkRetention.apply(q, k, v, log_g, S, z, with_rowsum, scale))
-
-
-def chunkwise(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_g: Tensor,
-    S: Tensor | None,
-    z: Tensor | None,
-    *,
-    chunk_size: int,
-    with_rowsum: bool,
-    scale: float = 1.0,
-) -> Pieces:
-    """See :meth:`~retentive.ops.backend.RetentionBackend.chunkwise`; the backward pass keeps only q, k, v and the
-    state entering each chunk."""
-    return chunked(chunk_pieces, q, k, v, log_g, S, z, chunk_size=chunk_size, with_rowsum=with_rowsum, scale=scale)
+chunkwise = chunkwise_from(TorchChunkRetention.apply)  # its backward keeps only q, k, v and the chunk states
 
 
 def recurrent(

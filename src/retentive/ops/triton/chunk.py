@@ -20,7 +20,7 @@ from .chunk_grad import chunk_grads
 from .chunk_output import chunk_output
 from .chunk_state import chunk_states
 from .chunk_state_grad import chunk_state_grads
-from .common import check_runnable, chunk_block, dot_precision
+from .common import Tiling, check_runnable
 
 
 class TritonChunkRetention(torch.autograd.Function):
@@ -28,12 +28,11 @@ class TritonChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_g, S0, z0, chunk_size: int, with_rowsum: bool):
-        chunk, block = chunk_block(chunk_size)
-        precision = dot_precision(q.dtype)
-        h, hz, S, z = chunk_states(k, v, log_g, S0, z0, chunk, block, precision)
-        o, r = chunk_output(q, k, v, h, hz, log_g, chunk, block, precision, with_rowsum)
+        tiling = Tiling.of(q, v, log_g, chunk_size)
+        h, hz, S, z = chunk_states(k, v, log_g, S0, z0, tiling)
+        o, r = chunk_output(q, k, v, h, hz, log_g, tiling, with_rowsum)
         ctx.save_for_backward(q, k, v, log_g, S0, z0)
-        ctx.options = (chunk, block, precision, with_rowsum)
+        ctx.options = (tiling, with_rowsum)
         if not with_rowsum:
             ctx.mark_non_differentiable(r)
         return o, r, S, z
@@ -41,12 +40,12 @@ class TritonChunkRetention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dr, dS, dz):
         q, k, v, log_g, S0, z0 = ctx.saved_tensors
-        chunk, block, precision, with_rowsum = ctx.options
+        tiling, with_rowsum = ctx.options
         do, dS, dz = (x.contiguous() for x in (do, dS, dz))
         dr = dr.contiguous() if with_rowsum else do  # without row sums the kernels never read dr
-        h, hz, _, _ = chunk_states(k, v, log_g, S0, z0, chunk, block, precision)  # recomputed, not kept
-        dh, dhz, dS0, dz0 = chunk_state_grads(q, do, dr, log_g, dS, dz, chunk, block, precision, with_rowsum)
-        dq, dk, dv = chunk_grads(q, k, v, h, hz, do, dr, dh, dhz, log_g, chunk, block, precision, with_rowsum)
+        h, hz, _, _ = chunk_states(k, v, log_g, S0, z0, tiling)  # recomputed, not kept
+        dh, dhz, dS0, dz0 = chunk_state_grads(q, do, dr, log_g, dS, dz, tiling, with_rowsum)
+        dq, dk, dv = chunk_grads(q, k, v, h, hz, do, dr, dh, dhz, log_g, tiling, with_rowsum)
         has_state = S0 is not None
         return dq, dk, dv, None, dS0 if has_state else None, dz0 if has_state else None, None, None
 

@@ -16,138 +16,76 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, mma, tuned
+from .common import Tiling, chunk_decays, chunk_program, features, load, mma, store, tile, tuned, vector
 
 
 @tuned
 @triton.jit
 def chunk_grad_qk_kernel(
-    q,  # (BH, T, Dk)
-    k,  # (BH, T, Dk)
-    v,  # (BH, T, Dv)
-    h,  # (BH, NT, Dk, Dv) S entering each chunk
-    hz,  # (BH, NT, Dk) float32 z entering each chunk, read WITH_ROWSUM
-    do,  # (BH, T, Dv)
-    dr,  # (BH, T) float32, read WITH_ROWSUM
-    dh,  # (BH, NT, Dk, Dv) gradient of S leaving each chunk
-    dhz,  # (BH, NT, Dk) float32 gradient of z leaving each chunk
-    log_g,  # (H,) float32
-    dq,  # (BH, T, Dk) out
-    dk,  # (BH, T, Dk) out
-    T,
-    H,
-    NT,
-    CHUNK,
-    Dk: tl.constexpr,
-    Dv: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    WITH_ROWSUM: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    lg = tl.load(log_g + i_bh % H)
-    j = tl.arange(0, BC)
-    rk = i_k * BK + tl.arange(0, BK)
-    start = i_c * CHUNK
-    length = tl.minimum(CHUNK, T - start)
-    rows = start + j
-    row_mask = j < length
-    state = (i_bh * NT + i_c) * Dk * Dv
+    q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk,
+    T, H, NT, CHUNK, Dk: tl.constexpr, Dv: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    WITH_ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """q, k (BH, T, Dk), v (BH, T, Dv), the state entering each chunk h (BH, NT, Dk, Dv), hz (BH, NT, Dk) float32,
+    do (BH, T, Dv), dr (BH, T) float32 (hz and dr read WITH_ROWSUM), the gradient of the state leaving each chunk
+    dh (BH, NT, Dk, Dv), dhz (BH, NT, Dk) float32, log_g (H,) float32 -> dq, dk (BH, T, Dk)."""
+    i_bh, lg, i_c, rows, length, keys = chunk_program(log_g, H, T, CHUNK, BC, Dk, BK)
+    state = i_bh * NT + i_c  # this chunk's entry in h, hz, dh and dhz
 
     d_scores = tl.zeros([BC, BC], dtype=tl.float32)  # do_j . v_l
     dq_cross = tl.zeros([BC, BK], dtype=tl.float32)  # do_j S_in^T
     dk_cross = tl.zeros([BC, BK], dtype=tl.float32)  # v_l dH^T
     for i_v in range(tl.cdiv(Dv, BV)):
-        rv = i_v * BV + tl.arange(0, BV)
-        rows_v = row_mask[:, None] & (rv[None, :] < Dv)
-        dO = tl.load(do + i_bh * T * Dv + rows[:, None] * Dv + rv[None, :], mask=rows_v, other=0.0)  # (BC, BV)
-        vt = tl.load(v + i_bh * T * Dv + rows[:, None] * Dv + rv[None, :], mask=rows_v, other=0.0)  # (BC, BV)
-        tile_T = (rk[None, :] < Dk) & (rv[:, None] < Dv)
-        S_T = tl.load(h + state + rk[None, :] * Dv + rv[:, None], mask=tile_T, other=0.0)  # (BV, BK)
-        dH_T = tl.load(dh + state + rk[None, :] * Dv + rv[:, None], mask=tile_T, other=0.0)  # (BV, BK)
+        values = features(i_v, BV, Dv)
+        dO = load(tile(do, i_bh, T, Dv, rows, values))  # (BC, BV)
+        vt = load(tile(v, i_bh, T, Dv, rows, values))  # (BC, BV)
+        S_T = load(tile(h, state, Dk, Dv, keys, values, TRANSPOSED=True))  # (BV, BK)
+        dH_T = load(tile(dh, state, Dk, Dv, keys, values, TRANSPOSED=True))  # (BV, BK)
         d_scores += mma(dO, tl.trans(vt), PRECISION)
         dq_cross += mma(dO, S_T.to(dO.dtype), PRECISION)
         dk_cross += mma(vt, dH_T.to(vt.dtype), PRECISION)
 
-    k_mask = rk < Dk
-    dZ = tl.load(dhz + (i_bh * NT + i_c) * Dk + rk, mask=k_mask, other=0.0)  # (BK,)
+    dZ = load(vector(dhz, state, Dk, keys))  # (BK,)
     dk_cross += dZ[None, :]
     if WITH_ROWSUM:  # the row sums: a value column of ones, whose state column is z
-        dR = tl.load(dr + i_bh * T + rows, mask=row_mask, other=0.0)  # (BC,)
-        z = tl.load(hz + (i_bh * NT + i_c) * Dk + rk, mask=k_mask, other=0.0)  # (BK,)
+        dR = load(vector(dr, i_bh, T, rows))  # (BC,)
+        z = load(vector(hz, state, Dk, keys))  # (BK,)
         d_scores += dR[:, None]
         dq_cross += dR[:, None] * z[None, :]
 
-    g_in, g_out, D = chunk_decays(lg, j, length)
-    rows_k = row_mask[:, None] & k_mask[None, :]
-    qt = tl.load(q + i_bh * T * Dk + rows[:, None] * Dk + rk[None, :], mask=rows_k, other=0.0)  # (BC, BK)
-    kt = tl.load(k + i_bh * T * Dk + rows[:, None] * Dk + rk[None, :], mask=rows_k, other=0.0)  # (BC, BK)
+    g_in, g_out, D = chunk_decays(lg, length, BC)
+    qt = load(tile(q, i_bh, T, Dk, rows, keys))  # (BC, BK)
+    kt = load(tile(k, i_bh, T, Dk, rows, keys))  # (BC, BK)
     d_scores = (d_scores * D).to(qt.dtype)
-    dq_t = dq_cross * g_in[:, None] + mma(d_scores, kt, PRECISION)
-    dk_t = dk_cross * g_out[:, None] + mma(tl.trans(d_scores), qt, PRECISION)
-    out = i_bh * T * Dk + rows[:, None] * Dk + rk[None, :]
-    tl.store(dq + out, dq_t.to(dq.dtype.element_ty), mask=rows_k)
-    tl.store(dk + out, dk_t.to(dk.dtype.element_ty), mask=rows_k)
+    store(tile(dq, i_bh, T, Dk, rows, keys), dq_cross * g_in[:, None] + mma(d_scores, kt, PRECISION))
+    store(tile(dk, i_bh, T, Dk, rows, keys), dk_cross * g_out[:, None] + mma(tl.trans(d_scores), qt, PRECISION))
 
 
 @tuned
 @triton.jit
 def chunk_grad_v_kernel(
-    q,  # (BH, T, Dk)
-    k,  # (BH, T, Dk)
-    do,  # (BH, T, Dv)
-    dh,  # (BH, NT, Dk, Dv)
-    log_g,  # (H,) float32
-    dv,  # (BH, T, Dv) out
-    T,
-    H,
-    NT,
-    CHUNK,
-    Dk: tl.constexpr,
-    Dv: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
+    q, k, do, dh, log_g, dv,
+    T, H, NT, CHUNK, Dk: tl.constexpr, Dv: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
-):
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    lg = tl.load(log_g + i_bh % H)
-    j = tl.arange(0, BC)
-    rv = i_v * BV + tl.arange(0, BV)
-    start = i_c * CHUNK
-    length = tl.minimum(CHUNK, T - start)
-    rows = start + j
-    row_mask = j < length
+):  # fmt: skip
+    """q, k (BH, T, Dk), do (BH, T, Dv), the gradient of the state leaving each chunk dh (BH, NT, Dk, Dv), log_g
+    (H,) float32 -> dv (BH, T, Dv)."""
+    i_bh, lg, i_c, rows, length, values = chunk_program(log_g, H, T, CHUNK, BC, Dv, BV)
 
     scores_T = tl.zeros([BC, BC], dtype=tl.float32)  # k_l . q_j
     dv_cross = tl.zeros([BC, BV], dtype=tl.float32)  # k_l dH
     for i_k in range(tl.cdiv(Dk, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        kt = tl.load(  # (BC, BK)
-            k + i_bh * T * Dk + rows[:, None] * Dk + rk[None, :],
-            mask=row_mask[:, None] & (rk[None, :] < Dk),
-            other=0.0,
-        )
-        qT = tl.load(  # (BK, BC)
-            q + i_bh * T * Dk + rows[None, :] * Dk + rk[:, None],
-            mask=row_mask[None, :] & (rk[:, None] < Dk),
-            other=0.0,
-        )
-        dH = tl.load(  # (BK, BV)
-            dh + (i_bh * NT + i_c) * Dk * Dv + rk[:, None] * Dv + rv[None, :],
-            mask=(rk[:, None] < Dk) & (rv[None, :] < Dv),
-            other=0.0,
-        )
+        keys = features(i_k, BK, Dk)
+        kt = load(tile(k, i_bh, T, Dk, rows, keys))  # (BC, BK)
+        qT = load(tile(q, i_bh, T, Dk, rows, keys, TRANSPOSED=True))  # (BK, BC)
+        dH = load(tile(dh, i_bh * NT + i_c, Dk, Dv, keys, values))  # (BK, BV)
         scores_T += mma(kt, qT, PRECISION)
         dv_cross += mma(kt, dH.to(kt.dtype), PRECISION)
 
-    _, g_out, D = chunk_decays(lg, j, length)
-    rows_v = row_mask[:, None] & (rv[None, :] < Dv)
-    dO = tl.load(do + i_bh * T * Dv + rows[:, None] * Dv + rv[None, :], mask=rows_v, other=0.0)  # (BC, BV)
+    _, g_out, D = chunk_decays(lg, length, BC)
+    dO = load(tile(do, i_bh, T, Dv, rows, values))  # (BC, BV)
     dv_t = dv_cross * g_out[:, None] + mma((scores_T * tl.trans(D)).to(dO.dtype), dO, PRECISION)
-    tl.store(dv + i_bh * T * Dv + rows[:, None] * Dv + rv[None, :], dv_t.to(dv.dtype.element_ty), mask=rows_v)
+    store(tile(dv, i_bh, T, Dv, rows, values), dv_t)
 
 
 def chunk_grads(
@@ -161,24 +99,13 @@ def chunk_grads(
     dh: Tensor,
     dhz: Tensor,
     log_g: Tensor,
-    chunk: int,
-    block: int,
-    precision: str,
+    t: Tiling,
     with_rowsum: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk (BH, T, Dk) and dv (BH, T, Dv), in the dtypes of q, k and v."""
-    BH, T, Dk = q.shape
-    Dv = v.shape[-1]
-    NT = h.shape[1]
-    BK, BV = block_size(Dk), block_size(Dv)
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    H = log_g.numel()
-    chunk_grad_qk_kernel[(triton.cdiv(Dk, BK), NT, BH)](
-        q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk, T, H, NT, chunk,
-        Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, WITH_ROWSUM=with_rowsum, PRECISION=precision,
-    )  # fmt: skip
-    chunk_grad_v_kernel[(triton.cdiv(Dv, BV), NT, BH)](
-        q, k, do, dh, log_g, dv, T, H, NT, chunk,
-        Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, PRECISION=precision,
-    )  # fmt: skip
+    chunk_grad_qk_kernel[t.chunk_grid(t.Dk, t.BK)](
+        q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
+    )
+    chunk_grad_v_kernel[t.chunk_grid(t.Dv, t.BV)](q, k, do, dh, log_g, dv, *t.sizes, **t.meta)
     return dq, dk, dv

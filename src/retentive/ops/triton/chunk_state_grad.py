@@ -18,85 +18,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_size, chunk_decays, mma, tuned
+from .common import Tiling, chunk_rows, load, scan_program, scan_step, store_state, tile, tuned, vector
 
 
 @tuned
 @triton.jit
 def chunk_state_grad_kernel(
-    q,  # (BH, T, Dk)
-    do,  # (BH, T, Dv)
-    dr,  # (BH, T) float32, read WITH_ROWSUM
-    log_g,  # (H,) float32
-    dS_final,  # (BH, Dk, Dv) float32
-    dz_final,  # (BH, Dk) float32
-    dh,  # (BH, NT, Dk, Dv) out: the gradient of S leaving each chunk
-    dhz,  # (BH, NT, Dk) float32 out: the gradient of z leaving each chunk
-    dS0,  # (BH, Dk, Dv) float32 out
-    dz0,  # (BH, Dk) float32 out
-    T,
-    H,
-    NT,
-    CHUNK,
-    Dk: tl.constexpr,
-    Dv: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    WITH_ROWSUM: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    lg = tl.load(log_g + i_bh % H)
-    j = tl.arange(0, BC)
-    rk = i_k * BK + tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    tile = rk[:, None] * Dv + rv[None, :]
-    tile_mask = (rk[:, None] < Dk) & (rv[None, :] < Dv)
-    z_mask = (rk < Dk) & (tl.full([BK], i_v, tl.int32) == 0)  # one program per Dk slice writes dz
+    q, do, dr, log_g, dS_final, dz_final, dh, dhz, dS0, dz0,
+    T, H, NT, CHUNK, Dk: tl.constexpr, Dv: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    WITH_ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """q (BH, T, Dk), do (BH, T, Dv), dr (BH, T) float32 (read WITH_ROWSUM), log_g (H,) float32 and the gradient
+    of the final state dS_final (BH, Dk, Dv), dz_final (BH, Dk) float32 -> dh (BH, NT, Dk, Dv) in q's dtype and
+    dhz (BH, NT, Dk) float32, the gradient of the state leaving each chunk, and that of the initial state dS0
+    (BH, Dk, Dv), dz0 (BH, Dk) float32."""
+    i_bh, lg, keys, values, z_keys = scan_program(log_g, H, Dk, Dv, BK, BV)
 
-    dH = tl.load(dS_final + i_bh * Dk * Dv + tile, mask=tile_mask, other=0.0)  # (BK, BV)
-    dZ = tl.load(dz_final + i_bh * Dk + rk, mask=rk < Dk, other=0.0)  # (BK,)
+    dH = load(tile(dS_final, i_bh, Dk, Dv, keys, values))  # (BK, BV)
+    dZ = load(vector(dz_final, i_bh, Dk, keys))  # (BK,)
     for n in range(NT):
         i = NT - 1 - n
-        tl.store(dh + (i_bh * NT + i) * Dk * Dv + tile, dH.to(dh.dtype.element_ty), mask=tile_mask)
-        tl.store(dhz + (i_bh * NT + i) * Dk + rk, dZ, mask=z_mask)
-        start = i * CHUNK
-        length = tl.minimum(CHUNK, T - start)
-        rows = start + j
-        qT = tl.load(  # (BK, BC)
-            q + i_bh * T * Dk + rows[None, :] * Dk + rk[:, None],
-            mask=(j[None, :] < length) & (rk[:, None] < Dk),
-            other=0.0,
-        )
-        dO = tl.load(  # (BC, BV)
-            do + i_bh * T * Dv + rows[:, None] * Dv + rv[None, :],
-            mask=(j[:, None] < length) & (rv[None, :] < Dv),
-            other=0.0,
-        )
-        g_in, _, _ = chunk_decays(lg, j, length)
-        q_in = qT.to(tl.float32) * g_in[None, :]  # (BK, BC)
-        g_chunk = tl.exp(length.to(tl.float32) * lg)
-        dH = dH * g_chunk + mma(q_in.to(dO.dtype), dO, PRECISION)
+        store_state(dh, dhz, i_bh * NT + i, dH, dZ, Dk, Dv, keys, values, z_keys)
+        rows, length = chunk_rows(i, CHUNK, T, BC)
+        qT = load(tile(q, i_bh, T, Dk, rows, keys, TRANSPOSED=True))  # (BK, BC)
+        dO = load(tile(do, i_bh, T, Dv, rows, values))  # (BC, BV)
+        dH, q_in, g_chunk = scan_step(dH, qT, dO, lg, length, BC, False, PRECISION)  # queries decayed from the start
         dZ = dZ * g_chunk
         if WITH_ROWSUM:
-            dR = tl.load(dr + i_bh * T + rows, mask=j < length, other=0.0)  # (BC,)
+            dR = load(vector(dr, i_bh, T, rows))  # (BC,)
             dZ += tl.sum(q_in * dR[None, :], axis=1)
-    tl.store(dS0 + i_bh * Dk * Dv + tile, dH, mask=tile_mask)
-    tl.store(dz0 + i_bh * Dk + rk, dZ, mask=z_mask)
+    store_state(dS0, dz0, i_bh, dH, dZ, Dk, Dv, keys, values, z_keys)
 
 
 def chunk_state_grads(
-    q: Tensor,
-    do: Tensor,
-    dr: Tensor,
-    log_g: Tensor,
-    dS: Tensor,
-    dz: Tensor,
-    chunk: int,
-    block: int,
-    precision: str,
-    with_rowsum: bool,
+    q: Tensor, do: Tensor, dr: Tensor, log_g: Tensor, dS: Tensor, dz: Tensor, t: Tiling, with_rowsum: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the reverse scan.
 
@@ -104,17 +59,11 @@ def chunk_state_grads(
         dh: (BH, NT, Dk, Dv) in q's dtype and dhz: (BH, NT, Dk) float32, the gradient of each chunk's
         outgoing state; dS0: (BH, Dk, Dv) and dz0: (BH, Dk) float32, that of the initial state.
     """
-    BH, T, Dk = q.shape
-    Dv = do.shape[-1]
-    NT = triton.cdiv(T, chunk)
-    BK, BV = block_size(Dk), block_size(Dv)
-    dh = q.new_empty(BH, NT, Dk, Dv)
-    dhz = torch.empty(BH, NT, Dk, device=q.device, dtype=torch.float32)
-    dS0 = torch.empty(BH, Dk, Dv, device=q.device, dtype=torch.float32)
-    dz0 = torch.empty(BH, Dk, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(Dk, BK), triton.cdiv(Dv, BV), BH)
-    chunk_state_grad_kernel[grid](
-        q, do, dr, log_g, dS, dz, dh, dhz, dS0, dz0, T, log_g.numel(), NT, chunk,
-        Dk=Dk, Dv=Dv, BC=block, BK=BK, BV=BV, WITH_ROWSUM=with_rowsum, PRECISION=precision,
-    )  # fmt: skip
+    dh = q.new_empty(t.BH, t.NT, t.Dk, t.Dv)
+    dhz = torch.empty(t.BH, t.NT, t.Dk, device=q.device, dtype=torch.float32)
+    dS0 = torch.empty(t.BH, t.Dk, t.Dv, device=q.device, dtype=torch.float32)
+    dz0 = torch.empty(t.BH, t.Dk, device=q.device, dtype=torch.float32)
+    chunk_state_grad_kernel[t.scan_grid()](
+        q, do, dr, log_g, dS, dz, dh, dhz, dS0, dz0, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
+    )
     return dh, dhz, dS0, dz0

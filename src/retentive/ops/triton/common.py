@@ -1,4 +1,14 @@
-"""What every retention kernel shares: decay powers inside a chunk, tile sizes, launch checks.
+"""What every retention kernel shares: where a program works, its tiles, decay powers inside a chunk, tile sizes,
+launch checks.
+
+Kernel arguments follow one layout: token-major tensors (BH, T, D) with the batch and heads flattened (q, k, v,
+do, ...), stacks of states (BH, NT, Dk, Dv) and of key sums (BH, NT, Dk), one entry per chunk. After the tensors,
+every chunk kernel takes the sizes of :class:`Tiling` in one order: T tokens, H heads, NT chunks, CHUNK tokens per
+chunk (the last chunk may be shorter), then at compile time Dk, Dv, BC (a power-of-two tile >= CHUNK), BK and BV
+(tiles of Dk and Dv), the kernel's flags, and PRECISION (of tl.dot: see :func:`dot_precision`).
+
+A tile is a pair (pointers, mask) made by :func:`tile` or :func:`vector` from index ranges, each a pair (indices,
+mask), and read or written by :func:`load` and :func:`store`: no kernel computes an offset itself.
 
 Decay powers are always exp(delta * log gamma) with delta >= 0 (docs/math.md, Why nothing overflows), and every
 power that would belong to a row past the end of a short chunk is set to 0 before use, so no inf ever meets a
@@ -8,6 +18,7 @@ masked 0.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,12 +42,104 @@ def tuned(kernel):
 
 
 @triton.jit
-def chunk_decays(log_g, j, length):
-    """For local indices j of a chunk with ``length`` valid tokens (j past the end give 0).
+def program_head(log_g, H, AXIS: tl.constexpr):
+    """The flattened batch-head this program works on, grid axis AXIS (int64: offsets pass 2^31 elements at long
+    sequences), and its log gamma."""
+    i_bh = tl.program_id(AXIS).to(tl.int64)
+    return i_bh, tl.load(log_g + i_bh % H)
+
+
+@triton.jit
+def features(i, BD: tl.constexpr, D):
+    """Tile i of a head dim of D features: (indices (BD,), mask)."""
+    r = i * BD + tl.arange(0, BD)
+    return r, r < D
+
+
+@triton.jit
+def chunk_rows(i_c, CHUNK, T, BC: tl.constexpr):
+    """Chunk i_c's tokens, (absolute rows (BC,), mask), and its length: the last chunk may be shorter, and the
+    tile of BC >= CHUNK rows longer than a chunk."""
+    j = tl.arange(0, BC)
+    start = i_c * CHUNK
+    length = tl.minimum(CHUNK, T - start)
+    return (start + j, j < length), length
+
+
+@triton.jit
+def chunk_program(log_g, H, T, CHUNK, BC: tl.constexpr, D, BD: tl.constexpr):
+    """Where a program of a kernel parallel over chunks works; grid (tiles of a head dim D, chunks, batch-heads).
+
+    Returns its batch-head i_bh, log gamma, chunk index i_c, the chunk's rows and length, and its tile of D.
+    """
+    i_bh, lg = program_head(log_g, H, 2)
+    i_c = tl.program_id(1)
+    rows, length = chunk_rows(i_c, CHUNK, T, BC)
+    return i_bh, lg, i_c, rows, length, features(tl.program_id(0), BD, D)
+
+
+@triton.jit
+def scan_program(log_g, H, Dk, Dv, BK: tl.constexpr, BV: tl.constexpr):
+    """Where a program of a scan over chunks works; grid (tiles of Dk, tiles of Dv, batch-heads).
+
+    Returns its batch-head i_bh, log gamma, its (BK, BV) tile of the state as key and value features, and the keys
+    of the key sum it writes: the programs of the first Dv tile carry the key sum beside the state.
+    """
+    i_bh, lg = program_head(log_g, H, 2)
+    keys = features(tl.program_id(0), BK, Dk)
+    return i_bh, lg, keys, features(tl.program_id(1), BV, Dv), written_once(keys, 1)
+
+
+@triton.jit
+def written_once(indices, AXIS: tl.constexpr):
+    """``indices`` masked off in every program but the first along grid axis AXIS: what the programs along that
+    axis compute alike (z, r) is written by one of them."""
+    r, mask = indices
+    return r, mask & (tl.full(r.shape, tl.program_id(AXIS), tl.int32) == 0)
+
+
+@triton.jit
+def tile(x, i, R, C, rows, cols, TRANSPOSED: tl.constexpr = False):
+    """The tile rows x cols of matrix i in x, a stack of row-major R x C matrices: a (BR, BC) tile, or (BC, BR)
+    when TRANSPOSED. ``rows`` and ``cols`` are (indices, mask) pairs. Returns (pointers, mask)."""
+    r, r_mask = rows
+    c, c_mask = cols
+    x += i * R * C
+    if TRANSPOSED:  # if/else, not an early return: Triton then compiles only the branch taken
+        return x + r[None, :] * C + c[:, None], r_mask[None, :] & c_mask[:, None]
+    else:
+        return x + r[:, None] * C + c[None, :], r_mask[:, None] & c_mask[None, :]
+
+
+@triton.jit
+def vector(x, i, C, cols):
+    """The entries ``cols`` (indices, mask) of vector i in x, a stack of C-vectors. Returns (pointers, mask)."""
+    c, c_mask = cols
+    return x + i * C + c, c_mask
+
+
+@triton.jit
+def load(t):
+    """The values of tile ``t`` (pointers, mask), 0 where masked."""
+    pointers, mask = t
+    return tl.load(pointers, mask=mask, other=0.0)
+
+
+@triton.jit
+def store(t, value):
+    """Write ``value`` to tile ``t`` (pointers, mask), cast to the tensor's dtype."""
+    pointers, mask = t
+    tl.store(pointers, value.to(pointers.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def chunk_decays(log_g, length, BC: tl.constexpr):
+    """For the local indices j of a chunk tile with ``length`` valid tokens (j past the end give 0).
 
     Returns gamma^(j+1) (state -> token j), gamma^(length-1-j) (token j -> chunk end), and
     the causal decay matrix D_jl = gamma^(j-l) for j >= l, else 0.
     """
+    j = tl.arange(0, BC)
     valid = j < length
     jf = j.to(tl.float32)
     g_in = tl.where(valid, tl.exp((jf + 1) * log_g), 0.0)
@@ -45,6 +148,28 @@ def chunk_decays(log_g, j, length):
     causal = (delta >= 0) & valid[:, None] & valid[None, :]
     D = tl.where(causal, tl.exp(tl.where(causal, delta, 0.0) * log_g), 0.0)
     return g_in, g_out, D
+
+
+@triton.jit
+def scan_step(S, xT, y, log_g, length, BC: tl.constexpr, TO_END: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of a scan over chunks: gamma^length S + (xT ⊙ g) y, with xT (BK, BC), y (BC, BV) and g the decay of
+    each token to the chunk's end, gamma^(length-1-j) (TO_END: the state scan), or from its start, gamma^(j+1) (the
+    gradient scan).
+
+    Returns the new S (BK, BV) float32, xT ⊙ g in float32 and gamma^length.
+    """
+    g_in, g_out, _ = chunk_decays(log_g, length, BC)
+    x_g = xT.to(tl.float32) * (g_out if TO_END else g_in)[None, :]
+    g_chunk = tl.exp(length.to(tl.float32) * log_g)
+    return S * g_chunk + mma(x_g.to(y.dtype), y, PRECISION), x_g, g_chunk
+
+
+@triton.jit
+def store_state(S_ptr, z_ptr, i, S, z, Dk, Dv, keys, values, z_keys):
+    """Write a state tile S (BK, BV) at (keys, values) and its key sum z (BK,) at ``z_keys`` as entry i of the
+    stacks S_ptr (..., Dk, Dv) and z_ptr (..., Dk)."""
+    store(tile(S_ptr, i, Dk, Dv, keys, values), S)
+    store(vector(z_ptr, i, Dk, z_keys), z)
 
 
 @triton.jit
@@ -61,13 +186,51 @@ def block_size(dim: int, limit: int = MAX_TILE) -> int:
     return min(limit, max(16, triton.next_power_of_2(dim)))
 
 
-def chunk_block(chunk_size: int) -> tuple[int, int]:
-    """(tokens per chunk, its power-of-two tile): chunks longer than MAX_CHUNK are cut to MAX_CHUNK.
+class Tiling(NamedTuple):
+    """The sizes every chunk kernel takes, derived once per call."""
 
-    Any chunking gives the same retention up to rounding, so this changes no result.
-    """
-    length = min(chunk_size, MAX_CHUNK)
-    return length, max(16, triton.next_power_of_2(length))
+    BH: int  # batch x heads
+    T: int  # tokens
+    H: int  # heads: the batch-head i_bh has log gamma number i_bh % H
+    NT: int  # chunks
+    chunk: int  # tokens per chunk, at most MAX_CHUNK (the last chunk may be shorter)
+    Dk: int
+    Dv: int
+    BC: int  # power-of-two tile >= chunk
+    BK: int  # tile of Dk
+    BV: int  # tile of Dv
+    precision: str  # of tl.dot: see dot_precision
+
+    @classmethod
+    def of(cls, q: Tensor, v: Tensor, log_g: Tensor, chunk_size: int) -> Tiling:
+        """Tiles for q (BH, T, Dk), v (BH, T, Dv) and log_g (H,); chunks longer than MAX_CHUNK are cut to MAX_CHUNK.
+
+        Any chunking gives the same retention up to rounding, so the cut changes no result.
+        """
+        BH, T, Dk = q.shape
+        Dv = v.shape[-1]
+        chunk = min(chunk_size, MAX_CHUNK)
+        BC = max(16, triton.next_power_of_2(chunk))
+        NT = triton.cdiv(T, chunk)
+        return cls(BH, T, log_g.numel(), NT, chunk, Dk, Dv, BC, block_size(Dk), block_size(Dv), dot_precision(q.dtype))
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int]:
+        """The kernels' arguments T, H, NT, CHUNK."""
+        return self.T, self.H, self.NT, self.chunk
+
+    @property
+    def meta(self) -> dict:
+        """The kernels' compile-time arguments Dk, Dv, BC, BK, BV, PRECISION."""
+        return dict(Dk=self.Dk, Dv=self.Dv, BC=self.BC, BK=self.BK, BV=self.BV, PRECISION=self.precision)
+
+    def scan_grid(self) -> tuple[int, int, int]:
+        """The grid of a scan over chunks: (tiles of Dk, tiles of Dv, batch-heads), see :func:`scan_program`."""
+        return triton.cdiv(self.Dk, self.BK), triton.cdiv(self.Dv, self.BV), self.BH
+
+    def chunk_grid(self, D: int, BD: int) -> tuple[int, int, int]:
+        """The grid of a kernel parallel over chunks: (tiles of D, chunks, batch-heads), see :func:`chunk_program`."""
+        return triton.cdiv(D, BD), self.NT, self.BH
 
 
 def dot_precision(dtype: torch.dtype) -> str:

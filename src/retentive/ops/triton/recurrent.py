@@ -11,15 +11,16 @@ is all the memory traffic it needs besides q, k, v.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import Pieces
 from ..state import RetentionState
 from .chunk import chunkwise
-from .common import MAX_CHUNK, block_size, check_runnable
+from .common import MAX_CHUNK, block_size, check_runnable, features, load, program_head, store, tile, vector
 
 STEP_BV = 32  # Dv columns of S per program: Dk x 32 float32 (32 KB at dk 256) keeps 8 x 16 programs busy at batch 1
 
@@ -52,23 +53,19 @@ def decode_step_kernel(
     NORMALIZE_DECAY: tl.constexpr,
     NORMALIZE_RETENTION: tl.constexpr,
 ):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    lg = tl.load(log_g + i_bh % H)
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    k_mask, v_mask = rk < Dk, rv < Dv
-    q_n = tl.load(q + i_bh * Dk + rk, mask=k_mask, other=0.0).to(tl.float32) * scale
-    k_n = tl.load(k + i_bh * Dk + rk, mask=k_mask, other=0.0).to(tl.float32)
-    v_n = tl.load(v + i_bh * Dv + rv, mask=v_mask, other=0.0).to(tl.float32)
+    i_bh, lg = program_head(log_g, H, 1)
+    keys = features(0, BK, Dk)
+    values = features(tl.program_id(0), BV, Dv)
+    q_n = load(vector(q, i_bh, Dk, keys)).to(tl.float32) * scale
+    k_n = load(vector(k, i_bh, Dk, keys)).to(tl.float32)
+    v_n = load(vector(v, i_bh, Dv, values)).to(tl.float32)
     gamma = tl.exp(lg)
 
-    tile = i_bh * Dk * Dv + rk[:, None] * Dv + rv[None, :]
-    tile_mask = k_mask[:, None] & v_mask[None, :]
-    S_n = tl.load(S + tile, mask=tile_mask, other=0.0) * gamma + k_n[:, None] * v_n[None, :]  # (BK, BV)
-    tl.store(S_out + tile, S_n, mask=tile_mask)
-    z_n = tl.load(z + i_bh * Dk + rk, mask=k_mask, other=0.0) * gamma + k_n  # (BK,)
-    if i_v == 0:
-        tl.store(z_out + i_bh * Dk + rk, z_n, mask=k_mask)
+    S_n = load(tile(S, i_bh, Dk, Dv, keys, values)) * gamma + k_n[:, None] * v_n[None, :]  # (BK, BV)
+    store(tile(S_out, i_bh, Dk, Dv, keys, values), S_n)
+    z_n = load(vector(z, i_bh, Dk, keys)) * gamma + k_n  # (BK,)
+    if tl.program_id(0) == 0:
+        store(vector(z_out, i_bh, Dk, keys), z_n)
 
     o_n = tl.sum(q_n[:, None] * S_n, axis=0)  # (BV,)
     r_n = tl.sum(q_n * z_n, axis=0)
@@ -79,7 +76,7 @@ def decode_step_kernel(
         r_n = r_n / root_c
     if NORMALIZE_RETENTION:
         o_n = o_n / tl.maximum(tl.abs(r_n), 1.0)
-    tl.store(o + i_bh * Dv + rv, o_n.to(o.dtype.element_ty), mask=v_mask)
+    store(vector(o, i_bh, Dv, values), o_n)
 
 
 def _step(
@@ -174,17 +171,5 @@ def decode_step(
     return o, RetentionState(S_out, z_out, state.offset + 1) if output_state else None
 
 
-def recurrent(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_g: Tensor,
-    S: Tensor | None,
-    z: Tensor | None,
-    *,
-    with_rowsum: bool,
-    scale: float = 1.0,
-) -> Pieces:
-    """See :meth:`~retentive.ops.backend.RetentionBackend.recurrent`: the same recurrence, computed by the
-    chunkwise kernels (differentiable, and faster than token by token)."""
-    return chunkwise(q, k, v, log_g, S, z, chunk_size=MAX_CHUNK, with_rowsum=with_rowsum, scale=scale)
+# The recurrent form, differentiable: the chunkwise kernels compute the same recurrence, faster than token by token.
+recurrent = functools.partial(chunkwise, chunk_size=MAX_CHUNK)
