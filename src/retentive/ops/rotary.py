@@ -84,7 +84,7 @@ def apply_rotary(x: Tensor, phase: Tensor, layout: str = "interleaved") -> Tenso
         pairs = x_work.view(*x.shape[:-1], -1, 2)  # (B, H, T, D/2, 2)
         if pairs.storage_offset() % 2 or (not x.is_contiguous() and any(stride % 2 for stride in pairs.stride()[:-1])):
             pairs = pairs.contiguous()  # a complex view needs even strides; slices of a fused projection have them
-        # the dtype checks skip no-op casts: decoding rotates one token per layer, where each op costs microseconds
+        # the dtype checks skip no-op casts: decoding rotates one token per layer, where every op's overhead counts
         y = torch.view_as_real(torch.view_as_complex(pairs) * phase).flatten(-2)
     else:
         raise ValueError(f"rotary layout must be one of {ROTARY_LAYOUTS}, got {layout!r}")

@@ -56,7 +56,7 @@ class TorchChunkRetention(torch.autograd.Function):
     """:func:`~retentive.ops.reference.chunk_pieces` (N equal chunks) with the backward above.
 
     Both passes update in place what the reference writes anew (no autograd to serve here): each (N, C, D)
-    temporary is a fresh 8-16 MiB buffer at 8k tokens, whose page faults cost as much as the arithmetic.
+    temporary would be a fresh 8-16 MiB buffer at 8k tokens, paying its page faults anew on every call.
     """
 
     @staticmethod

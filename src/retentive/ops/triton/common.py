@@ -58,8 +58,8 @@ def features(i, BD: tl.constexpr, D):
 
 @triton.jit
 def chunk_rows(i_c, CHUNK, T, BC: tl.constexpr):
-    """Chunk i_c's tokens, (absolute rows (BC,), mask), and its length: the last chunk may be shorter, and the
-    tile of BC >= CHUNK rows longer than a chunk."""
+    """Chunk i_c's tokens as (absolute rows (BC,), mask), and its length. The mask drops the rows of the BC-row
+    tile past the chunk's end: BC >= CHUNK, and the last chunk may be shorter."""
     j = tl.arange(0, BC)
     start = i_c * CHUNK
     length = tl.minimum(CHUNK, T - start)
@@ -105,7 +105,7 @@ def tile(x, i, R, C, rows, cols, TRANSPOSED: tl.constexpr = False):
     r, r_mask = rows
     c, c_mask = cols
     x += i * R * C
-    if TRANSPOSED:  # if/else, not an early return: Triton then compiles only the branch taken
+    if TRANSPOSED:  # if/else: after an early return, Triton would require both returns to have one shape
         return x + r[None, :] * C + c[:, None], r_mask[None, :] & c_mask[:, None]
     else:
         return x + r[:, None] * C + c[None, :], r_mask[:, None] & c_mask[None, :]
@@ -220,7 +220,7 @@ class Tiling(NamedTuple):
         return self.T, self.H, self.NT, self.chunk
 
     @property
-    def meta(self) -> dict:
+    def meta(self) -> dict[str, int | str]:
         """The kernels' compile-time arguments Dk, Dv, BC, BK, BV, PRECISION."""
         return dict(Dk=self.Dk, Dv=self.Dv, BC=self.BC, BK=self.BK, BV=self.BV, PRECISION=self.precision)
 
