@@ -1,5 +1,5 @@
-"""Per-head decay (multi-scale gamma), the decay factors of a chunk, and the decay sums used by the normalizations
-(docs/math.md, Normalizations).
+"""Per-head decay (multi-scale gamma: docs/math.md, Retention, one head), the decay factors of a chunk, and the decay
+sums used by the normalizations (docs/math.md, Normalizations).
 
 Everything is kept as ``log(gamma)`` in float32 (float64 for the float64 reference): in bf16 the
 gammas collapse to 1.0 and positions past 256 stop being distinct.

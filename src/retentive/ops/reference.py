@@ -1,9 +1,9 @@
 """Retention in plain PyTorch, as the definitions read: the oracle the tests hold every backend to.
 
 ``naive`` builds the whole T x T matrix straight from the definition (normalizations included) and is the
-independent truth the tests use in float64. ``chunkwise`` is the chunkwise recurrent form (docs/math.md, One entry
-point, three forms) with autograd through every step: the truth for the backward passes of the backends. It
-returns the unnormalized :class:`~retentive.ops.backend.Pieces` (see :class:`~retentive.ops.backend.RetentionBackend`).
+independent truth the tests use in float64. ``chunkwise`` is the chunkwise form (docs/math.md, Retention, one
+head) with autograd through every step: the truth for the backward passes of the backends. It returns the
+unnormalized :class:`~retentive.ops.backend.Pieces` (see :class:`~retentive.ops.backend.RetentionBackend`).
 Nothing here runs outside the tests: the production forms are :mod:`.torch_backend` and :mod:`.triton`.
 """
 

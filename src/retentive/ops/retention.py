@@ -57,7 +57,7 @@ def retention(
         mode: ``"parallel"`` (training), ``"chunkwise"`` (long sequences), ``"recurrent"`` (decoding).
         chunk_size: tokens per chunk in the chunkwise form, >= 1; need not divide T.
         state: what an earlier call returned, to continue a stream; None starts at position 0.
-        causal: False gives bidirectional retention, D_nm = gamma^|n-m| (docs/math.md, Normalizations); no state.
+        causal: False gives bidirectional retention, D_nm = gamma^|n-m| (docs/math.md, Retention, one head); no state.
         scale: multiplies q . k; defaults to Dk^-1/2.
         output_state: also return the state after the last token.
         backend: ``"torch"`` (plain PyTorch, :mod:`.torch_backend`, with a hand-written chunkwise backward that

@@ -1,4 +1,4 @@
-"""The paper's Theta: an xPos-style rotary rotation at absolute positions (docs/math.md, Why nothing overflows).
+"""The paper's Theta: an xPos-style rotary rotation at absolute positions (docs/math.md, Retention, one head).
 
 A pair of features at position n is rotated by n * angle_i: (a, b) -> (a cos - b sin, a sin + b cos), i.e. the
 complex product (a + ib) e^(i n angle_i). Then q_n . k_m depends on n - m only. Two choices tell the sources apart:

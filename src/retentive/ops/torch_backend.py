@@ -4,7 +4,7 @@ PyTorch, the chunkwise one with a hand-written backward.
 Autograd through the chunkwise form (:func:`retentive.ops.reference.chunk_pieces`) keeps every intermediate of every
 chunk: the C x C scores, the decayed keys and queries, ... (about 4x the inputs at C = 256).
 :class:`TorchChunkRetention` keeps only q, k, v and the state entering each chunk, and recomputes the scores in the
-backward pass, which is the forward pass run backwards (docs/math.md, One entry point, three forms): with
+backward pass, which is the forward pass run backwards (docs/math.md, Retention, one head): with
 A = (Q K^T) ⊙ D inside a chunk and G_n the gradient of the state after chunk n, scanned from the last chunk to the
 first (G_(n-1) = gamma^C G_n + (Q_n ⊙ g_in)^T dO_n),
 
