@@ -125,7 +125,7 @@ def decode_step_(
     normalize_decay: bool = False,
     normalize_retention: bool = False,
 ) -> Tensor:
-    """:func:`decode_step` updating ``state`` in place (S, z, offset): nothing but the step's output is allocated.
+    """:func:`decode_step` that updates ``state`` in place (S, z and offset) instead of returning a new one.
 
     q, k, v and log_g as in :meth:`~retentive.ops.backend.RetentionBackend.decode_step`, in one dtype among
     float32, float16, bfloat16; ``state``: a contiguous float32 S (B, H, Dk, Dv), z (B, H, Dk) on q's device.
