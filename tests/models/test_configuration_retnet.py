@@ -149,3 +149,19 @@ def test_overriding_the_width_derives_the_ffn_width_unless_it_is_given(overrides
     RetNetConfig.from_preset("retnet-tiny").save_pretrained(tmp_path)  # `retentive train --config` with --set
     lm = LMConfig(model_config=str(tmp_path / "config.json"), model_overrides=overrides)
     assert build_model_config(lm, ByteTokenizer()).ffn_dim == ffn_dim
+
+
+def test_the_seed_names_of_the_normalizations_are_aliases(tmp_path) -> None:
+    """normalize_attn / normalize_retn (the seed repository's, and older config.json files') reach the fields."""
+    cfg = RetNetConfig(normalize_attn=True)
+    assert cfg.normalize_decay and cfg.normalize_attn and not cfg.normalize_retention
+    old = RetNetConfig.from_preset("retnet-tiny").to_dict() | {"normalize_retn": True}
+    del old["normalize_retention"]
+    assert RetNetConfig(**old).normalize_retention
+    cfg.save_pretrained(tmp_path)
+    assert '"normalize_decay": true' in (tmp_path / "config.json").read_text()
+
+
+def test_an_alias_of_the_width_derives_the_ffn_width_too() -> None:
+    assert RetNetConfig(hidden_size=512).ffn_dim == 1024
+    assert RetNetConfig(hidden_size=512, intermediate_size=96).ffn_dim == 96

@@ -212,3 +212,27 @@ def test_decoding_step_matches_the_recurrent_form(kwargs):
                 torch.testing.assert_close((a.S, a.z), (b.S.detach(), b.z.detach()), **TIGHT)
                 assert torch.equal(a.offset, b.offset)
     assert step.call_count == steps.shape[1]
+
+
+def test_from_options_builds_the_seed_model_in_the_config_names():
+    """The library's way in (the config's names) and the seed's signature build the same module, weights included."""
+    torch.manual_seed(0)
+    seed = RetNet(2, 4, 32, 0.1, 2, "gelu", "relu", 3, False, normalize_attn=True, head_norm="rmsnorm")
+    torch.manual_seed(0)
+    ours = RetNet.from_options(
+        2, 4, 32, 96, dropout=0.1, gate_fn="gelu", ffn_activation="relu", ffn_bias=False, normalize_decay=True,
+        head_norm="rmsnorm",
+    )  # fmt: skip
+    assert str(ours) == str(seed)
+    for (name, a), (_, b) in zip(seed.state_dict().items(), ours.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(b.retention.normalize_decay for b in ours.blocks)
+
+
+def test_the_form_is_resolved_once_per_call():
+    from retentive.layers import Form
+
+    net, x = seed_net(), x_(2, 12)
+    with mock.patch.object(Form, "resolve", side_effect=Form.resolve) as resolve:
+        net(x, mode="chunkwise", chunk_size=5)
+    assert resolve.call_count == 1  # by the backbone, not again by each of its 2 layers
