@@ -245,7 +245,7 @@ def decode_table(args: argparse.Namespace, device: str) -> list[str]:
 
     # the whole backbone (retnet-1.3b has FFN 2d: 12 d^2 weights per layer)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CPU group_norm refuses bf16 weights
-    net = RetNet(layers, heads, d, value_factor=2, mlp_mult=2).to(device, dtype).eval()
+    net = RetNet.from_options(layers, heads, d, 2 * d, value_factor=2).to(device, dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     with torch.no_grad():
         prompt = torch.randn(1, 16, d, device=device, dtype=dtype)
