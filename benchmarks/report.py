@@ -1,4 +1,4 @@
-"""Tables, PASS/FAIL checks against the issue's targets, and plots, from the results of ``run.py``."""
+"""Tables, PASS/FAIL checks against the targets, and plots, from the results of ``run.py``."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def train_flops_per_token(dims: dict, chunk_size: int) -> float:
 
 
 def checks(results: dict) -> list[tuple[str, bool | None, str]]:
-    """The issue's targets: (claim, PASS/FAIL or None when unmeasured, the numbers behind it)."""
+    """The targets: (claim, PASS/FAIL or None when unmeasured, the numbers behind it)."""
     dec, plan = results["decode"], results["plan"]
     lo, hi = str(plan["contexts"][0]), str(plan["contexts"][-1])
     out: list[tuple[str, bool | None, str]] = []
@@ -212,7 +212,7 @@ def speed_markdown(results: dict, prefix: str) -> str:
             "",
             markdown_table(["tokens", "GFLOP/s", "fraction of peak"], rows),
         ]
-    lines += ["", "#### The issue's targets", ""]
+    lines += ["", "#### The targets", ""]
     for claim, ok, detail in checks(results):
         verdict = "UNMEASURED" if ok is None else ("PASS" if ok else "FAIL")
         lines.append(f"- **{verdict}** {claim}: {detail}")
