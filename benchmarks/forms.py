@@ -15,7 +15,7 @@ worker resets the kernel's high-water mark (``/proc/self/clear_refs``) and reads
 peak is ``VmHWM - VmRSS before``: inputs excluded; outputs, saved activations and gradients included.
 Linux only.
 
-It also checks the issue's two claims and prints PASS or FAIL: the chunkwise form's cost grows linearly
+It also checks two claims and prints PASS or FAIL: the chunkwise form's cost grows linearly
 (16x the tokens costs at most 20x the time) and the recurrent step's cost does not grow with the
 position (the step at the last position within 1.2x of the first).
 """

@@ -258,7 +258,7 @@ def decode_table(args: argparse.Namespace, device: str) -> list[str]:
         row("backbone step, eager", bench(step), weight_bytes)
         if device == "cuda":
             lines.append(graph_row(step, bench, weight_bytes, bw))
-    lines += ["", "Bound: the bytes over the measured copy bandwidth; the issue's target is time / bound <= 2."]
+    lines += ["", "Bound: the bytes over the measured copy bandwidth; the target is time / bound <= 2."]
     return lines
 
 

@@ -34,7 +34,7 @@ from retentive.models import CACHE_NAME, RetNetCache, RetNetConfig, RetNetForCau
 
 @dataclass(frozen=True)
 class Dims:
-    """The shared size of every compared model (the issue's anchors: 4 layers, d=256, 4 heads, vocab 4096)."""
+    """The shared size of every compared model (4 layers, d=256, 4 heads, vocab 4096)."""
 
     num_layers: int = 4
     dim_model: int = 256
