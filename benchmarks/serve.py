@@ -301,7 +301,7 @@ def markdown(results: dict, plot: str) -> str:
 
 
 def headline(results: dict) -> list[str]:
-    """RetNet against the Transformer at 16 clients and the longest prompt measured there (4k asked)."""
+    """RetNet against the Transformer at 16 clients and the longest prompt measured there (up to 4k tokens)."""
     out = []
     for cache in (False, True):
         cells = [c for c in results["cells"] if c["clients"] == 16 and c["cache"] == cache and "skipped" not in c]
