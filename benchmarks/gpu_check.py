@@ -1,0 +1,204 @@
+"""The whole GPU check in one command: kernels correct on hardware, their speed, the paper's claims, the stack on CUDA.
+
+    python benchmarks/gpu_check.py --out DIR                    # on a CUDA GPU: every part, about 8 minutes on an H200
+    python benchmarks/gpu_check.py --out DIR --parts correctness kernels
+    python benchmarks/gpu_check.py --out DIR --dry-run          # every part at tiny sizes on the CPU (CI runs this)
+
+Each part runs in a process of its own inside a time box (``--budget``): it stops measuring when its box is nearly
+spent and is killed if it overruns, so one slow part cannot eat the others. Every part saves what it has measured
+as it goes (``DIR/part-NAME.json``); at the end the check writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md``
+and prints a short summary table. The project runs from its source tree (``src/`` goes first on the path), so a
+machine with torch and triton needs nothing installed but the wheels of ``scripts/gpu_wheels.sh``. docs/gpu.md
+holds the figures of the last run on a GPU and how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PARTS = ("correctness", "kernels", "claims", "stack")  # in order of priority
+BUDGET = {"correctness": 110, "kernels": 150, "claims": 120, "stack": 90}  # seconds on one H200: 470 in all
+DRY_BUDGET = {"correctness": 240, "kernels": 120, "claims": 120, "stack": 240}  # the CPU is slower, sizes tiny
+GRACE = 25  # seconds past its box before a part is killed: time to save, free the GPU and exit
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="folder for the report, the JSON and each part's log")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts, in this order")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
+    p.add_argument(
+        "--budget",
+        nargs="+",
+        default=[],
+        metavar="PART=SECONDS",
+        help=f"change a part's time box (defaults: {' '.join(f'{k}={v}' for k, v in BUDGET.items())})",
+    )
+    p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part in this process
+    p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)  # internal: that part's box
+    return p.parse_args(argv)
+
+
+def budgets(args: argparse.Namespace) -> dict[str, float]:
+    """Each part's time box in seconds: the defaults, then ``--budget PART=SECONDS``."""
+    out = dict(DRY_BUDGET if args.dry_run else BUDGET)
+    for item in args.budget:
+        name, _, seconds = item.partition("=")
+        if name not in PARTS or not seconds.replace(".", "", 1).isdigit():
+            raise SystemExit(f"--budget: expected PART=SECONDS with PART one of {', '.join(PARTS)}, got {item!r}")
+        out[name] = float(seconds)
+    return out
+
+
+def run_part(args: argparse.Namespace) -> int:
+    """Inside the part's own process: import its module and run it against the deadline."""
+    from gpucheck.harness import Part
+
+    part = Part(args.part, args.out, args.dry_run, time.monotonic() + args.seconds)
+    part.save()
+    module = importlib.import_module(f"gpucheck.{args.part}")
+    try:
+        module.run(part)
+    except Exception as e:  # recorded in the part's JSON; the other parts still run
+        part.error("the part as a whole", e)
+        return 1
+    return 0
+
+
+def spawn(name: str, seconds: float, args: argparse.Namespace) -> dict:
+    """Run one part in a child process with a hard limit; returns its status and wall time."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if args.dry_run:
+        env["TRITON_INTERPRET"] = "1"  # the kernels run in Triton's interpreter on CPU tensors
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # a later part re-uses an earlier part's tuning from disk
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--seconds", str(seconds), "--out"]
+    cmd.append(str(args.out))
+    if args.dry_run:
+        cmd.append("--dry-run")
+    started = time.monotonic()
+    with open(args.out / f"part-{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            rc = proc.wait(timeout=seconds + GRACE)
+            status = "finished" if rc == 0 else f"exit {rc}"
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            status = f"killed after {seconds + GRACE:.0f} s"
+    return {"status": status, "seconds": round(time.monotonic() - started, 1)}
+
+
+def environment(args: argparse.Namespace) -> dict:
+    """What the figures were measured on: the GPU, the versions, the date and the command."""
+    import torch
+
+    env = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "CPU (dry run)",
+        "cuda": torch.version.cuda,
+        "cpu_load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    for pkg in ("triton", "transformers", "tokenizers", "safetensors", "fla", "timm"):
+        try:
+            env[pkg] = importlib.import_module(pkg).__version__
+        except Exception:  # absent, or broken on import: either way not there for the check
+            env[pkg] = "absent"
+    return env
+
+
+def report(env: dict, runs: dict[str, dict], parts: dict[str, dict]) -> tuple[str, list[str]]:
+    """The markdown report and the summary lines printed last."""
+    lines = ["# GPU check", "", *(f"- {k}: {v}" for k, v in env.items()), ""]
+    summary = ["part         status               s  checks  targets met", "-" * 60]
+    for name, run in runs.items():
+        data = parts.get(name, {})
+        checks, targets = data.get("checks", []), data.get("targets", [])
+        passed = sum(c["ok"] for c in checks)
+        met = sum(t["met"] is True for t in targets)
+        summary.append(
+            f"{name:<12} {run['status']:<18} {run['seconds']:>5.0f}  {passed:>3}/{len(checks):<3}  {met}/{len(targets)}"
+        )
+        lines += [f"## {name}", "", f"{run['status']} in {run['seconds']:.0f} s", ""]
+        for t in data.get("tables", []):
+            lines += [f"**{t['title']}**", "", "| " + " | ".join(t["header"]) + " |"]
+            lines += ["|" + "---|" * len(t["header"]), *("| " + " | ".join(r) + " |" for r in t["rows"]), ""]
+        if checks:
+            lines += ["| check | error | tolerance | result |", "|---|---|---|---|"]
+            for c in checks:
+                err = "" if c["error"] is None else f"{c['error']:.2e}"
+                tol = "" if c["tol"] is None else f"{c['tol']:.0e}"
+                lines.append(
+                    f"| {md_cell(c['what'])} | {err or md_cell(c.get('detail', '')[:120])} | {tol} | "
+                    f"{'ok' if c['ok'] else 'FAIL'} |"
+                )
+            lines.append("")
+        if targets:
+            lines += ["| target | met | figure | what bounds it |", "|---|---|---|---|"]
+            for t in targets:
+                met = {True: "met", False: "missed", None: "not measured"}[t["met"]]
+                lines.append(f"| {t['what']} | {met} | {t['figure']} | {t['bound']} |")
+            lines.append("")
+        lines += [f"- {n}" for n in data.get("notes", [])] + [""]
+        for c in checks:
+            if not c["ok"]:
+                summary.append(f"  FAIL {name}: {c['what']}")
+    return "\n".join(lines), summary
+
+
+def md_cell(text: str) -> str:
+    """Text that keeps a markdown table whole: one line, its bars escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.part:
+        return run_part(args)
+    boxes = budgets(args)
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "gpu_check.py: no CUDA device here; run it on a GPU, or pass --dry-run to check it on the CPU"
+            )
+    runs = {}
+    for name in args.parts:
+        print(f"== {name}: time box {boxes[name]:.0f} s", flush=True)
+        runs[name] = spawn(name, boxes[name], args)
+        print(f"== {name}: {runs[name]['status']} in {runs[name]['seconds']:.0f} s", flush=True)
+    parts = {}
+    for name in runs:
+        path = args.out / f"part-{name}.json"
+        parts[name] = json.loads(path.read_text()) if path.exists() else {}
+    env = environment(args)
+    (args.out / "gpu_check.json").write_text(json.dumps({"environment": env, "runs": runs, "parts": parts}, indent=1))
+    text, summary = report(env, runs, parts)
+    (args.out / "gpu_check.md").write_text(text)
+    print("\n".join(["", f"{env['device']}; torch {env['torch']}; triton {env['triton']}", *summary]))
+    failed = any(not c["ok"] for p in parts.values() for c in p.get("checks", []))
+    incomplete = any(r["status"] != "finished" for r in runs.values())
+    return 1 if failed or incomplete else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Correctness on hardware: the Triton kernels and the model on CUDA against float64, on fresh random inputs.
+
+The kernels: the chunkwise form forward (o and the final state S, z) and backward (dq, dk, dv and dS0, dz0, the
+gradient of a carried state, under random upstream gradients of o, S and z), and the decode step (in place,
+``decode_step_``, and through ``retention(mode="recurrent")`` on one token), each against ``backend="torch"`` on
+float64 copies of the same inputs (that backend is itself tested against the definition, ``ops/reference.py``).
+A covering set of (dtype, dk, dv) rather than their product, since each new one compiles and tunes five kernels:
+fp32, bf16 and fp16; dk 64, 128 and 256; dv = dk and 2 dk; T not a multiple of the chunk, batch > 1,
+normalizations on and off, a carried state with each row at its own offset. The bf16 backward at dk 64 and 256
+guards against the Hopper miscompile reported in flash-linear-attention issue 640 (a transposed dot result fed into
+another dot, dk wrong at a 64-wide K tile). Last, one size whose element offsets pass 2^31, its last head against
+float64 on that head alone (heads are independent).
+
+Tolerances, relative to float64 (docs/math.md): 1e-5 in fp32, since ``dot_precision`` multiplies float32 operands
+as "ieee", not tf32; 2e-2 in bf16 and fp16, on inputs already rounded, so the error is the kernels' own.
+
+Poisoning: the kernels allocate their outputs, so before each measured run the CUDA caching allocator's free memory
+is filled with all-ones bytes (NaN in every float dtype) and kept cached: an element a kernel leaves unwritten reads
+NaN, and an error that is NaN or inf never passes. Each kernel runs once before (compiling and tuning), so that the
+tuner's own buffers do not land among the poisoned ones.
+
+The model (RetNetForCausalLM, random weights): its three forms in bf16 against the float64 model with the same
+rounded weights; greedy ``generate()`` against the parallel forward over the generated sequence (float32, so that
+ties are rare; a near tie is allowed); a training step under bf16 autocast against float64, then the same step
+through ``torch.compile`` against eager.
+
+Items run in order of importance while the time box allows, each in its own try. The dry run (CPU, Triton's
+interpreter) runs them all at tiny sizes but the 2^31 one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from gpucheck.harness import Part, free_cuda, rel_err
+from retentive import RetNetConfig, RetNetForCausalLM
+from retentive.ops import RetentionState, gamma_schedule, log_gamma, retention
+from retentive.ops.triton import decode_step_
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# bf16 rounds the activations at every layer: the logits of a 2-layer model measure 1.2e-2 against float64, its
+# gradients under bf16 autocast 1.7e-2 (on the CPU, the kernels in Triton's interpreter); a wrong form or kernel errs
+# at O(1)
+FORMS_TOL = 3e-2
+AUTOCAST_TOL = 5e-2  # also a compiled step against eager, both under bf16 autocast: their rounding points differ
+GENERATE_TOL = 1e-4  # float32 decoding steps against the float32 parallel forward
+POISON_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class Sizes:
+    batch: int
+    heads: int
+    tokens: int  # T of the kernel checks: not a multiple of the chunk
+    chunk: int
+    shrink: int  # head dims are divided by this (the interpreter is slow)
+    dim_model: int  # the model: 4 heads of dk = dim_model / 4, dv = 2 dk
+    vocab: int
+    model_tokens: int
+    new_tokens: int  # generate()
+
+
+FULL = Sizes(batch=2, heads=4, tokens=1000, chunk=64, shrink=1, dim_model=512, vocab=4096, model_tokens=300,
+             new_tokens=32)  # fmt: skip
+DRY = Sizes(batch=2, heads=2, tokens=37, chunk=16, shrink=4, dim_model=128, vocab=256, model_tokens=37, new_tokens=8)
+
+
+def run(part: Part) -> None:
+    s = DRY if part.dry_run else FULL
+    torch.manual_seed(0)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+
+    def kernels(dtype: torch.dtype, dk: int, dv: int, normalize: bool) -> tuple:
+        return 15, f"chunkwise {NAME[dtype]} dk {dk} dv {dv}", partial(chunkwise, part, s, dtype, dk, dv, normalize)
+
+    def decode(dtype: torch.dtype, dk: int, dv: int, normalize: bool) -> tuple:
+        return 5, f"decode step {NAME[dtype]} dk {dk} dv {dv}", partial(decode_step, part, s, dtype, dk, dv, normalize)
+
+    # (seconds the item needs left in the box, where, what), most important first: one chunk case per dtype before
+    # the 2^31 case and torch.compile. Each new (dtype, dk, dv) compiles and tunes five kernels (about 15 s); the
+    # model's dk 128, dv 256 reuse those of the bf16 and fp32 cases before it, the 2^31 case those of the first.
+    items: list[tuple[float, str, Callable[[], None]]] = [
+        kernels(bf16, 64, 64, False),  # fla issue 640: dk at a 64-wide K tile
+        kernels(bf16, 256, 512, True),  # retnet-1.3b heads
+        decode(bf16, 256, 512, True),
+        kernels(bf16, 128, 256, False),
+        (10, "model forms bf16", partial(model_forms, part, s)),
+        (10, "model training step, bf16 autocast", partial(model_step, part, s, compiled=False)),
+        kernels(fp32, 128, 256, True),
+        (10, "model generate", partial(model_generate, part, s)),
+        decode(fp32, 128, 256, True),
+        decode(fp16, 64, 128, False),
+        kernels(fp16, 64, 128, False),
+        (20, "offsets past 2^31", partial(beyond_2_31, part)),
+        (45, "model training step, torch.compile", partial(model_step, part, s, compiled=True)),
+        kernels(fp16, 256, 256, True),
+        kernels(fp32, 256, 256, False),
+    ]
+    if part.dry_run:
+        part.notes.append("dry run: poisoning does nothing on the CPU, whose allocator hands memory back to the system")
+    for reserve, where, check in items:
+        if part.out_of_time(reserve):
+            continue
+        try:
+            check()
+            free_cuda()  # inside: after a CUDA error it raises too, and the next item goes on
+        except Exception as e:  # recorded; the other items still run
+            part.error(where, e)
+
+
+def poison(device: str, limit: int = POISON_BYTES) -> None:
+    """Fill the CUDA caching allocator's free memory (up to ``limit`` bytes) with all-ones bytes, NaN in fp16, bf16,
+    fp32 and fp64, and leave it cached: the next tensors allocated read NaN until written. On the CPU, nothing."""
+    if device != "cuda":
+        return
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # what stays cached after this call is what it poisoned
+    size = max(min(limit, torch.cuda.mem_get_info()[0] - (2 << 30)), 0)
+    blocks = [torch.empty(size, dtype=torch.uint8, device=device)]  # the pool of tensors over 1 MiB
+    blocks += [torch.empty(1 << 20, dtype=torch.uint8, device=device) for _ in range(64)]  # and of the small ones
+    for block in blocks:
+        block.fill_(255)
+
+
+def chunkwise(part: Part, s: Sizes, dtype: torch.dtype, dk: int, dv: int, normalize: bool) -> None:
+    """The chunkwise kernels forward and backward through a carried state, against float64."""
+    dev, B, H, T = part.device, s.batch, s.heads, s.tokens
+    dk, dv = dk // s.shrink, dv // s.shrink
+    inputs = [torch.randn(B, H, T, d, device=dev).to(dtype) for d in (dk, dk, dv)]  # q, k (B, H, T, dk), v
+    inputs += [torch.randn(B, H, dk, dv, device=dev), torch.randn(B, H, dk, device=dev)]  # S0, z0 float32
+    offset = torch.randint(0, 1000, (B,), device=dev)  # each row at its own position
+    upstream = [torch.randn(B, H, T, dv, device=dev).to(dtype)]  # of o, in its dtype
+    upstream += [torch.randn(B, H, dk, dv, device=dev), torch.randn(B, H, dk, device=dev)]  # of S, z
+    kw = dict(mode="chunkwise", chunk_size=s.chunk, output_state=True, normalize_decay=normalize,
+              normalize_retention=normalize)  # fmt: skip
+
+    def forward(tensors: list[Tensor], backend: str) -> tuple[list[Tensor], list[Tensor]]:
+        """Leaves (q, k, v, S0, z0) and outputs (o, S, z)."""
+        q, k, v, S0, z0 = leaves = [t.detach().requires_grad_() for t in tensors]
+        o, state = retention(q, k, v, "retnet", state=RetentionState(S0, z0, offset), backend=backend, **kw)
+        return leaves, [o, state.S, state.z]
+
+    def backward(leaves: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
+        """dq, dk, dv, dS0, dz0."""
+        grads = [g.to(o.dtype) for g, o in zip(upstream, outputs, strict=True)]
+        return list(torch.autograd.grad(outputs, leaves, grads))
+
+    backward(*forward(inputs, "triton"))  # compiles and tunes: the tuner's buffers are not poisoned
+    poison(dev)
+    leaves, got = forward(inputs, "triton")
+    poison(dev)
+    got += backward(leaves, got)
+    leaves, want = forward([t.double() for t in inputs], "torch")
+    want += backward(leaves, want)
+    label = f"{NAME[dtype]} dk {dk} dv {dv}, B {B} T {T} chunk {s.chunk}, norms {'on' if normalize else 'off'}"
+    for name, a, b in zip(("o", "S", "z", "dq", "dk", "dv", "dS0", "dz0"), got, want, strict=True):
+        part.check(f"chunkwise {name}: {label}", rel_err(a, b), TOL[dtype], dtype=NAME[dtype], dk=dk, dv=dv, T=T)
+
+
+def decode_step(part: Part, s: Sizes, dtype: torch.dtype, dk: int, dv: int, normalize: bool, steps: int = 3) -> None:
+    """The decode kernel: one token through ``retention(mode="recurrent")`` (a new state), then ``steps`` tokens
+    through ``decode_step_`` (in place), against float64."""
+    dev, B, H = part.device, 3, s.heads
+    dk, dv = dk // s.shrink, dv // s.shrink
+    state = RetentionState.zeros(B, H, dk, dv, offset=torch.tensor([0, 17, 1000]), device=dev)  # S (B, H, dk, dv)
+    state.S.normal_(), state.z.normal_()
+    x = [torch.randn(B, H, steps, d, device=dev).to(dtype) for d in (dk, dk, dv)]  # q, k (B, H, steps, dk), v
+    kw = dict(normalize_decay=normalize, normalize_retention=normalize)
+    label = f"{NAME[dtype]} dk {dk} dv {dv}, B {B}, norms {'on' if normalize else 'off'}"
+
+    def step(t: int, state: RetentionState, backend: str) -> tuple[Tensor, RetentionState]:
+        token = [y[:, :, t : t + 1] if backend == "triton" else y[:, :, t : t + 1].double() for y in x]
+        return retention(*token, state=state, mode="recurrent", output_state=True, backend=backend, **kw)
+
+    want_state = RetentionState(state.S.double(), state.z.double(), state.offset.clone())
+    with torch.no_grad():
+        step(0, state, "triton")  # compiles
+        poison(dev)
+        o, new = step(0, state, "triton")
+        want, want_new = step(0, want_state, "torch")
+        for name, a, b in (("o", o, want), ("S", new.S, want_new.S), ("z", new.z, want_new.z)):
+            part.check(f"retention recurrent, one token, {name}: {label}", rel_err(a, b), TOL[dtype])
+
+        log_g = log_gamma("retnet", H).to(dev)  # (H,)
+        outs, wants = [], []
+        for t in range(steps):
+            poison(dev)
+            outs.append(decode_step_(*(y[:, :, t : t + 1] for y in x), log_g, state, **kw))  # (B, H, 1, dv)
+            want, want_state = step(t, want_state, "torch")
+            wants.append(want)
+    part.check(f"decode_step_ o over {steps} steps: {label}", rel_err(torch.cat(outs, 2), torch.cat(wants, 2)),
+               TOL[dtype])  # fmt: skip
+    part.check(f"decode_step_ S in place: {label}", rel_err(state.S, want_state.S), TOL[dtype])
+    part.check(f"decode_step_ z in place: {label}", rel_err(state.z, want_state.z), TOL[dtype])
+    part.check_true(f"decode_step_ offset: {label}", torch.equal(state.offset, want_state.offset))
+
+
+def beyond_2_31(part: Part) -> None:
+    """bf16 (1, 64, 540000, 64): 2.2e9 elements a tensor, the last head's all at offsets past 2^31 (the states too:
+    64 x 8438 chunks x 64 x 64). Forward and backward, the last head against float64 on that head alone."""
+    if part.dry_run:
+        part.notes.append("offsets past 2^31: skipped in the dry run (about 60 GB of GPU memory)")
+        return
+    B, H, T, D = 1, 64, 540_000, 64
+    gamma = gamma_schedule("linspace", H)  # (H,): every head decays within a few hundred tokens
+    q, k, v = leaves = [torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in "qkv"]
+    w = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)  # upstream gradient of o
+    poison("cuda", limit=1 << 40)
+    o, _ = retention(q, k, v, gamma, mode="chunkwise", chunk_size=64, backend="triton")
+    poison("cuda", limit=1 << 40)
+    got = [o[:, -1:], *(g[:, -1:] for g in torch.autograd.grad(o, leaves, w))]
+    last = [t.detach()[:, -1:].double().requires_grad_() for t in leaves]  # (1, 1, T, D)
+    o64, _ = retention(*last, gamma[-1:], mode="chunkwise", chunk_size=64, backend="torch")
+    want = [o64, *torch.autograd.grad(o64, last, w[:, -1:].double())]
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
+        part.check(f"offsets past 2^31, {name} of the last head: bf16 (1, 64, 540000, 64)", rel_err(a, b), TOL[q.dtype])
+
+
+def make_model(part: Part, s: Sizes) -> RetNetForCausalLM:
+    """A small RetNet language model with random weights, float32, on the part's device."""
+    torch.manual_seed(1)
+    config = RetNetConfig(vocab_size=s.vocab, dim_model=s.dim_model, num_layers=2, num_heads=4, chunk_size=s.chunk)
+    return RetNetForCausalLM(config).to(part.device)
+
+
+def random_ids(part: Part, s: Sizes, length: int) -> Tensor:
+    return torch.randint(0, s.vocab, (s.batch, length), device=part.device)  # (B, length)
+
+
+def model_forms(part: Part, s: Sizes) -> None:
+    """The parallel, chunkwise and recurrent forms in bf16 against the float64 model with the same rounded weights."""
+    model = make_model(part, s).bfloat16().eval()
+    reference = copy.deepcopy(model).double()
+    ids = random_ids(part, s, s.model_tokens)
+    with torch.no_grad():
+        want = reference(ids, mode="parallel", use_cache=False).logits  # (B, T, V)
+        for mode in ("parallel", "chunkwise", "recurrent"):
+            got = model(ids, mode=mode, use_cache=False).logits
+            part.check(f"model bf16, {mode} form: logits vs float64, T {s.model_tokens}", rel_err(got, want), FORMS_TOL)
+
+
+def model_generate(part: Part, s: Sizes) -> None:
+    """Greedy generate() (a chunkwise prefill, then decoding steps) against the parallel forward over the sequence it
+    generated: the logits behind each new token, and each token their argmax (or within a tie of it)."""
+    model = make_model(part, s).eval()
+    prompt_len = s.model_tokens // 3
+    prompt = random_ids(part, s, prompt_len)
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=s.new_tokens, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)  # fmt: skip
+        seq = out.sequences  # (B, prompt + new)
+        want = model(seq, mode="parallel", use_cache=False).logits[:, prompt_len - 1 : -1]  # (B, new, V)
+    got = torch.stack(out.logits, dim=1)  # (B, new, V)
+    picked = seq[:, prompt_len:]  # (B, new)
+    part.check(f"generate: {s.new_tokens} decoding steps' logits vs the parallel forward (fp32)", rel_err(got, want),
+               GENERATE_TOL)  # fmt: skip
+    exact = want.argmax(-1) == picked
+    margin = want.amax(-1) - want.gather(-1, picked[..., None])[..., 0]  # 0 where the token is the argmax
+    tie = margin <= GENERATE_TOL * want.abs().amax()
+    part.check_true(
+        "generate(do_sample=False) equals the parallel argmax (fp32)",
+        bool((exact | tie).all()),
+        f"{int(exact.sum())}/{exact.numel()} tokens exactly, the others within a tie",
+    )
+
+
+def train_step(model: torch.nn.Module, ids: Tensor, autocast: bool) -> tuple[Tensor, Tensor]:
+    """The loss of one training step on ``ids`` and every parameter's gradient, flattened into one vector."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.double().flatten() for p in model.parameters()])
+
+
+def model_step(part: Part, s: Sizes, compiled: bool) -> None:
+    """A training step under bf16 autocast: finite, and close to float64; or ``compiled``, torch.compile's step
+    against eager's, both under bf16 autocast. The dry run steps in float32, since under CPU autocast the PyTorch
+    backend refuses its mixed dtypes (``baddbmm_`` of a bf16 output and a float32 operand), and compiles with the
+    ``aot_eager`` backend (graph capture and autograd, no code generation: inductor takes a minute on the CPU)."""
+    autocast = not part.dry_run
+    kind = "bf16 autocast" if autocast else "float32, dry run"
+    note = "model training steps in float32 (CPU autocast fails in the PyTorch backend), compiled by aot_eager"
+    if not autocast and note not in part.notes:
+        part.notes.append(note)
+    model = make_model(part, s).train()  # float32 weights
+    ids = random_ids(part, s, s.model_tokens)
+    loss, grad = train_step(model, ids, autocast)
+    if compiled:
+        want_loss, want_grad = loss, grad
+        loss, grad = train_step(torch.compile(model, backend="inductor" if autocast else "aot_eager"), ids, autocast)
+        label = f"torch.compile training step ({kind}) vs eager"
+    else:
+        finite = bool(loss.isfinite() & grad.isfinite().all())
+        part.check_true(f"training step ({kind}): loss and gradients finite", finite)
+        want_loss, want_grad = train_step(copy.deepcopy(model).double(), ids, autocast=False)
+        label = f"training step ({kind}) vs float64"
+    part.check(f"{label}: loss", rel_err(loss, want_loss), AUTOCAST_TOL)
+    part.check(f"{label}: gradients", rel_err(grad, want_grad), AUTOCAST_TOL)

@@ -1,0 +1,262 @@
+"""Kernel speed, side by side in one run: the chunkwise form against flash-linear-attention and SDPA, the decode step
+against its state-read bound, each against the two ceilings measured in the same run.
+
+Chunkwise, bf16: ours (``retention(..., mode="chunkwise", backend="triton")``), fla's ``chunk_retention`` (when
+flash-linear-attention imports) and torch SDPA (causal softmax attention, FlashAttention on Hopper), forward and
+forward + backward, on fla's own benchmark shapes and RetNet's dv = 2 dk at dk 256. Each gets its inputs in its own
+layout, made outside the timed region. The floor of a shape is the larger of its bytes over the copy bandwidth and
+its matrix products over the matmul rate:
+
+    bytes   forward: q, k, v read, o written once                        2 B T H (2 Dk + 2 Dv)  (bf16)
+            fwd+bwd: also do read, dq, dk, dv written                    2 B T H (4 Dk + 4 Dv)
+    FLOPs   forward: scores and their use inside a chunk of C tokens     2 B H T C (Dk + Dv)
+                     the state read by q and updated by k, v             4 B H T Dk Dv
+            fwd+bwd: three times the forward (two products per product)
+
+The decode step (``decode_step_``, in place) at batch 1 to 64 for retnet-1.3b's heads (8 x dk 256 x dv 512), one
+call per layer over 24 layers' states so the states do not sit in L2: its floor is reading and writing S and z.
+Then the whole retnet-1.3b backbone's step at batch 1, eager and replayed from a CUDA graph, against reading its
+weights once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gpucheck.harness import Ceilings, Part, free_cuda, measure_ceilings, rel_err, timer
+from retentive.ops import RetentionState, log_gamma, retention
+
+# (B, T, H, Dk, Dv): fla's benchmark shapes, then RetNet's value width at dk 256
+SHAPES = [
+    (1, 8192, 96, 128, 128),
+    (2, 16384, 16, 128, 128),
+    (4, 2048, 16, 128, 128),
+    (4, 4096, 64, 128, 128),
+    (8, 2048, 32, 256, 256),
+    (8, 1024, 8, 64, 64),
+    (2, 8192, 8, 256, 512),
+]
+DRY_SHAPES = [(2, 80, 2, 16, 16), (1, 70, 2, 16, 32)]
+CHUNK = 64
+DECODE_HEADS, DECODE_DK, DECODE_DV, DECODE_LAYERS = 8, 256, 512, 24
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+DECODE_TARGET = "decode step within 2x of its state-read bound at batch >= 16"
+DECODE_TARGET = "decode step within 2x of its state-read bound at batch >= 16"
+
+
+def run(part: Part) -> None:
+    ceilings = measure_ceilings(part.device)
+    add = part.table(
+        "Ceilings measured in this run",
+        ["copy bandwidth (GB/s, read + write)", "bf16 matmul 8192^3 (TFLOP/s)"],
+    )
+    add([ceilings.bandwidth / 1e9, ceilings.matmul / 1e12])
+    chunkwise_speed(part, ceilings)
+    decode_speed(part, ceilings)
+    backbone_step(part, ceilings)
+
+
+def fla_chunk() -> Callable | None:
+    """fla's chunk_retention on (B, T, H, D) tensors, or None where flash-linear-attention is absent."""
+    try:
+        from fla.ops.retention import chunk_retention
+    except ImportError:
+        return None
+    return lambda q, k, v: chunk_retention(q, k, v)[0]
+
+
+def chunkwise_speed(part: Part, ceilings: Ceilings) -> None:
+    bench = timer(part.device)
+    fla = None if part.dry_run else fla_chunk()
+    if fla is None:
+        part.notes.append("flash-linear-attention not importable here: its columns are n/a")
+    ours = lambda q, k, v: retention(q, k, v, mode="chunkwise", chunk_size=CHUNK, backend="triton")[0]
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    columns = {"ours": (ours, "bhtd"), "fla": (fla, "bthd"), "sdpa": (sdpa, "bhtd")}
+    header = ["B", "T", "H", "Dk", "Dv", "pass"]
+    header += [f"{c} ms" for c in columns] + ["floor ms", "ours / floor", "fla / ours", "ours vs fla err"]
+    add = part.table("Chunkwise retention, bf16: median ms (fwd = forward, f+b = forward + backward)", header)
+    ratios = {"f+b": [], "dk256": []}
+    for B, T, H, Dk, Dv in DRY_SHAPES if part.dry_run else SHAPES:
+        if part.out_of_time(reserve=25):
+            break
+        gen = torch.Generator(device=part.device).manual_seed(T + H)
+        q, k, v = (
+            torch.randn(B, H, T, d, device=part.device, generator=gen, dtype=torch.bfloat16) for d in (Dk, Dk, Dv)
+        )
+        do = torch.randn(B, H, T, Dv, device=part.device, generator=gen, dtype=torch.bfloat16)
+        fwd_bytes, fb_bytes = 2 * B * T * H * (2 * Dk + 2 * Dv), 2 * B * T * H * (4 * Dk + 4 * Dv)
+        fwd_flops = 2 * B * H * T * CHUNK * (Dk + Dv) + 4 * B * H * T * Dk * Dv
+        floors = {
+            "fwd": max(ceilings.bytes_ms(fwd_bytes), ceilings.flops_ms(fwd_flops)),
+            "f+b": max(ceilings.bytes_ms(fb_bytes), ceilings.flops_ms(3 * fwd_flops)),
+        }
+        times: dict[str, dict[str, float | None]] = {"fwd": {}, "f+b": {}}
+        outs = {}
+        for label, (fn, layout) in columns.items():
+            if fn is None or (label == "sdpa" and Dk != Dv):
+                continue
+            x = [t.transpose(1, 2).contiguous() if layout == "bthd" else t for t in (q, k, v)]
+            x = [t.detach().requires_grad_() for t in x]
+            g = do.transpose(1, 2).contiguous() if layout == "bthd" else do
+
+            def forward(fn=fn, x=x):
+                with torch.no_grad():
+                    return fn(*x)
+
+            def both(fn=fn, x=x, g=g):
+                for t in x:
+                    t.grad = None
+                fn(*x).backward(g)
+
+            try:
+                out = forward()  # compiles and autotunes outside the timed region
+                both()
+                outs[label] = (out.transpose(1, 2) if layout == "bthd" else out).float()
+                times["fwd"][label] = bench(forward)
+                times["f+b"][label] = bench(both)
+            except Exception as e:  # out of memory, or a baseline refusing the shape: a cell, not a crash
+                part.error(f"chunkwise {label} B{B} T{T} H{H} Dk{Dk} Dv{Dv}", e)
+            finally:
+                x = g = None
+                free_cuda()
+        err = rel_err(outs["ours"], outs["fla"]) if "ours" in outs and "fla" in outs else None
+        if err is not None:
+            part.check(f"ours vs fla output, B{B} T{T} H{H} Dk{Dk} Dv{Dv}", err, 2e-2)
+        for name, row in times.items():
+            o, f = row.get("ours"), row.get("fla")
+            speedup = f / o if o and f else None
+            if speedup is not None and name == "f+b":
+                ratios["f+b"].append((speedup, (B, T, H, Dk, Dv)))
+                if Dk == 256:
+                    ratios["dk256"].append((speedup, (B, T, H, Dk, Dv)))
+            cells = [row.get(c) for c in columns]
+            add([B, T, H, Dk, Dv, name, *cells, floors[name], o / floors[name] if o else None, speedup, err])
+        outs.clear()
+        q = k = v = do = None
+        free_cuda()
+    chunk_targets(part, ratios)
+
+
+def chunk_targets(part: Part, ratios: dict[str, list]) -> None:
+    """At least as fast as fla at every shape (forward + backward), and 2x at dk 256."""
+    if not ratios["f+b"]:
+        part.target("chunkwise f+b >= fla at every shape", None, "fla not measured")
+        return
+    worst, shape = min(ratios["f+b"])
+    part.target("chunkwise f+b >= fla at every shape", worst >= 1.0, f"worst fla/ours {worst:.2f}x at {shape}")
+    if ratios["dk256"]:
+        worst, shape = min(ratios["dk256"])
+        part.target("chunkwise f+b >= 2x fla at dk 256", worst >= 2.0, f"worst fla/ours {worst:.2f}x at {shape}")
+
+
+def decode_speed(part: Part, ceilings: Ceilings) -> None:
+    """The fused decode step per layer, against reading and writing the layer's state once."""
+    bench = timer(part.device)
+    H, Dk, Dv, layers = (2, 16, 32, 3) if part.dry_run else (DECODE_HEADS, DECODE_DK, DECODE_DV, DECODE_LAYERS)
+    batches = (1, 2) if part.dry_run else DECODE_BATCHES
+    log_g = log_gamma("retnet", H).to(part.device, torch.float32)
+    add = part.table(
+        f"Decode step (decode_step_, in place), bf16 q/k/v, float32 state: {H} heads, dk {Dk}, dv {Dv}; per layer, "
+        f"{layers} layers' states in turn",
+        ["batch", "state MB (per layer)", "fused us", "torch backend us", "floor us", "fused / floor"],
+    )
+    ratios = []
+    for B in batches:
+        if part.out_of_time(reserve=8):
+            break
+        try:
+            row = decode_row(part.device, B, H, Dk, Dv, layers, log_g, bench, ceilings)
+            if B >= 16:
+                ratios.append((row[-1], B))
+            add(row)
+        except Exception as e:
+            part.error(f"decode step batch {B}", e)
+        finally:
+            free_cuda()
+    if ratios:
+        worst, B = max(ratios)
+        part.target(DECODE_TARGET, worst <= 2.0, f"{worst:.2f}x at B{B}")
+    else:
+        part.target(DECODE_TARGET, None, "not measured")
+
+
+def decode_row(device, B, H, Dk, Dv, layers, log_g, bench, ceilings) -> list:
+    """[batch, state MB, fused us, torch us, floor us, fused / floor] for one batch size, per layer."""
+    from retentive.ops.triton import decode_step_
+
+    kw = dict(normalize_decay=True, normalize_retention=True)
+    gen = torch.Generator(device=device).manual_seed(B)
+    states = []
+    for _ in range(layers):
+        s = RetentionState.zeros(B, H, Dk, Dv, offset=1000, device=device)
+        s.S.normal_(generator=gen), s.z.normal_(generator=gen)
+        states.append(s)
+    q, k, v = (torch.randn(B, H, 1, d, device=device, generator=gen).bfloat16() for d in (Dk, Dk, Dv))
+    nbytes = 2 * (states[0].S.nbytes + states[0].z.nbytes)  # read and written once
+
+    def fused():
+        for s in states:
+            decode_step_(q, k, v, log_g, s, **kw)
+
+    def torch_step():
+        for s in states:
+            retention(q, k, v, mode="recurrent", state=s, output_state=True, backend="torch", **kw)
+
+    with torch.no_grad():
+        fused_us = bench(fused) * 1e3 / layers
+        torch_us = bench(torch_step) * 1e3 / layers
+    floor_us = ceilings.bytes_ms(nbytes) * 1e3
+    return [B, nbytes / 2 / 1e6, fused_us, torch_us, floor_us, fused_us / floor_us]
+
+
+def backbone_step(part: Part, ceilings: Ceilings) -> None:
+    """retnet-1.3b's backbone (24 layers, d 2048, FFN 4096), one token at batch 1 in bf16: eager and as a CUDA graph."""
+    from retentive import RetNet
+
+    if part.out_of_time(reserve=10):
+        return
+    layers, heads, d = (2, 2, 32) if part.dry_run else (24, 8, 2048)
+    dtype = torch.float32 if part.dry_run else torch.bfloat16  # CPU group_norm refuses bf16 weights
+    bench = timer(part.device)
+    add = part.table(
+        f"Backbone decode step, batch 1: {layers} layers, d {d}, {heads} heads (retnet-1.3b without embeddings)",
+        ["how", "ms", "weights MB", "floor ms", "time / floor"],
+    )
+    try:
+        net = RetNet.from_options(layers, heads, d, 2 * d, value_factor=2).to(part.device, dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+        floor = ceilings.bytes_ms(weight_bytes)
+        with torch.no_grad():
+            prompt = torch.randn(1, 16, d, device=part.device, dtype=dtype)
+            _, state = net(prompt, mode="chunkwise", chunk_size=16, return_state=True)
+            x = torch.randn(1, 1, d, device=part.device, dtype=dtype)
+            step = lambda: net(x, mode="recurrent", state=state, return_state=True)
+            ms = bench(step)
+            add(["eager", ms, weight_bytes / 1e6, floor, ms / floor])
+            if part.device == "cuda":
+                graph = capture(step)
+                ms = bench(graph.replay)
+                add(["CUDA graph", ms, weight_bytes / 1e6, floor, ms / floor])
+    except Exception as e:  # capture fails on any host synchronization inside the step: recorded, not fatal
+        part.error("backbone decode step", e)
+    finally:
+        net = state = None
+        free_cuda()
+
+
+def capture(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``step`` captured in a CUDA graph, after a warm-up on a side stream as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

@@ -1,0 +1,56 @@
+"""benchmarks/gpu_check.py --dry-run: every part of the GPU check runs on the CPU at tiny sizes (the kernels in Triton's
+interpreter), so that nothing the CPU could catch (an import, a typo, an API call) fails on the GPU machine."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the check needs triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_dry_run_of_every_part(tmp_path):
+    result = run("--out", str(tmp_path), "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report["runs"]) == {"correctness", "kernels", "claims", "stack"}
+    for name, run_ in report["runs"].items():
+        assert run_["status"] == "finished", (name, run_)
+        part = report["parts"][name]
+        assert part["tables"] or part["checks"], f"{name} reported nothing"
+        failed = [c for c in part["checks"] if not c["ok"]]
+        assert not failed, (name, failed)
+    assert report["parts"]["correctness"]["checks"], "the correctness part compared nothing"
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "## kernels" in text and "Chunkwise retention" in text
+    assert result.stdout.splitlines()[-1].strip(), "the summary table is printed last"
+
+
+def test_a_bad_budget_is_refused_by_name(tmp_path):
+    result = run("--out", str(tmp_path), "--dry-run", "--budget", "kernels=soon", timeout=60)
+    assert result.returncode != 0
+    assert "--budget" in result.stderr and "kernels=soon" in result.stderr
+
+
+def test_a_part_past_its_box_is_stopped_and_reported(tmp_path):
+    """A box too short for the part: the part stops early or is killed; the report still names it."""
+    result = run("--out", str(tmp_path), "--dry-run", "--parts", "kernels", "--budget", "kernels=0", timeout=120)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    notes = report["parts"]["kernels"].get("notes", [])
+    stopped = any("time box" in n for n in notes) or report["runs"]["kernels"]["status"].startswith("killed")
+    assert stopped, (report["runs"], notes, result.stdout[-2000:])
