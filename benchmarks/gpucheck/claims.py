@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from gpucheck.harness import Ceilings, Part, cuda_ms, free_cuda, gib, measure_ceilings
+from gpucheck.harness import Ceilings, Part, capture, cuda_ms, free_cuda, gib, measure_ceilings
 from retentive.baselines import count_parameters, transformer_config_from_preset
 from retentive.models import CACHE_NAME, RetNetCache, RetNetConfig, RetNetForCausalLM, cache_of
 from retentive.ops import RetentionState, linear_cross_entropy, retention
@@ -165,20 +165,6 @@ def per_step_ms(step: Callable[[], object], steps: int) -> float:
     for _ in range(2):
         step()
     return cuda_ms(round_of_steps, repeat=3) / steps
-
-
-def capture(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """``step`` captured in a CUDA graph, after a warm-up on a side stream as capture requires."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -600,12 +586,12 @@ def training_target(
         part.target(TRAIN_TARGET, None, "not measured", "a side's training step is missing (see notes)")
         return
     speedup, memory = retnet.tokens_per_s / llama.tokens_per_s, retnet.peak / llama.peak
-    rows = max(1, BLOCK_ELEMENTS // retnet_vocab)
+    block = BLOCK_ELEMENTS.get(part.device, BLOCK_ELEMENTS["cuda"])
+    rows = max(1, block // retnet_vocab)
     gaps = {  # where RetNet loses time, and what would win it back
         "the token mixer: faster chunkwise kernels would move it": retnet.mixer_ms - llama.mixer_ms,
         f"the output layer and loss: linear_cross_entropy takes blocks of {rows} rows at this vocabulary "
-        f"({BLOCK_ELEMENTS:,} logits a block); blocks of thousands of rows on the GPU, or a fused kernel, would move "
-        "it": retnet.loss_ms - llama.loss_ms,
+        f"({block:,} logits a block); a fused kernel would move it": retnet.loss_ms - llama.loss_ms,
         "the rest: fusing the gate, norms and rotation would move it": retnet.rest_ms() - llama.rest_ms(),
     }
     part.target(

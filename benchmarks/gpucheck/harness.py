@@ -188,6 +188,20 @@ def measure_ceilings(device: str) -> Ceilings:
     return Ceilings(bandwidth, matmul)
 
 
+def capture(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``step`` captured in a CUDA graph, after a warm-up on a side stream as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 def free_cuda() -> None:
     """Release cached blocks between measurements, so one shape's buffers do not crowd the next."""
     if torch.cuda.is_available():

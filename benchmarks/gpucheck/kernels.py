@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gpucheck.harness import Ceilings, Part, free_cuda, measure_ceilings, rel_err, timer
+from gpucheck.harness import Ceilings, Part, capture, free_cuda, measure_ceilings, rel_err, timer
 from retentive.ops import RetentionState, log_gamma, retention
 
 # (B, T, H, Dk, Dv): fla's benchmark shapes, then RetNet's value width at dk 256
@@ -246,17 +246,3 @@ def backbone_step(part: Part, ceilings: Ceilings) -> None:
     finally:
         net = state = None
         free_cuda()
-
-
-def capture(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """``step`` captured in a CUDA graph, after a warm-up on a side stream as capture requires."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
