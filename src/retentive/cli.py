@@ -64,13 +64,18 @@ def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
 def _run_config(args: argparse.Namespace, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The run's configuration, in the sections of run.json, from ``options`` (every field as the options set it).
 
-    On ``--resume`` of the run ``--out`` holds, the run continues as it was configured: every field keeps the value
-    the run stored, and only the options the command line gives change it (``--set`` changes single keys of the
-    stored model overrides). Whether a change can continue the same run is decided afterwards, for every entry
-    point alike, by ``check_run_dir`` (``RESUMABLE_CHANGES``), which refuses the others naming the field.
+    On ``--resume`` the run continues as it was configured (in ``--out``, or in the run directory of the checkpoint
+    given): every field keeps the value the run stored, and only the options the command line gives change it
+    (``--set`` changes single keys of the stored model overrides). Whether a change can continue the same run is
+    decided afterwards, for every entry point alike, by ``check_run_dir`` (``RESUMABLE_CHANGES``), which refuses
+    the others naming the field.
     """
-    stored = read_run_config(args.out) if args.resume and not args.overwrite else None
-    if stored is None:
+    if not args.resume or args.overwrite:
+        return options
+    stored = read_run_config(args.out)
+    if stored is None and args.resume is not True:  # --resume runs/a/checkpoints/step-N --out runs/b: run a's options
+        stored = read_run_config(Path(args.resume).resolve().parents[1])
+    if stored is None:  # nothing to continue yet: the run starts
         return options
     config = {}
     for section, fields in options.items():
@@ -106,7 +111,9 @@ def train(args: argparse.Namespace) -> None:
     })  # fmt: skip
     lm, config = LMConfig(**run_config["lm"]), TrainConfig(**run_config["train"])
     run = train_language_model(lm, config, args.out, resume=args.resume or False, overwrite=args.overwrite)
-    if run.trainer.dist.is_main:
+    if run.trainer.dist.is_main and not run.result.losses:
+        print(f"nothing to train: {args.out} is at its last step, {run.trainer.step}; --steps N continues it")
+    elif run.trainer.dist.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in run.result.eval.items())
         print(f"trained to step {run.trainer.step} in {run.result.seconds:.0f} s; {summary}")
         print(f"checkpoint: {run.result.checkpoint}")
@@ -456,9 +463,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.verbose:
             raise
         if int(os.environ.get("RANK", "0")) > 0 and not torch.distributed.is_initialized():
-            # under torchrun, every process meets the checks made before the process group forms alike:
-            # process 0 says it once, the others exit quietly
-            raise SystemExit(1) from e
+            # Under torchrun every process makes the checks that precede the process group, and fails them alike:
+            # process 0 says why, once. The others leave quietly with status 0, else torchrun could stop process 0
+            # before it has said it; torchrun still fails, with process 0's status.
+            raise SystemExit(0) from e
         raise SystemExit(f"error: {e}") from e
 
 
