@@ -339,7 +339,7 @@ def train_vision(args: argparse.Namespace) -> None:
     result, n_params = trained.result, sum(p.numel() for p in trained.model.parameters())
     acc = result.eval.get("val_accuracy", float("nan"))
     print(
-        f"{args.model} ({n_params:,} parameters) on {args.data}: test accuracy {acc:.4f} "
+        f"{vision.model} ({n_params:,} parameters) on {vision.data}: test accuracy {acc:.4f} "
         f"after {trained.trainer.step} steps, {result.seconds:.0f} s training"
     )
     print(f"checkpoint: {result.checkpoint}")
