@@ -228,7 +228,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png, tokenizer")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue the run in --out (its newest intact checkpoint, or the one given)")  # fmt: skip
+                   help="continue the run in --out (its newest intact checkpoint, or the one given) with the "
+                        "options it stored; the options given change it where that keeps it the same run")  # fmt: skip
     g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     g.add_argument("--eval-interval", type=int, default=200)
     g.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
@@ -368,7 +369,8 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the options it stored")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=train_vision)
