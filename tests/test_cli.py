@@ -159,21 +159,28 @@ def test_resume_refuses_a_change_that_cannot_continue_the_run(
         main(["train", "--data", str(other), "--out", str(copy), "--resume"])
 
 
-def test_torchrun_refusal_is_said_once_without_a_peer_crash(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
-    """Both processes refuse before the process group forms: process 0 prints the one line, the other leaves quietly,
-    and no gloo "connection closed by peer" trace buries it."""
+@pytest.mark.slow
+def test_torchrun_resumes_as_configured_and_says_a_refusal_once(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """Under torchrun with FSDP: a refused change is refused by both processes before the process group forms,
+    process 0 prints the one line, the other leaves quietly, and no gloo "connection closed by peer" trace buries
+    it; without the change, the README's resume line continues the run."""
     copy = _crashed_after_step_3(run_dir, tmp_path / "copy")
     src = str(Path(retentive.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = ["-m", "retentive.cli", "train", "--data", str(corpus), "--out", str(copy), "--resume", "--seq-len", "16"]
-    done = subprocess.run(
-        [*torchrun, *command, "--parallel", "fsdp"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode != 0
-    assert done.stderr.count("error: cannot resume") == 1 and "(lm.seq_len: 32 -> 16)" in done.stderr
-    assert "closed by peer" not in done.stderr.lower() and "[rank" not in done.stderr, done.stderr
-    assert done.stderr.count("Traceback") == done.stderr.count("ChildFailedError:"), "torchrun's own report only"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    resume = ["retentive.cli", "train", "--data", str(corpus), "--out", str(copy), "--resume", "--parallel", "fsdp"]
+
+    def launch(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*torchrun, *resume, *options], env=env, capture_output=True, text=True, timeout=300)
+
+    refused = launch("--seq-len", "16")
+    assert refused.returncode != 0
+    assert refused.stderr.count("error: cannot resume") == 1 and "(lm.seq_len: 32 -> 16)" in refused.stderr
+    assert "closed by peer" not in refused.stderr.lower() and "[rank" not in refused.stderr, refused.stderr
+    assert refused.stderr.count("Traceback") == refused.stderr.count("ChildFailedError:"), "torchrun's report only"
+    resumed = launch()
+    assert resumed.returncode == 0, resumed.stderr
+    assert (copy / "checkpoints" / "step-00000006").is_dir() and "trained to step 6" in resumed.stdout
 
 
 def test_streamer_waits_for_whole_characters() -> None:
