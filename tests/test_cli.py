@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import retentive
 from retentive import RetNetForCausalLM
 from retentive.cli import main
 from retentive.data import ByteTokenizer, load_tokenizer, read_corpus
@@ -94,6 +99,88 @@ def test_resume_extends_the_run(run_dir: Path, corpus: Path, tmp_path: Path) -> 
     shutil.copytree(run_dir, copy)
     _train(corpus, copy, "--resume", "--steps", "9")
     assert (copy / "checkpoints" / "step-00000009").is_dir()
+
+
+def _crashed_after_step_3(run_dir: Path, copy: Path) -> Path:
+    """A copy of the 6-step run as a crash after its step-3 checkpoint would have left it."""
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000006")
+    return copy
+
+
+def test_readme_resume_continues_the_run_as_configured(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """The README's second line, `retentive train --data my_texts/ --out runs/mine --resume`: every option the run
+    stored, none of the defaults, and the weights of the uninterrupted run bit for bit."""
+    copy = _crashed_after_step_3(run_dir, tmp_path / "copy")
+    stored = (copy / "run.json").read_text()
+    main(["train", "--data", str(corpus), "--out", str(copy), "--resume"])
+    assert (copy / "run.json").read_text() == stored
+    final = "checkpoints/step-00000006/model.safetensors"
+    resumed, straight = load_file(copy / final), load_file(run_dir / final)
+    assert resumed.keys() == straight.keys()
+    for name, weight in straight.items():
+        assert torch.equal(resumed[name], weight), name
+    keys = ("step", "loss", "grad_norm", "val_loss")
+    records = [[[r.get(k) for k in keys] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+               for d in (copy, run_dir)]  # fmt: skip
+    assert records[0] == records[1] and [r[0] for r in records[0]] == [3, 6]
+
+    # options that keep it the same run change only themselves
+    main(["train", "--data", str(corpus), "--out", str(copy), "--resume", "--steps", "8", "--device", "cpu",
+          "--eval-interval", "4"])  # fmt: skip
+    assert (copy / "checkpoints" / "step-00000008").is_dir()
+    run = json.loads((copy / "run.json").read_text())
+    assert (run["train"]["steps"], run["train"]["device"], run["train"]["eval_interval"]) == (8, "cpu", 4)
+    assert run["lm"] == json.loads(stored)["lm"]
+
+
+@pytest.mark.parametrize(
+    ("options", "change"),
+    [
+        (["--seq-len", "16"], "lm.seq_len: 32 -> 16"),
+        (["--tokenizer", "bytes"], "lm.tokenizer: 'bpe' -> 'bytes'"),
+        (["--set", "dim_model=64"], "lm.model_overrides.dim_model: 32 -> 64"),
+        (["--lr", "0.1"], "train.lr: 0.002 -> 0.1"),
+    ],
+)
+def test_resume_refuses_a_change_that_cannot_continue_the_run(
+    run_dir: Path, corpus: Path, tmp_path: Path, options: list[str], change: str
+) -> None:
+    copy = _crashed_after_step_3(run_dir, tmp_path / "copy")
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    message = rf"^error: cannot resume: .*copy holds a run with a different configuration \({re.escape(change)}\),"
+    with pytest.raises(SystemExit, match=message) as err:
+        main(["train", "--data", str(corpus), "--out", str(copy), "--resume", *options])
+    assert "\n" not in str(err.value.code)
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before, "nothing written"
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[::-1])
+    with pytest.raises(SystemExit, match=rf"\(lm.data: '{re.escape(str(corpus))}' -> '{re.escape(str(other))}'\)"):
+        main(["train", "--data", str(other), "--out", str(copy), "--resume"])
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_as_configured_and_says_a_refusal_once(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """Under torchrun with FSDP: a refused change is refused by both processes before the process group forms,
+    process 0 prints the one line, the other leaves quietly, and no gloo "connection closed by peer" trace buries
+    it; without the change, the README's resume line continues the run."""
+    copy = _crashed_after_step_3(run_dir, tmp_path / "copy")
+    src = str(Path(retentive.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    resume = ["retentive.cli", "train", "--data", str(corpus), "--out", str(copy), "--resume", "--parallel", "fsdp"]
+
+    def launch(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*torchrun, *resume, *options], env=env, capture_output=True, text=True, timeout=300)
+
+    refused = launch("--seq-len", "16")
+    assert refused.returncode != 0
+    assert refused.stderr.count("error: cannot resume") == 1 and "(lm.seq_len: 32 -> 16)" in refused.stderr
+    assert "closed by peer" not in refused.stderr.lower() and "[rank" not in refused.stderr, refused.stderr
+    assert refused.stderr.count("Traceback") == refused.stderr.count("ChildFailedError:"), "torchrun's report only"
+    resumed = launch()
+    assert resumed.returncode == 0, resumed.stderr
+    assert (copy / "checkpoints" / "step-00000006").is_dir() and "trained to step 6" in resumed.stdout
 
 
 def test_streamer_waits_for_whole_characters() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from .data import TOKENIZERS
-from .training.checkpoint import CheckpointError
+from .training.checkpoint import CheckpointError, read_run_config
 
 
 def _model_override(text: str) -> tuple[str, Any]:
@@ -37,27 +38,82 @@ def _suffixes(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+# The fields of run.json that options of other names set; every other field is set by the option of its name.
+_FIELD_OPTIONS = {
+    "model_config": ("config",),
+    "model_overrides": ("set",),
+    "progress": ("no_progress",),
+    "epochs": ("epochs", "steps"),  # train-vision: --steps replaces the epochs
+}
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options ``argv`` gives, as their ``dest``: ``argv`` parsed again with every default suppressed, so an
+    option left off is absent rather than equal to its default."""
+    defaults = {action: action.default for action in parser._actions}  # argparse lists a parser's options nowhere else
+    for action in defaults:
+        action.default = argparse.SUPPRESS
+    try:
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return {action.dest for action in defaults if hasattr(given, action.dest)}
+
+
+def _run_config(args: argparse.Namespace, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The run's configuration, in the sections of run.json, from ``options`` (every field as the options set it).
+
+    On ``--resume`` the run continues as it was configured (in ``--out``, or in the run directory of the checkpoint
+    given): every field keeps the value the run stored, and only the options the command line gives change it
+    (``--set`` changes single keys of the stored model overrides). Whether a change can continue the same run is
+    decided afterwards, for every entry point alike, by ``check_run_dir`` (``RESUMABLE_CHANGES``), which refuses
+    the others naming the field.
+    """
+    if not args.resume or args.overwrite:
+        return options
+    stored = read_run_config(args.out)
+    if stored is None and args.resume is not True:  # --resume runs/a/checkpoints/step-N --out runs/b: run a's options
+        stored = read_run_config(Path(args.resume).resolve().parents[1])
+    if stored is None:  # nothing to continue yet: the run starts
+        return options
+    config = {}
+    for section, fields in options.items():
+        config[section] = dict(stored.get(section, {}))
+        for name, value in fields.items():
+            if not any(option in args.given for option in _FIELD_OPTIONS.get(name, (name,))):
+                continue
+            old = config[section].get(name)
+            config[section][name] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+    return config
+
+
 def train(args: argparse.Namespace) -> None:
     """Train a RetNet language model (alone, or one process of ``torchrun``)."""
     logging.getLogger("retentive.data.corpus").setLevel(logging.INFO)  # what was read and skipped, always
     from .training import TrainConfig
     from .training.lm import LMConfig, train_language_model
 
-    lm = LMConfig(
-        preset=args.preset, model_config=args.config, model_overrides=dict(args.set), data=args.data,
-        suffixes=args.suffixes,
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size,
-        val_fraction=args.val_fraction, eval_batches=args.eval_batches, seed=args.seed,
-    )  # fmt: skip
-    config = TrainConfig(
-        steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
-        ckpt_interval=args.ckpt_interval, keep_last=args.keep_last, log_interval=args.log_interval,
-        precision=args.precision, compile=args.compile, device=args.device, parallel=args.parallel,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    run_config = _run_config(args, {
+        "lm": dict(
+            preset=args.preset, model_config=args.config, model_overrides=dict(args.set), data=args.data,
+            suffixes=args.suffixes, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
+            batch_size=args.batch_size, val_fraction=args.val_fraction, eval_batches=args.eval_batches,
+            seed=args.seed,
+        ),
+        "train": dict(
+            steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+            warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+            eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, keep_last=args.keep_last,
+            log_interval=args.log_interval, precision=args.precision, compile=args.compile, device=args.device,
+            parallel=args.parallel, progress=not args.no_progress,
+        ),
+    })  # fmt: skip
+    lm, config = LMConfig(**run_config["lm"]), TrainConfig(**run_config["train"])
     run = train_language_model(lm, config, args.out, resume=args.resume or False, overwrite=args.overwrite)
-    if run.trainer.dist.is_main:
+    if run.trainer.dist.is_main and not run.result.losses:
+        print(f"nothing to train: {args.out} is at its last step, {run.trainer.step}; --steps N continues it")
+    elif run.trainer.dist.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in run.result.eval.items())
         print(f"trained to step {run.trainer.step} in {run.result.seconds:.0f} s; {summary}")
         print(f"checkpoint: {run.result.checkpoint}")
@@ -172,7 +228,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png, tokenizer")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue the run in --out (its newest intact checkpoint, or the one given)")  # fmt: skip
+                   help="continue the run in --out (its newest intact checkpoint, or the one given) with the "
+                        "options it stored; the options given change it where that keeps it the same run")  # fmt: skip
     g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     g.add_argument("--eval-interval", type=int, default=200)
     g.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
@@ -267,20 +324,23 @@ def train_vision(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    vision = VisionConfig(
-        model=args.model, data=args.data, data_root=args.data_root, batch_size=args.batch_size,
-        epochs=None if args.steps else args.epochs, eval_batch_size=args.eval_batch_size, seed=args.seed,
-    )  # fmt: skip
-    config = TrainConfig(
-        steps=args.steps or 1, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
-        device=args.device, perplexity=False, progress=not args.no_progress,
-    )  # fmt: skip
+    run_config = _run_config(args, {
+        "vision": dict(
+            model=args.model, data=args.data, data_root=args.data_root, batch_size=args.batch_size,
+            epochs=None if args.steps else args.epochs, eval_batch_size=args.eval_batch_size, seed=args.seed,
+        ),
+        "train": dict(
+            steps=args.steps or 1, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip, eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval,
+            log_interval=args.log_interval, device=args.device, perplexity=False, progress=not args.no_progress,
+        ),
+    })  # fmt: skip
+    vision, config = VisionConfig(**run_config["vision"]), TrainConfig(**run_config["train"])
     trained = run(vision, config, args.out, resume=args.resume, overwrite=args.overwrite)
     result, n_params = trained.result, sum(p.numel() for p in trained.model.parameters())
     acc = result.eval.get("val_accuracy", float("nan"))
     print(
-        f"{args.model} ({n_params:,} parameters) on {args.data}: test accuracy {acc:.4f} "
+        f"{vision.model} ({n_params:,} parameters) on {vision.data}: test accuracy {acc:.4f} "
         f"after {trained.trainer.step} steps, {result.seconds:.0f} s training"
     )
     print(f"checkpoint: {result.checkpoint}")
@@ -309,7 +369,8 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the options it stored")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=train_vision)
@@ -389,10 +450,12 @@ def main(argv: list[str] | None = None) -> None:
     _add_train_vision(sub)
     _add_bench(sub)
     _add_convert(sub)
+    argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)  # bench passes what it does not know on to its script
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    args.given = _given_options(sub.choices[args.command], argv[argv.index(args.command) + 1 :])
     if args.command == "train-vision" and args.out is None:
         args.out = f"runs/{args.model}-{args.data}"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -401,6 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, ModuleNotFoundError, CheckpointError) as e:
         if args.verbose:
             raise
+        if int(os.environ.get("RANK", "0")) > 0 and not torch.distributed.is_initialized():
+            # Under torchrun every process makes the checks that precede the process group, and fails them alike:
+            # process 0 says why, once. The others leave quietly with status 0, else torchrun could stop process 0
+            # before it has said it; torchrun still fails, with process 0's status.
+            raise SystemExit(0) from e
         raise SystemExit(f"error: {e}") from e
 
 

@@ -116,7 +116,13 @@ def test_run_dir_guard(tmp_path: Path) -> None:
         prepare_run_dir(tmp_path, other, resume=False, overwrite=False)
     with pytest.raises(FileExistsError, match="cannot resume"):
         prepare_run_dir(tmp_path, other, resume=True, overwrite=False)
-    prepare_run_dir(tmp_path, {"model": {"dim": 16}, "train": {"steps": 20, "lr": 1e-3}}, resume=True, overwrite=False)
+    with pytest.raises(FileExistsError, match=r"configuration \(model.dim: 16 -> 32\), which"):  # steps may change
+        prepare_run_dir(
+            tmp_path, {"model": {"dim": 32}, "train": {"steps": 20, "lr": 1e-3}}, resume=True, overwrite=False
+        )
+    longer = {"model": {"dim": 16}, "train": {"steps": 20, "lr": 1e-3}}
+    prepare_run_dir(tmp_path, longer, resume=True, overwrite=False)
+    assert json.loads((tmp_path / "run.json").read_text()) == longer  # the run's record, with the change
     prepare_run_dir(tmp_path, other, resume=False, overwrite=True)
     assert json.loads((tmp_path / "run.json").read_text()) == other
     stranger = tmp_path / "notes"

@@ -1,9 +1,11 @@
 """train-vision: ViR, RMT and the ViT baseline train with the shared trainer; checkpoints, resume, log, plot."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from retentive.cli import main
 from retentive.data import ImageData, load_images
@@ -65,6 +67,25 @@ def test_command_line(tmp_path, capsys):
           "--warmup", "1", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
     assert "rmt-tiny (" in out and "on digits: test accuracy" in out and (tmp_path / "checkpoints").is_dir()
+
+
+def test_command_line_resume_continues_the_run_as_configured(tmp_path, capsys):
+    """`train-vision --out DIR --resume` takes the run's own options (not the defaults) and continues it exactly."""
+    main(["train-vision", "--model", "rmt-tiny", "--data", "digits", "--steps", "4", "--batch-size", "16",
+          "--warmup", "1", "--ckpt-interval", "2", "--eval-interval", "2", "--out", str(tmp_path / "a"),
+          "--no-progress"])  # fmt: skip
+    crashed = tmp_path / "b"  # as a crash after the step-2 checkpoint leaves the run
+    shutil.copytree(tmp_path / "a", crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-00000004")
+    main(["train-vision", "--out", str(crashed), "--resume"])
+    assert "rmt-tiny (" in capsys.readouterr().out.splitlines()[-2]
+    final = "checkpoints/step-00000004/model.safetensors"
+    straight, resumed = load_file(tmp_path / "a" / final), load_file(crashed / final)
+    assert all(torch.equal(resumed[name], w) for name, w in straight.items())
+    with pytest.raises(SystemExit, match=r"cannot resume: .* \(vision.batch_size: 16 -> 32\), which"):
+        main(["train-vision", "--out", str(crashed), "--resume", "--batch-size", "32", "--steps", "6"])
+    main(["train-vision", "--out", str(crashed), "--resume", "--steps", "6", "--eval-batch-size", "100"])
+    assert (crashed / "checkpoints" / "step-00000006").is_dir()
 
 
 def test_epochs_set_the_steps(digits, tmp_path):

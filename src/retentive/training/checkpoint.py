@@ -219,11 +219,24 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
         ) from e
 
 
-# Options that may change when a run is resumed: they do not alter the loss trajectory up to the resume point.
-RESUMABLE_CHANGES = frozenset(
-    {"steps", "eval_interval", "eval_batches", "ckpt_interval", "keep_last", "log_interval", "compile", "progress"}
-    | {"parallel"}  # checkpoints have the same format under DDP, FSDP and alone
-)
+# What a resumed run may change, and why it stays the same run: these fields alter neither the model nor the steps
+# already taken. Every other field of run.json (the model, the tokenizer, the data, the sequence length, the batch,
+# the optimizer's settings, the seed) is refused on resume: the checkpoint could not continue the run it describes.
+RESUMABLE_CHANGES: dict[str, str] = {
+    "steps": "a run may grow (the schedule's remaining steps stretch)",
+    "epochs": "train-vision's steps, counted in passes over the data",
+    "eval_interval": "evaluation measures the model and trains nothing",
+    "eval_batches": "evaluation only (how many validation batches)",
+    "eval_batch_size": "evaluation only (train-vision's test batches)",
+    "log_interval": "what metrics.jsonl records, not what is trained",
+    "ckpt_interval": "when checkpoints are written, not what is trained",
+    "keep_last": "how many checkpoints are kept",
+    "progress": "the progress bar",
+    "device": "where the same steps run (a GPU run may continue on another GPU, or on the CPU)",
+    "precision": "the arithmetic of the same steps (auto follows the device)",
+    "compile": "torch.compile runs the same model",
+    "parallel": "checkpoints have the same format under DDP, FSDP and alone",
+}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -236,47 +249,73 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Make sure ``run_dir`` may hold this run, and record its configuration in ``run.json``.
+def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The configuration stored in ``run_dir``'s ``run.json``; None when the directory holds no run."""
+    run_file = Path(run_dir) / RUN_FILE
+    return json.loads(run_file.read_text()) if run_file.is_file() else None
+
+
+def check_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Refuse a run that ``run_dir`` may not hold, writing nothing.
+
+    It reads files only, so every process of a ``torchrun`` group can call it before the group forms: all of them
+    then refuse alike, with the same message.
 
     Args:
         run_dir: the output directory.
-        run_config: a JSON-serializable description of the run (model, data, tokenizer, training options).
+        run_config: a JSON-serializable description of the run (model, data, tokenizer, training options), as
+            sections of fields (``{"lm": {...}, "train": {...}}``).
         resume: continue the run already there (its configuration must match, apart from RESUMABLE_CHANGES).
-        overwrite: delete whatever the directory holds and start afresh.
+        overwrite: the directory's run will be replaced.
 
     Raises:
         FileExistsError: the directory holds a run and neither ``resume`` nor ``overwrite`` was given, or
-            ``resume`` was given for a run with a different configuration.
+            ``resume`` was given for a run with a different configuration, or it holds files but no run.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} is a file, not a run directory: choose another --out")
+    old = read_run_config(run_dir)
+    if old is None:
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            # never delete a folder that is not a run directory, even with --overwrite
+            raise FileExistsError(
+                f"{run_dir} is not empty and has no {RUN_FILE} (not a run directory): use another --out"
+            )
+        return
+    if overwrite:
+        return
+    a, b = _flatten(old), _flatten(json.loads(json.dumps(run_config)))  # compared as stored (tuples -> lists)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if not resume:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        what = f"a different run ({shown})" if diff else "this run already"
+        raise FileExistsError(
+            f"{run_dir} holds {what}: pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out directory"
+        )
+    blocking = [k for k in diff if k.split(".", 1)[-1] not in RESUMABLE_CHANGES]  # "train.steps" -> "steps"
+    if blocking:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in blocking[:6])
+        raise FileExistsError(
+            f"cannot resume: {run_dir} holds a run with a different configuration ({shown}), which a resumed run "
+            "cannot change; use --overwrite to replace it or another --out directory"
+        )
+
+
+def prepare_run_dir(run_dir: str | Path, run_config: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Make sure ``run_dir`` may hold this run (:func:`check_run_dir`), and record its configuration in ``run.json``
+    (with ``overwrite``, after deleting the run it held).
+
+    Raises:
+        FileExistsError: as :func:`check_run_dir`.
+    """
+    check_run_dir(run_dir, run_config, resume, overwrite)
+    run_dir = Path(run_dir)
     run_file = run_dir / RUN_FILE
-    config = json.loads(json.dumps(run_config))  # normalized as it will be stored (tuples -> lists)
     if overwrite and run_file.is_file():
         shutil.rmtree(run_dir)
-    if run_file.is_file():
-        old = json.loads(run_file.read_text())
-        a, b = _flatten(old), _flatten(config)
-        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        blocking = [k for k in diff if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
-        if not resume:
-            what = f"a different run ({shown})" if diff else "this run already"
-            raise FileExistsError(
-                f"{run_dir} holds {what}: pass --resume to continue it, --overwrite to replace it, "
-                "or choose another --out directory"
-            )
-        if blocking:
-            raise FileExistsError(
-                f"cannot resume: {run_dir} holds a run with a different configuration ({shown}); "
-                "use --overwrite to replace it or another --out directory"
-            )
-    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        # never delete a folder that is not a run directory, even with --overwrite
-        raise FileExistsError(f"{run_dir} is not empty and has no {RUN_FILE} (not a run directory): use another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.write_text(json.dumps(run_config, indent=2) + "\n")
     os.replace(tmp, run_file)

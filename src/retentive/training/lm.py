@@ -34,7 +34,7 @@ from ..data.corpus import normalize_suffixes
 from ..data.tokenizer import GPT2_VOCAB_SIZE, MIN_BPE_VOCAB
 from ..data.tokens import tokenize_corpus
 from ..models import RetNetConfig, RetNetForCausalLM
-from .checkpoint import prepare_run_dir
+from .checkpoint import check_run_dir, prepare_run_dir
 from .distributed import DistInfo, barrier, init_distributed
 from .trainer import TrainConfig, Trainer, TrainResult, seed_everything
 
@@ -162,13 +162,16 @@ def train_language_model(
         cache_dir: where token files are cached (default :func:`default_cache_dir`).
         stop_at: stop after this step (see :meth:`Trainer.fit`).
     """
-    lm.validate()  # every option, the data and the model are checked before anything is written
+    # Every option, the run directory, the data and the model are checked before anything is written, and by every
+    # process before the process group forms: under torchrun all of them refuse alike, none waits on a dead peer.
+    lm.validate()
+    run_dir, run_config = Path(run_dir), {"lm": lm.to_dict(), "train": train.to_dict()}
+    check_run_dir(run_dir, run_config, bool(resume), overwrite)
     docs = read_corpus(lm.data, lm.suffixes)
     check_model_options(lm)
     dist = init_distributed(train.device)
-    run_dir = Path(run_dir)
     if dist.is_main:
-        prepare_run_dir(run_dir, {"lm": lm.to_dict(), "train": train.to_dict()}, bool(resume), overwrite)
+        prepare_run_dir(run_dir, run_config, bool(resume), overwrite)
     barrier(dist)
     tokenizer = _tokenizer(lm, docs, run_dir, dist)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -25,7 +25,8 @@ from ..models import (
     ViRForImageClassification,
 )
 from ..models.vit import vit_like
-from .checkpoint import prepare_run_dir
+from .checkpoint import check_run_dir, prepare_run_dir
+from .distributed import barrier, init_distributed
 from .trainer import TrainConfig, Trainer, TrainResult, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,12 @@ def train_vision(
     epochs = vision.epochs
     steps = train.steps if epochs is None else steps_for_epochs(epochs, len(train_split), vision.batch_size)
     train = replace(train, steps=steps, perplexity=False)
-    prepare_run_dir(run_dir, {"vision": vision.to_dict(), "train": train.to_dict()}, bool(resume), overwrite)
+    run_config = {"vision": vision.to_dict(), "train": train.to_dict()}
+    check_run_dir(run_dir, run_config, bool(resume), overwrite)  # every process, before the group forms (see lm.py)
+    dist = init_distributed(train.device)
+    if dist.is_main:
+        prepare_run_dir(run_dir, run_config, bool(resume), overwrite)
+    barrier(dist)
     seed_everything(vision.seed)
     model = build_vision_model(vision.model, train_split.channels, train_split.image_size, train_split.num_classes)
     n_params = sum(p.numel() for p in model.parameters())
@@ -128,6 +134,6 @@ def train_vision(
         {"pixel_values": train_split.images, "labels": train_split.labels}, vision.batch_size, vision.seed
     )
     val = list(test_split.batches(vision.eval_batch_size))
-    trainer = Trainer(model, data, train, run_dir, val, metrics_fn=accuracy, resume=resume)
+    trainer = Trainer(model, data, train, run_dir, val, metrics_fn=accuracy, resume=resume, dist=dist)
     result = trainer.fit(stop_at=stop_at)
     return VisionRun(model, result, trainer)
