@@ -96,3 +96,48 @@ def test_half_precision_stays_near_float64(dtype, tol, compile):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype
         assert (g.double() - w).abs().max() <= tol * w.abs().max()
+
+
+@pytest.fixture
+def cuda_autocast_policy():
+    """CPU autocast runs ``native_layer_norm`` as CUDA autocast does, in float32 (its fp32 list): the CPU's own
+    policy leaves it in bf16, which hid the CUDA failure of the fused backward."""
+
+    def native_layer_norm(x, shape, weight, bias, eps):
+        with torch.autocast("cpu", enabled=False):
+            weight, bias = (None if t is None else t.float() for t in (weight, bias))
+            return torch.ops.aten.native_layer_norm(x.float(), shape, weight, bias, eps)
+
+    with torch.library._scoped_library("aten", "IMPL") as lib:
+        lib.impl("native_layer_norm", native_layer_norm, "AutocastCPU")
+        yield
+
+
+def check_mixed_against_unfused(o_dtype, autocast):
+    """o and g as given (g bf16), float32 weight and bias, a float32 gradient: what a model under autocast hands
+    the node. Fused and unfused agree within bf16 rounding, in dtypes too."""
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(2, 3, 11, 8, generator=gen).to(o_dtype), torch.randn(2, 11, 24, generator=gen).bfloat16()]
+    inputs += [torch.randn(24, generator=gen) for _ in range(2)]
+    dout = torch.randn(2, 11, 24, generator=gen)
+    results = []
+    for fn in (lambda *a: gated_head_norm(*a, compile=False), unfused):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = fn(*leaves, "swish", 1e-6)
+        results.append([out, *torch.autograd.grad(out, leaves, dout)])
+    for got, want in zip(*results, strict=True):
+        assert got.dtype == want.dtype
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("policy", ["cpu", "cuda"])
+def test_autocast_matches_the_unfused_ops(policy, request):
+    if policy == "cuda":
+        request.getfixturevalue("cuda_autocast_policy")
+    check_mixed_against_unfused(torch.bfloat16, autocast=True)
+
+
+def test_a_float32_norm_beside_a_bf16_gate_matches_the_unfused_ops():
+    """The mix that CUDA autocast made inside the node (x̂ float32, the gate's gradient bf16), without autocast."""
+    check_mixed_against_unfused(torch.float32, autocast=False)

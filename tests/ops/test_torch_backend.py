@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retentive.ops import log_gamma, reference, torch_backend
+from retentive.ops import RetentionState, log_gamma, reference, retention, torch_backend
 
 F64 = torch.float64
 
@@ -110,3 +110,53 @@ def test_output_alone_skips_the_key_sum_and_agrees():
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert not grads[0][-1].any()
+
+
+# a backward run under autocast too: the hand-written one ignores it, the recurrent form's (autograd's) follows it
+@pytest.mark.parametrize(
+    "mode,backward_under_autocast",
+    [("parallel", False), ("chunkwise", False), ("recurrent", False), ("parallel", True), ("chunkwise", True)],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_autocast_changes_nothing(mode, backward_under_autocast, causal):
+    """Under CPU autocast bf16, retention (forward, state, gradients) equals the same call on the bf16 inputs
+    without autocast: the backend computes in float32 whatever autocast says."""
+    inputs = make(2, 2, 21, 8, 6, False, torch.bfloat16)
+    state = RetentionState(  # a stream carried on, so that the state's gradients flow too
+        *(torch.randn(shape, generator=torch.Generator().manual_seed(1)) for shape in ((2, 2, 8, 6), (2, 2, 8))),
+        torch.tensor([3, 5]),
+    )
+    weight = torch.randn(2, 2, 21, 6, generator=torch.Generator().manual_seed(2))
+
+    def run(autocast: bool) -> list[torch.Tensor]:
+        q, k, v = (inputs[n].detach().requires_grad_() for n in "qkv")
+        S, z = (t.detach().requires_grad_() for t in (state.S, state.z))
+        carried = RetentionState(S, z, state.offset) if causal else None
+        leaves = [q, k, v, *((S, z) if causal else ())]
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            o, new = retention(
+                q, k, v, mode=mode, chunk_size=8, state=carried, causal=causal, normalize_decay=True,
+                normalize_retention=True, output_state=causal, backend="torch",
+            )  # fmt: skip
+            if backward_under_autocast:
+                grads = torch.autograd.grad((o * weight).sum(), leaves)
+        if not backward_under_autocast:
+            grads = torch.autograd.grad((o * weight).sum(), leaves)
+        return [o, *((new.S, new.z) if causal else ()), *grads]
+
+    for got, want in zip(run(True), run(False), strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_cpu_autocast_changes_nothing_in_a_decode_step(with_state):
+    q, k, v = (torch.randn(2, 3, 1, 8, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    state = retention(q, k, v, mode="recurrent", output_state=True)[1] if with_state else None
+    results = []
+    for autocast in (True, False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            o, new = retention(q, k, v, mode="recurrent", state=state, normalize_decay=True, output_state=True)
+        results.append([o, new.S, new.z])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

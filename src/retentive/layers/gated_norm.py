@@ -6,6 +6,11 @@ x̂, 1/std and the gate input g (a product of its own, see ``MultiScaleRetention
 the rest in its backward pass. The layer uses it while gradients are recorded; the tests compare it with the
 unfused ops.
 
+The forward runs with autocast off, in the dtypes it is given: CUDA autocast runs ``native_layer_norm`` in
+float32, which would store x̂ in float32 (twice the bytes of a bf16 o). The backward casts the gradient of x̂,
+which has the gate's dtype, to x̂'s: the fused LayerNorm backward refuses a mix (x̂ float32 beside a bf16 gate
+was the crash of training under CUDA autocast).
+
 Both passes are chains of element-wise ops and row reductions, bound by memory traffic: eagerly, each op
 reads and writes a (B, T, H * Dv) tensor. On the CPU, large inputs run them through ``torch.compile``
 (inductor's C++ loops), which fuses each pass into one or two sweeps over memory (measured in
@@ -25,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from ..ops.torch_backend import without_autocast
 
 # gate name -> (activation, its backward: (grad_out, input) -> grad_in)
 FUSED_GATES = {
@@ -63,7 +70,8 @@ def gated_norm_backward(
         dweight = torch.mul(dy, x_flat, out=dout_y).sum((0, 1)).to(weight.dtype)
         dbias = dy.sum((0, 1)).to(bias.dtype)
         dy.mul_(weight)
-    do = _layer_norm_backward(dy.view_as(x_hat), x_hat, rstd)  # (B, T, H, Dv)
+    # dy has the gate's dtype, x̂ the norm's: the fused LayerNorm backward wants x̂'s
+    do = _layer_norm_backward(dy.view_as(x_hat).to(x_hat.dtype), x_hat, rstd)  # (B, T, H, Dv)
     return do.transpose(1, 2).contiguous(), dg, dweight, dbias
 
 
@@ -84,6 +92,7 @@ class GatedHeadNorm(torch.autograd.Function):
     """out = act(g) ⊙ (x̂ w + b), x̂ = LayerNorm of each head of o without affine (w, b None: no affine)."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, o, g, weight, bias, gate, eps, compile):
         out, x_hat, rstd = _run(gated_norm_forward, compile, o, g, weight, bias, gate, eps)
         ctx.gate, ctx.o_dtype, ctx.compile = gate, o.dtype, compile

@@ -13,12 +13,17 @@ first (G_(n-1) = gamma^C G_n + (Q_n ⊙ g_in)^T dO_n),
     dK = dA^T Q + (V G_n^T + 1 Gz_n^T) ⊙ g_out
     dV = A^T dO + (K ⊙ g_out) G_n
 
+Every form runs with autocast off (:func:`without_autocast`): the backend chooses its own dtypes.
+
 The tests compare outputs and gradients with autograd through :func:`retentive.ops.reference.chunkwise`.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -29,6 +34,28 @@ from .decay import chunk_decay, decay_sum
 from .state import RetentionState
 
 __all__ = ["chunkwise", "decode_step", "recurrent"]
+
+P, R = ParamSpec("P"), TypeVar("R")
+
+
+def without_autocast(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` with autocast off on the device of its first tensor argument.
+
+    The forms compute in the dtypes they are given (:func:`~retentive.ops.retention` casts half-precision inputs
+    to float32 once): autocast would make some products bf16 beside float32 states, which the in-place updates
+    refuse (``baddbmm_``) and which would round what the backend keeps in float32. So under autocast they compute
+    what they compute on inputs of the same dtypes without it; checked first, as decoding calls this per token.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        device = next(a for a in args if isinstance(a, Tensor)).device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def scan_states(x: Tensor, s: Tensor, g: Tensor, *, reverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -60,6 +87,7 @@ class TorchChunkRetention(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, q, k, v, log_g, S, z, with_rowsum, scale):
         # every product below is batched over (B, H, N): with each head's rows contiguous it runs on views; the
         # projections hand over token-major views, which matmul would copy again at each of the ten products
@@ -89,6 +117,7 @@ class TorchChunkRetention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast  # a backward called inside an autocast region would run under it
     def backward(ctx, do, dr, dS, dz):
         q, k, v, log_g, S_in, z_in = ctx.saved_tensors
         do = do.contiguous()  # the gradient arrives token-major too
@@ -138,6 +167,7 @@ class TorchChunkRetention(torch.autograd.Function):
 chunkwise = chunkwise_from(TorchChunkRetention.apply)  # its backward keeps only q, k, v and the chunk states
 
 
+@without_autocast
 def recurrent(
     q: Tensor,
     k: Tensor,
@@ -167,6 +197,7 @@ def recurrent(
     return Pieces(o, r, S, z)
 
 
+@without_autocast
 def decode_step(
     q: Tensor,
     k: Tensor,
