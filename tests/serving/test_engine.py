@@ -270,3 +270,26 @@ def test_a_freed_slot_goes_to_the_client_holding_the_fewest():
     finally:
         engine.shutdown()
     assert sorted(engine.free) == [0, 1]
+
+
+def test_a_cached_state_of_the_wrong_shape_is_dropped_and_the_prompt_read_afresh(tmp_path):
+    """A file with a valid checksum but tensors of the wrong shape (another model's, say) fails nobody."""
+    from retentive.serving.prefix_cache import LOGITS
+
+    prompt = list(b"a prompt whose state was damaged")
+    wrong = PrefixCache("fp", max_bytes=10_000, directory=tmp_path, max_disk_bytes=2**20)
+    wrong.insert(prompt, {"S.0": torch.zeros(3, 3), LOGITS: torch.zeros(257)})
+    wrong.insert([1], {"S.0": torch.zeros(2400)})  # evicts the first to disk
+    assert prompt in wrong and len(wrong.disk) == 1
+    cache = PrefixCache("fp", max_bytes=2**30, directory=tmp_path, max_disk_bytes=2**20)
+    engine = make_engine(prefix_cache=cache, prefill_chunk=8)
+    want = greedy(engine.backend.model, prompt, 5)
+    engine.start()
+    try:
+        for _ in range(2):
+            request, collector = submit(engine, prompt, 5)
+            collector.wait()
+            assert request.sequences[0].tokens == want
+        assert request.cached_tokens == len(prompt)  # the second read the good state the first one cached
+    finally:
+        engine.shutdown()

@@ -376,12 +376,27 @@ class Engine:
             return
 
     def _resume_from_cache(self, request: Request) -> bool:
-        """Start ``request`` from the state of the longest cached prefix of its prompt; True if that is all of it."""
+        """Start ``request`` from the state of the longest cached prefix of its prompt; True if that is all of it.
+
+        An entry whose tensors do not fit this model (a file changed on disk) is dropped, and the prompt is read
+        from its start; a good one is (back) in memory once restored.
+        """
         entry = None if self.prefix_cache is None else self.prefix_cache.lookup(request.prompt)
         if entry is None:
             return False
+        prefix = request.prompt[: entry.length]
         tensors = {k: v for k, v in entry.tensors.items() if k != LOGITS}
+        try:
+            self.backend.check_snapshot(tensors, entry.length)
+            logits = entry.tensors.get(LOGITS)
+            if logits is None or tuple(logits.shape) != (self.backend.vocab_size,):
+                raise ValueError(f"its {LOGITS} are not ({self.backend.vocab_size},)")
+        except ValueError as e:
+            logger.warning("prompt cache: the state after %d tokens does not fit (%s); dropped", len(prefix), e)
+            self.prefix_cache.discard(prefix)
+            return False
         self.backend.restore(request.sequences[0].slot, tensors, entry.length)
+        self.prefix_cache.insert(prefix, entry.tensors)
         request.prefilled = request.cached_tokens = entry.length
         if entry.length < len(request.prompt):
             return False
