@@ -93,7 +93,7 @@ def _check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except RuntimeError as e:
-        raise SystemExit(f"error: --device {device!r} is not a device: use cpu, cuda, cuda:N or mps ({e})") from e
+        raise SystemExit(f"error: --device {device} is not a device: use cpu, cuda, cuda:N or mps ({e})") from e
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device}: this torch has no CUDA device (use --device cpu)")
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
