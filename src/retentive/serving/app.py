@@ -220,7 +220,7 @@ def create_app(
     async def completions(body: protocol.CompletionRequest, http: Request):
         _check_request(body)
         if isinstance(body.prompt, str):
-            prompt = (await _tokenize([body.prompt], "prompt"))[-1]
+            prompt, _ = await _tokenize([body.prompt], "prompt")
         else:
             prompt = list(body.prompt)
             _check_length(len(prompt), "prompt")
@@ -235,8 +235,8 @@ def create_app(
             segments = protocol.chat_segments(body.messages)
         except ValueError as e:
             raise _invalid(str(e), "messages") from e
-        points = await _tokenize(segments, "messages")  # the state after each message is worth caching
-        return await _generate(body, points[-1], [len(p) for p in points[:-1]], http, chat=True)
+        prompt, ends = await _tokenize(segments, "messages")
+        return await _generate(body, prompt, ends[:-1], http, chat=True)  # the state after each message: worth caching
 
     def _check_request(body: protocol.SamplingRequest) -> None:
         """What is wrong with the request before its prompt is read: the model, parameters this server refuses."""
@@ -258,18 +258,18 @@ def create_app(
                 "n",
             )
 
-    async def _tokenize(texts: list[str], param: str) -> list[list[int]]:
-        """The prompt's tokens after each of ``texts``, encoded one by one on a worker thread (not the event loop),
-        after a check of their length that needs no tokenizer."""
+    async def _tokenize(texts: list[str], param: str) -> tuple[list[int], list[int]]:
+        """The tokens of ``texts`` one after the other, and the token count at the end of each; encoded on a worker
+        thread (not the event loop), after a check of their length that needs no tokenizer."""
         if sum(map(len, texts)) > max_prompt_chars:
             _check_length(limits.max_prompt_tokens + 1, param)  # more characters than the limit's tokens can hold
 
-        def encode() -> list[list[int]]:
-            prompt, points = [], []
+        def encode() -> tuple[list[int], list[int]]:
+            prompt, ends = [], []
             for text in texts:
                 prompt += tokenizer.encode(text)
-                points.append(prompt[:])
-            return points
+                ends.append(len(prompt))
+            return prompt, ends
 
         try:
             return await asyncio.to_thread(encode)
