@@ -223,11 +223,21 @@ def test_demo_runs_end_to_end(corpus: Path, tmp_path: Path, capsys: pytest.Captu
         ("--max-new-tokens", "0", "--max-new-tokens must be >= 1"),
         ("--top-k", "-2", "--top-k must be >= 0"),
         ("--repetition-penalty", "0", "--repetition-penalty must be > 0"),
+        ("--temperature", "1e-40", r"--temperature must be 0 \(greedy\) or at least 1e-05"),
     ],
 )
 def test_generation_options_are_refused_in_one_line(tmp_path: Path, option: str, value: str, message: str) -> None:
     with pytest.raises(SystemExit, match=rf"^error: {message}.*, got {re.escape(value)}(\.0)?$") as err:
         main(["generate", str(tmp_path / "not-read"), "--prompt", "O", option, value])
+    assert "\n" not in str(err.value.code)
+
+
+@pytest.mark.parametrize("device", ["nonsense", "cuda", "cuda:99"])
+def test_a_device_this_machine_lacks_is_refused_in_one_line(tmp_path: Path, device: str) -> None:
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match=rf"^error: --device {device}.*") as err:
+        main(["generate", str(tmp_path / "not-read"), "--prompt", "O", "--device", device])
     assert "\n" not in str(err.value.code)
 
 

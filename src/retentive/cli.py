@@ -128,6 +128,11 @@ def _check_generation(args: argparse.Namespace) -> None:
         (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.num_beams >= 1, f"--num-beams must be >= 1 (1: no beam search), got {args.num_beams}"),
         (args.temperature >= 0, f"--temperature must be >= 0 (0: greedy), got {args.temperature}"),
+        # below it, generate() divides float32 logits into inf - inf = nan (at such a temperature, 0 is the same)
+        (
+            args.temperature == 0 or args.temperature >= MIN_TEMPERATURE,
+            f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {args.temperature}",
+        ),
         (args.top_k >= 0, f"--top-k must be >= 0 (0: no top-k filtering), got {args.top_k}"),
         (0 < args.top_p <= 1, f"--top-p must lie in (0, 1] (1: no nucleus filtering), got {args.top_p}"),
         (args.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1: none), got {args.repetition_penalty}"),
@@ -135,6 +140,24 @@ def _check_generation(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise SystemExit(f"error: {message}")
+    _check_device(args.device)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device that torch cannot parse or this machine does not have, in one line naming ``--device``."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {device} is not a device: use cpu, cuda, cuda:N or mps ({e})") from e
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}: this torch has no CUDA device (use --device cpu)")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {device}: MPS is not available here (use --device cpu)")
+
+
+MIN_TEMPERATURE = 1e-5
 
 
 def _generation_checkpoint(path: str) -> Path:
@@ -261,21 +284,54 @@ def serve(args: argparse.Namespace) -> None:
     """Serve a trained model over OpenAI's HTTP API (``/v1/completions``, ``/v1/chat/completions``)."""
     from .serving import ServeConfig, ServerLimits, build_app, load_checkpoint, run
 
+    _check_serving(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     limits = ServerLimits(
-        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens
-    )
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+        default_max_tokens=args.default_max_tokens, max_n=args.max_n, max_body_bytes=int(args.max_body_mib * 2**20),
+    )  # fmt: skip
     config = ServeConfig(
         max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
         prompt_cache_mib=args.prompt_cache_mib, prompt_cache_dir=args.prompt_cache_dir,
         prompt_cache_disk_mib=args.prompt_cache_disk_mib, cache_block=args.cache_block, limits=limits,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
     )  # fmt: skip
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = build_app(model, tokenizer, name, config)
     print(f"serving {name!r} ({type(model).__name__}) on http://{args.host}:{args.port}/v1", flush=True)
-    run(app, args.host, args.port)
+    run(app, args.host, args.port, args.shutdown_timeout)
+
+
+API_KEY_ENV = "RETENTIVE_API_KEY"
+
+
+def _check_serving(args: argparse.Namespace) -> None:
+    """Refuse server options that cannot work, with one line naming the option (before loading anything)."""
+    checks = (
+        (0 <= args.port <= 65535, f"--port must lie in [0, 65535], got {args.port}"),
+        (args.max_batch >= 1, f"--max-batch must be >= 1, got {args.max_batch}"),
+        (args.max_queue >= 0, f"--max-queue must be >= 0, got {args.max_queue}"),
+        (args.prefill_chunk >= 1, f"--prefill-chunk must be >= 1, got {args.prefill_chunk}"),
+        (args.max_prompt_tokens >= 1, f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}"),
+        (args.max_tokens >= 1, f"--max-tokens must be >= 1, got {args.max_tokens}"),
+        (
+            1 <= args.default_max_tokens <= args.max_tokens,
+            f"--default-max-tokens must lie in [1, --max-tokens={args.max_tokens}], got {args.default_max_tokens}",
+        ),
+        (1 <= args.max_n <= args.max_batch, f"--max-n must lie in [1, --max-batch={args.max_batch}], got {args.max_n}"),
+        (args.max_body_mib > 0, f"--max-body-mib must be > 0, got {args.max_body_mib}"),
+        (args.prompt_cache_mib >= 0, f"--prompt-cache-mib must be >= 0 (0: no cache), got {args.prompt_cache_mib}"),
+        (args.prompt_cache_disk_mib >= 0, f"--prompt-cache-disk-mib must be >= 0, got {args.prompt_cache_disk_mib}"),
+        (args.cache_block >= 0, f"--cache-block must be >= 0 (0: off), got {args.cache_block}"),
+        (args.threads >= 0, f"--threads must be >= 0 (0: torch's default), got {args.threads}"),
+        (args.shutdown_timeout >= 0, f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"error: {message}")
+    _check_device(args.device)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -290,6 +346,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=16384)
     p.add_argument("--max-tokens", type=int, default=4096, help="the most tokens one choice may ask for")
     p.add_argument("--default-max-tokens", type=int, default=256, help="for chat requests without max_tokens")
+    p.add_argument("--max-n", type=int, default=4, help="the most choices (n) per request, one slot each")
+    p.add_argument("--max-body-mib", type=float, default=4, help="the largest request body; beyond: 413")
+    p.add_argument("--api-key", default=None,
+                   help=f"require Authorization: Bearer KEY on all but /health (default: ${API_KEY_ENV})")  # fmt: skip
+    p.add_argument("--shutdown-timeout", type=float, default=30,
+                   help="on SIGTERM, seconds the running requests may take to finish before they are cut")  # fmt: skip
     p.add_argument("--prompt-cache-mib", type=float, default=256, help="prompt-state cache in memory (0: off)")
     p.add_argument("--prompt-cache-dir", default=None, help="spill evicted prompt states here as safetensors")
     p.add_argument("--prompt-cache-disk-mib", type=float, default=1024)

@@ -11,7 +11,7 @@ from servekit import greedy, tiny_model
 
 from retentive.data import ByteTokenizer
 from retentive.serving import Engine, PrefixCache, Request, SamplingParams, backend_for
-from retentive.serving.engine import Delta, Done, TextStream, sample_token
+from retentive.serving.engine import Delta, Done, Failed, TextStream, sample_token
 
 
 class Collector:
@@ -182,3 +182,114 @@ def test_queue_limit_and_cancelled_requests_free_their_slots():
     finally:
         engine.shutdown()
     assert engine.free == [0] and not engine.waiting
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1e-40, 1.0), (5e-324, 1.0), (1.0, 1e-46), (1e-40, 1e-46)])
+def test_a_tiny_temperature_or_top_p_samples_the_likeliest_token(temperature, top_p):
+    logits = torch.tensor([0.5, 3.0, -2.0, 2.999])
+    assert sample_token(logits, temperature, 0, top_p, torch.Generator().manual_seed(0)) == 1
+
+
+def test_extreme_sampling_parameters_and_huge_seeds_answer_and_free_their_slots():
+    engine = make_engine(max_batch=16)
+    prompt = list(b"The quick brown fox")
+    want = greedy(engine.backend.model, prompt, 6)
+    engine.start()
+    try:
+        cases = [dict(temperature=1e-40), dict(temperature=5e-324), dict(temperature=1.0, top_p=1e-46)]
+        cases += [dict(temperature=1.0, seed=2**64 + 3), dict(temperature=1.0, seed=2**64 - 1)]
+        for params in cases:
+            request, collector = submit(engine, prompt, 6, ignore_eos=True, **params)
+            _, done = collector.wait()
+            assert done.completion_tokens == 6
+            if params.get("seed") is None:
+                assert request.sequences[0].tokens == want
+    finally:
+        engine.shutdown()
+    assert len(engine.free) == 16
+
+
+def test_a_failure_in_one_request_fails_it_alone_and_frees_its_slots(monkeypatch):
+    """Sampling raises for the request at temperature 0.5 (3 choices), mid-decode: the others are untouched."""
+    from retentive.serving import engine as engine_module
+
+    calls = {"n": 0}
+
+    def failing(logits, temperature, top_k, top_p, generator):
+        if temperature == 0.5:
+            calls["n"] += 1
+            if calls["n"] > 6:  # two tokens each, then a failure
+                raise RuntimeError("injected")
+        return sample_token(logits, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(engine_module, "sample_token", failing)
+    engine = make_engine(max_batch=8)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 256, (int(n),)).tolist() for n in (5, 40, 17, 9)]
+    want = [greedy(engine.backend.model, p, 30) for p in prompts]
+    engine.start()
+    try:
+        running = [submit(engine, p, 30, ignore_eos=True) for p in prompts[:2]]
+        bad = Request(prompts[2], SamplingParams(max_tokens=30, temperature=0.5), (bad_events := Collector()), n=3)
+        engine.submit(bad)
+        running += [submit(engine, p, 30, ignore_eos=True) for p in prompts[2:]]
+        for (request, collector), tokens in zip(running, want, strict=True):
+            collector.wait()
+            assert request.sequences[0].tokens == tokens
+        events = []
+        while not events or isinstance(events[-1], Delta):
+            events.append(bad_events.events.get(timeout=60))
+        assert isinstance(events[-1], Failed) and "injected" in events[-1].message
+        assert bad.failed and all(s.slot == -1 for s in bad.sequences)
+        _, collector = submit(engine, prompts[0], 4)  # the engine still serves
+        collector.wait()
+    finally:
+        engine.shutdown()
+    assert sorted(engine.free) == list(range(8)) and not engine.decoding and not engine.prefilling
+
+
+def test_a_freed_slot_goes_to_the_client_holding_the_fewest():
+    """Client a holds both slots and waits for a third; b's later request gets the first slot freed, not a's."""
+    engine = make_engine(max_batch=2)
+    endless = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    engine.start()
+    try:
+        held = [Request([i + 1], endless, Collector(), client="a") for i in range(2)]
+        for request in held:
+            engine.submit(request)
+        wait_for(lambda: all(r.sequences and r.sequences[0].tokens for r in held))
+        older = Request([3], endless, Collector(), client="a")
+        engine.submit(older)
+        other = Request([4], endless, Collector(), client="b")
+        engine.submit(other)
+        held[0].cancel()
+        wait_for(lambda: other.sequences and other.sequences[0].tokens, timeout=10)
+        assert not older.sequences  # still waiting: a holds a slot, b held none
+        for request in (held[1], older, other):
+            request.cancel()
+    finally:
+        engine.shutdown()
+    assert sorted(engine.free) == [0, 1]
+
+
+def test_a_cached_state_of_the_wrong_shape_is_dropped_and_the_prompt_read_afresh(tmp_path):
+    """A file with a valid checksum but tensors of the wrong shape (another model's, say) fails nobody."""
+    from retentive.serving.prefix_cache import LOGITS
+
+    prompt = list(b"a prompt whose state was damaged")
+    wrong = PrefixCache("fp", max_bytes=10_000, directory=tmp_path, max_disk_bytes=2**20)
+    wrong.insert(prompt, {"S.0": torch.zeros(3, 3), LOGITS: torch.zeros(257)})
+    wrong.insert([1], {"S.0": torch.zeros(2400)})  # evicts the first to disk
+    assert prompt in wrong and len(wrong.disk) == 1
+    cache = PrefixCache("fp", max_bytes=2**30, directory=tmp_path, max_disk_bytes=2**20)
+    engine = make_engine(prefix_cache=cache, prefill_chunk=8)
+    want = greedy(engine.backend.model, prompt, 5)
+    engine.start()
+    try:
+        for _ in range(2):
+            request, collector = submit(engine, prompt, 5)
+            collector.wait()
+            assert request.sequences[0].tokens == want
+        assert request.cached_tokens == len(prompt)  # the second read the good state the first one cached
+    finally:
+        engine.shutdown()

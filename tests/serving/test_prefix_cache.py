@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from retentive.serving import PrefixCache
@@ -68,3 +70,45 @@ def test_the_fingerprint_changes_with_the_weights():
     with torch.no_grad():
         model.weight[0, 0] += 1
     assert model_fingerprint(model) != before
+
+
+def spilled(tmp_path, n: int = 3) -> tuple[PrefixCache, list[Path]]:
+    """A cache that spilled the states of [0, 0] .. [n - 2, n - 2] to disk (one stays in memory)."""
+    cache = PrefixCache("m", max_bytes=200, directory=tmp_path, max_disk_bytes=10_000)
+    for i in range(n):
+        cache.insert([i, i], state(float(i)))
+    return cache, [tmp_path / "m" / f"{cache.key([i, i])}.safetensors" for i in range(n - 1)]
+
+
+def test_a_flipped_bit_is_a_miss_and_the_file_is_deleted(tmp_path):
+    cache, files = spilled(tmp_path)
+    data = bytearray(files[0].read_bytes())
+    data[-3] ^= 0x10  # in the tensors, past the header
+    files[0].write_bytes(bytes(data))
+    assert cache.lookup([0, 0]) is None and not files[0].exists()
+    assert cache.lookup([1, 1]) is not None
+
+
+def test_another_prompts_file_copied_over_is_a_miss_even_after_a_restart(tmp_path):
+    _, files = spilled(tmp_path)
+    files[0].write_bytes(files[1].read_bytes())
+    later = PrefixCache("m", max_bytes=200, directory=tmp_path, max_disk_bytes=10_000)
+    assert later.lookup([0, 0]) is None and not files[0].exists()
+    assert later.lookup([1, 1]).tensors["S.0"][0, 0, 0] == 1
+
+
+def test_garbage_files_are_deleted_when_indexed(tmp_path):
+    _, files = spilled(tmp_path)
+    files[0].write_bytes(b"\x00garbage")
+    PrefixCache("m", max_bytes=200, directory=tmp_path, max_disk_bytes=10_000)
+    assert not files[0].exists() and files[1].exists()
+
+
+def test_an_entry_read_from_disk_is_kept_only_when_inserted_back(tmp_path):
+    cache, _ = spilled(tmp_path)
+    entry = cache.lookup([0, 0])
+    assert [0, 0] not in cache  # off the disk, not yet in memory: the caller has not used it
+    cache.insert([0, 0], entry.tensors)
+    assert [0, 0] in cache and cache.lookup([0, 0]) is not None
+    cache.discard([0, 0])
+    assert [0, 0] not in cache and cache.lookup([0, 0]) is None

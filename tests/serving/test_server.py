@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import psutil
 import pytest
 from servekit import greedy, running, tiny_model
 
+from retentive.cli import main
 from retentive.data import ByteTokenizer
 from retentive.serving import ServeConfig, ServerLimits, build_app, load_checkpoint
 
@@ -143,7 +145,7 @@ def retnet_url():
         ({"model": "tiny", "prompt": "hi", "top_k": -2}, 400, "top_k"),
         ({"model": "tiny", "prompt": "hi", "n": 5}, 400, "n"),
         ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-        ({"model": "tiny", "prompt": "hi", "logprobs": 2}, 400, None),
+        ({"model": "tiny", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
         ({"model": "tiny"}, 400, "prompt"),
     ],
 )
@@ -275,3 +277,78 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_process(folder, *options: str) -> tuple[subprocess.Popen, str]:
+    """``retentive serve FOLDER OPTIONS`` in a subprocess, once it answers ``/health``: (process, base URL)."""
+    port = free_port()
+    command = [sys.executable, "-m", "retentive.cli", "serve", str(folder), "--port", str(port), *options]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    while True:
+        try:
+            health(url)
+            return server, url
+        except httpx.TransportError:
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+            time.sleep(0.2)
+
+
+def test_sigterm_drains_for_the_shutdown_timeout_then_exits(tmp_path):
+    """A stream that would run for minutes is cut after --shutdown-timeout; the process exits."""
+    tiny_model("retnet").save_pretrained(tmp_path)
+    TOKENIZER.save(tmp_path)
+    options = ["--max-tokens", "1000000", "--default-max-tokens", "16", "--shutdown-timeout", "1"]
+    server, url = serve_process(tmp_path, *options)
+    try:
+        stream = client(url).completions.create(
+            model=tmp_path.name, prompt="go", max_tokens=1_000_000, stream=True, extra_body={"ignore_eos": True}
+        )
+        next(iter(stream))
+        start = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        assert time.monotonic() - start < 10
+        assert "Traceback" not in server.stdout.read()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_serve_verifies_a_checkpoint_folders_manifest(tmp_path):
+    from retentive.training.checkpoint import CheckpointError, save_checkpoint
+
+    def write(folder):
+        tiny_model("retnet").save_pretrained(folder)
+        TOKENIZER.save(folder)
+
+    ckpt = save_checkpoint(tmp_path / "run", 1, write)
+    assert type(load_checkpoint(ckpt)[0]).__name__ == "RetNetForCausalLM"
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    for folder in (ckpt, tmp_path / "run"):
+        with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
+            load_checkpoint(folder)
+    with pytest.raises(SystemExit, match=r"^error: checkpoint file .*model.safetensors is corrupt"):
+        main(["serve", str(ckpt)])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--port", "99999", r"--port must lie in \[0, 65535\]"),
+        ("--max-tokens", "0", "--max-tokens must be >= 1"),
+        ("--default-max-tokens", "5000", r"--default-max-tokens must lie in \[1, --max-tokens=4096\]"),
+        ("--max-batch", "0", "--max-batch must be >= 1"),
+        ("--max-n", "17", r"--max-n must lie in \[1, --max-batch=16\]"),
+        ("--max-body-mib", "0", "--max-body-mib must be > 0"),
+        ("--shutdown-timeout", "-1", "--shutdown-timeout must be >= 0"),
+        ("--device", "nonsense", "--device nonsense is not a device"),
+    ],
+)
+def test_serve_options_are_refused_in_one_line(tmp_path, option, value, message):
+    with pytest.raises(SystemExit, match=rf"^error: {message}") as err:
+        main(["serve", str(tmp_path / "not-read"), option, value])
+    assert "\n" not in str(err.value.code)

@@ -5,7 +5,8 @@ state slots and exact prompt-state caching. ``retentive serve RUN_OR_CHECKPOINT`
 - ``backends``: one state slot per running sequence, for RetNet and for a key-value-cache model;
 - ``prefix_cache``: the state after a token prefix, in memory (LRU) and optionally on disk;
 - ``engine``: the scheduler thread (continuous batching, chunked prefill, sampling, stop strings);
-- ``app``: the HTTP routes; ``server``: loading a checkpoint and putting it all together.
+- ``app``: the HTTP routes and what guards them (API key, body and prompt limits); ``metrics``: ``/metrics`` in
+  Prometheus' text format; ``server``: loading a checkpoint and putting it all together.
 """
 
 from .app import ServerLimits, create_app

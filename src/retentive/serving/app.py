@@ -1,13 +1,19 @@
-"""The HTTP routes (FastAPI): OpenAI's ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``; ``/health``.
+"""The HTTP routes (FastAPI): OpenAI's ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``; ``/health``
+and ``/metrics``.
 
 Requests are validated (pydantic), tokenized and checked here, then handed to the :class:`Engine`; its events come
 back through an asyncio queue and go out as one JSON body or as server-sent events (``stream: true``). Every error
 is a JSON body in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for bad input.
+
+Before a route runs, :class:`Guard` checks the API key (when the server has one) and the body's size, so that an
+unauthorized or oversized request costs nothing. Prompts are tokenized on a worker thread, after a check of their
+length in characters, so that a long prompt never stalls the event loop (``/health``, the open streams).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import resource
 import time
@@ -18,13 +24,17 @@ from dataclasses import dataclass
 import psutil
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data import Tokenizer
 from . import protocol
 from .engine import Delta, Done, Engine, Event, QueueFull, SamplingParams
 from .engine import Request as EngineRequest
+from .metrics import Metrics
+
+OPEN_PATHS = ("/health",)  # answered without the API key: a load balancer's health check has none
 
 
 @dataclass
@@ -36,12 +46,23 @@ class ServerLimits:
         max_tokens: the most tokens one choice may generate.
         default_max_tokens: what a chat request without ``max_tokens`` gets (completions default to 16, as OpenAI).
         max_context: prompt + generated tokens, for models with a position limit (a Transformer); None: no limit.
+        max_n: the most choices (``n``) one request may ask for: each holds a state slot.
+        max_body_bytes: the largest request body; a larger one is refused (413) before it is read.
     """
 
     max_prompt_tokens: int = 16384
     max_tokens: int = 4096
     default_max_tokens: int = 256
     max_context: int | None = None
+    max_n: int = 4
+    max_body_bytes: int = 4 * 2**20
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} is over max_tokens={self.max_tokens}")
 
 
 class APIError(Exception):
@@ -56,7 +77,83 @@ def _invalid(message: str, param: str | None, code: str | None = None) -> APIErr
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: ServerLimits | None = None) -> FastAPI:
+class Guard:
+    """ASGI middleware run before any route: the API key (``Authorization: Bearer KEY``, compared in constant time;
+    ``/health`` stays open) and the body's size (413 beyond ``max_body_bytes``, counted as it arrives).
+
+    Args:
+        app: the app it guards.
+        api_key: the key every request must carry; None: no key needed.
+        max_body_bytes: the largest body accepted.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            body = protocol.error_body(
+                "missing or wrong API key: send the header Authorization: Bearer <key>",
+                "invalid_request_error",
+                code="invalid_api_key",
+            )
+            return await JSONResponse(body, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        declared = headers.get("content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:  # read the body here, counting: a chunked body declares no length
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    def _authorized(self, headers: dict[str, bytes]) -> bool:
+        scheme, _, key = headers.get("authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.api_key.encode())
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is over this server's limit of {self.max_body_bytes} bytes (--max-body-mib)"
+        body = protocol.error_body(message, "invalid_request_error", code="request_too_large")
+        await JSONResponse(body, 413, {"Connection": "close"})(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the body already read, then what the client sends next (its disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def max_token_bytes(tokenizer: Tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes one token stands for: a text of more characters than ``max_prompt_tokens``
+    times this cannot fit in the prompt limit, and is refused without tokenizing it."""
+    return max(len(tokenizer.decode([i]).encode()) for i in range(tokenizer.vocab_size)) or 1
+
+
+def create_app(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_name: str,
+    limits: ServerLimits | None = None,
+    api_key: str | None = None,
+) -> FastAPI:
     """The server's ASGI app; it starts the engine's thread on startup and stops it on shutdown.
 
     Args:
@@ -64,17 +161,26 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
         tokenizer: encodes prompts (and the engine decodes with the same one).
         model_name: the one model id this server answers to (``/v1/models``).
         limits: what a request may ask for.
+        api_key: the key every request but ``/health`` must carry as ``Authorization: Bearer KEY``; None: none.
     """
     limits = limits or ServerLimits()
     created = int(time.time())
+    metrics = Metrics(model_name)
+    max_prompt_chars = limits.max_prompt_tokens * max_token_bytes(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         yield
-        engine.shutdown()
+        engine.shutdown(timeout=5)  # uvicorn has drained the requests it could (--shutdown-timeout)
 
     app = FastAPI(title="retentive", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:  # a bug: still OpenAI's error shape
+        body = protocol.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return JSONResponse(body, status_code=500)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -101,6 +207,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         return {"status": "ok", "model": model_name, "rss_bytes": rss, "peak_rss_bytes": peak, **engine.stats()}
 
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "retentive"}
@@ -108,28 +218,28 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, http: Request):
+        _check_request(body)
         if isinstance(body.prompt, str):
-            prompt = tokenizer.encode(body.prompt)
+            prompt, _ = await _tokenize([body.prompt], "prompt")
         else:
             prompt = list(body.prompt)
+            _check_length(len(prompt), "prompt")
             if any(not 0 <= t < engine.backend.vocab_size for t in prompt):
                 raise _invalid(f"prompt holds token ids outside [0, {engine.backend.vocab_size})", "prompt")
         return await _generate(body, prompt, [], http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatCompletionRequest, http: Request):
-        prompt, points = [], []
+        _check_request(body)
         try:
-            for segment in protocol.chat_segments(body.messages):
-                prompt += tokenizer.encode(segment)
-                points.append(len(prompt))  # the state after each message is worth caching
+            segments = protocol.chat_segments(body.messages)
         except ValueError as e:
             raise _invalid(str(e), "messages") from e
-        return await _generate(body, prompt, points[:-1], http, chat=True)
+        prompt, ends = await _tokenize(segments, "messages")
+        return await _generate(body, prompt, ends[:-1], http, chat=True)  # the state after each message: worth caching
 
-    async def _generate(
-        body: protocol.SamplingRequest, prompt: list[int], points: list[int], http: Request, chat: bool
-    ):
+    def _check_request(body: protocol.SamplingRequest) -> None:
+        """What is wrong with the request before its prompt is read: the model, parameters this server refuses."""
         if body.model != model_name:
             raise APIError(
                 404,
@@ -138,16 +248,50 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
                 "model",
                 "model_not_found",
             )
-        param = "messages" if chat else "prompt"
-        if not prompt:
-            raise _invalid("the prompt encodes to no tokens: give some text", param)
-        if len(prompt) > limits.max_prompt_tokens:
+        refused = body.unsupported()
+        if refused is not None:
+            raise _invalid(refused[1], refused[0])
+        if body.n > min(limits.max_n, engine.backend.max_batch):
             raise _invalid(
-                f"the prompt has {len(prompt)} tokens, more than this server's limit of {limits.max_prompt_tokens}: "
-                "shorten it (or restart the server with a larger --max-prompt-tokens)",
+                f"n={body.n} is over this server's limit of {min(limits.max_n, engine.backend.max_batch)} choices "
+                "per request (--max-n): send several requests",
+                "n",
+            )
+
+    async def _tokenize(texts: list[str], param: str) -> tuple[list[int], list[int]]:
+        """The tokens of ``texts`` one after the other, and the token count at the end of each; encoded on a worker
+        thread (not the event loop), after a check of their length that needs no tokenizer."""
+        if sum(map(len, texts)) > max_prompt_chars:
+            _check_length(limits.max_prompt_tokens + 1, param)  # more characters than the limit's tokens can hold
+
+        def encode() -> tuple[list[int], list[int]]:
+            prompt, ends = [], []
+            for text in texts:
+                prompt += tokenizer.encode(text)
+                ends.append(len(prompt))
+            return prompt, ends
+
+        try:
+            return await asyncio.to_thread(encode)
+        except UnicodeError as e:  # a lone surrogate ("\ud800"): valid JSON, but no text
+            raise _invalid(f"{param} is not valid Unicode text: {e}", param) from e
+
+    def _check_length(tokens: int, param: str) -> None:
+        if tokens > limits.max_prompt_tokens:
+            raise _invalid(
+                f"the prompt has more than {limits.max_prompt_tokens} tokens, this server's limit: shorten it "
+                "(or restart the server with a larger --max-prompt-tokens)",
                 param,
                 "context_length_exceeded",
             )
+
+    async def _generate(
+        body: protocol.SamplingRequest, prompt: list[int], points: list[int], http: Request, chat: bool
+    ):
+        param = "messages" if chat else "prompt"
+        if not prompt:
+            raise _invalid("the prompt encodes to no tokens: give some text", param)
+        _check_length(len(prompt), param)
         max_tokens = body.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
             raise _invalid(f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}", "max_tokens")
@@ -158,8 +302,6 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
                 param,
                 "context_length_exceeded",
             )
-        if body.n > engine.backend.max_batch:
-            raise _invalid(f"n={body.n} is more than this server's {engine.backend.max_batch} slots", "n")
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -170,12 +312,21 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Se
             ignore_eos=body.ignore_eos,
         )
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        last = [time.perf_counter()] + [None] * body.n  # [arrival, then each choice's latest token time]
 
         def emit(event: Event) -> None:  # on the engine's thread
+            if isinstance(event, Delta):
+                now, before = time.perf_counter(), last[event.index + 1]
+                if before is None:
+                    metrics.ttft.observe(now - last[0])
+                else:
+                    metrics.itl.observe(now - before)
+                last[event.index + 1] = now
             if not loop.is_closed():
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        request = EngineRequest(prompt, params, emit, n=body.n, cache_points=points)
+        client = http.client.host if http.client else ""
+        request = EngineRequest(prompt, params, emit, n=body.n, cache_points=points, client=client)
         try:
             engine.submit(request)
         except QueueFull as e:

@@ -73,6 +73,21 @@ class Backend:
         """Put a :meth:`snapshot` (of a state that read ``seen`` tokens) into an empty ``slot``."""
         raise NotImplementedError
 
+    def snapshot_layout(self, seen: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The name, shape and dtype of each tensor of a :meth:`snapshot` after ``seen`` tokens."""
+        raise NotImplementedError
+
+    def check_snapshot(self, tensors: dict[str, Tensor], seen: int) -> None:
+        """Raise ValueError, naming the tensor, unless ``tensors`` is a snapshot of this model after ``seen`` tokens
+        (one read from disk may come from anywhere)."""
+        layout = self.snapshot_layout(seen)
+        if set(tensors) != set(layout):
+            raise ValueError(f"a snapshot holds {sorted(layout)}, not {sorted(tensors)}")
+        for name, (shape, dtype) in layout.items():
+            if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
+                got = f"{tuple(tensors[name].shape)} {tensors[name].dtype}"
+                raise ValueError(f"snapshot tensor {name} is {got}, not {shape} {dtype}")
+
     def state_bytes(self) -> int:
         """Bytes held now by the states of all slots (what grows with the context, if anything does)."""
         raise NotImplementedError
@@ -148,6 +163,13 @@ class RetNetBackend(Backend):
         for i, (S, z, o) in enumerate(zip(self.S, self.z, self.offset, strict=True)):
             S[slot], z[slot], o[slot] = tensors[f"S.{i}"], tensors[f"z.{i}"], tensors[f"offset.{i}"]
         self.seen[slot] = seen
+
+    def snapshot_layout(self, seen: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        layout = {}
+        for i, (S, z, o) in enumerate(zip(self.S, self.z, self.offset, strict=True)):
+            for name, pool in (("S", S), ("z", z), ("offset", o)):
+                layout[f"{name}.{i}"] = (tuple(pool.shape[1:]), pool.dtype)
+        return layout
 
     def slot_bytes(self) -> int:
         """Bytes of one slot's state: the same after 10 tokens as after a million."""
@@ -262,6 +284,14 @@ class KVCacheBackend(Backend):
         for i in range(self.num_layers):
             cache.update(tensors[f"keys.{i}"][None].clone(), tensors[f"values.{i}"][None].clone(), i)
         self.caches[slot], self.seen[slot] = cache, seen
+
+    def snapshot_layout(self, seen: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(self.model.parameters()).dtype
+        shape = (heads, seen, head_dim)
+        return {f"{kind}.{i}": (shape, dtype) for i in range(self.num_layers) for kind in ("keys", "values")}
 
     def state_bytes(self) -> int:
         caches = [c for c in self.caches if c is not None]

@@ -3,7 +3,8 @@
 Each running sequence (one choice of a request) holds one state slot of the backend. Every iteration of the loop:
 
 1. drops cancelled requests (a client that went away) and frees their slots;
-2. admits waiting requests, oldest first, while there are free slots for all their choices;
+2. admits waiting requests while there are free slots for all their choices: the oldest request of the client that
+   holds the fewest slots first, so that one client's requests cannot keep every slot from the others;
 3. reads one piece of at most ``prefill_chunk`` prompt tokens of the oldest request still in prefill (the chunkwise
    form), so that a long prompt never stalls the requests already decoding for more than one piece; a prompt whose
    prefix the prompt-state cache holds starts from that state (looked up when its prefill begins);
@@ -11,6 +12,10 @@ Each running sequence (one choice of a request) holds one state slot of the back
 
 A sequence ends on its end-of-text token, a stop string or ``max_tokens``; its slot is free for the next request at
 once. Events go back to the caller through the request's ``emit`` callback (called on this thread).
+
+Whatever fails while serving one request (its seed, its prefill, a cached state that does not fit, sampling, its
+``emit``) fails that request alone: it gets a :class:`Failed` event and its slots are freed, and the others go on.
+Only a failure of the batched decode step itself fails every request in that batch.
 """
 
 from __future__ import annotations
@@ -146,6 +151,7 @@ class Request:
         n: the number of choices, each continued from the same prompt state.
         cache_points: prompt lengths (besides the whole prompt) after which the state is worth caching, such as
             the end of each chat message.
+        client: who sent it (an address, say): admission shares the slots fairly between clients.
     """
 
     def __init__(
@@ -155,16 +161,18 @@ class Request:
         emit: Callable[[Event], None],
         n: int = 1,
         cache_points: list[int] | None = None,
+        client: str = "",
     ) -> None:
         if not prompt:
             raise ValueError("prompt must hold at least one token")
-        self.prompt, self.params, self.emit, self.n = prompt, params, emit, n
+        self.prompt, self.params, self.emit, self.n, self.client = prompt, params, emit, n, client
         self.cache_points = sorted({p for p in cache_points or [] if 0 < p < len(prompt)} | {len(prompt)})
         self.prefilled = 0  # prompt tokens read so far
         self.cached_tokens = 0  # prompt tokens taken from the prompt-state cache
         self.looked_up = False  # whether the prompt-state cache was asked for this prompt
         self.sequences: list[Sequence] = []
         self.cancelled = False
+        self.failed = False  # the engine failed it: it holds no slot and gets no more events
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the engine frees the slots at its next iteration."""
@@ -222,12 +230,18 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="retentive-engine", daemon=True)
         self.thread.start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the thread after its current iteration; the requests it still holds get a :class:`Failed` event.
+
+        Args:
+            timeout: seconds to wait for the thread (None: as long as it takes); it is a daemon, so a thread still
+                inside a long model call does not keep the process alive.
+        """
         with self.condition:
             self.stopping = True
             self.condition.notify()
         if self.thread is not None:
-            self.thread.join()
+            self.thread.join(timeout)
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises :class:`QueueFull` when ``max_queue`` requests already wait."""
@@ -264,16 +278,17 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self.condition:
-                    while not (self.stopping or self.waiting or self.prefilling or self.decoding):
+                    while not (self.stopping or self._has_work()):
                         self.condition.wait()
                     if self.stopping:
-                        return
+                        break
                 try:
                     self._iteration()
-                except Exception as e:  # a bug or a model error: fail what runs, keep serving
+                except Exception as e:  # the batched decode step (or a bug): fail what runs, keep serving
                     logger.exception("engine iteration failed")
                     self._fail_all(f"{type(e).__name__}: {e}")
                 self.peak_state_bytes = max(self.peak_state_bytes, self.backend.state_bytes())
+            self._fail_all("the server is shutting down")
 
     def _iteration(self) -> None:
         self._drop_cancelled()
@@ -299,38 +314,89 @@ class Engine:
         for request in dropped.values():
             request.emit(Failed("cancelled"))
 
+    def _has_work(self) -> bool:
+        """Whether an iteration would do anything (the caller holds the lock): a waiting request that cannot be
+        admitted yet is no work, so the thread sleeps until a slot is freed instead of spinning."""
+        cancelled = any(r.cancelled for r in self.waiting)
+        return bool(self.prefilling or self.decoding or cancelled or self._next_waiting())
+
+    def _next_waiting(self) -> Request | None:
+        """The waiting request to admit next, if its choices fit in the free slots (the caller holds the lock).
+
+        Fair between clients: the oldest request of the client holding the fewest slots now. It waits for enough
+        free slots rather than let later, smaller requests pass it, so that a request with a large ``n`` never
+        starves.
+        """
+        running = {id(r): r for r in (*self.prefilling, *(r for r, _ in self.decoding))}.values()
+        held: dict[str, int] = {}
+        for request in running:
+            held[request.client] = held.get(request.client, 0) + request.n
+        candidates = [r for r in self.waiting if not r.cancelled]
+        if not candidates:
+            return None
+        request = min(candidates, key=lambda r: held.get(r.client, 0))  # min() keeps the oldest of equals
+        return request if request.n <= len(self.free) else None
+
     def _admit(self) -> None:
         while True:
             with self.condition:
-                if not self.waiting or len(self.free) < self.waiting[0].n:
+                request = self._next_waiting()
+                if request is None:
                     return
-                request = self.waiting.popleft()
-            for index in range(request.n):
-                seed = secrets.randbits(62) if request.params.seed is None else request.params.seed + index
-                generator = torch.Generator(device=self.backend.device).manual_seed(seed)
+                self.waiting.remove(request)
+            try:
+                generators = [self._generator(request.params.seed, index) for index in range(request.n)]
+            except Exception as e:
+                self._fail(request, e)
+                continue
+            for index, generator in enumerate(generators):  # nothing can fail between taking a slot and keeping it
                 text = TextStream(self.tokenizer, request.params.stop)
                 request.sequences.append(Sequence(index, heapq.heappop(self.free), generator, text))
             self.prefilling.append(request)
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator:
+        """Choice ``index``'s generator: seeded with ``seed + index`` (wrapped to torch's 64 bits), or at random."""
+        seed = secrets.randbits(62) if seed is None else (seed + index) % 2**64
+        return torch.Generator(device=self.backend.device).manual_seed(seed)
 
     def _prefill_step(self) -> None:
         """Prefill the oldest request by one piece. Its prompt is looked up in the prompt-state cache only now, when
         the requests before it have filled the cache: concurrent requests with one system prompt read it once."""
         while self.prefilling:
             request = self.prefilling[0]
-            if not request.looked_up:
-                request.looked_up = True
-                if self._resume_from_cache(request):  # the whole prompt was cached: it decodes already
-                    continue
-            self._prefill_piece(request)
+            try:
+                if not request.looked_up:
+                    request.looked_up = True
+                    if self._resume_from_cache(request):  # the whole prompt was cached: it decodes already
+                        continue
+                self._prefill_piece(request)
+            except Exception as e:
+                self._fail(request, e)
+                continue
             return
 
     def _resume_from_cache(self, request: Request) -> bool:
-        """Start ``request`` from the state of the longest cached prefix of its prompt; True if that is all of it."""
+        """Start ``request`` from the state of the longest cached prefix of its prompt; True if that is all of it.
+
+        An entry whose tensors do not fit this model (a file changed on disk) is dropped, and the prompt is read
+        from its start; a good one is (back) in memory once restored.
+        """
         entry = None if self.prefix_cache is None else self.prefix_cache.lookup(request.prompt)
         if entry is None:
             return False
+        prefix = request.prompt[: entry.length]
         tensors = {k: v for k, v in entry.tensors.items() if k != LOGITS}
+        try:
+            self.backend.check_snapshot(tensors, entry.length)
+            logits = entry.tensors.get(LOGITS)
+            if logits is None or tuple(logits.shape) != (self.backend.vocab_size,):
+                raise ValueError(f"its {LOGITS} are not ({self.backend.vocab_size},)")
+        except ValueError as e:
+            logger.warning("prompt cache: the state after %d tokens does not fit (%s); dropped", len(prefix), e)
+            self.prefix_cache.discard(prefix)
+            return False
         self.backend.restore(request.sequences[0].slot, tensors, entry.length)
+        self.prefix_cache.insert(prefix, entry.tensors)
         request.prefilled = request.cached_tokens = entry.length
         if entry.length < len(request.prompt):
             return False
@@ -359,26 +425,33 @@ class Engine:
         first = request.sequences[0]
         for seq in request.sequences[1:]:
             self.backend.fork(first.slot, seq.slot)
-        tokens = self._sample(logits[None].expand(request.n, -1), [(request, s) for s in request.sequences])
-        for seq, token in zip(request.sequences, tokens, strict=True):
-            self.decoding.append((request, seq))
-            self._advance(request, seq, token)
+        running = [(request, s) for s in request.sequences]
+        self.decoding += running
+        self._take_tokens(logits[None].expand(request.n, -1), running)
 
     def _decode_step(self) -> None:
         self.decoding.sort(key=lambda rs: rs[1].slot)  # contiguous slots read the pool without a gather
         logits = self.backend.decode([s.slot for _, s in self.decoding], [s.tokens[-1] for _, s in self.decoding])
         self.steps += 1
-        for (request, seq), token in zip(list(self.decoding), self._sample(logits, self.decoding), strict=True):
-            self._advance(request, seq, token)
+        self._take_tokens(logits, list(self.decoding))
 
-    def _sample(self, logits: Tensor, running: list[tuple[Request, Sequence]]) -> list[int]:
-        """The next token of each row of ``logits`` (B, V): greedy, or sampled with the row's own generator."""
-        tokens = logits.argmax(dim=-1).tolist()
+    def _take_tokens(self, logits: Tensor, running: list[tuple[Request, Sequence]]) -> None:
+        """Pick the next token of each row of ``logits`` (B, V), greedy or sampled with the row's own generator, and
+        advance its sequence; a row that fails fails its request alone."""
+        greedy = logits.argmax(dim=-1).tolist()
         for row, (request, seq) in enumerate(running):
+            if request.failed:  # another of its choices failed earlier in this step
+                continue
             p = request.params
-            if p.temperature > 0:
-                tokens[row] = sample_token(logits[row], p.temperature, p.top_k, p.top_p, seq.generator)
-        return tokens
+            try:
+                token = (
+                    greedy[row]
+                    if p.temperature == 0
+                    else sample_token(logits[row], p.temperature, p.top_k, p.top_p, seq.generator)
+                )
+                self._advance(request, seq, token)
+            except Exception as e:
+                self._fail(request, e)
 
     def _advance(self, request: Request, seq: Sequence, token: int) -> None:
         """Take the sampled token: give out its text, and end the sequence if it is done."""
@@ -406,20 +479,42 @@ class Engine:
         heapq.heappush(self.free, seq.slot)
         seq.slot = -1
 
+    def _fail(self, request: Request, error: Exception | str) -> None:
+        """End ``request`` alone: out of every list, its slots freed, a :class:`Failed` event to its client."""
+        if isinstance(error, Exception):
+            logger.error("request failed", exc_info=error)
+            error = f"{type(error).__name__}: {error}"
+        request.failed = True
+        with self.condition:
+            if request in self.waiting:
+                self.waiting.remove(request)
+        if request in self.prefilling:
+            self.prefilling.remove(request)
+        self.decoding = [(r, s) for r, s in self.decoding if r is not request]
+        for seq in request.sequences:
+            if seq.slot >= 0:
+                self._release(seq)
+        try:
+            request.emit(Failed(error))
+        except Exception:  # its client is gone: nobody to tell
+            logger.exception("cannot tell a failed request's client")
+
     def _fail_all(self, message: str) -> None:
-        running = {id(r): r for r in self.prefilling} | {id(r): r for r, _ in self.decoding}
+        """Fail every request the engine holds, waiting ones included (the decode step failed, or shutdown)."""
+        with self.condition:
+            waiting = list(self.waiting)
+        running = {id(r): r for r in (*waiting, *self.prefilling, *(r for r, _ in self.decoding))}
         for request in running.values():
-            for seq in request.sequences:
-                if seq.slot >= 0:
-                    self._release(seq)
-            request.emit(Failed(message))
-        self.prefilling, self.decoding = [], []
+            self._fail(request, message)
 
 
 def sample_token(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
     """One token from ``logits`` (V,): scaled by the temperature, cut to the ``top_k`` best (if > 0), then to the
     smallest set whose probability reaches ``top_p`` (the order of Hugging Face's processors)."""
-    logits = logits.float() / temperature
+    # the largest logit becomes 0 before the division, so that a tiny temperature gives 0 and -inf (about greedy),
+    # never inf - inf = nan; below float32's smallest normal number it would divide by zero
+    logits = logits.float()
+    logits = (logits - logits.max()) / max(temperature, torch.finfo(torch.float32).tiny)
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -427,5 +522,6 @@ def sample_token(logits: Tensor, temperature: float, top_k: int, top_p: float, g
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # the tokens after the set has reached top_p
+        drop[0] = False  # the likeliest token always stays (a top_p below float32's range would drop it too)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

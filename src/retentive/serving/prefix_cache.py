@@ -5,26 +5,43 @@ from there, so a later prompt that starts with the same n tokens can skip them a
 only at block boundaries). The same cache keeps a Transformer's keys and values for a prefix, whose size grows with n.
 
 Entries live in memory within a byte budget, least recently used evicted first; with a directory, an evicted entry
-is written there as safetensors (within its own byte budget) and read back, and promoted, when a prompt needs it.
-Files written by another model or weights are never matched: the key hashes the model's fingerprint with the tokens.
+is written there as safetensors (within its own byte budget) and read back when a prompt needs it. Files written by
+another model or weights are never matched: the key hashes the model's fingerprint with the tokens.
+
+A file is trusted no more than the disk it lies on: each carries its key (the tokens it belongs to) and a checksum of
+its tensors, checked when it is read; one that fails is deleted and is a miss. The caller checks the shapes (the
+backend knows them) and keeps a read entry in memory, with :meth:`PrefixCache.insert`, only once it has used it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
 LOGITS = "next_token_logits"
+
+
+def checksum(tensors: dict[str, Tensor]) -> str:
+    """A hash of the tensors' names, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -92,19 +109,29 @@ class PrefixCache:
         return key in self.memory or key in self.disk
 
     def lookup(self, tokens: list[int]) -> Entry | None:
-        """The entry of the longest cached prefix of ``tokens`` (the whole of it included), or None."""
+        """The entry of the longest cached prefix of ``tokens`` (the whole of it included), or None.
+
+        An entry read from disk leaves the disk and is not kept in memory: :meth:`insert` it once it proved good.
+        """
         for length in sorted((n for n in self.lengths if n <= len(tokens)), reverse=True):
             key = self.key(tokens[:length])
             entry = self.memory.get(key)
             if entry is not None:
                 self.memory.move_to_end(key)
             elif key in self.disk:
-                entry = self._load(key)
+                entry = self._load(key, length)
             if entry is not None:
                 self.hits += 1
                 return entry
         self.misses += 1
         return None
+
+    def discard(self, tokens: list[int]) -> None:
+        """Forget the entry of ``tokens`` (in memory), one its user found unfit."""
+        entry = self.memory.pop(self.key(tokens), None)
+        if entry is not None:
+            self.bytes -= entry.nbytes
+            self._forget_length(entry.length)
 
     def insert(self, tokens: list[int], tensors: dict[str, Tensor]) -> None:
         """Keep the state after ``tokens`` (a snapshot and ``next_token_logits``)."""
@@ -132,8 +159,9 @@ class PrefixCache:
         if self.directory is None or entry.nbytes > self.max_disk_bytes:
             return
         path = self.directory / f"{key}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in entry.tensors.items()}, tmp, metadata={"length": str(entry.length)})
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # replicas may share the directory
+        metadata = {"length": str(entry.length), "key": key, "checksum": checksum(entry.tensors)}
+        save_file({k: v.contiguous() for k, v in entry.tensors.items()}, tmp, metadata=metadata)
         tmp.replace(path)
         self.disk[key] = (entry.length, entry.nbytes)
         self.disk_bytes += entry.nbytes
@@ -144,36 +172,42 @@ class PrefixCache:
             self._forget_length(length)
             (self.directory / f"{old_key}.safetensors").unlink(missing_ok=True)
 
-    def _load(self, key: str) -> Entry | None:
-        """Read a spilled entry back into memory (and off the disk); None if its file is unreadable."""
-        length, nbytes = self.disk.pop(key)
-        self.disk_bytes -= nbytes
+    def _load(self, key: str, length: int) -> Entry | None:
+        """Read a spilled entry off the disk; None if its file is unreadable or not the one it claims to be."""
+        self.disk_bytes -= self.disk.pop(key)[1]
         self._forget_length(length)
         path = self.directory / f"{key}.safetensors"
         try:
-            tensors = load_file(path)
-        except Exception as e:  # a file damaged or deleted behind our back: a miss, not an error
-            logger.warning("prompt cache: cannot read %s (%s); dropped", path, e)
-            return None
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            wrong = _mismatch(metadata, key, length, tensors)
+        except Exception as e:  # damaged or deleted behind our back: a miss, not an error
+            wrong = f"cannot read it ({e})"
         finally:
-            path.unlink(missing_ok=True)
-        entry = Entry(length, tensors)
-        self._put(key, entry)
-        return entry
+            path.unlink(missing_ok=True)  # read once: it comes back to memory, or it was bad
+        if wrong:
+            logger.warning("prompt cache: %s: %s; dropped", path, wrong)
+            return None
+        return Entry(length, tensors)
 
     def _index_disk(self) -> None:
-        """Find the entries a previous server left in the directory (oldest first)."""
-        from safetensors import safe_open
-
-        for path in sorted(self.directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+        """Find the entries a previous server (or another replica) left in the directory, oldest first; unreadable
+        files are deleted."""
+        files = []
+        for path in self.directory.glob("*.safetensors"):
             try:
+                stat = path.stat()
                 with safe_open(path, framework="pt") as f:
-                    length = int(f.metadata()["length"])
-            except Exception as e:
-                logger.warning("prompt cache: skipping unreadable %s (%s)", path, e)
+                    files.append((stat.st_mtime, path, int(f.metadata()["length"]), stat.st_size))
+            except FileNotFoundError:  # another replica took it meanwhile
                 continue
-            self.disk[path.stem] = (length, path.stat().st_size)
-            self.disk_bytes += path.stat().st_size
+            except Exception as e:
+                logger.warning("prompt cache: deleting unreadable %s (%s)", path, e)
+                path.unlink(missing_ok=True)
+        for _, path, length, size in sorted(files):
+            self.disk[path.stem] = (length, size)
+            self.disk_bytes += size
             self.lengths[length] = self.lengths.get(length, 0) + 1
 
     def stats(self) -> dict:
@@ -185,3 +219,14 @@ class PrefixCache:
             "hits": self.hits,
             "misses": self.misses,
         }
+
+
+def _mismatch(metadata: dict[str, str], key: str, length: int, tensors: dict[str, Tensor]) -> str | None:
+    """What is wrong with a file read for ``key`` (the state after ``length`` tokens), or None."""
+    if metadata.get("key") != key:  # another prompt's file under this name, or one from an older format
+        return f"it holds the state of other tokens (key {metadata.get('key')})"
+    if metadata.get("length") != str(length):
+        return f"it holds {metadata.get('length')} tokens, not {length}"
+    if metadata.get("checksum") != checksum(tensors):
+        return "its tensors differ from their checksum"
+    return None

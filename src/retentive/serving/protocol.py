@@ -1,8 +1,8 @@
 """The OpenAI wire format: pydantic request models (validated on arrival), response bodies and error bodies.
 
-Only what the server honours is accepted with a meaning; OpenAI parameters it cannot honour (``logprobs``,
-``echo``, penalties, tools, ...) are refused with a 400 when set, rather than silently ignored. Unknown fields are
-ignored, as OpenAI's clients add new ones over time.
+Only what the server honours is accepted with a meaning; OpenAI's (and vLLM's) parameters it cannot honour
+(``logprobs``, ``echo``, penalties, tools, guided decoding, ...) are refused with a 400 naming them when set, rather
+than silently ignored. Other unknown fields are ignored, as OpenAI's clients add new ones over time.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# OpenAI's parameters that this server cannot honour: refused when set to anything but their neutral value
+# parameters that this server cannot honour: refused when set to anything but a neutral value, compared with its
+# type (``logprobs: 0`` asks for log-probabilities, unlike ``logprobs: false``)
 UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
+    "logprobs": (None, False),
+    "top_logprobs": (None,),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -25,8 +26,27 @@ UNSUPPORTED = {
     "frequency_penalty": (None, 0, 0.0),
     "tools": (None, []),
     "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
     "response_format": (None, {"type": "text"}),
+    "reasoning_effort": (None,),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "store": (None, False),
+    "metadata": (None, {}),
+    # vLLM's extensions
+    "repetition_penalty": (None, 1, 1.0),
+    "min_tokens": (None, 0),
+    "min_p": (None, 0, 0.0),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
 }
+NOT_YET = {"logprobs", "top_logprobs", "echo"}  # refused for now: their support is on its way
+SEED_RANGE = (-(2**63), 2**63)  # a signed 64-bit integer, as OpenAI's and vLLM's seeds
 
 
 class SamplingRequest(BaseModel):
@@ -40,7 +60,7 @@ class SamplingRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1, description="0 or -1: off (an extension, as in vLLM)")
     stop: str | list[str] | None = Field(default=None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], lt=SEED_RANGE[1], description="a 64-bit integer")
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -55,12 +75,15 @@ class SamplingRequest(BaseModel):
             raise ValueError("stop must be up to 4 non-empty strings")
         return stops
 
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> SamplingRequest:
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first parameter set that this server cannot honour, with the message refusing it; None if none."""
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
-                raise ValueError(f"{name} is not supported by this server: leave it unset")
-        return self
+            neutral = UNSUPPORTED.get(name)
+            if neutral is None or any(type(value) is type(v) and value == v for v in neutral):
+                continue
+            when = " yet" if name in NOT_YET else ""
+            return name, f"{name}={value!r} is not supported by this server{when}: leave it unset"
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -73,6 +96,11 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _default_max_tokens(cls, value: Any) -> Any:
+        return 16 if value is None else value  # ``null`` means OpenAI's default for completions, as leaving it out
 
     @field_validator("prompt")
     @classmethod

@@ -35,6 +35,7 @@ class ServeConfig:
         prompt_cache_disk_mib: the on-disk budget.
         cache_block: also cache the state every this many prompt tokens (0: only at message ends and prompt ends).
         limits: what one request may ask for.
+        api_key: the key every request but ``/health`` must carry (``Authorization: Bearer KEY``); None: none.
     """
 
     max_batch: int = 16
@@ -45,6 +46,7 @@ class ServeConfig:
     prompt_cache_disk_mib: float = 1024
     cache_block: int = 0
     limits: ServerLimits | None = None
+    api_key: str | None = None
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
@@ -52,14 +54,20 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, T
     by ``save_pretrained`` with a tokenizer saved beside it (``tokenizer_meta.json`` there or in ``tokenizer/``).
 
     A RetNet checkpoint gives a :class:`RetNetForCausalLM`; a ``transformer-*`` one, its ``LlamaForCausalLM``.
+    A checkpoint with a manifest (one written by training) is verified against it first, whichever folder is given.
+
+    Raises:
+        CheckpointError: a file of the checkpoint is missing or differs from its manifest's SHA-256.
     """
     from transformers import AutoModelForCausalLM
 
     from .. import models  # noqa: F401  (registers the RetNet with the Auto classes)
     from ..training import resolve_checkpoint
+    from ..training.checkpoint import MANIFEST
 
     path = Path(path)
-    ckpt = path if (path / "config.json").is_file() else resolve_checkpoint(path)
+    plain = (path / "config.json").is_file() and not (path / MANIFEST).is_file()  # save_pretrained's folder
+    ckpt = path if plain else resolve_checkpoint(path, use="retentive serve {}")
     for place in (ckpt, ckpt / "tokenizer", path / "tokenizer"):
         if (place / "tokenizer_meta.json").is_file():
             tokenizer = load_tokenizer(place)
@@ -106,11 +114,12 @@ def build_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, config: S
     limits = config.limits or ServerLimits()
     if backend.kind == "transformer" and limits.max_context is None:
         limits.max_context = getattr(model.config, "max_position_embeddings", None)
-    return create_app(engine, tokenizer, model_name, limits)
+    return create_app(engine, tokenizer, model_name, limits, config.api_key)
 
 
-def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``app`` with uvicorn until interrupted."""
+def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30) -> None:
+    """Serve ``app`` with uvicorn until SIGTERM or SIGINT: then stop accepting connections, let the running requests
+    finish for up to ``shutdown_timeout`` seconds, cancel what is left, and return."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
