@@ -1,10 +1,10 @@
 """Make tests/fixtures/rmt_official/: what the official RMT code computes, for the converter's tests.
 
-The official code (https://github.com/qhfan/RMT, ``classfication_release/RMT.py``, June 2024 head) is run once,
-outside this repository, and is not copied into it. It imports timm, fvcore and einops only for helpers the forward
-pass does not need, or for ``DropPath`` / ``trunc_normal_``: this script puts small stand-ins for them on
-``sys.path`` (``DropPath`` is the identity, as in evaluation; ``trunc_normal_`` is torch's), so that it runs without
-timm (whose torchvision import fails against the CPU torch of these machines).
+The official code (https://github.com/qhfan/RMT at 32ea214, ``classfication_release/RMT.py``, the June 2024 code) is
+run once, outside this repository, and is not copied into it. It imports timm, fvcore and einops only for helpers
+the forward pass does not need, or for ``DropPath`` / ``trunc_normal_``: this script registers small stand-ins for
+them in ``sys.modules`` (``DropPath`` is the identity, as in evaluation; ``trunc_normal_`` is torch's), so that it
+runs without timm (whose torchvision import fails against the CPU torch of these machines).
 
     python scripts/make_rmt_fixture.py /path/to/qhfan-RMT/classfication_release/RMT.py
 
