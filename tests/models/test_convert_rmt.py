@@ -37,6 +37,12 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, entry: str | None = "mod
     return path
 
 
+def _tiny_json(folder: Path) -> str:
+    """A --source-config file with the reduced model's ``decomposed``."""
+    (folder / "source.json").write_text(json.dumps(TINY))
+    return str(folder / "source.json")
+
+
 @pytest.mark.parametrize("entry", ["model", "model_ema", "state_dict", None])
 def test_logits_match_the_official_code(tiny, tmp_path: Path, entry) -> None:
     config, state, source = convert(_save(tiny, tmp_path / "RMT.pth", entry), source_config=TINY)
@@ -49,8 +55,7 @@ def test_logits_match_the_official_code(tiny, tmp_path: Path, entry) -> None:
 
 def test_cli_writes_a_folder_from_pretrained_reads(tiny, tmp_path: Path) -> None:
     src = _save(tiny, tmp_path / "RMT.pth")
-    (tmp_path / "source.json").write_text(json.dumps(TINY))
-    cli(["convert", str(src), str(tmp_path / "out"), "--source-config", str(tmp_path / "source.json")])
+    cli(["convert", str(src), str(tmp_path / "out"), "--source-config", _tiny_json(tmp_path)])
     for path, source_config in ((tmp_path / "out", None), (src, TINY), (tmp_path, TINY)):  # folder, .pth, its folder
         model = RMTForImageClassification.from_pretrained(path, source_config=source_config)
         with torch.no_grad():
@@ -99,3 +104,29 @@ def test_token_label_head_refused(tiny, tmp_path: Path) -> None:
     tensors = dict(tiny) | {"state.aux_head.weight": torch.zeros(10, 64), "state.aux_head.bias": torch.zeros(10)}
     with pytest.raises(ConversionError, match="aux_head"):
         convert(_save(tensors, tmp_path / "RMT.pth"), source_config=TINY)
+
+
+def test_preprocessor_is_the_official_evaluation(tiny, tmp_path: Path) -> None:
+    """preprocessor_config.json: resize the short side to 256 (bicubic), centre crop 224, ImageNet mean and std."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    cli(
+        [
+            "convert",
+            str(_save(tiny, tmp_path / "RMT.pth")),
+            str(tmp_path / "out"),
+            "--source-config",
+            _tiny_json(tmp_path),
+        ]
+    )
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    got = torch.as_tensor(np.asarray(processor(image, return_tensors="np")["pixel_values"]))
+    resized = image.resize((341, 256), Image.BICUBIC)  # short side 224 / 0.875
+    left, top = (341 - 224) // 2, (256 - 224) // 2
+    crop = np.asarray(resized.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = torch.as_tensor(((crop - mean) / std).transpose(2, 0, 1)[None], dtype=torch.float32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
