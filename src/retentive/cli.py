@@ -468,7 +468,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def convert(args: argparse.Namespace) -> None:
-    """Convert a torchscale, syncdoth/RetNet or flash-linear-attention checkpoint into a save_pretrained folder."""
+    """Convert a torchscale, syncdoth/RetNet, flash-linear-attention or official RMT checkpoint into a
+    save_pretrained folder."""
     from .models.convert import convert_checkpoint
     from .models.modeling_retnet import _download, _is_hub_id
 
@@ -482,16 +483,20 @@ def convert(args: argparse.Namespace) -> None:
             raise ValueError(f"--source-config {args.source_config}: expected a JSON object of the source's settings")
     out = convert_checkpoint(src, args.out, args.layout, source_config, DTYPES.get(args.dtype))
     files = ", ".join(sorted(p.name for p in out.iterdir()))
-    print(f"wrote {out}: {files}\nload it with RetNetForCausalLM.from_pretrained({str(out)!r})")
+    rmt = json.loads((out / "config.json").read_text()).get("model_type") == "rmt"
+    loader = "RMTForImageClassification" if rmt else "RetNetForCausalLM"
+    print(f"wrote {out}: {files}\nload it with {loader}.from_pretrained({str(out)!r})")
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="convert a torchscale, syncdoth/RetNet (hf-retnet) or flash-linear-attention RetNet checkpoint"
+        "convert",
+        help="convert a torchscale, syncdoth/RetNet (hf-retnet) or flash-linear-attention RetNet checkpoint, or an "
+        "official RMT (qhfan/RMT) .pth",
     )
     p.add_argument("src", help="a checkpoint file (.pt), a downloaded model folder, or a Hub id (owner/name)")
     p.add_argument("out", help="the folder to write (config.json, model.safetensors, the tokenizer files of SRC)")
-    p.add_argument("--from", dest="layout", choices=("torchscale", "hf-retnet", "fla"), help="default: detected")
+    p.add_argument("--from", dest="layout", choices=("torchscale", "hf-retnet", "fla", "rmt"), help="default: detected")
     p.add_argument(
         "--source-config",
         help="a JSON file of the source's settings the checkpoint lacks, e.g. a torchscale .pt saved without its "

@@ -165,6 +165,7 @@ class RMTForImageClassification(ImageClassifier):
     """
 
     _no_split_modules: ClassVar[list[str]] = ["RMTBlock"]  # the FSDP units (HF convention)
+    config_class = RMTConfig
 
     def __init__(
         self, config: RMTConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -116,6 +116,7 @@ class ViRForImageClassification(ImageClassifier):
     """
 
     _no_split_modules: ClassVar[list[str]] = ["RetNetBlock"]  # the FSDP units (HF convention)
+    config_class = ViRConfig
 
     def __init__(
         self, config: ViRConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -1,17 +1,20 @@
-"""Convert the public RetNet checkpoints into retentive's :class:`RetNetForCausalLM`.
+"""Convert the public RetNet checkpoints into retentive's :class:`RetNetForCausalLM`, and the official RMT's into
+:class:`RMTForImageClassification`.
 
-Three layouts: ``torchscale`` (torchscale / fairseq ``.pt``, both generations) and ``hf-retnet`` (the Hugging Face
+Four layouts: ``torchscale`` (torchscale / fairseq ``.pt``, both generations) and ``hf-retnet`` (the Hugging Face
 layout of syncdoth/RetNet, which copies torchscale's modules) in :mod:`.torchscale`, ``fla`` (flash-linear-attention's
-RetNet) in :mod:`.fla`. Each maps the source's tensors onto retentive's keys (the retention projections through one
-function, ``_target._retention_keys``) and its settings onto a :class:`RetNetConfig` whose options reproduce its
-math, so that the converted model gives the source's logits in each of retentive's three forms.
+RetNet) in :mod:`.fla`, ``rmt`` (qhfan/RMT's classification checkpoints) in :mod:`.rmt`. Each maps the source's
+tensors onto retentive's keys (the retention projections through one function, ``_target._retention_keys``) and its
+settings onto a config whose options reproduce its math, so that the converted model gives the source's logits (for
+the language models, in each of retentive's three forms).
 
-    config, state = convert("path/to/checkpoint")            # the layout is detected
+    config, state, source = convert("path/to/checkpoint")    # the layout is detected
     convert_checkpoint("path/to/checkpoint", "out/")          # a save_pretrained folder (+ tokenizer files)
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,19 @@ import torch
 from torch import Tensor
 
 from ..configuration_retnet import RetNetConfig
+from ..rmt import RMTConfig
 from ._source import ConversionError, Source, copy_tokenizer, read_source
 from .fla import convert_fla
+from .rmt import PREPROCESSOR, convert_rmt
 from .torchscale import convert_hf_retnet, convert_torchscale
 
-Converter = Callable[[Source, dict[str, Any]], tuple[RetNetConfig, dict[str, Tensor]]]
-LAYOUTS: dict[str, Converter] = {"torchscale": convert_torchscale, "hf-retnet": convert_hf_retnet, "fla": convert_fla}
+Converter = Callable[[Source, dict[str, Any]], tuple[RetNetConfig | RMTConfig, dict[str, Tensor]]]
+LAYOUTS: dict[str, Converter] = {
+    "torchscale": convert_torchscale,
+    "hf-retnet": convert_hf_retnet,
+    "fla": convert_fla,
+    "rmt": convert_rmt,
+}
 
 __all__ = ["LAYOUTS", "ConversionError", "build", "convert", "convert_checkpoint", "detect_layout", "foreign_layout"]
 
@@ -40,6 +50,8 @@ def foreign_layout(config: dict[str, Any], keys: set[str] | list[str]) -> str | 
         return "hf-retnet"
     if {"layers.0.retention.q_proj.weight", "decoder.layers.0.retention.q_proj.weight"} & keys:
         return "torchscale"
+    if "layers.0.blocks.0.retention.q_proj.weight" in keys and "patch_embed.proj.0.weight" in keys:
+        return "rmt"
     if keys or "dim_model" in config:
         return None  # retentive's own, or unknown
     if "decoder_embed_dim" in config:
@@ -64,7 +76,7 @@ def detect_layout(source: Source) -> str:
 
 def convert(
     path: str | Path, layout: str | None = None, source_config: dict[str, Any] | None = None
-) -> tuple[RetNetConfig, dict[str, Tensor], Source]:
+) -> tuple[RetNetConfig | RMTConfig, dict[str, Tensor], Source]:
     """Read the checkpoint at ``path`` and convert it.
 
     Args:
@@ -83,12 +95,18 @@ def convert(
     return config, state, source
 
 
-def build(config: RetNetConfig, state: dict[str, Tensor], source: Source, dtype: torch.dtype | None = None):
-    """A :class:`RetNetForCausalLM` holding ``state``, in ``dtype`` (None: the source's floating dtype)."""
+def build(config: RetNetConfig | RMTConfig, state: dict[str, Tensor], source: Source, dtype: torch.dtype | None = None):
+    """A :class:`RetNetForCausalLM` (or, for an RMT config, an :class:`RMTForImageClassification`) holding
+    ``state``, in ``dtype`` (None: the source's floating dtype)."""
     from ..modeling_retnet import RetNetForCausalLM
+    from ..rmt import RMTForImageClassification
 
     if dtype is None:
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    if isinstance(config, RMTConfig):
+        model = RMTForImageClassification(config, device="meta").to_empty(device="cpu")
+        model.load_state_dict(state, strict=True)  # BatchNorm's integer counters stay integers; a bug if it fails
+        return model.to(dtype).eval()
     with torch.device("meta"):
         model = RetNetForCausalLM(config)
     model = model.to_empty(device="cpu").to(dtype)
@@ -109,10 +127,13 @@ def convert_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Convert ``src`` and write a ``save_pretrained`` folder at ``out`` (config.json, model.safetensors, and the
-    tokenizer files ``src`` has). Returns ``out``."""
+    tokenizer files ``src`` has; for RMT, ``preprocessor_config.json``: the official evaluation's preprocessing).
+    Returns ``out``."""
     config, state, source = convert(src, layout, source_config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     build(config, state, source, dtype).save_pretrained(out)
+    if isinstance(config, RMTConfig):
+        (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
     copy_tokenizer(source, out)
     return out

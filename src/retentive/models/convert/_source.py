@@ -120,10 +120,13 @@ def _read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def _split_pickle(file: Path, obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state dict, config) of a loaded pickle: a bare state dict, or fairseq's {"model": ..., "cfg" | "args": ...}."""
+    """(state dict, config) of a loaded pickle: a bare state dict, fairseq's {"model": ..., "cfg" | "args": ...}, or a
+    trainer's {"model_ema": ...} or {"state_dict": ...}."""
     if not isinstance(obj, dict):
         raise ConversionError(f"{file}: holds a {type(obj).__name__}, not a state dict or a fairseq checkpoint")
     config: dict[str, Any] = {}
+    if not isinstance(obj.get("model"), dict):  # timm / DeiT-style trainers' other names for the weights
+        obj = next((obj[k] for k in ("model_ema", "state_dict") if isinstance(obj.get(k), dict)), obj)
     if isinstance(obj.get("model"), dict):
         cfg = obj.get("cfg")
         settings = cfg.get("model") if isinstance(cfg, dict) else obj.get("args")
