@@ -283,7 +283,8 @@ def train_step(model: torch.nn.Module, ids: Tensor, autocast: bool) -> tuple[Ten
 def model_step(part: Part, s: Sizes, compiled: bool) -> None:
     """A training step under bf16 autocast: finite, and close to float64; or ``compiled``, torch.compile's step
     against eager's, both under bf16 autocast. The dry run steps in float32 (bf16 autocast on the CPU is tested in
-    tests/training/test_autocast.py) and compiles with the ``aot_eager`` backend (graph capture and autograd, no code generation: inductor takes a minute on the CPU)."""
+    tests/training/test_autocast.py) and compiles with the ``aot_eager`` backend (graph capture and autograd, no
+    code generation: inductor takes a minute on the CPU)."""
     autocast = not part.dry_run
     kind = "bf16 autocast" if autocast else "float32, dry run"
     note = "model training steps in float32 (CPU autocast has its own tests), compiled by aot_eager"
