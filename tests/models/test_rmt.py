@@ -78,3 +78,22 @@ def test_bad_configs_and_inputs_are_refused():
         RMTConfig.from_preset("rmt-xxl")
     with pytest.raises(ValueError, match="pixel_values"):
         RMTForImageClassification(SMALL)(torch.randn(1, 3, 16, 16))
+
+
+def test_forward_stages_gives_the_four_feature_maps_at_strides_4_to_32():
+    """The maps a detection neck reads: (B, C_i, ceil(H / s), ceil(W / s)) for s = 4, 8, 16, 32; the last one is what
+    the classification head pools."""
+    config = RMTConfig.from_preset("rmt-t", num_layers=(1, 1, 1, 1), num_classes=5)
+    model = RMTForImageClassification(config).eval()
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps = model.forward_stages(images)
+        assert [tuple(m.shape) for m in maps] == [
+            (2, 64, 16, 24),
+            (2, 128, 8, 12),
+            (2, 256, 4, 6),
+            (2, 512, 2, 3),
+        ]
+        # the head on the last map: projection, BatchNorm over (B, projection, h * w), swish, mean
+        pooled = torch.nn.functional.silu(model.norm(model.proj(maps[-1].permute(0, 2, 3, 1)).flatten(1, 2).mT))
+        torch.testing.assert_close(model.head(pooled.mean(-1)), model(images).logits)

@@ -152,9 +152,14 @@ class RMTStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, height, width, C) -> (B, height', width', C')."""
+        x = self.forward_blocks(x)
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        """The blocks alone, before the merging: (B, height, width, C) -> the same shape."""
         for block in self.blocks:
             x = block(x)
-        return x if self.downsample is None else self.downsample(x)
+        return x
 
 
 class RMTForImageClassification(ImageClassifier):
@@ -182,17 +187,32 @@ class RMTForImageClassification(ImageClassifier):
 
     def forward_features(self, pixel_values: Tensor) -> Tensor:
         """Images (B, C, H, W) -> pooled features (B, projection)."""
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"pixel_values must be (batch, {self.config.in_channels}, height, width), "
-                f"got {tuple(pixel_values.shape)}"
-            )
+        self._check(pixel_values)
         x = self.stem(pixel_values)  # (B, H/4, W/4, C0)
         for stage in self.stages:
             x = stage(x)
         x = self.proj(x).flatten(1, 2)  # (B, h * w, projection)
         x = F.silu(self.norm(x.transpose(1, 2)))  # (B, projection, h * w)
         return x.mean(-1)
+
+    def _check(self, pixel_values: Tensor) -> None:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"pixel_values must be (batch, {self.config.in_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+
+    def forward_stages(self, pixel_values: Tensor) -> list[Tensor]:
+        """Images (B, C, H, W) -> each stage's feature map before its merging, (B, C_i, H_i, W_i), at strides 4, 8,
+        16, 32 for four stages (``ceil`` of the size at each step): the inputs of a detection or segmentation neck."""
+        self._check(pixel_values)
+        x, maps = self.stem(pixel_values), []
+        for stage in self.stages:
+            x = stage.forward_blocks(x)
+            maps.append(x.permute(0, 3, 1, 2))
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return maps
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> ImageClassifierOutput:
         """Images (B, C, H, W), any H and W -> logits (B, num_classes); loss if ``labels``."""
