@@ -167,7 +167,9 @@ def save_weights(model: nn.Module, directory: Path, state_dict: dict[str, torch.
         directory: the folder to write into.
         state_dict: the weights to write instead of ``model.state_dict()`` (e.g. gathered from FSDP shards).
     """
-    if hasattr(model, "save_pretrained"):
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):  # its own files (config, tied weights); the vision models' are plain
         from transformers.utils import logging as hf_logging
 
         bar = hf_logging.is_progress_bar_enabled()
