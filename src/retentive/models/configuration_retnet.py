@@ -12,6 +12,7 @@ from ..layers import ACTIVATIONS, GATES, HEAD_NORMS
 from ..layers.feedforward import HIDDEN_NORMS
 from ..ops import CHUNK_SIZE, MODES, ROTARY_ANGLES, ROTARY_LAYOUTS, SCHEDULES
 from .cache_retnet import CACHE_NAME
+from .decoding import DECODE_IMPLEMENTATIONS
 from .preset_config import PresetConfig, check_heads, check_positive_int
 
 # The paper (Sun et al. 2023, Table 2) gives d, layers, heads and FFN width, not the vocabulary; it trains on a
@@ -85,6 +86,7 @@ class RetNetConfig(PresetConfig):
     chunk_size: int = CHUNK_SIZE  # chunk length of the chunkwise form: prefill of generate(), long prompts
     prefill_chunk: int = 1024  # a cache is filled this many tokens at a time: prefill memory flat in the prompt length
     use_cache: bool = True
+    decode_implementation: str = "eager"  # one decoding step: eager (the reference) | compiled (models/decoding.py)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -140,6 +142,7 @@ class RetNetConfig(PresetConfig):
             ("ffn_norm", HIDDEN_NORMS),
             ("rotary_layout", ROTARY_LAYOUTS),
             ("rotary_angles", ROTARY_ANGLES),
+            ("decode_implementation", DECODE_IMPLEMENTATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

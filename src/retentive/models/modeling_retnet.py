@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,6 +30,7 @@ from ..layers.retention import left_padding
 from ..ops import RetentionState, check_chunk_size, linear_cross_entropy
 from .cache_retnet import CACHE_NAME, RetNetCache, take_cache
 from .configuration_retnet import RetNetConfig
+from .decoding import step_for, warm_up
 from .retnet import RetNet
 
 logger = logging.getLogger(__name__)
@@ -361,6 +363,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             None, and the cache (see :meth:`RetNetModel.forward`).
         """
         cache = take_cache(cache, kwargs)
+        if self._decoding(input_ids, labels, cache, use_cache, mode):  # one token after a cache: the short way
+            _reject_unused(kwargs)
+            logits = self._decode(input_ids, cache)
+            result = CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
+            return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
         if logits_to_keep and labels is not None:
             raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
         if use_cache is None and labels is not None and cache is None:
@@ -394,6 +401,42 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             loss = None if labels is None else F.cross_entropy(upcast(logits).flatten(0, 1), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache[0] if cache else None})
         return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
+
+    def _decoding(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        cache: RetNetCache | None,
+        use_cache: bool | None,
+        mode: str | None,
+    ) -> bool:
+        """Whether this call is one decoding step: one token per row after a filled cache, for logits only."""
+        return (
+            cache is not None
+            and cache.states is not None
+            and isinstance(input_ids, Tensor)
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and labels is None
+            and use_cache is not False
+            and mode in (None, "recurrent")
+            and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        )
+
+    def _decode(self, input_ids: Tensor, cache: RetNetCache) -> Tensor:
+        """One decoding step by ``config.decode_implementation`` (:mod:`.decoding`): logits (B, 1, V); the cache
+        takes the new states."""
+        self.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
+        if cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
+        logits, states = step_for(self)(self, input_ids, cache.states)
+        cache.update_states(states, 1)
+        return logits
+
+    def warm_up_decoding(self, batch_sizes: Sequence[int] = (1, 2)) -> float:
+        """Compile the decoding step now (``config.decode_implementation="compiled"``) rather than at the first
+        token: one step at each batch size; returns the seconds it took (see :func:`.decoding.warm_up`)."""
+        return warm_up(self, batch_sizes)
 
 
 def _is_hub_id(name: str) -> bool:

@@ -151,10 +151,15 @@ class RetNet(nn.Module):
         state to backpropagate through it later.
         """
         with torch.inference_mode():
-            first = self.blocks[0].retention
-            rotary = first.rotary_phase(state[0].offset[:, None], x.dtype) if first.rotary else None
-            new_state = []
-            for block, s in zip(self.blocks, state, strict=True):
-                x, s = block.decode_step(x, s, rotary)
-                new_state.append(s)
-            return self.norm(x), new_state
+            return self.step(x, state)
+
+    def step(self, x: Tensor, state: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
+        """:meth:`decode_step` without entering inference mode: the per-token math alone, which
+        :mod:`retentive.models.decoding` compiles (a compiled region cannot switch inference mode on)."""
+        first = self.blocks[0].retention
+        rotary = first.rotary_phase(state[0].offset[:, None], x.dtype) if first.rotary else None
+        new_state = []
+        for block, s in zip(self.blocks, state, strict=True):
+            x, s = block.decode_step(x, s, rotary)
+            new_state.append(s)
+        return self.norm(x), new_state

@@ -7,13 +7,14 @@ gammas collapse to 1.0 and positions past 256 stop being distinct.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .tensor_cache import tensor_cache
 
 SCHEDULES = ("retnet", "linspace")
 
@@ -62,8 +63,7 @@ def log_gamma(decay: DecaySpec, num_heads: int) -> Tensor:
     return torch.log(gamma)
 
 
-@functools.lru_cache(maxsize=64)
-@torch.inference_mode(False)  # a cached tensor made while decoding must still serve training (saved for backward)
+@tensor_cache(maxsize=64)
 def _cached_log_gamma(
     decay: str | tuple[float, ...], num_heads: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:

@@ -14,17 +14,16 @@ in float32 (complex64) or float64.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
+
+from .tensor_cache import tensor_cache
 
 ROTARY_ANGLES = ("retnet", "rope")
 ROTARY_LAYOUTS = ("interleaved", "halves")
 
 
-@functools.lru_cache(maxsize=16)
-@torch.inference_mode(False)  # a cached tensor made while decoding must still serve training
+@tensor_cache(maxsize=16)
 def rotary_angles(
     head_dim: int, device: torch.device | None = None, angles: str = "retnet", base: float = 10000.0
 ) -> Tensor:
@@ -59,33 +58,51 @@ def rotary_phase(
         angles, base: the angle formula and its base (see the module docstring).
     Returns:
         (B, 1, T, dk/2), complex128 for float64 tensors and complex64 otherwise, ready to broadcast over heads.
+        Under ``torch.compile`` the same phase as real (cos, sin) pairs, (B, 1, T, dk/2, 2) float64 or float32:
+        inductor generates no code for complex tensors (it would fall back to eager ops, one per layer and token).
     """
     theta = rotary_angles(head_dim, positions.device, angles, float(base))
     phase = positions.to(theta.dtype)[:, None, :, None] * theta  # (B, 1, T, dk/2)
+    if torch.compiler.is_compiling():
+        pairs = torch.stack((phase.cos(), phase.sin()), dim=-1)
+        return pairs if dtype == torch.float64 else pairs.float()
     phase = torch.polar(torch.ones_like(phase), phase)
     return phase if dtype == torch.float64 else phase.to(torch.complex64)
 
 
 def apply_rotary(x: Tensor, phase: Tensor, layout: str = "interleaved") -> Tensor:
-    """Rotate the pairs of ``x`` (B, H, T, D) by ``phase`` (B, 1, T, D/2); returns x's shape and dtype.
+    """Rotate the pairs of ``x`` (B, H, T, D) by ``phase`` (B, 1, T, D/2) complex, or (B, 1, T, D/2, 2) (cos, sin)
+    pairs (see :func:`rotary_phase`); returns x's shape and dtype.
 
     ``layout``: ``"interleaved"`` pairs (x_2i, x_2i+1) or ``"halves"`` pairs (x_i, x_i+D/2).
     """
-    work, complex_work = (
-        (torch.float64, torch.complex128) if x.dtype == torch.float64 else (torch.float32, torch.complex64)
-    )
-    phase = phase if phase.dtype == complex_work else phase.to(complex_work)
-    x_work = x if x.dtype == work else x.to(work)
-    if layout == "halves":
-        first, second = x_work.chunk(2, dim=-1)  # (B, H, T, D/2) each
-        y = torch.complex(first, second) * phase
-        y = torch.cat((y.real, y.imag), dim=-1)
-    elif layout == "interleaved":
-        pairs = x_work.view(*x.shape[:-1], -1, 2)  # (B, H, T, D/2, 2)
-        if pairs.storage_offset() % 2 or (not x.is_contiguous() and any(stride % 2 for stride in pairs.stride()[:-1])):
-            pairs = pairs.contiguous()  # a complex view needs even strides; slices of a fused projection have them
-        # the dtype checks skip no-op casts: decoding rotates one token per layer, where every op's overhead counts
-        y = torch.view_as_real(torch.view_as_complex(pairs) * phase).flatten(-2)
-    else:
+    if layout not in ROTARY_LAYOUTS:
         raise ValueError(f"rotary layout must be one of {ROTARY_LAYOUTS}, got {layout!r}")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_work = x if x.dtype == work else x.to(work)  # the dtype checks skip no-op casts: decoding counts every op
+    y = _rotate_complex(x_work, phase, layout) if phase.is_complex() else _rotate_pairs(x_work, phase, layout)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _rotate_complex(x: Tensor, phase: Tensor, layout: str) -> Tensor:
+    """The rotation as one complex product: the fewest ops in eager mode."""
+    complex_work = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+    phase = phase if phase.dtype == complex_work else phase.to(complex_work)
+    if layout == "halves":
+        first, second = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+        y = torch.complex(first, second) * phase
+        return torch.cat((y.real, y.imag), dim=-1)
+    pairs = x.view(*x.shape[:-1], -1, 2)  # (B, H, T, D/2, 2)
+    if pairs.storage_offset() % 2 or (not x.is_contiguous() and any(stride % 2 for stride in pairs.stride()[:-1])):
+        pairs = pairs.contiguous()  # a complex view needs even strides; slices of a fused projection have them
+    return torch.view_as_real(torch.view_as_complex(pairs) * phase).flatten(-2)
+
+
+def _rotate_pairs(x: Tensor, phase: Tensor, layout: str) -> Tensor:
+    """The same rotation in real arithmetic, (a, b) -> (a cos - b sin, a sin + b cos): what inductor compiles."""
+    cos, sin = phase.to(x.dtype).unbind(-1)  # (B, 1, T, D/2) each
+    if layout == "halves":
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
