@@ -101,3 +101,24 @@ def test_a_stream_resumed_at_offset_continues_the_rotation():
 def test_odd_head_dim_is_refused():
     with pytest.raises(ValueError, match="rotary needs an even head dimension, got 7"):
         rotary_angles(7)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "halves"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_real_pairs_rotate_as_the_complex_phase(layout, dtype):
+    """The (cos, sin) pairs that rotary_phase gives under torch.compile rotate exactly as its complex phase does,
+    eager and compiled."""
+    x = torch.randn(2, 3, 5, 16, dtype=dtype)
+    positions = torch.randint(-40, 70_000, (2, 5))
+    complex_phase = rotary_phase(positions, 16, dtype)
+    pairs = torch.view_as_real(complex_phase)  # (B, 1, T, D/2, 2): cos, sin
+    tol = {"rtol": 1e-13, "atol": 1e-13} if dtype == torch.float64 else {"rtol": 2e-6, "atol": 2e-6}
+    want = apply_rotary(x, complex_phase, layout)
+    torch.testing.assert_close(apply_rotary(x, pairs, layout), want, **tol)
+
+    def rotate_compiled(x, positions):
+        phase = rotary_phase(positions, 16, dtype)
+        assert not phase.is_complex() and phase.shape == (2, 1, 5, 8, 2)  # checked while tracing
+        return apply_rotary(x, phase, layout)
+
+    torch.testing.assert_close(torch.compile(rotate_compiled, fullgraph=True)(x, positions), want, **tol)

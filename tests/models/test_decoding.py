@@ -1,0 +1,145 @@
+"""The compiled decoding step (``config.decode_implementation="compiled"``) against the eager one, its reference:
+the same logits and states (float32, within 1e-5) for every option of the config that changes the step, the same
+greedy tokens for 256 steps, with LoRA adapters too, and no recompilation when the batch size changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retentive import RetNetConfig, RetNetForCausalLM, cache_of
+from retentive.models.cache_retnet import RetNetCache
+from retentive.models.decoding import decode_logits
+
+V = 64
+# the options that change the decoding step, spread over three models
+CONFIGS = {
+    "paper": {},  # gamma 1 - 2^(-5-h), interleaved xPos rotation, GroupNorm heads, swish gate, LayerNorm blocks
+    "fla": dict(
+        decay="linspace",
+        rotary_layout="halves",
+        rotary_angles="rope",
+        head_norm="rmsnorm",
+        head_norm_weight=True,
+        normalize_decay=True,
+        normalize_retention=True,
+        norm="rmsnorm",
+        ffn_activation="swiglu",
+    ),
+    "plain": dict(
+        decay=[0.9, 0.995],
+        rotary=False,
+        gate_fn="none",
+        head_norm="none",
+        msr_bias=True,
+        value_factor=1,
+        ffn_norm="layernorm",
+        scale_embedding=True,
+        embed_norm=True,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def small_model(**overrides) -> RetNetForCausalLM:
+    torch.manual_seed(0)
+    fields = dict(vocab_size=V, dim_model=32, num_layers=2, num_heads=2, chunk_size=4)
+    return RetNetForCausalLM(RetNetConfig(**{**fields, **overrides})).eval()
+
+
+def prompt() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows, two of them left-padded: the states start at different (and negative) offsets."""
+    ids = torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    return ids, mask
+
+
+def greedy(model: RetNetForCausalLM, implementation: str, tokens: int) -> torch.Tensor:
+    model.config.decode_implementation = implementation
+    ids, mask = prompt()
+    return model.generate(ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+
+
+def assert_steps_agree(model: RetNetForCausalLM, steps: int = 12) -> None:
+    """Logits and every state tensor of the compiled steps equal the eager steps', step after step."""
+    ids, mask = prompt()
+    with torch.no_grad():
+        prefill = model(ids, attention_mask=mask, use_cache=True)
+    token = prefill.logits[:, -1:].argmax(-1)
+    states = cache_of(prefill).states
+    eager_states = compiled_states = states
+    for _ in range(steps):
+        model.config.decode_implementation = "eager"
+        with torch.inference_mode():
+            eager, eager_states = decode_logits(model, token, eager_states)
+        model.config.decode_implementation = "compiled"
+        with torch.no_grad():
+            out = model(token, cache=RetNetCache(compiled_states, ids.shape[1]), use_cache=True)
+        compiled_states = cache_of(out).states
+        torch.testing.assert_close(out.logits, eager, rtol=1e-5, atol=1e-5)
+        for e, c in zip(eager_states, compiled_states, strict=True):
+            torch.testing.assert_close(c.S, e.S, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(c.z, e.z, rtol=1e-5, atol=1e-5)
+            assert torch.equal(c.offset, e.offset)
+        token = eager.argmax(-1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_compiled_step_equals_eager_step(name: str) -> None:
+    model = small_model(**CONFIGS[name])
+    assert_steps_agree(model)
+    assert torch.equal(greedy(model, "compiled", 256), greedy(model, "eager", 256))
+
+
+def test_compiled_step_equals_eager_step_with_lora_adapters() -> None:
+    peft = pytest.importorskip("peft")
+    model = small_model()
+    targets = ["q_proj", "k_proj", "v_proj", "g_proj", "out_proj", "up", "down"]
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    with torch.no_grad():  # adapters that change the outputs (peft starts B at zero)
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    assert_steps_agree(model, steps=6)
+    assert torch.equal(greedy(model, "compiled", 256), greedy(model, "eager", 256))
+
+
+def test_batch_size_changes_after_warm_up_compile_nothing() -> None:
+    model = small_model(decode_implementation="compiled")
+    assert model.warm_up_decoding((1, 2)) > 0
+    config = model.config
+    dk, dv = config.head_dims
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for batch in (3, 1, 7, 16, 2):
+            cache = cache_of(model(torch.randint(0, V, (batch, 5)), use_cache=True))
+            for _ in range(2):
+                out = model(torch.randint(0, V, (batch, 1)), cache=cache, use_cache=True)
+                assert out.logits.shape == (batch, 1, V)
+                assert cache_of(out).states[0].S.shape == (batch, config.num_heads, dk, dv)
+
+
+def test_compiled_step_leaves_the_given_states_unchanged() -> None:
+    model = small_model(decode_implementation="compiled")
+    ids, mask = prompt()
+    with torch.no_grad():
+        cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+        before = [(s.S.clone(), s.z.clone(), s.offset.clone()) for s in cache.states]
+        given = list(cache.states)
+        model(ids[:, -1:], cache=cache, use_cache=True)
+    assert cache.states is not given and cache.seen_tokens == ids.shape[1] + 1
+    for s, (S, z, offset) in zip(given, before, strict=True):
+        assert torch.equal(s.S, S) and torch.equal(s.z, z) and torch.equal(s.offset, offset)
+
+
+def test_an_unknown_decode_implementation_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="decode_implementation must be one of"):
+        RetNetConfig(vocab_size=V, dim_model=32, num_layers=1, num_heads=2, decode_implementation="fast").validate()
