@@ -9,6 +9,7 @@ configuration alone::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -28,15 +29,19 @@ def _dims(spec: dict) -> peers.Dims:
 
 @torch.no_grad()
 def decode(spec: dict) -> dict:
-    """Per-token decode latency at batch 1 and throughput at ``batch`` after ``context`` tokens.
+    """Per-token decode time at each of ``batches`` (default 1 and ``batch``) after ``context`` tokens.
 
-    The state is the one a prefill of ``context`` tokens leaves, filled with random values; the step
-    time does not depend on the values. Peak RSS is read after batch 1 and again after the larger batch.
+    The state is the one a prefill of ``context`` tokens leaves, filled with random values; the step time does
+    not depend on the values. ``decode_implementation`` (retentive only) chooses its decoding step; a compiled
+    one is warmed up first (``warm_up_s``). Peak RSS is read after each batch size.
     """
     adapter = peers.build(spec["model"], _dims(spec))
-    context, steps, warmup = spec["context"], spec.get("steps", 32), spec.get("warmup", 3)
     out = {}
-    for batch in (1, spec.get("batch", 8)):
+    if "decode_implementation" in spec:
+        adapter.model.config.decode_implementation = spec["decode_implementation"]
+        out["warm_up_s"] = adapter.model.warm_up_decoding()
+    context, steps, warmup = spec["context"], spec.get("steps", 32), spec.get("warmup", 3)
+    for batch in spec.get("batches", (1, spec.get("batch", 8))):
         state = adapter.synthetic_state(batch, context)
         cache_bytes = adapter.cache_bytes(state)
         token = torch.randint(0, adapter.dims.vocab_size, (batch, 1))
@@ -58,6 +63,55 @@ def decode(spec: dict) -> dict:
 
 
 @torch.no_grad()
+def generate(spec: dict) -> dict:
+    """ms per generated token of retentive's ``generate()`` (greedy, ``new_tokens`` after a ``prompt``-token
+    prompt, batch ``batch``), the prompt's prefill subtracted; ``decode_implementation`` as in :func:`decode`."""
+    adapter = peers.build("retentive", _dims(spec))
+    lm = adapter.model
+    lm.config.decode_implementation = spec.get("decode_implementation", "eager")
+    if lm.config.decode_implementation == "compiled":
+        lm.warm_up_decoding()
+    ids = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec.get("prompt", 512)))
+    new = spec.get("new_tokens", 128)
+
+    def run(tokens: int) -> float:
+        return _timed(lambda: lm.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False))
+
+    run(new)  # warm-up
+    rounds = spec.get("repeats", 3)
+    full, prompt_only = min(run(new) for _ in range(rounds)), min(run(1) for _ in range(rounds))
+    return {"ms_per_token": 1e3 * (full - prompt_only) / (new - 1), "tokens": new}
+
+
+@torch.no_grad()
+def weight_bound(spec: dict) -> dict:
+    """What one decoding step of retentive at ``dims`` cannot beat on this machine, per batch size in ``batches``:
+
+    - ``weights_ms``: one product of a (B, d) batch with a matrix holding the step's weight bytes (every Linear,
+      the output head included; the embedding reads one row per token): at batch 1 a matrix-vector product, the
+      weight-read bound; at 8 and 64 the same bytes plus the arithmetic;
+    - ``state_ms``: reading and writing every layer's state once (a copy of its bytes), which grows with B.
+    """
+    lm = peers.build("retentive", _dims(spec)).model
+    d = lm.config.dim_model
+    weights = sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
+    W = torch.randn(weights // d, d)
+    dk, dv = lm.config.head_dims
+    out = {"weight_bytes": W.numel() * 4}
+    for batch in spec.get("batches", (1, 8, 64)):
+        x = torch.randn(batch, d)
+        state = torch.randn(lm.config.num_layers * batch * lm.config.num_heads * dk * (dv + 1))
+        copy = torch.empty_like(state)
+        repeats = spec.get("repeats", 50)
+        out[f"b{batch}"] = {
+            "weights_ms": _median_ms(functools.partial(torch.nn.functional.linear, x, W), repeats),
+            "state_ms": _median_ms(functools.partial(copy.copy_, state), repeats),
+            "state_bytes": state.numel() * 4,
+        }
+    return out
+
+
+@torch.no_grad()
 def prefill(spec: dict) -> dict:
     """Seconds to read ``tokens`` prompt tokens and build the decode state (batch 1): best of ``repeats`` after a
     first call, which pays one-time costs (first touch of the buffers, kernel setup) that a server pays once."""
@@ -66,6 +120,12 @@ def prefill(spec: dict) -> dict:
     adapter.prefill(tokens)
     seconds = min(_timed(lambda: adapter.prefill(tokens)) for _ in range(spec.get("repeats", 2)))
     return {"seconds": seconds, "tokens_per_s": spec["tokens"] / seconds, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    """The median of ``repeats`` timings of ``fn()`` after a first call, in ms."""
+    fn()
+    return 1e3 * statistics.median(_timed(fn) for _ in range(repeats))
 
 
 def _timed(fn) -> float:
@@ -125,7 +185,15 @@ def matmul(spec: dict) -> dict:
     return {"n": n, "gflops": 2 * n**3 / seconds / 1e9}
 
 
-TASKS = {"decode": decode, "prefill": prefill, "train": train, "train_memory": train_memory, "matmul": matmul}
+TASKS = {
+    "decode": decode,
+    "generate": generate,
+    "weight_bound": weight_bound,
+    "prefill": prefill,
+    "train": train,
+    "train_memory": train_memory,
+    "matmul": matmul,
+}
 
 
 def run(spec: dict) -> dict:

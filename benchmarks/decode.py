@@ -1,0 +1,256 @@
+"""One decoding step against what the hardware allows, beside the other RetNet libraries, in one run.
+
+Every cell runs in a fresh process (``measure.py``), in ``rounds`` rounds interleaved across the models; the best
+round counts. Measured: ms per token at batch 1 and tokens/s at larger batches through each model's public cached
+step (retentive: ``lm(token, cache=cache, use_cache=True)``, eager and compiled), retentive's ``generate()``, and
+the bound: one product over the step's weight bytes (plus, growing with the batch, one read and write of the
+states), measured in the same run. Results go to ``docs/bench_decode.json`` and docs/benchmarks.md.
+
+    python benchmarks/decode.py            # the full CPU run (about 10 minutes on 2 cores)
+    python benchmarks/decode.py --quick    # tiny sizes (for CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import peers  # noqa: E402
+from benchkit import DOCS, WorkerFailed, environment, machine, markdown_table, run_worker, write_section  # noqa: E402
+
+log = logging.getLogger("bench-decode")
+
+# (label, spec): retentive eager (the reference), retentive compiled, the peers' recurrent steps
+MODELS = [
+    ("retentive (eager)", {"model": "retentive", "decode_implementation": "eager"}),
+    ("retentive (compiled)", {"model": "retentive", "decode_implementation": "compiled"}),
+    ("yet-another-retnet", {"model": "yet-another-retnet"}),
+    ("torchscale", {"model": "torchscale"}),
+]
+FULL = {
+    "dims": asdict(peers.Dims()),
+    "contexts": [512, 16384],
+    "batches": [1, 8, 64],
+    "steps": 32,
+    "generate": {"prompt": 512, "new_tokens": 128},
+    "rounds": 2,
+    "timeout_s": 600,
+}
+QUICK = {
+    "dims": {"num_layers": 2, "dim_model": 32, "num_heads": 2, "vocab_size": 97},
+    "contexts": [16],
+    "batches": [1, 2],
+    "steps": 2,
+    "generate": {"prompt": 8, "new_tokens": 4, "repeats": 1},
+    "rounds": 1,
+    "timeout_s": 300,
+}
+TARGETS = {"bound_b1": 1.5, "peers_b1": 2.5, "peers_b8": 2.0, "flat": 1.15}
+
+
+def measure(spec: dict, timeout: float) -> dict:
+    try:
+        return run_worker(HERE / "measure.py", spec, timeout=timeout)
+    except WorkerFailed as err:
+        return {"error": str(err)}
+
+
+def run_all(plan: dict, labels: list[str]) -> dict:
+    """Every cell of ``plan`` for the models ``labels``; a missing peer is recorded with the reason."""
+    base = {"dims": plan["dims"], "batches": plan["batches"], "steps": plan["steps"]}
+    models = [(label, spec) for label, spec in MODELS if label in labels]
+    missing = {label: peers.available(spec["model"]) for label, spec in models if peers.available(spec["model"])}
+    models = [(label, spec) for label, spec in models if label not in missing]
+    bound = [measure({"task": "weight_bound", **base}, plan["timeout_s"])]
+    decode: dict[str, dict[str, dict]] = {label: {} for label, _ in models}
+    for _ in range(plan["rounds"]):  # interleaved: a noisy moment hits every model once, not one model always
+        for context in plan["contexts"]:
+            for label, spec in models:
+                cell = measure({"task": "decode", "context": context, **base, **spec}, plan["timeout_s"])
+                log.info("%s at %d: %s", label, context, _brief(cell))
+                best = decode[label].get(str(context))
+                if best is None or "error" in best or ("error" not in cell and _b1(cell) < _b1(best)):
+                    decode[label][str(context)] = cell
+    generate = {}
+    for implementation in ("eager", "compiled"):
+        spec = {"task": "generate", "dims": plan["dims"], "decode_implementation": implementation, **plan["generate"]}
+        generate[implementation] = measure(spec, plan["timeout_s"])
+        log.info("generate() %s: %s", implementation, generate[implementation])
+    bound.append(measure({"task": "weight_bound", **base}, plan["timeout_s"]))  # the best of before and after
+    return {"plan": plan, "missing": missing, "decode": decode, "generate": generate, "bound": best_bound(bound)}
+
+
+def _b1(cell: dict) -> float:
+    return cell["b1"]["ms_per_token"]
+
+
+def _brief(cell: dict) -> str:
+    if "error" in cell:
+        return cell["error"]
+    return ", ".join(f"{k} {v['ms_per_token']:.3f} ms" for k, v in cell.items() if k.startswith("b"))
+
+
+def best_bound(runs: list[dict]) -> dict:
+    """Per batch, the smaller of each bound's timings: a busy moment must not make the bound easier to meet."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = {"weight_bytes": ok[0]["weight_bytes"]}
+    for key in (k for k in ok[0] if k.startswith("b")):
+        out[key] = {field: min(r[key][field] for r in ok) for field in ("weights_ms", "state_ms")}
+        out[key]["state_bytes"] = ok[0][key]["state_bytes"]
+    return out
+
+
+def checks(results: dict) -> list[tuple[str, bool | None, str]]:
+    """The targets of the decoding step: (claim, PASS/FAIL or None when unmeasured, the numbers behind it)."""
+    dec, bound, plan = results["decode"], results["bound"], results["plan"]
+    out: list[tuple[str, bool | None, str]] = []
+    contexts = [str(c) for c in plan["contexts"]]
+    peer_labels = [label for label in dec if not label.startswith("retentive")]
+
+    def ms(label: str, context: str, batch: int) -> float | None:
+        cell = dec.get(label, {}).get(context, {})
+        return cell.get(f"b{batch}", {}).get("ms_per_token")
+
+    if "error" not in bound:
+        b1 = bound["b1"]["weights_ms"]
+        worst = max(ms("retentive (compiled)", c, 1) or float("inf") for c in contexts)
+        out.append(
+            (
+                f"batch 1 within {TARGETS['bound_b1']}x of the weight-read bound",
+                worst <= TARGETS["bound_b1"] * b1,
+                f"{worst:.3f} ms vs {b1:.3f} ms = {worst / b1:.2f}x",
+            )
+        )
+        gen = results["generate"].get("compiled", {})
+        if "ms_per_token" in gen:
+            g = gen["ms_per_token"]
+            out.append(
+                (
+                    f"generate() at batch 1 within {TARGETS['bound_b1']}x of the weight-read bound",
+                    g <= TARGETS["bound_b1"] * b1,
+                    f"{g:.3f} ms vs {b1:.3f} ms = {g / b1:.2f}x",
+                )
+            )
+    for batch, key in ((1, "peers_b1"), (8, "peers_b8")):
+        for peer in peer_labels:
+            pairs = [(c, ms("retentive (compiled)", c, batch), ms(peer, c, batch)) for c in contexts]
+            pairs = [(c, a, b) for c, a, b in pairs if a and b]
+            if pairs:
+                worst = min(pairs, key=lambda p: p[2] / p[1])
+                out.append(
+                    (
+                        f"batch {batch} at least {TARGETS[key]}x faster than {peer} at every context",
+                        all(b >= TARGETS[key] * a for _, a, b in pairs),
+                        f"worst at {worst[0]}: {worst[1]:.3f} vs {worst[2]:.3f} ms = {worst[2] / worst[1]:.2f}x",
+                    )
+                )
+    for label in (label for label in dec if label.startswith("retentive")):
+        lo, hi = ms(label, contexts[0], 1), ms(label, contexts[-1], 1)
+        if lo and hi and len(contexts) > 1:
+            out.append(
+                (
+                    f"{label}: batch 1 flat from {contexts[0]} to {contexts[-1]} tokens of context",
+                    hi <= TARGETS["flat"] * lo,
+                    f"{hi:.3f} / {lo:.3f} ms = {hi / lo:.2f}x",
+                )
+            )
+    return out
+
+
+def markdown(results: dict) -> str:
+    meta, plan, dec, bound = results["meta"], results["plan"], results["decode"], results["bound"]
+    batches = plan["batches"]
+    header = ["model", "context", *(f"b{b} ms/token" if b == 1 else f"b{b} tokens/s" for b in batches)]
+    rows = []
+    for label, cells in dec.items():
+        for context, cell in cells.items():
+            if "error" in cell:
+                rows.append([label, context, *([cell["error"]] + [""] * (len(batches) - 1))])
+                continue
+            values = [
+                f"{cell[f'b{b}']['ms_per_token']:.3f}" if b == 1 else f"{cell[f'b{b}']['tokens_per_s']:,.0f}"
+                for b in batches
+            ]
+            rows.append([label, context, *values])
+    if "error" not in bound:
+        weights = [bound[f"b{b}"]["weights_ms"] for b in batches]
+        both = [bound[f"b{b}"]["weights_ms"] + bound[f"b{b}"]["state_ms"] for b in batches]
+        rows.append(["bound: the weights", "any", *(_bound_cell(b, t) for b, t in zip(batches, weights, strict=True))])
+        rows.append(
+            ["bound: weights + states", "any", *(_bound_cell(b, t) for b, t in zip(batches, both, strict=True))]
+        )
+    warm = [cell.get("warm_up_s") for cell in dec.get("retentive (compiled)", {}).values() if "warm_up_s" in cell]
+    gen = results["generate"]
+    compiling = (
+        f" Compiling (`warm_up_decoding()`, batch 1 and 2) took {min(warm):.1f}-{max(warm):.1f} s." if warm else ""
+    )
+    lines = [
+        "## Decode step against the weight-read bound",
+        "",
+        f"`{meta['command']}` ({meta['date']}; {meta['machine']}; torch {meta['versions']['torch']}, "
+        f"{meta['torch_threads']} threads). Models of `make bench` ({plan['dims']}); a random state stands for "
+        f"the context. Every cell in a fresh process, best of {plan['rounds']} interleaved round(s); median of "
+        f"{plan['steps']} steps. Bound rows: one product of the batch with a matrix of the step's "
+        f"{bound.get('weight_bytes', 0) / 1e6:.1f} MB of weights (batch 1: a matrix-vector product), and that plus "
+        "one read and write of every layer's state.",
+        "",
+        markdown_table(header, rows),
+        "",
+        "`generate()` (greedy, batch 1, prompt "
+        f"{plan['generate']['prompt']}, {plan['generate']['new_tokens']} new tokens, the prefill subtracted): "
+        + ", ".join(f"{k} {v['ms_per_token']:.3f} ms/token" for k, v in gen.items() if "ms_per_token" in v)
+        + "."
+        + compiling,
+        "",
+        "| target | result | numbers |",
+        "|---|---|---|",
+        *(f"| {claim} | {_verdict(ok)} | {why} |" for claim, ok, why in checks(results)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _bound_cell(batch: int, ms: float) -> str:
+    return f"{ms:.3f}" if batch == 1 else f"{batch / ms * 1e3:,.0f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else "PASS" if ok else "FAIL"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (for CI)")
+    parser.add_argument("--out", type=Path, default=DOCS, help="where the JSON and docs/benchmarks.md go")
+    parser.add_argument("--models", nargs="+", default=[label for label, _ in MODELS], choices=[m for m, _ in MODELS])
+    parser.add_argument("--contexts", type=int, nargs="+", help="override the contexts")
+    parser.add_argument("--rounds", type=int, help="rounds per cell, interleaved across models")
+    parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = dict(QUICK if args.quick else FULL)
+    plan |= {k: v for k, v in {"contexts": args.contexts, "rounds": args.rounds}.items() if v}
+    started, host = time.time(), machine()  # the load average before the run
+    results = run_all(plan, args.models)
+    results["meta"] = environment("decode.py", started, quick=args.quick, argv=sys.argv[1:] if argv is None else argv)
+    results["meta"]["machine"] = host
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "bench_decode_quick.json" if args.quick else "bench_decode.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    if not args.no_docs and not args.quick:
+        write_section(args.out / "benchmarks.md", "## Decode step against the weight-read bound", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
