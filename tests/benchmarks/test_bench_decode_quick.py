@@ -1,0 +1,51 @@
+"""benchmarks/decode.py end to end at tiny sizes, and its targets judged on made-up figures."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import decode
+
+
+def test_quick_run_writes_every_cell_and_the_targets(tmp_path):
+    decode.main(["--quick", "--out", str(tmp_path), "--models", "retentive (eager)", "retentive (compiled)"])
+    results = json.loads((tmp_path / "bench_decode_quick.json").read_text())
+    for label in ("retentive (eager)", "retentive (compiled)"):
+        cell = results["decode"][label]["16"]
+        assert "error" not in cell, cell
+        assert cell["b1"]["ms_per_token"] > 0 and cell["b2"]["tokens_per_s"] > 0
+    assert results["decode"]["retentive (compiled)"]["16"]["warm_up_s"] > 0
+    assert all(results["generate"][k]["ms_per_token"] > 0 for k in ("eager", "compiled"))
+    assert results["bound"]["b1"]["weights_ms"] > 0 and results["bound"]["b2"]["state_bytes"] > 0
+    claims = [claim for claim, _, _ in decode.checks(results)]
+    assert "batch 1 within 1.5x of the weight-read bound" in claims
+
+
+def fake(ours_b1: float, peer_b1: float, ours_b8: float, peer_b8: float, bound_b1: float) -> dict:
+    def cell(b1: float, b8: float) -> dict:
+        return {"b1": {"ms_per_token": b1}, "b8": {"ms_per_token": b8}}
+
+    return {
+        "plan": {"contexts": [512, 16384]},
+        "decode": {
+            "retentive (compiled)": {"512": cell(ours_b1, ours_b8), "16384": cell(ours_b1 * 1.1, ours_b8)},
+            "peer": {"512": cell(peer_b1, peer_b8), "16384": cell(peer_b1, peer_b8)},
+        },
+        "generate": {"compiled": {"ms_per_token": ours_b1}},
+        "bound": {"weight_bytes": 1, "b1": {"weights_ms": bound_b1, "state_ms": 0.0}},
+    }
+
+
+def test_targets_pass_and_fail_where_the_figures_say():
+    verdicts = {claim: ok for claim, ok, _ in decode.checks(fake(0.4, 1.2, 1.0, 2.5, 0.28))}
+    assert verdicts == {
+        "batch 1 within 1.5x of the weight-read bound": False,  # 0.44 ms at 16k vs 0.28: 1.57x
+        "generate() at batch 1 within 1.5x of the weight-read bound": True,  # 0.4 / 0.28 = 1.43x
+        "batch 1 at least 2.5x faster than peer at every context": True,  # 1.2 / 0.44 = 2.7x
+        "batch 8 at least 2.0x faster than peer at every context": True,
+        "retentive (compiled): batch 1 flat from 512 to 16384 tokens of context": True,
+    }
+    verdicts = {claim: ok for claim, ok, _ in decode.checks(fake(0.4, 0.9, 1.0, 1.9, 0.28))}
+    assert verdicts["batch 1 at least 2.5x faster than peer at every context"] is False
+    assert verdicts["batch 8 at least 2.0x faster than peer at every context"] is False
