@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .data import TOKENIZERS
+from .models.decoding import DECODE_IMPLEMENTATIONS
 from .training.checkpoint import CheckpointError, read_run_config
 
 
@@ -185,7 +186,8 @@ def generate(args: argparse.Namespace) -> None:
     _check_generation(args)
     ckpt = _generation_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(ckpt)
-    model = RetNetForCausalLM.from_pretrained(ckpt).to(args.device).eval()
+    model = RetNetForCausalLM.from_pretrained(ckpt, decode_implementation=args.decode_implementation)
+    model = model.to(args.device).eval()
     ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
     torch.manual_seed(args.seed)
     sampling = args.temperature > 0
@@ -277,17 +279,21 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--decode-implementation", choices=DECODE_IMPLEMENTATIONS, default="eager",
+                   help="the decoding step: eager, or compiled (it compiles first, in seconds)")  # fmt: skip
     p.set_defaults(func=generate)
 
 
 def serve(args: argparse.Namespace) -> None:
     """Serve a trained model over OpenAI's HTTP API (``/v1/completions``, ``/v1/chat/completions``)."""
-    from .serving import ServeConfig, ServerLimits, build_app, load_checkpoint, run
+    from .serving import ServeConfig, ServerLimits, build_app, compile_decoding, load_checkpoint, run
 
     _check_serving(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    if args.decode_implementation == "compiled" and (seconds := compile_decoding(model, args.max_batch)) is not None:
+        print(f"compiled the decoding step in {seconds:.1f} s", flush=True)
     limits = ServerLimits(
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
         default_max_tokens=args.default_max_tokens, max_n=args.max_n, max_body_bytes=int(args.max_body_mib * 2**20),
@@ -358,6 +364,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-block", type=int, default=0, help="also cache the state every N prompt tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--decode-implementation", choices=DECODE_IMPLEMENTATIONS, default="compiled",
+                   help="a RetNet's decoding step: compiled at start (eager where that fails), or eager")  # fmt: skip
     p.set_defaults(func=serve)
 
 

@@ -13,7 +13,7 @@ from .app import ServerLimits, create_app
 from .backends import Backend, KVCacheBackend, RetNetBackend, backend_for
 from .engine import Engine, Request, SamplingParams
 from .prefix_cache import PrefixCache
-from .server import ServeConfig, build_app, load_checkpoint, run
+from .server import ServeConfig, build_app, compile_decoding, load_checkpoint, run
 
 __all__ = [
     "Backend",
@@ -27,6 +27,7 @@ __all__ = [
     "ServerLimits",
     "backend_for",
     "build_app",
+    "compile_decoding",
     "create_app",
     "load_checkpoint",
     "run",

@@ -87,6 +87,22 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, T
     return model, tokenizer
 
 
+def compile_decoding(model: nn.Module, max_batch: int) -> float | None:
+    """Compile a RetNet's decoding step before the first request (``decode_implementation="compiled"``), at batch
+    1 and 2, after which every batch size re-uses it; returns the seconds it took, or None where there was nothing
+    to compile (a Transformer) or compiling failed (no C++ compiler, an unsupported platform): then the eager step
+    serves, after a warning."""
+    if not hasattr(model, "warm_up_decoding"):
+        return None
+    model.config.decode_implementation = "compiled"
+    try:
+        return model.warm_up_decoding(range(1, min(2, max_batch) + 1))
+    except Exception as err:  # the eager step is exact and always works: serve with it rather than not at all
+        model.config.decode_implementation = "eager"
+        logger.warning("compiling the decoding step failed, serving the eager one: %s: %s", type(err).__name__, err)
+        return None
+
+
 def build_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, config: ServeConfig | None = None) -> FastAPI:
     """The OpenAI-compatible app serving ``model`` (RetNet or a key-value-cache causal LM) as ``model_name``."""
     config = config or ServeConfig()

@@ -1,0 +1,44 @@
+"""The server compiles a RetNet's decoding step before the first request, and serves the eager step where
+compiling fails."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from retentive import RetNetConfig, RetNetForCausalLM, cache_of
+from retentive.serving import compile_decoding
+
+
+def tiny() -> RetNetForCausalLM:
+    torch.manual_seed(0)
+    return RetNetForCausalLM(RetNetConfig(vocab_size=64, dim_model=32, num_layers=1, num_heads=2)).eval()
+
+
+def test_the_server_compiles_the_step_and_decodes_as_the_eager_one():
+    torch._dynamo.reset()
+    model = tiny()
+    ids = torch.randint(0, 64, (3, 6))
+    with torch.no_grad():
+        cache = cache_of(model(ids, use_cache=True))
+        eager = model(ids[:, -1:], cache=cache, use_cache=True).logits
+        assert compile_decoding(model, max_batch=16) > 0
+        assert model.config.decode_implementation == "compiled"
+        cache = cache_of(model(ids, use_cache=True))
+        with torch._dynamo.config.patch(error_on_recompile=True):  # batch 3 re-uses what batch 1 and 2 compiled
+            compiled = model(ids[:, -1:], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_where_compiling_fails_the_eager_step_serves(monkeypatch, caplog):
+    model = tiny()
+
+    def broken(batch_sizes):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(model, "warm_up_decoding", broken)
+    with caplog.at_level(logging.WARNING):
+        assert compile_decoding(model, max_batch=4) is None
+    assert model.config.decode_implementation == "eager"
+    assert "no C++ compiler" in caplog.text and "serving the eager one" in caplog.text
