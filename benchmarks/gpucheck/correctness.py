@@ -95,6 +95,7 @@ def run(part: Part) -> None:
         (10, "model training step, bf16 autocast", partial(model_step, part, s, compiled=False)),
         kernels(fp32, 128, 256, True),
         (10, "model generate", partial(model_generate, part, s)),
+        (30, "model generate, compiled decoding", partial(model_generate, part, s, "compiled")),
         decode(fp32, 128, 256, True),
         decode(fp16, 64, 128, False),
         kernels(fp16, 64, 128, False),
@@ -246,26 +247,31 @@ def model_forms(part: Part, s: Sizes) -> None:
             part.check(f"model bf16, {mode} form: logits vs float64, T {s.model_tokens}", rel_err(got, want), FORMS_TOL)
 
 
-def model_generate(part: Part, s: Sizes) -> None:
-    """Greedy generate() (a chunkwise prefill, then decoding steps) against the parallel forward over the sequence it
-    generated: the logits behind each new token, and each token their argmax (or within a tie of it)."""
+def model_generate(part: Part, s: Sizes, implementation: str = "eager") -> None:
+    """Greedy generate() (a chunkwise prefill, then decoding steps by ``implementation``: eager, or compiled, on
+    CUDA replayed from CUDA graphs) against the parallel forward over the sequence it generated: the logits behind
+    each new token, and each token their argmax (or within a tie of it)."""
     model = make_model(part, s).eval()
+    model.config.decode_implementation = implementation
     prompt_len = s.model_tokens // 3
     prompt = random_ids(part, s, prompt_len)
     with torch.no_grad():
+        if implementation == "compiled":
+            part.notes.append(f"compiled decoding step warmed up in {model.warm_up_decoding():.1f} s")
         out = model.generate(prompt, max_new_tokens=s.new_tokens, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)  # fmt: skip
         seq = out.sequences  # (B, prompt + new)
         want = model(seq, mode="parallel", use_cache=False).logits[:, prompt_len - 1 : -1]  # (B, new, V)
     got = torch.stack(out.logits, dim=1)  # (B, new, V)
     picked = seq[:, prompt_len:]  # (B, new)
-    part.check(f"generate: {s.new_tokens} decoding steps' logits vs the parallel forward (fp32)", rel_err(got, want),
+    what = f"generate, {implementation} decoding"
+    part.check(f"{what}: {s.new_tokens} steps' logits vs the parallel forward (fp32)", rel_err(got, want),
                GENERATE_TOL)  # fmt: skip
     exact = want.argmax(-1) == picked
     margin = want.amax(-1) - want.gather(-1, picked[..., None])[..., 0]  # 0 where the token is the argmax
     tie = margin <= GENERATE_TOL * want.abs().amax()
     part.check_true(
-        "generate(do_sample=False) equals the parallel argmax (fp32)",
+        f"{what}: do_sample=False equals the parallel argmax (fp32)",
         bool((exact | tie).all()),
         f"{int(exact.sum())}/{exact.numel()} tokens exactly, the others within a tie",
     )
