@@ -33,7 +33,8 @@ def decode(spec: dict) -> dict:
 
     The state is the one a prefill of ``context`` tokens leaves, filled with random values; the step time does
     not depend on the values. ``decode_implementation`` (retentive only) chooses its decoding step; a compiled
-    one is warmed up first (``warm_up_s``). Peak RSS is read after each batch size.
+    one is warmed up first (``warm_up_s``, batch 1 and 2), and the first step at each batch size is timed too
+    (``first_step_ms``: a stall there is what a server's users would notice). Peak RSS is read after each batch.
     """
     adapter = peers.build(spec["model"], _dims(spec))
     out = {}
@@ -46,14 +47,14 @@ def decode(spec: dict) -> dict:
         cache_bytes = adapter.cache_bytes(state)
         token = torch.randint(0, adapter.dims.vocab_size, (batch, 1))
         times = []
-        for i in range(warmup + steps):
+        for _ in range(warmup + steps):
             t0 = time.perf_counter()
             _, state = adapter.decode_step(token, state)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        step = statistics.median(times)
+            times.append(time.perf_counter() - t0)
+        step = statistics.median(times[warmup:])
         out[f"b{batch}"] = {
             "ms_per_token": 1e3 * step,
+            "first_step_ms": 1e3 * times[0],  # a compiled step that compiled again here would take seconds
             "tokens_per_s": batch / step,
             "cache_bytes": cache_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
