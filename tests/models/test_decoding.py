@@ -143,3 +143,20 @@ def test_compiled_step_leaves_the_given_states_unchanged() -> None:
 def test_an_unknown_decode_implementation_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="decode_implementation must be one of"):
         RetNetConfig(vocab_size=V, dim_model=32, num_layers=1, num_heads=2, decode_implementation="fast").validate()
+
+
+def test_callers_in_inference_mode_or_under_no_grad_share_one_compiled_step() -> None:
+    """A server's engine decodes in inference mode, generate() under no_grad, a prefill may leave inference
+    tensors or an expanded offset: after the warm-up, none of them compiles the step again."""
+    model = small_model(decode_implementation="compiled")
+    model.warm_up_decoding((1, 2))
+    ids, mask = prompt()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with torch.inference_mode():
+            cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+            assert cache.states[0].S.is_inference()
+            first = model(ids[:, -1:], cache=cache, use_cache=True).logits
+        with torch.no_grad():
+            cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+            second = model(ids[:, -1:], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(first, second)

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from retentive import RetNetConfig, RetNetForCausalLM, cache_of
-from retentive.serving import compile_decoding
+from retentive.serving import backend_for, compile_decoding
 
 
 def tiny() -> RetNetForCausalLM:
@@ -42,3 +42,28 @@ def test_where_compiling_fails_the_eager_step_serves(monkeypatch, caplog):
         assert compile_decoding(model, max_batch=4) is None
     assert model.config.decode_implementation == "eager"
     assert "no C++ compiler" in caplog.text and "serving the eager one" in caplog.text
+
+
+def test_the_engines_decoding_steps_compile_nothing_after_the_warm_up():
+    """The engine decodes in inference mode, gathering slots of its pool (contiguous runs are views, others
+    copies), for batches of every size: none of that compiles the step again, and it decodes as the eager step."""
+    torch._dynamo.reset()
+    model = tiny()
+    backend = backend_for(model, max_batch=6)
+    assert compile_decoding(model, max_batch=6) > 0
+    prompts = [torch.randint(0, 64, (5 + slot,)).tolist() for slot in range(6)]
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
+        for slot, ids in enumerate(prompts):
+            backend.prefill(slot, ids)
+        for slots in ([0, 1, 2], [4], [0, 2, 5], [1, 2, 3, 4, 5]):
+            compiled = backend.decode(slots, [7] * len(slots))
+            model.config.decode_implementation = "eager"
+            for slot in slots:  # the slots' states moved one token on: read them again from the prompts
+                backend.release(slot)
+                backend.prefill(slot, prompts[slot])
+            eager = backend.decode(slots, [7] * len(slots))
+            model.config.decode_implementation = "compiled"
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+            for slot in slots:
+                backend.release(slot)
+                backend.prefill(slot, prompts[slot])

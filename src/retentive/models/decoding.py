@@ -69,35 +69,36 @@ def compiled_decode_logits(lm: RetNetForCausalLM) -> Step:
 
 
 def compiled_step(lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]):
-    """:func:`decode_logits` compiled. Its inputs are made alike from call to call (dense ids, contiguous states),
-    since the compiled code is guarded on their strides; it runs under ``no_grad`` rather than inference mode,
-    which would give its outputs other dispatch keys than a prefill's states and compile every step twice."""
-    input_ids = input_ids.clone(memory_format=torch.contiguous_format)  # generate() passes a column of its ids
-    states = [_dense(s) for s in states]
-    cuda = input_ids.is_cuda
-    with torch.no_grad():
-        if cuda:  # the previous step's outputs are this step's inputs: tell CUDA graph trees a new step begins
+    """:func:`decode_logits` compiled. The compiled code is guarded on its inputs' strides and dispatch keys and on
+    the grad and inference modes, so every call is made alike: dense ids, row-major states that are not inference
+    tensors (a prefill under ``torch.inference_mode`` gives such states: copied once, at the first step), and
+    ``no_grad`` outside inference mode, whatever mode the caller is in (a server's engine runs in inference mode,
+    ``generate()`` under ``no_grad``). Otherwise each kind of caller would compile the step again."""
+    with torch.inference_mode(False), torch.no_grad():
+        input_ids = input_ids.clone(memory_format=torch.contiguous_format)  # generate() passes a column of its ids
+        states = [_plain(s) for s in states]
+        if input_ids.is_cuda:  # the previous step's outputs are this step's inputs: a new step of CUDA graph trees
             torch.compiler.cudagraph_mark_step_begin()
         logits, states = compiled_decode_logits(lm)(lm, input_ids, states)
     # a CUDA graph's outputs live in its pool until the next replay: the logits may be kept longer (scores)
-    return (logits.clone() if cuda else logits), states
+    return (logits.clone() if logits.is_cuda else logits), states
 
 
-def _dense(state: RetentionState) -> RetentionState:
-    """The state with row-major strides, copied only where it has others (a prefill's offset may be expanded)."""
-    dense = [
-        t if t.stride() == _row_major(t.shape) else t.clone(memory_format=torch.contiguous_format)
-        for t in (state.S, state.z, state.offset)
-    ]
-    return RetentionState(*dense)
+def _plain(state: RetentionState) -> RetentionState:
+    """The state as row-major tensors that are not inference tensors, copied only where it is not so already."""
+    tensors = (state.S, state.z, state.offset)
+    return RetentionState(*(t if _is_plain(t) else t.clone(memory_format=torch.contiguous_format) for t in tensors))
 
 
-def _row_major(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
+def _is_plain(t: Tensor) -> bool:
+    if t.is_inference():
+        return False
+    stride, expect = t.stride(), 1
+    for dim in range(t.dim() - 1, -1, -1):
+        if stride[dim] != expect:
+            return False
+        expect *= t.shape[dim]
+    return True
 
 
 def step_for(lm: RetNetForCausalLM) -> Step:
