@@ -12,8 +12,9 @@ time. ``config.decode_implementation`` chooses how the step runs:
   eager one does.
 
 Both are reached through the public cached forward, ``lm(ids, cache=cache, use_cache=True)``, and so through
-``generate()``, the server and :func:`~retentive.models.cache_retnet.export_decode_step` (which traces the eager
-function: ``torch.export`` sees no compiled region).
+``generate()`` and the server. :func:`~retentive.models.cache_retnet.export_decode_step` traces the model's general
+path instead (the short way is skipped while ``torch.export`` or ``torch.compile`` trace a caller): the exported
+program is itself a compiled artifact.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ DECODE_IMPLEMENTATIONS = ("eager", "compiled")
 Step = Callable[["RetNetForCausalLM", Tensor, list[RetentionState]], tuple[Tensor, list[RetentionState]]]
 
 
-def decode_logits(lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]):
+def decode_logits(
+    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
+) -> tuple[Tensor, list[RetentionState]]:
     """One token per row through the embedding, every block's recurrent step and the head.
 
     input_ids: (B, 1); states: one RetentionState per layer. Returns logits (B, 1, V) and the new states.
@@ -46,7 +49,9 @@ def decode_logits(lm: RetNetForCausalLM, input_ids: Tensor, states: list[Retenti
     return lm.lm_head(h), states
 
 
-def eager_step(lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]):
+def eager_step(
+    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
+) -> tuple[Tensor, list[RetentionState]]:
     """:func:`decode_logits` in inference mode (no autograd bookkeeping on any op)."""
     with torch.inference_mode():
         return decode_logits(lm, input_ids, states)
@@ -68,7 +73,9 @@ def compiled_decode_logits(lm: RetNetForCausalLM) -> Step:
     return step
 
 
-def compiled_step(lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]):
+def compiled_step(
+    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
+) -> tuple[Tensor, list[RetentionState]]:
     """:func:`decode_logits` compiled. The compiled code is guarded on its inputs' strides and dispatch keys and on
     the grad and inference modes, so every call is made alike: dense ids, row-major states that are not inference
     tensors (a prefill under ``torch.inference_mode`` gives such states: copied once, at the first step), and
