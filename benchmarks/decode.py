@@ -40,6 +40,7 @@ FULL = {
     "batches": [1, 8, 64],
     "steps": 32,
     "generate": {"prompt": 512, "new_tokens": 128},
+    "prefill_tokens": 8192,
     "rounds": 2,
     "timeout_s": 600,
 }
@@ -49,6 +50,7 @@ QUICK = {
     "batches": [1, 2],
     "steps": 2,
     "generate": {"prompt": 8, "new_tokens": 4, "repeats": 1},
+    "prefill_tokens": 32,
     "rounds": 1,
     "timeout_s": 300,
 }
@@ -83,8 +85,22 @@ def run_all(plan: dict, labels: list[str]) -> dict:
         spec = {"task": "generate", "dims": plan["dims"], "decode_implementation": implementation, **plan["generate"]}
         generate[implementation] = measure(spec, plan["timeout_s"])
         log.info("generate() %s: %s", implementation, generate[implementation])
+    prefill: dict[str, dict] = {}  # the first token's cost: the prompt read into the state (one per library)
+    for _ in range(plan["rounds"]):
+        for name in dict.fromkeys(spec["model"] for _, spec in models):
+            spec = {"task": "prefill", "model": name, "dims": plan["dims"], "tokens": plan["prefill_tokens"]}
+            cell = measure(spec, plan["timeout_s"])
+            if name not in prefill or "error" in prefill[name] or cell.get("seconds", 1e9) < prefill[name]["seconds"]:
+                prefill[name] = cell
     bound.append(measure({"task": "weight_bound", **base}, plan["timeout_s"]))  # the best of before and after
-    return {"plan": plan, "missing": missing, "decode": decode, "generate": generate, "bound": best_bound(bound)}
+    return {
+        "plan": plan,
+        "missing": missing,
+        "decode": decode,
+        "generate": generate,
+        "prefill": prefill,
+        "bound": best_bound(bound),
+    }
 
 
 def _b1(cell: dict) -> float:
@@ -153,6 +169,18 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
                         f"worst at {worst[0]}: {worst[1]:.3f} vs {worst[2]:.3f} ms = {worst[2] / worst[1]:.2f}x",
                     )
                 )
+    prefill = {name: cell for name, cell in results.get("prefill", {}).items() if "error" not in cell}
+    if "retentive" in prefill and len(prefill) > 1:
+        others = {name: cell["tokens_per_s"] for name, cell in prefill.items() if name != "retentive"}
+        best = max(others, key=others.get)
+        ours = prefill["retentive"]["tokens_per_s"]
+        out.append(
+            (
+                f"prefill of {plan['prefill_tokens']:,} tokens the fastest of all",
+                ours > others[best],
+                f"{ours:,.0f} tokens/s vs {best} {others[best]:,.0f}",
+            )
+        )
     for label in (label for label in dec if label.startswith("retentive")):
         lo, hi = ms(label, contexts[0], 1), ms(label, contexts[-1], 1)
         if lo and hi and len(contexts) > 1:
@@ -219,6 +247,15 @@ def markdown(results: dict) -> str:
         + ", ".join(f"{k} {v['ms_per_token']:.3f} ms/token" for k, v in gen.items() if "ms_per_token" in v)
         + "."
         + compiling,
+        "",
+        "Prefill, batch 1, "
+        f"{plan['prefill_tokens']:,} tokens (the first token's cost; best of {plan['rounds']} round(s)): "
+        + ", ".join(
+            f"{name} {cell['tokens_per_s']:,.0f} tokens/s"
+            for name, cell in results["prefill"].items()
+            if "error" not in cell
+        )
+        + ".",
         "",
         "| target | result | numbers |",
         "|---|---|---|",
