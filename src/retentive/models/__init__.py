@@ -6,8 +6,8 @@ from .cache_retnet import CACHE_NAME, RetNetCache, cache_of, export_decode_step
 from .configuration_retnet import PRESETS, RetNetConfig
 from .modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
 from .retnet import RetNet
-from .rmt import RMT_PRESETS, RMTConfig, RMTForImageClassification
-from .vir import VIR_PRESETS, ViRConfig, ViRForImageClassification
+from .rmt import RMT_PRESETS, PreTrainedRMT, RMTConfig, RMTForImageClassification
+from .vir import VIR_PRESETS, PreTrainedViR, ViRConfig, ViRForImageClassification
 
 AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
 AutoConfig.register(ViRConfig.model_type, ViRConfig, exist_ok=True)
@@ -20,6 +20,8 @@ __all__ = [
     "PRESETS",
     "RMT_PRESETS",
     "VIR_PRESETS",
+    "PreTrainedRMT",
+    "PreTrainedViR",
     "RMTConfig",
     "RMTForImageClassification",
     "RetNet",
