@@ -177,6 +177,10 @@ class PreTrainedImageClassifier(PreTrainedModel):
         self.classifier = classifier if classifier is not None else self.classifier_class(config)
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing: the classifier initialized its weights when it was built (or holds loaded ones), and
+        ``post_init`` would otherwise overwrite them with transformers' defaults."""
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any) -> Self:
         """A local folder written by ``save_pretrained`` (or anything ``ImageClassifier.from_pretrained`` reads), in
