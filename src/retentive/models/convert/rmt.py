@@ -34,6 +34,8 @@ RENAMES = (
     (r"\.pos\.conv\.", ".cpe.conv."),
 )
 NAMED = ("rmt-t", "rmt-s", "rmt-b", "rmt-l")
+
+
 def rename(key: str) -> str:
     """An official key -> retentive's (``gamma_1`` / ``gamma_2`` -> ``ls1.weight`` / ``ls2.weight``)."""
     for pattern, replacement in RENAMES:
