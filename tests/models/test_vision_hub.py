@@ -5,6 +5,9 @@ test_timm.py."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,15 @@ import torch
 from freshproc import run_fresh
 from PIL import Image
 
-from retentive.models import RMTConfig, RMTForImageClassification, ViRConfig, ViRForImageClassification
+from retentive.models import (
+    RMT_PRESETS,
+    VIR_PRESETS,
+    RMTConfig,
+    RMTForImageClassification,
+    ViRConfig,
+    ViRForImageClassification,
+    register_timm_models,
+)
 from retentive.models.image_processing import ResizeCropImageProcessor
 
 LABELS = ("tee", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -144,3 +155,27 @@ def test_vir_feature_maps_are_the_blocks_patch_tokens_at_stride_16() -> None:
         for got, expected in zip(maps, want, strict=True):
             torch.testing.assert_close(got, expected)
         assert [m.shape for m in model.feature_maps(images, (2,))] == [want[2].shape]
+
+
+def test_timm_entrypoints_build_every_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """register_timm_models against a stand-in for timm's registry (timm itself: test_timm.py): one entry point per
+    preset, named as timm names models, that builds that preset with the fields and timm arguments create_model
+    passes."""
+    registry = {}
+    timm, models = types.ModuleType("timm"), types.ModuleType("timm.models")
+    timm.__spec__ = importlib.machinery.ModuleSpec("timm", None)
+    models.register_model = lambda fn: registry.setdefault(fn.__name__, fn)
+    timm.models = models
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setitem(sys.modules, "timm.models", models)
+    assert register_timm_models()
+    assert {"rmt_t", "rmt_s", "rmt_b", "rmt_l", "vir_small_patch16", "vir_base_patch16", "vir_tiny"} <= set(registry)
+    assert len(registry) == len(RMT_PRESETS) + len(VIR_PRESETS)
+    model = registry["rmt_t"](pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, num_classes=10)
+    assert type(model) is RMTForImageClassification and model.config == RMTConfig.from_preset("rmt-t", num_classes=10)
+    model = registry["vir_small_patch16"](num_layers=1)
+    assert type(model) is ViRForImageClassification and model.config.dim_model == 384
+    with pytest.raises(ValueError, match="pretrained"):
+        registry["rmt_t"](pretrained=True)
+    with pytest.raises(ValueError, match="drop_rate"):
+        registry["rmt_t"](drop_rate=0.1)

@@ -7,6 +7,7 @@ from .configuration_retnet import PRESETS, RetNetConfig
 from .modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
 from .retnet import RetNet
 from .rmt import RMT_PRESETS, PreTrainedRMT, RMTConfig, RMTForImageClassification
+from .timm_models import register_timm_models
 from .vir import VIR_PRESETS, PreTrainedViR, ViRConfig, ViRForImageClassification
 
 AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
@@ -14,6 +15,7 @@ AutoConfig.register(ViRConfig.model_type, ViRConfig, exist_ok=True)
 AutoConfig.register(RMTConfig.model_type, RMTConfig, exist_ok=True)
 AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)
 AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM, exist_ok=True)
+register_timm_models()  # timm.create_model("rmt_t"), where timm is installed
 
 __all__ = [
     "CACHE_NAME",
@@ -34,4 +36,5 @@ __all__ = [
     "ViRForImageClassification",
     "cache_of",
     "export_decode_step",
+    "register_timm_models",
 ]
