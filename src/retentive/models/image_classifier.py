@@ -1,21 +1,28 @@
-"""ImageClassifier: what the vision models (ViR, RMT) share around their own layers."""
+"""ImageClassifier: what the vision models (ViR, RMT) share around their own layers, timm's model interface
+included; PreTrainedImageClassifier: the same model as transformers' Auto classes and pipelines load it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
+import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
+
+from .image_processing import ResizeCropImageProcessor
+from .remote_code import REMOTE_CODE, REMOTE_CODE_FILE, remote_code_map
 
 
 class ImageClassifier(nn.Module):
     """An image classifier: its config, logits and loss in Hugging Face's output, its parameter count.
 
-    A subclass builds its layers after ``super().__init__(config)``; its ``forward`` returns
+    A subclass builds its layers after ``super().__init__(config)``, the classifier as ``self.head``; it defines
+    ``forward_features`` (images -> the backbone's output), ``forward_head`` (that output -> pooled features ->
+    logits), ``feature_info`` and ``feature_maps`` (timm's names), and its ``forward`` returns
     ``self.classify(logits, labels)``.
 
     Args:
@@ -23,6 +30,8 @@ class ImageClassifier(nn.Module):
     """
 
     config_class: type[PretrainedConfig]  # set by each subclass
+    pretrained_class: ClassVar[str]  # the name of its PreTrainedImageClassifier, in REMOTE_CODE
+    head: nn.Module
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
@@ -37,12 +46,101 @@ class ImageClassifier(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``folder``."""
-        folder = Path(folder)
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's description of :meth:`feature_maps`: per map, ``num_chs`` (channels), ``reduction`` (stride in
+        pixels) and ``module`` (the module whose output it is)."""
+        raise NotImplementedError
+
+    def feature_maps(self, pixel_values: Tensor, out_indices: tuple[int, ...] | None = None) -> list[Tensor]:
+        """Images (B, C, H, W) -> the maps ``feature_info`` lists (all of them, or those of ``out_indices``), each
+        (B, num_chs, H / reduction, W / reduction)."""
+        raise NotImplementedError
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """``forward_features``' output -> logits (B, num_classes), or the pooled features the classifier reads."""
+        raise NotImplementedError
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialized classifier for ``num_classes`` classes (0: none, logits are the pooled
+        features), ``config.num_classes`` following."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        like = next(self.parameters())
+        kw = {"device": like.device, "dtype": like.dtype}
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **kw) if num_classes else nn.Identity()
+        self.config.num_classes = num_classes
+        self.config.id2label = self.config.label2id = None
+
+    @property
+    def num_features(self) -> int:
+        """Channels of ``forward_features``' output (timm's name)."""
+        raise NotImplementedError
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features the classifier reads (timm's name)."""
+        raise NotImplementedError
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's data config: what the default preprocessing (:class:`ResizeCropImageProcessor`) does."""
+        processor = ResizeCropImageProcessor.for_config(self.config)
+        return {
+            "input_size": (self.config.in_channels, processor.crop_size, processor.crop_size),
+            "crop_pct": processor.crop_pct,
+            "interpolation": processor.interpolation,
+            "mean": tuple(processor.image_mean),
+            "std": tuple(processor.image_std),
+            "num_classes": self.num_classes,
+            "classifier": "head",
+        }
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.pretrained_cfg
+
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        image_processor: ResizeCropImageProcessor | None = None,
+        remote_code: bool = True,
+    ) -> None:
+        """Write ``config.json`` (with ``id2label``; ``LABEL_i`` where the config names no classes),
+        ``model.safetensors`` and ``preprocessor_config.json`` (``image_processor``, by default
+        :meth:`ResizeCropImageProcessor.for_config`) into ``folder``. With ``remote_code`` (the default), the folder
+        also loads through ``pipeline("image-classification", model=folder, trust_remote_code=True)`` and the Auto
+        classes in a process that never imported retentive: both files get an ``auto_map`` naming
+        :data:`REMOTE_CODE_FILE`, which imports the classes from the installed package."""
+        folder, config = Path(folder), self.config
         folder.mkdir(parents=True, exist_ok=True)
-        self.config.save_pretrained(folder)
+        if not config.id2label:
+            config.id2label = {i: f"LABEL_{i}" for i in range(config.num_classes)}
+        if len(config.id2label) != config.num_classes:
+            raise ValueError(
+                f"config.id2label names {len(config.id2label)} classes but the model has {config.num_classes}: "
+                "give one name per class, or None"
+            )
+        config.label2id = {name: int(i) for i, name in config.id2label.items()}
+        config.auto_map = (
+            remote_code_map(AutoConfig=type(config).__name__, AutoModelForImageClassification=self.pretrained_class)
+            if remote_code
+            else None
+        )
+        config.save_pretrained(folder)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
+        processor = image_processor or ResizeCropImageProcessor.for_config(config)
+        processor.auto_map = remote_code_map(AutoImageProcessor=type(processor).__name__) if remote_code else None
+        processor.save_pretrained(folder)
+        if remote_code:
+            (folder / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, source_config: dict[str, Any] | None = None) -> Self:
@@ -60,3 +158,39 @@ class ImageClassifier(nn.Module):
         if not isinstance(model, cls):
             raise ValueError(f"{path}: holds a {type(model).__name__}, not a {cls.__name__}")
         return model
+
+
+class PreTrainedImageClassifier(PreTrainedModel):
+    """An :class:`ImageClassifier` as transformers' Auto classes and image-classification pipeline load it: a
+    ``PreTrainedModel`` holding the model as ``classifier`` and passing its calls on (one definition of the model).
+
+    Args:
+        config: the model's config.
+        classifier: the model to hold; by default a new one from ``config``.
+    """
+
+    main_input_name = "pixel_values"
+    classifier_class: ClassVar[type[ImageClassifier]]  # set by each subclass, with config_class
+
+    def __init__(self, config: PretrainedConfig, classifier: ImageClassifier | None = None) -> None:
+        super().__init__(config)
+        self.classifier = classifier if classifier is not None else self.classifier_class(config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing: the classifier initialized its weights when it was built (or holds loaded ones), and
+        ``post_init`` would otherwise overwrite them with transformers' defaults."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any) -> Self:
+        """A local folder written by ``save_pretrained`` (or anything ``ImageClassifier.from_pretrained`` reads), in
+        ``dtype`` if given; the Hub and device arguments the Auto classes pass along are not used."""
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        classifier = cls.classifier_class.from_pretrained(pretrained_model_name_or_path)
+        if isinstance(dtype, torch.dtype):
+            classifier.to(dtype)
+        return cls(classifier.config, classifier).eval()
+
+    def forward(self, pixel_values: Tensor, labels: Tensor | None = None, **kwargs: Any) -> ImageClassifierOutput:
+        """Images (B, C, H, W) -> the classifier's output (logits; loss if ``labels``)."""
+        return self.classifier(pixel_values, labels)

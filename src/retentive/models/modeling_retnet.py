@@ -31,26 +31,10 @@ from ..ops import RetentionState, check_chunk_size, linear_cross_entropy
 from .cache_retnet import CACHE_NAME, RetNetCache, take_cache
 from .configuration_retnet import RetNetConfig
 from .decoding import step_for, warm_up
+from .remote_code import REMOTE_CODE, REMOTE_CODE_FILE, remote_code_map
 from .retnet import RetNet
 
 logger = logging.getLogger(__name__)
-
-# What a saved folder carries for the trust_remote_code route: the classes come from the installed package.
-REMOTE_CODE_FILE = "retentive_auto.py"
-REMOTE_CODE = '''"""Loads this folder with transformers' Auto classes (trust_remote_code=True) in a process that never
-imported retentive: the classes come from the installed package (pip install retentive). Written by save_pretrained."""
-
-from retentive.models import RetNetConfig, RetNetForCausalLM, RetNetModel
-
-__all__ = ["RetNetConfig", "RetNetForCausalLM", "RetNetModel"]
-'''
-
-
-def remote_code_map() -> dict[str, str]:
-    """The ``auto_map`` of config.json: each Auto class -> the class in :data:`REMOTE_CODE_FILE`."""
-    module = REMOTE_CODE_FILE.removesuffix(".py")
-    classes = {"AutoConfig": "RetNetConfig", "AutoModel": "RetNetModel", "AutoModelForCausalLM": "RetNetForCausalLM"}
-    return {auto: f"{module}.{name}" for auto, name in classes.items()}
 
 
 class RetNetPreTrainedModel(PreTrainedModel):
@@ -115,7 +99,13 @@ class RetNetPreTrainedModel(PreTrainedModel):
         ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` in a process that never imported
         retentive: ``config.json`` gets an ``auto_map`` naming :data:`REMOTE_CODE_FILE`, which imports the classes
         from the installed package (transformers names the package to install when it is missing)."""
-        self.config.auto_map = remote_code_map() if remote_code else None
+        self.config.auto_map = (
+            remote_code_map(
+                AutoConfig="RetNetConfig", AutoModel="RetNetModel", AutoModelForCausalLM="RetNetForCausalLM"
+            )
+            if remote_code
+            else None
+        )
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if remote_code and is_main_process:
             (Path(save_directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..layers.conv import ConvStem, PatchMerging
 from ..layers.rmt_block import RMTBlock
-from .image_classifier import ImageClassifier
+from .image_classifier import ImageClassifier, PreTrainedImageClassifier
 from .preset_config import PresetConfig, check_positive_int
 
 # name -> the fields that differ from the defaults (the defaults are RMT-T)
@@ -171,6 +171,7 @@ class RMTForImageClassification(ImageClassifier):
 
     _no_split_modules: ClassVar[list[str]] = ["RMTBlock"]  # the FSDP units (HF convention)
     config_class = RMTConfig
+    pretrained_class = "PreTrainedRMT"
 
     def __init__(
         self, config: RMTConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -186,14 +187,40 @@ class RMTForImageClassification(ImageClassifier):
             self.apply(_init_linear)
 
     def forward_features(self, pixel_values: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> pooled features (B, projection)."""
+        """Images (B, C, H, W) -> the last stage's feature map (B, C_last, H / 32, W / 32) for four stages."""
         self._check(pixel_values)
         x = self.stem(pixel_values)  # (B, H/4, W/4, C0)
         for stage in self.stages:
             x = stage(x)
-        x = self.proj(x).flatten(1, 2)  # (B, h * w, projection)
-        x = F.silu(self.norm(x.transpose(1, 2)))  # (B, projection, h * w)
-        return x.mean(-1)
+        return x.permute(0, 3, 1, 2)
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """The last feature map (B, C_last, h, w) -> logits (B, num_classes), or with ``pre_logits`` the pooled
+        features (B, projection): projection, BatchNorm over (B, projection, h * w), swish, mean."""
+        x = self.proj(features.flatten(2).transpose(1, 2))  # (B, h * w, projection)
+        x = F.silu(self.norm(x.transpose(1, 2))).mean(-1)  # (B, projection)
+        return x if pre_logits else self.head(x)
+
+    @property
+    def num_features(self) -> int:
+        return self.config.dim_model[-1]
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.config.projection
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """The stages' maps: ``dim_model[i]`` channels at stride 4 * 2^i."""
+        return [
+            {"num_chs": dim, "reduction": 4 * 2**i, "module": f"stages.{i}"}
+            for i, dim in enumerate(self.config.dim_model)
+        ]
+
+    def feature_maps(self, pixel_values: Tensor, out_indices: tuple[int, ...] | None = None) -> list[Tensor]:
+        """:meth:`forward_stages`, all stages or those of ``out_indices``."""
+        maps = self.forward_stages(pixel_values)
+        return maps if out_indices is None else [maps[i] for i in out_indices]
 
     def _check(self, pixel_values: Tensor) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
@@ -216,8 +243,14 @@ class RMTForImageClassification(ImageClassifier):
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> ImageClassifierOutput:
         """Images (B, C, H, W), any H and W -> logits (B, num_classes); loss if ``labels``."""
-        logits = self.head(self.forward_features(pixel_values))
-        return self.classify(logits, labels)
+        return self.classify(self.forward_head(self.forward_features(pixel_values)), labels)
+
+
+class PreTrainedRMT(PreTrainedImageClassifier):
+    """:class:`RMTForImageClassification` for transformers' Auto classes and pipelines."""
+
+    config_class = RMTConfig
+    classifier_class = RMTForImageClassification
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..ops import MODES, check_chunk_size
-from .image_classifier import ImageClassifier
+from .image_classifier import ImageClassifier, PreTrainedImageClassifier
 from .preset_config import PresetConfig, check_heads, check_positive_int
 from .retnet import RetNet
 
@@ -117,6 +117,7 @@ class ViRForImageClassification(ImageClassifier):
 
     _no_split_modules: ClassVar[list[str]] = ["RetNetBlock"]  # the FSDP units (HF convention)
     config_class = ViRConfig
+    pretrained_class = "PreTrainedViR"
 
     def __init__(
         self, config: ViRConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -192,5 +193,53 @@ class ViRForImageClassification(ImageClassifier):
         chunk_size: int = 16,
     ) -> ImageClassifierOutput:
         """Images (B, C, S, S) -> logits (B, num_classes) from the last (class) token; loss if ``labels``."""
-        logits = self.head(self.forward_features(pixel_values, mode=mode, chunk_size=chunk_size)[:, -1])
+        logits = self.forward_head(self.forward_features(pixel_values, mode=mode, chunk_size=chunk_size))
         return self.classify(logits, labels)
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens (B, num_patches + 1, d) -> logits (B, num_classes) from the last (class) token, or with
+        ``pre_logits`` that token (B, d)."""
+        x = features[:, -1]
+        return x if pre_logits else self.head(x)
+
+    @property
+    def num_features(self) -> int:
+        return self.config.dim_model
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.config.dim_model
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """Every block's output, d channels at stride ``patch_size`` (as timm's ViTs)."""
+        c = self.config
+        return [
+            {"num_chs": c.dim_model, "reduction": c.patch_size, "module": f"backbone.blocks.{i}"}
+            for i in range(c.num_layers)
+        ]
+
+    def feature_maps(self, pixel_values: Tensor, out_indices: tuple[int, ...] | None = None) -> list[Tensor]:
+        """Images (B, C, S, S) -> the outputs of the blocks ``out_indices`` (default: all), in the parallel form,
+        their patch tokens as maps (B, d, S / patch_size, S / patch_size) (the class token is left out)."""
+        blocks = self.backbone.blocks
+        indices = range(len(blocks)) if out_indices is None else out_indices
+        outputs: dict[int, Tensor] = {}
+        hooks = [
+            blocks[i].register_forward_hook(lambda _module, _args, out, i=i: outputs.__setitem__(i, out))
+            for i in indices
+        ]
+        try:
+            self.forward_features(pixel_values)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        side = self.config.image_size // self.config.patch_size
+        return [outputs[i][:, :-1].transpose(1, 2).unflatten(2, (side, side)) for i in indices]  # (B, d, side, side)
+
+
+class PreTrainedViR(PreTrainedImageClassifier):
+    """:class:`ViRForImageClassification` for transformers' Auto classes and pipelines."""
+
+    config_class = ViRConfig
+    classifier_class = ViRForImageClassification

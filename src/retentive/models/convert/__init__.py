@@ -14,7 +14,6 @@ the language models, in each of retentive's three forms).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from ..configuration_retnet import RetNetConfig
 from ..rmt import RMTConfig
 from ._source import ConversionError, Source, copy_tokenizer, read_source
 from .fla import convert_fla
-from .rmt import PREPROCESSOR, convert_rmt
+from .rmt import convert_rmt
 from .torchscale import convert_hf_retnet, convert_torchscale
 
 Converter = Callable[[Source, dict[str, Any]], tuple[RetNetConfig | RMTConfig, dict[str, Tensor]]]
@@ -127,13 +126,12 @@ def convert_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Convert ``src`` and write a ``save_pretrained`` folder at ``out`` (config.json, model.safetensors, and the
-    tokenizer files ``src`` has; for RMT, ``preprocessor_config.json``: the official evaluation's preprocessing).
+    tokenizer files ``src`` has; for RMT, ``preprocessor_config.json``: the official evaluation's preprocessing, and
+    what the image-classification pipeline needs, see :meth:`ImageClassifier.save_pretrained`).
     Returns ``out``."""
     config, state, source = convert(src, layout, source_config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     build(config, state, source, dtype).save_pretrained(out)
-    if isinstance(config, RMTConfig):
-        (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
     copy_tokenizer(source, out)
     return out

@@ -34,20 +34,6 @@ RENAMES = (
     (r"\.pos\.conv\.", ".cpe.conv."),
 )
 NAMED = ("rmt-t", "rmt-s", "rmt-b", "rmt-l")
-# the official evaluation: resize the short side to 224 / crop_pct (256, bicubic), centre crop 224, ImageNet mean/std;
-# transformers' ConvNeXt processor does exactly this below 384 px
-PREPROCESSOR = {
-    "image_processor_type": "ConvNextImageProcessor",
-    "do_resize": True,
-    "size": {"shortest_edge": 224},
-    "crop_pct": 0.875,  # 0.96 for the token-labelled models
-    "resample": 3,  # PIL's bicubic
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-}
 
 
 def rename(key: str) -> str:

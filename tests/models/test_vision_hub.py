@@ -1,0 +1,181 @@
+"""The vision models as their users' tools take them: a saved folder in transformers' image-classification pipeline
+in a process that never imported retentive, and timm's model interface (forward_features / forward_head,
+reset_classifier, the feature maps of features_only), here through retentive's own API; through timm itself in
+test_timm.py."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from freshproc import run_fresh
+from PIL import Image
+
+from retentive.models import (
+    RMT_PRESETS,
+    VIR_PRESETS,
+    RMTConfig,
+    RMTForImageClassification,
+    ViRConfig,
+    ViRForImageClassification,
+    register_timm_models,
+)
+from retentive.models.image_processing import ResizeCropImageProcessor
+
+LABELS = ("tee", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+MODELS = {
+    "rmt": (RMTForImageClassification, RMTConfig.from_preset("rmt-tiny-32", image_size=48)),
+    "vir": (ViRForImageClassification, ViRConfig.from_preset("vir-tiny-32")),
+}
+
+
+def image(size: tuple[int, int] = (57, 70)) -> Image.Image:
+    """A random RGB image, (height, width) odd and not square: both the resize and the crop have work to do."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pipeline_classifies_in_a_process_that_never_imported_retentive(name: str, tmp_path: Path) -> None:
+    cls, config = MODELS[name]
+    torch.manual_seed(0)
+    config.id2label = dict(enumerate(LABELS))
+    cls(config).save_pretrained(tmp_path / "saved")
+    result = run_fresh(
+        f"""
+        import json, sys
+        import numpy as np
+        from PIL import Image
+        from transformers import pipeline
+        assert "retentive" not in sys.modules
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (57, 70, 3), dtype=np.uint8))
+        pipe = pipeline("image-classification", model={str(tmp_path / "saved")!r}, trust_remote_code=True)
+        top = pipe(image, top_k=10)
+        logits = pipe.model(**pipe.image_processor(image, return_tensors="pt")).logits[0]
+        print("RESULT", json.dumps({{"top": top, "logits": logits.tolist(), "model": type(pipe.model).__name__,
+                                     "processor": type(pipe.image_processor).__name__}}))
+        """,
+        tmp_path,
+    )
+    assert (result["model"], result["processor"]) == (cls.pretrained_class, "ResizeCropImageProcessor")
+    model = cls.from_pretrained(tmp_path / "saved")
+    pixel_values = ResizeCropImageProcessor.for_config(config)(image())["pixel_values"]
+    with torch.no_grad():
+        want = model(pixel_values).logits[0]
+    torch.testing.assert_close(torch.tensor(result["logits"]), want, rtol=1e-5, atol=1e-5)
+    assert result["top"][0]["label"] == LABELS[want.argmax()]
+    scores = {r["label"]: r["score"] for r in result["top"]}
+    torch.testing.assert_close(torch.tensor([scores[label] for label in LABELS]), want.softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_processor_is_resize_then_centre_crop_then_standardize() -> None:
+    """Against the steps written out in PIL (torchvision's Resize(int), CenterCrop, ToTensor, Normalize), for a
+    grayscale model at crop_pct 1 and bilinear."""
+    processor = ResizeCropImageProcessor(crop_size=32, crop_pct=1.0, interpolation="bilinear", image_mean=[0.5],
+                                         image_std=[0.25])  # fmt: skip
+    got = processor(image())["pixel_values"]
+    resized = image().convert("L").resize((39, 32), Image.Resampling.BILINEAR)  # short side 32, long int(32 * 70 / 57)
+    left = round((39 - 32) / 2)
+    crop = np.asarray(resized.crop((left, 0, left + 32, 32)), dtype=np.float32) / 255
+    torch.testing.assert_close(got, torch.from_numpy((crop - 0.5) / 0.25)[None, None])
+    with pytest.raises(ValueError, match="crop_pct"):
+        ResizeCropImageProcessor(crop_pct=1.5)
+    with pytest.raises(ValueError, match="images"):
+        processor("not an image")
+
+
+def test_save_pretrained_refuses_labels_that_do_not_match_the_classes(tmp_path: Path) -> None:
+    cls, config = MODELS["vir"]
+    model = cls(ViRConfig(**{**config.to_dict(), "id2label": {0: "a", 1: "b"}}))
+    with pytest.raises(ValueError, match="id2label"):
+        model.save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_is_forward_head_of_forward_features(name: str) -> None:
+    cls, config = MODELS[name]
+    torch.manual_seed(1)
+    model = cls(config).eval()
+    images = torch.randn(2, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        pooled = model.forward_head(features, pre_logits=True)
+        assert pooled.shape == (2, model.head_hidden_size)
+        torch.testing.assert_close(model.forward_head(features), model.head(pooled))
+        torch.testing.assert_close(model.forward_head(features), model(images).logits)
+    assert features.shape[1 if name == "rmt" else 2] == model.num_features
+    assert model.get_classifier() is model.head and model.num_classes == 10
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_reset_classifier(name: str) -> None:
+    cls, config = MODELS[name]
+    model = cls(cls.config_class(**config.to_dict())).eval()
+    images = torch.randn(2, 3, config.image_size, config.image_size)
+    model.reset_classifier(4)
+    assert model(images).logits.shape == (2, 4) and model.num_classes == model.config.num_classes == 4
+    model.reset_classifier(0)  # no classifier: the logits are the pooled features
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).logits, model.forward_head(model.forward_features(images), True))
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-1)
+
+
+def test_rmt_feature_maps_are_the_stages_at_strides_4_to_32() -> None:
+    config = RMTConfig.from_preset("rmt-t", num_layers=(1, 1, 1, 1))
+    model = RMTForImageClassification(config).eval()
+    images = torch.randn(1, 3, 64, 96)
+    info = model.feature_info
+    assert [(i["num_chs"], i["reduction"]) for i in info] == [(64, 4), (128, 8), (256, 16), (512, 32)]
+    with torch.no_grad():
+        maps = model.feature_maps(images)
+        assert [tuple(m.shape) for m in maps] == [(1, i["num_chs"], 64 // i["reduction"], 96 // i["reduction"])
+                                                  for i in info]  # fmt: skip
+        torch.testing.assert_close(maps[-1], model.forward_features(images))
+        for got, want in zip(model.feature_maps(images, (1, 3)), (maps[1], maps[3]), strict=True):
+            torch.testing.assert_close(got, want)
+
+
+def test_vir_feature_maps_are_the_blocks_patch_tokens_at_stride_16() -> None:
+    """Each block's output, recomputed block by block from the embedded tokens, its patch tokens as a map."""
+    config = ViRConfig(image_size=48, patch_size=16, dim_model=32, num_layers=3, num_heads=4, num_classes=5)
+    model = ViRForImageClassification(config).eval()
+    images = torch.randn(2, 3, 48, 48)
+    assert [(i["num_chs"], i["reduction"]) for i in model.feature_info] == [(32, 16)] * 3
+    with torch.no_grad():
+        maps = model.feature_maps(images)
+        x, want = model.embed(images), []
+        for block in model.backbone.blocks:
+            x = block(x, mode="parallel")
+            want.append(x[:, :-1].mT.reshape(2, 32, 3, 3))
+        for got, expected in zip(maps, want, strict=True):
+            torch.testing.assert_close(got, expected)
+        assert [m.shape for m in model.feature_maps(images, (2,))] == [want[2].shape]
+
+
+def test_timm_entrypoints_build_every_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """register_timm_models against a stand-in for timm's registry (timm itself: test_timm.py): one entry point per
+    preset, named as timm names models, that builds that preset with the fields and timm arguments create_model
+    passes."""
+    registry = {}
+    timm, models = types.ModuleType("timm"), types.ModuleType("timm.models")
+    timm.__spec__ = importlib.machinery.ModuleSpec("timm", None)
+    models.register_model = lambda fn: registry.setdefault(fn.__name__, fn)
+    timm.models = models
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setitem(sys.modules, "timm.models", models)
+    assert register_timm_models()
+    assert {"rmt_t", "rmt_s", "rmt_b", "rmt_l", "vir_small_patch16", "vir_base_patch16", "vir_tiny"} <= set(registry)
+    assert len(registry) == len(RMT_PRESETS) + len(VIR_PRESETS)
+    model = registry["rmt_t"](pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, num_classes=10)
+    assert type(model) is RMTForImageClassification and model.config == RMTConfig.from_preset("rmt-t", num_classes=10)
+    model = registry["vir_small_patch16"](num_layers=1)
+    assert type(model) is ViRForImageClassification and model.config.dim_model == 384
+    with pytest.raises(ValueError, match="pretrained"):
+        registry["rmt_t"](pretrained=True)
+    with pytest.raises(ValueError, match="drop_rate"):
+        registry["rmt_t"](drop_rate=0.1)
