@@ -77,9 +77,7 @@ def run_all(plan: dict, labels: list[str]) -> dict:
             for label, spec in models:
                 cell = measure({"task": "decode", "context": context, **base, **spec}, plan["timeout_s"])
                 log.info("%s at %d: %s", label, context, _brief(cell))
-                best = decode[label].get(str(context))
-                if best is None or "error" in best or ("error" not in cell and _b1(cell) < _b1(best)):
-                    decode[label][str(context)] = cell
+                decode[label][str(context)] = faster(decode[label].get(str(context)), cell)
     generate = {}
     for implementation in ("eager", "compiled"):
         spec = {"task": "generate", "dims": plan["dims"], "decode_implementation": implementation, **plan["generate"]}
@@ -103,8 +101,17 @@ def run_all(plan: dict, labels: list[str]) -> dict:
     }
 
 
-def _b1(cell: dict) -> float:
-    return cell["b1"]["ms_per_token"]
+def faster(best: dict | None, cell: dict) -> dict:
+    """The faster of two results of one cell, batch by batch (each batch size is timed on its own)."""
+    if best is None or "error" in best:
+        return cell
+    if "error" in cell:
+        return best
+    merged = dict(best)
+    for key, value in cell.items():
+        if key.startswith("b") and value["ms_per_token"] < best[key]["ms_per_token"]:
+            merged[key] = value
+    return merged
 
 
 def _brief(cell: dict) -> str:

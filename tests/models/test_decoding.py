@@ -10,6 +10,8 @@ import torch
 from retentive import RetNetConfig, RetNetForCausalLM, cache_of
 from retentive.models.cache_retnet import RetNetCache
 from retentive.models.decoding import decode_logits
+from retentive.ops.decay import _cached_log_gamma
+from retentive.ops.rotary import rotary_angles
 
 V = 64
 # the options that change the decoding step, spread over three models
@@ -88,6 +90,10 @@ def assert_steps_agree(model: RetNetForCausalLM, steps: int = 12) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    """No compiled code, and empty caches of constants: a step traced before they fill must not be compiled
+    again once they are (that would stall the first request after a warm-up)."""
+    _cached_log_gamma.cache_clear()
+    rotary_angles.cache_clear()
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

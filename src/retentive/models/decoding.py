@@ -86,6 +86,8 @@ def compiled_step(
         states = [_plain(s) for s in states]
         if input_ids.is_cuda:  # the previous step's outputs are this step's inputs: a new step of CUDA graph trees
             torch.compiler.cudagraph_mark_step_begin()
+        if lm not in _COMPILED:  # an eager step first fills the caches of constants (log gamma, rotary angles) that
+            eager_step(lm, input_ids, states)  # the compiled code reads: traced empty, they would compile it twice
         logits, states = compiled_decode_logits(lm)(lm, input_ids, states)
     # a CUDA graph's outputs live in its pool until the next replay: the logits may be kept longer (scores)
     return (logits.clone() if logits.is_cuda else logits), states
