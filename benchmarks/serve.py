@@ -64,6 +64,7 @@ FULL = {
     "max_batch": 64,
     "max_cell_tokens": 65536,
     "threads": 1,  # the server's torch threads: on 2 cores the clients use the other one
+    "decode_implementation": "compiled",  # RetNet's decoding step (retentive serve's default)
 }
 QUICK = FULL | {
     "overrides": {"dim_model": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "vocab_size": 257},
@@ -116,6 +117,7 @@ def server(checkpoint: Path, cache: bool, plan: dict):
         sys.executable, "-m", "retentive.cli", "serve", str(checkpoint), "--port", str(port), "--model-name", "m",
         "--max-batch", str(plan["max_batch"]), "--max-queue", "1024", "--max-prompt-tokens", str(max(plan["prompts"])),
         "--prompt-cache-mib", "2048" if cache else "0", "--threads", str(plan["threads"]),
+        "--decode-implementation", plan["decode_implementation"],
     ]  # fmt: skip
     env = os.environ | TRACKED_MEMORY_ENV
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would block the server
@@ -359,9 +361,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-cell-tokens", type=int, help="skip cells with more prompt tokens than this")
     parser.add_argument("--threads", type=int, help="the server's torch threads (default 1)")
     parser.add_argument("--resume", type=Path, help="keep the cells printed (one JSON per line) by an interrupted run")
+    parser.add_argument("--decode-implementation", choices=("eager", "compiled"), help="RetNet's decoding step")
     args = parser.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
-    for key in ("prompts", "clients", "requests", "max_tokens", "max_cell_tokens", "threads"):
+    for key in ("prompts", "clients", "requests", "max_tokens", "max_cell_tokens", "threads", "decode_implementation"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
     if min(plan["prompts"]) <= SUFFIX:
