@@ -1,4 +1,5 @@
-"""benchmarks/vision.py keeps working: a --quick run writes its table and plot, and MaSA costs more than MaSAD."""
+"""benchmarks/vision.py keeps working: a --quick run writes its table and plot, and MaSA costs more than MaSAD;
+benchmarks/vision_compare.py builds the models its table names and measures one."""
 
 import importlib.util
 import re
@@ -35,3 +36,23 @@ def test_quick_run_writes_its_section_and_plot(vision, tmp_path):
         assert all(float(values[f"{name} img/s"]) > 0 for name in vision.VARIANTS), px
     at_64 = dict(zip(header, rows[64], strict=True))
     assert float(at_64["RMT MaSA peak MiB"]) > float(at_64["RMT MaSAD peak MiB"]), "MaSA's scores are (HW)^2"
+
+
+def test_vision_compare_builds_the_models_of_the_table_and_measures_one():
+    spec = importlib.util.spec_from_file_location("vision_compare", SCRIPT.with_name("vision_compare.py"))
+    vision_compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vision_compare)
+    counts = {
+        name: sum(p.numel() for p in vision_compare.build(name, 224).parameters()) for name in vision_compare.MODELS
+    }
+    assert {name: round(n / 1e6, 1) for name, n in counts.items()} == {
+        "RMT-T (as released)": 14.3,
+        "RMT-T, MaSA at every stage": 14.3,
+        "RMT-T, MaSAD at every stage": 14.3,
+        "ConvNeXt V2-nano": 15.6,
+        "DeiT-S": 22.1,
+    }
+    rmt = vision_compare.build("RMT-T, MaSAD at every stage", 32)
+    assert all(rmt.config.decomposed)
+    result = vision_compare.measure("RMT-T (as released)", vision_compare.QUICK)
+    assert result["inference"]["images_per_s"] > 0 and result["training"]["images_per_s"] > 0
