@@ -210,6 +210,35 @@ def generate(args: argparse.Namespace) -> None:
         print(tokenizer.decode(out[0, ids.shape[1] :].tolist()))
 
 
+def inspect(args: argparse.Namespace) -> None:
+    """Print a trained model's heads (gamma, horizon) and, for a text, how far back each head's state reaches."""
+    from .data import load_tokenizer
+    from .memory import DISTANCES, bucket_names, heads, state_shares
+    from .models import RetNetForCausalLM
+
+    ckpt = _generation_checkpoint(args.checkpoint)
+    model = RetNetForCausalLM.from_pretrained(ckpt).eval()
+    text = Path(args.file).read_text() if args.file else args.text
+    rows = [vars(head) for head in heads(model)]
+    names = bucket_names(DISTANCES)
+    if text:
+        ids = torch.tensor([load_tokenizer(ckpt).encode(text)])
+        shares = state_shares(model, ids)  # (L, H, buckets)
+        for row in rows:
+            row["shares"] = dict(zip(names, shares[row["layer"], row["head"]].tolist(), strict=True))
+    if args.json:
+        print(json.dumps({"tokens": None if not text else ids.shape[1], "heads": rows}, indent=1))
+        return
+    header = f"{'layer':>5} {'head':>4} {'gamma':>10} {'horizon':>8}"
+    if text:
+        print(f"{ids.shape[1]} tokens; the state's share from tokens at each distance back (see retentive.memory)")
+        header += "".join(f"{name:>11}" for name in names)
+    print(header)
+    for row in rows:
+        line = f"{row['layer']:>5} {row['head']:>4} {row['gamma']:>10.6f} {row['horizon']:>8,}"
+        print(line + "".join(f"{share:>10.1%} " for share in row.get("shares", {}).values()))
+
+
 def demo(args: argparse.Namespace) -> None:
     """Train retnet-tiny on Shakespeare in minutes; perplexity, a sample, the three forms, O(1) decoding."""
     from .demo import run_demo
@@ -282,6 +311,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-implementation", choices=DECODE_IMPLEMENTATIONS, default="eager",
                    help="the decoding step: eager, or compiled (it compiles first, in seconds)")  # fmt: skip
     p.set_defaults(func=generate)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="a trained model's heads: gamma, horizon, and how far back their state reaches")
+    p.add_argument("checkpoint", help="a run directory, a checkpoint folder or a save_pretrained folder")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", default=None, help="a text to read: the state's share by distance, per head")
+    text.add_argument("--file", default=None, help="read the text from this file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=inspect)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -521,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_demo(sub)
     _add_train(sub)
     _add_generate(sub)
+    _add_inspect(sub)
     _add_serve(sub)
     _add_train_vision(sub)
     _add_bench(sub)
