@@ -236,7 +236,7 @@ def inspect(args: argparse.Namespace) -> None:
     print(header)
     for row in rows:
         line = f"{row['layer']:>5} {row['head']:>4} {row['gamma']:>10.6f} {row['horizon']:>8,}"
-        print(line + "".join(f"{share:>10.1%} " for share in row.get("shares", {}).values()))
+        print(line + "".join(f"{share:>11.1%}" for share in row.get("shares", {}).values()))
 
 
 def demo(args: argparse.Namespace) -> None:
