@@ -48,9 +48,6 @@ def refused(response: httpx.Response, status: int, param: str | None) -> dict:
         ({"seed": 2**64}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
         ({"n": 5}, "n"),  # --max-n 4 by default, though 16 slots are free
-        ({"logprobs": 0}, "logprobs"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 0}, "top_logprobs"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
@@ -67,12 +64,10 @@ def refused(response: httpx.Response, status: int, param: str | None) -> dict:
 def test_what_cannot_be_honoured_is_refused_naming_the_parameter(url, extra, param):
     error = refused(post(url, {"model": "tiny", "prompt": "hi", **extra}), 400, param)
     assert param in error["message"]
-    if param == "logprobs":
-        assert "not supported by this server yet" in error["message"]
 
 
 def test_neutral_values_of_refused_parameters_are_accepted(url):
-    neutral = {"logprobs": False, "echo": False, "store": False, "repetition_penalty": 1.0, "tool_choice": "none"}
+    neutral = {"echo": False, "store": False, "repetition_penalty": 1.0, "tool_choice": "none"}
     assert post(url, {"model": "tiny", "prompt": "hi", "max_tokens": 2, **neutral}).status_code == 200
 
 

@@ -145,7 +145,8 @@ def retnet_url():
         ({"model": "tiny", "prompt": "hi", "top_k": -2}, 400, "top_k"),
         ({"model": "tiny", "prompt": "hi", "n": 5}, 400, "n"),
         ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-        ({"model": "tiny", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+        ({"model": "tiny", "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+        ({"model": "tiny", "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
         ({"model": "tiny"}, 400, "prompt"),
     ],
 )

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data import Tokenizer
 from . import protocol
-from .engine import Delta, Done, Engine, Event, QueueFull, SamplingParams
+from .engine import Delta, Done, Engine, Event, PromptLogprobs, QueueFull, SamplingParams
 from .engine import Request as EngineRequest
 from .metrics import Metrics
 
@@ -219,6 +219,8 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, http: Request):
         _check_request(body)
+        if body.max_tokens == 0 and not body.echo:
+            raise _invalid("max_tokens=0 generates nothing: set echo=true to score the prompt", "max_tokens")
         if isinstance(body.prompt, str):
             prompt, _ = await _tokenize([body.prompt], "prompt")
         else:
@@ -226,11 +228,14 @@ def create_app(
             _check_length(len(prompt), "prompt")
             if any(not 0 <= t < engine.backend.vocab_size for t in prompt):
                 raise _invalid(f"prompt holds token ids outside [0, {engine.backend.vocab_size})", "prompt")
-        return await _generate(body, prompt, [], http, chat=False)
+        echo = (body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt)) if body.echo else ""
+        return await _generate(body, prompt, [], http, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatCompletionRequest, http: Request):
         _check_request(body)
+        if body.top_logprobs_ is not None and not body.logprobs:
+            raise _invalid("top_logprobs needs logprobs=true", "top_logprobs")
         try:
             segments = protocol.chat_segments(body.messages)
         except ValueError as e:
@@ -286,13 +291,13 @@ def create_app(
             )
 
     async def _generate(
-        body: protocol.SamplingRequest, prompt: list[int], points: list[int], http: Request, chat: bool
+        body: protocol.SamplingRequest, prompt: list[int], points: list[int], http: Request, chat: bool, echo: str = ""
     ):
         param = "messages" if chat else "prompt"
         if not prompt:
             raise _invalid("the prompt encodes to no tokens: give some text", param)
         _check_length(len(prompt), param)
-        max_tokens = body.max_tokens or limits.default_max_tokens
+        max_tokens = limits.default_max_tokens if body.max_tokens is None else body.max_tokens
         if max_tokens > limits.max_tokens:
             raise _invalid(f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}", "max_tokens")
         if limits.max_context is not None and len(prompt) + max_tokens > limits.max_context:
@@ -310,6 +315,8 @@ def create_app(
             stop=body.stop,
             seed=body.seed,
             ignore_eos=body.ignore_eos,
+            logprobs=body.top_logprobs,
+            echo=body.echo,
         )
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         last = [time.perf_counter()] + [None] * body.n  # [arrival, then each choice's latest token time]
@@ -333,12 +340,21 @@ def create_app(
             raise APIError(429, str(e), "rate_limit_error", None, "rate_limit_exceeded") from e
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            stream = _stream(request, events, rid, chat, body.include_usage)
+            stream = _stream(request, events, rid, chat, body.include_usage, echo)
             return StreamingResponse(stream, media_type="text/event-stream")
-        return await _collect(request, events, rid, chat, http)
+        return await _collect(request, events, rid, chat, http, echo)
 
-    async def _collect(request: EngineRequest, events: asyncio.Queue, rid: str, chat: bool, http: Request) -> dict:
-        texts, reasons = [""] * request.n, [None] * request.n
+    def _logprobs(entries: list, chat: bool, offset: int = 0) -> dict:
+        if chat:
+            return protocol.chat_logprobs(entries, tokenizer)
+        return protocol.completion_logprobs(entries, tokenizer, offset)
+
+    async def _collect(
+        request: EngineRequest, events: asyncio.Queue, rid: str, chat: bool, http: Request, echo: str
+    ) -> dict:
+        texts, reasons = [echo] * request.n, [None] * request.n
+        entries: list[list] = [[] for _ in range(request.n)]
+        asked = request.params.logprobs is not None
         watcher = asyncio.create_task(_cancel_on_disconnect(http, request))
         try:
             while True:
@@ -346,9 +362,15 @@ def create_app(
                 if isinstance(event, Delta):
                     texts[event.index] += event.text
                     reasons[event.index] = event.finish_reason or reasons[event.index]
+                    if event.logprob is not None:
+                        entries[event.index].append(event.logprob)
+                elif isinstance(event, PromptLogprobs):
+                    entries = [list(event.tokens) for _ in range(request.n)]
                 elif isinstance(event, Done):
                     use = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-                    return protocol.completion_body(rid, model_name, list(zip(texts, reasons, strict=True)), use, chat)
+                    logprobs = [_logprobs(e, chat) if asked else None for e in entries]
+                    choices = list(zip(texts, reasons, logprobs, strict=True))
+                    return protocol.completion_body(rid, model_name, choices, use, chat)
                 elif request.cancelled:  # the client went away: nobody reads the answer
                     return {}
                 else:
@@ -358,16 +380,29 @@ def create_app(
             request.cancel()  # a no-op once done
 
     async def _stream(
-        request: EngineRequest, events: asyncio.Queue, rid: str, chat: bool, include_usage: bool
+        request: EngineRequest, events: asyncio.Queue, rid: str, chat: bool, include_usage: bool, echo: str
     ) -> AsyncIterator[str]:
+        offsets = [0] * request.n  # characters of each choice's text sent so far (for text_offset)
         try:
             if chat:
                 for index in range(request.n):
                     yield _sse(protocol.role_chunk(rid, model_name, index))
+            if echo and request.params.logprobs is None:  # with logprobs, the prompt goes out with its own
+                for index in range(request.n):
+                    yield _sse(protocol.chunk_body(rid, model_name, index, echo, None, chat))
+                    offsets[index] = len(echo)
             while True:
                 event = await events.get()
                 if isinstance(event, Delta):
-                    yield _sse(protocol.chunk_body(rid, model_name, event.index, event.text, event.finish_reason, chat))
+                    lp = None if event.logprob is None else _logprobs([event.logprob], chat, offsets[event.index])
+                    body = protocol.chunk_body(rid, model_name, event.index, event.text, event.finish_reason, chat, lp)
+                    offsets[event.index] += len(tokenizer.decode([event.logprob.token])) if lp else 0
+                    yield _sse(body)
+                elif isinstance(event, PromptLogprobs):
+                    for index in range(request.n):
+                        lp = _logprobs(event.tokens, chat)
+                        yield _sse(protocol.chunk_body(rid, model_name, index, echo, None, chat, lp))
+                        offsets[index] = len(tokenizer.decode(e.token for e in event.tokens))
                 elif isinstance(event, Done):
                     if include_usage:
                         use = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)

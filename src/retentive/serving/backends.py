@@ -17,6 +17,8 @@ All methods run on the engine's thread, under ``torch.inference_mode``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
@@ -36,6 +38,7 @@ class Backend:
     """
 
     kind = "model"
+    prompt_forward: ClassVar[dict[str, str]] = {}  # the arguments of :meth:`prompt_logits`'s forward
 
     def __init__(self, model: nn.Module, max_batch: int) -> None:
         if max_batch < 1:
@@ -92,6 +95,12 @@ class Backend:
         """Bytes held now by the states of all slots (what grows with the context, if anything does)."""
         raise NotImplementedError
 
+    def prompt_logits(self, ids: list[int]) -> Tensor:
+        """The logits (T, V) at every position of ``ids``, float32, from one forward without any slot's state
+        (for the log-probabilities of an echoed prompt)."""
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False, **self.prompt_forward)
+        return out.logits[0].float()
+
     def _logits(self, ids: Tensor, cache, use_cache: bool = True):
         out = self.model(input_ids=ids, use_cache=use_cache, logits_to_keep=1, **{CACHE_NAME: cache})
         return out.logits[:, -1].float(), cache_of(out)
@@ -104,6 +113,7 @@ class RetNetBackend(Backend):
     """
 
     kind = "retnet"
+    prompt_forward: ClassVar[dict[str, str]] = {"mode": "chunkwise"}  # linear in the prompt's length
 
     def __init__(self, model: RetNetForCausalLM, max_batch: int) -> None:
         super().__init__(model, max_batch)

@@ -54,16 +54,38 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each token's log-probability and this many of the likeliest; None: no
+    echo: bool = False  # with logprobs: report the prompt's tokens too (one :class:`PromptLogprobs` event)
+
+
+@dataclass
+class TokenLogprob:
+    """A token and its log-probability under the model (log-softmax of the logits, before temperature, top-k and
+    top-p), with the ``top`` likeliest tokens and theirs."""
+
+    token: int
+    logprob: float | None  # None for a prompt's first token: nothing precedes it
+    top: list[tuple[int, float]]
 
 
 @dataclass
 class Delta:
     """The text one new token of choice ``index`` adds (``""`` while it is held back: part of a character or of a
-    possible stop string); ``finish_reason`` ("stop" | "length") on the last one."""
+    possible stop string); ``finish_reason`` ("stop" | "length") on the last one; the token's ``logprob`` when the
+    request asked for them."""
 
     index: int
     text: str
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
+
+
+@dataclass
+class PromptLogprobs:
+    """The prompt's tokens with their log-probabilities, before the first :class:`Delta` of a request that asked
+    for ``echo`` and ``logprobs``; the first token has none (nothing precedes it)."""
+
+    tokens: list[TokenLogprob]
 
 
 @dataclass
@@ -82,7 +104,7 @@ class Failed:
     message: str
 
 
-Event = Delta | Done | Failed
+Event = Delta | PromptLogprobs | Done | Failed
 
 
 class TextStream:
@@ -421,7 +443,20 @@ class Engine:
             self._start_decoding(request, logits)
 
     def _start_decoding(self, request: Request, logits: Tensor) -> None:
-        """Give every choice the prompt's state, sample its first token from ``logits`` (V,), and let it decode."""
+        """Give every choice the prompt's state, sample its first token from ``logits`` (V,), and let it decode.
+        With ``echo`` and ``logprobs``, the prompt's log-probabilities go out first (one forward over it, without
+        the state: a prompt read from the prompt cache needs them too); ``max_tokens == 0`` ends the request here."""
+        p = request.params
+        if p.echo and p.logprobs is not None:
+            prompt_logits = self.backend.prompt_logits(request.prompt)  # (T, V)
+            scored = token_logprobs(prompt_logits[:-1], request.prompt[1:], p.logprobs)
+            request.emit(PromptLogprobs([TokenLogprob(request.prompt[0], None, []), *scored]))
+        if p.max_tokens == 0:
+            for seq in request.sequences:
+                seq.finish_reason = "length"
+                self._release(seq)
+            request.emit(Done(len(request.prompt), 0, request.cached_tokens))
+            return
         first = request.sequences[0]
         for seq in request.sequences[1:]:
             self.backend.fork(first.slot, seq.slot)
@@ -449,11 +484,12 @@ class Engine:
                     if p.temperature == 0
                     else sample_token(logits[row], p.temperature, p.top_k, p.top_p, seq.generator)
                 )
-                self._advance(request, seq, token)
+                logprob = None if p.logprobs is None else token_logprobs(logits[row, None], [token], p.logprobs)[0]
+                self._advance(request, seq, token, logprob)
             except Exception as e:
                 self._fail(request, e)
 
-    def _advance(self, request: Request, seq: Sequence, token: int) -> None:
+    def _advance(self, request: Request, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Take the sampled token: give out its text, and end the sequence if it is done."""
         seq.tokens.append(token)
         self.generated_tokens += 1
@@ -464,7 +500,7 @@ class Engine:
             reason = "stop" if stopped else "length" if len(seq.tokens) >= request.params.max_tokens else None
             if reason == "length":
                 text += seq.text.flush()
-        request.emit(Delta(seq.index, text, reason))  # one event per token, its text possibly held back: ""
+        request.emit(Delta(seq.index, text, reason, logprob))  # one event per token, its text possibly held back: ""
         if reason is None:
             return
         seq.finish_reason = reason
@@ -506,6 +542,20 @@ class Engine:
         running = {id(r): r for r in (*waiting, *self.prefilling, *(r for r, _ in self.decoding))}
         for request in running.values():
             self._fail(request, message)
+
+
+def token_logprobs(logits: Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's token with its log-probability (float32 log-softmax of ``logits`` (N, V)) and the ``top``
+    likeliest tokens with theirs."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    if top == 0:
+        return [TokenLogprob(t, lp, []) for t, lp in zip(tokens, chosen, strict=True)]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [
+        TokenLogprob(t, lp, list(zip(i, v, strict=True)))
+        for t, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist(), strict=True)
+    ]
 
 
 def sample_token(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:

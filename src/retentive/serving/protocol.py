@@ -1,7 +1,7 @@
 """The OpenAI wire format: pydantic request models (validated on arrival), response bodies and error bodies.
 
 Only what the server honours is accepted with a meaning; OpenAI's (and vLLM's) parameters it cannot honour
-(``logprobs``, ``echo``, penalties, tools, guided decoding, ...) are refused with a 400 naming them when set, rather
+(penalties, tools, guided decoding, ...) are refused with a 400 naming them when set, rather
 than silently ignored. Other unknown fields are ignored, as OpenAI's clients add new ones over time.
 """
 
@@ -16,9 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # parameters that this server cannot honour: refused when set to anything but a neutral value, compared with its
 # type (``logprobs: 0`` asks for log-probabilities, unlike ``logprobs: false``)
 UNSUPPORTED = {
-    "logprobs": (None, False),
-    "top_logprobs": (None,),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
@@ -45,7 +42,6 @@ UNSUPPORTED = {
     "guided_choice": (None,),
     "guided_grammar": (None,),
 }
-NOT_YET = {"logprobs", "top_logprobs", "echo"}  # refused for now: their support is on its way
 SEED_RANGE = (-(2**63), 2**63)  # a signed 64-bit integer, as OpenAI's and vLLM's seeds
 
 
@@ -81,8 +77,7 @@ class SamplingRequest(BaseModel):
             neutral = UNSUPPORTED.get(name)
             if neutral is None or any(type(value) is type(v) and value == v for v in neutral):
                 continue
-            when = " yet" if name in NOT_YET else ""
-            return name, f"{name}={value!r} is not supported by this server{when}: leave it unset"
+            return name, f"{name}={value!r} is not supported by this server: leave it unset"
         return None
 
     @property
@@ -92,10 +87,18 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    """``POST /v1/completions``: one prompt, as text or as token ids."""
+    """``POST /v1/completions``: one prompt, as text or as token ids. ``logprobs``: report each token's
+    log-probability and that many alternatives (0-5); ``echo``: the prompt comes back before the completion, with
+    its tokens' log-probabilities when ``logprobs`` is set (``max_tokens: 0`` then scores a text, as evaluators do)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -136,12 +139,23 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs_: int | None = Field(default=None, ge=0, le=20, alias="top_logprobs")
 
     @model_validator(mode="after")
     def _one_limit(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """How many alternatives to report per token, None for no log-probabilities."""
+        return (self.top_logprobs_ or 0) if self.logprobs else None
+
+    @property
+    def echo(self) -> bool:
+        return False
 
 
 def chat_segments(messages: list[ChatMessage]) -> list[str]:
@@ -172,35 +186,40 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
-def completion_body(rid: str, model: str, choices: list[tuple[str, str | None]], use: dict | None, chat: bool) -> dict:
+def completion_body(
+    rid: str, model: str, choices: list[tuple[str, str | None, dict | None]], use: dict | None, chat: bool
+) -> dict:
     """A whole response (``chat=False``: ``text_completion``; True: ``chat.completion``).
 
     Args:
-        choices: (text, finish_reason) per choice, in order.
+        choices: (text, finish_reason, logprobs object or None) per choice, in order.
         use: the token counts (:func:`usage`), or None in a streamed chunk that carries none.
     """
     if chat:
         items = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-            for i, (text, reason) in enumerate(choices)
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": lp}
+            for i, (text, reason, lp) in enumerate(choices)
         ]
     else:
         items = [
-            {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-            for i, (text, reason) in enumerate(choices)
+            {"index": i, "text": text, "finish_reason": reason, "logprobs": lp}
+            for i, (text, reason, lp) in enumerate(choices)
         ]
     kind = "chat.completion" if chat else "text_completion"
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": items, "usage": use}
 
 
-def chunk_body(rid: str, model: str, index: int, text: str | None, reason: str | None, chat: bool) -> dict:
-    """One streamed chunk of choice ``index``: a piece of text and/or its finish reason."""
+def chunk_body(
+    rid: str, model: str, index: int, text: str | None, reason: str | None, chat: bool, logprobs: dict | None = None
+) -> dict:
+    """One streamed chunk of choice ``index``: a piece of text and/or its finish reason, and the ``logprobs`` of
+    its token(s) when asked for."""
     if chat:
         delta = {} if text is None else {"content": text}
-        item = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+        item = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
         kind = "chat.completion.chunk"
     else:
-        item = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+        item = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
         kind = "text_completion"
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [item]}
 
@@ -216,3 +235,36 @@ def usage_chunk(rid: str, model: str, use: dict, chat: bool) -> dict:
     """The last streamed chunk when ``stream_options.include_usage``: no choices, the token counts."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [], "usage": use}
+
+
+def token_text(tokenizer, token: int) -> str:
+    """One token as the logprobs objects name it: its text, or ``token_id:N`` where it is no text on its own (a
+    piece of a character), so that two such tokens never share a key of ``top_logprobs``."""
+    text = tokenizer.decode([token])
+    return f"token_id:{token}" if "\ufffd" in text else text
+
+
+def completion_logprobs(entries: list, tokenizer, offset: int = 0) -> dict:
+    """A completion's ``logprobs`` object for ``entries`` (:class:`~retentive.serving.engine.TokenLogprob`), whose
+    text starts at character ``offset`` of the choice's text."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for entry in entries:
+        out["tokens"].append(token_text(tokenizer, entry.token))
+        out["token_logprobs"].append(entry.logprob)
+        top = None if entry.logprob is None else {token_text(tokenizer, t): lp for t, lp in entry.top}
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(tokenizer.decode([entry.token]))
+    return out
+
+
+def chat_logprobs(entries: list, tokenizer) -> dict:
+    """A chat choice's ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``; ``bytes``
+    is null for a token that is no text on its own."""
+
+    def item(token: int, logprob: float) -> dict:
+        text = token_text(tokenizer, token)
+        raw = None if text.startswith("token_id:") else list(text.encode("utf-8"))
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [item(e.token, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
