@@ -133,3 +133,17 @@ def test_a_streamed_echo_sends_the_prompt_and_its_logprobs_first(served):
     assert first["text"] == "abc" and first["logprobs"]["tokens"] == ["a", "b", "c"]
     assert first["logprobs"]["token_logprobs"][0] is None and first["logprobs"]["text_offset"] == [0, 1, 2]
     assert [c["choices"][0]["logprobs"]["text_offset"][0] for c in chunks[1:]] == [3, 4]
+
+
+@pytest.mark.parametrize("kind", ["retnet", "transformer"])
+def test_the_prompt_is_scored_piece_by_piece_as_in_one_forward(kind):
+    """An echoed prompt's logits come in pieces (memory flat in the prompt's length), each continuing the last."""
+    from retentive.serving import backend_for
+
+    model = tiny_model(kind)
+    ids = TOKENIZER.encode("pieces of a longer prompt, cut every five tokens")
+    pieces = list(backend_for(model, max_batch=2).prompt_logits(ids, piece=5))
+    assert [p.shape[0] for p in pieces] == [5] * (len(ids) // 5) + [len(ids) % 5]
+    with torch.no_grad():
+        whole = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    torch.testing.assert_close(torch.cat(pieces), whole, rtol=1e-4, atol=1e-4)

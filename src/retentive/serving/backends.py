@@ -17,7 +17,7 @@ All methods run on the engine's thread, under ``torch.inference_mode``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,6 @@ class Backend:
     """
 
     kind = "model"
-    prompt_forward: ClassVar[dict[str, str]] = {}  # the arguments of :meth:`prompt_logits`'s forward
 
     def __init__(self, model: nn.Module, max_batch: int) -> None:
         if max_batch < 1:
@@ -95,11 +94,16 @@ class Backend:
         """Bytes held now by the states of all slots (what grows with the context, if anything does)."""
         raise NotImplementedError
 
-    def prompt_logits(self, ids: list[int]) -> Tensor:
-        """The logits (T, V) at every position of ``ids``, float32, from one forward without any slot's state
-        (for the log-probabilities of an echoed prompt)."""
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False, **self.prompt_forward)
-        return out.logits[0].float()
+    def prompt_logits(self, ids: list[int], piece: int = 512) -> Iterator[Tensor]:
+        """The logits at every position of ``ids``, float32, ``piece`` positions at a time ((piece, V) each), from
+        forwards that carry their own cache and touch no slot: an echoed prompt's log-probabilities, in memory
+        that does not grow with the prompt (all its logits at once would be T x V floats)."""
+        cache = None
+        for start in range(0, len(ids), piece):
+            x = torch.tensor([ids[start : start + piece]], device=self.device)
+            out = self.model(input_ids=x, use_cache=True, **{CACHE_NAME: cache})
+            cache = cache_of(out)
+            yield out.logits[0].float()
 
     def _logits(self, ids: Tensor, cache, use_cache: bool = True):
         out = self.model(input_ids=ids, use_cache=use_cache, logits_to_keep=1, **{CACHE_NAME: cache})
@@ -113,7 +117,6 @@ class RetNetBackend(Backend):
     """
 
     kind = "retnet"
-    prompt_forward: ClassVar[dict[str, str]] = {"mode": "chunkwise"}  # linear in the prompt's length
 
     def __init__(self, model: RetNetForCausalLM, max_batch: int) -> None:
         super().__init__(model, max_batch)

@@ -448,9 +448,12 @@ class Engine:
         the state: a prompt read from the prompt cache needs them too); ``max_tokens == 0`` ends the request here."""
         p = request.params
         if p.echo and p.logprobs is not None:
-            prompt_logits = self.backend.prompt_logits(request.prompt)  # (T, V)
-            scored = token_logprobs(prompt_logits[:-1], request.prompt[1:], p.logprobs)
-            request.emit(PromptLogprobs([TokenLogprob(request.prompt[0], None, []), *scored]))
+            scored, start = [TokenLogprob(request.prompt[0], None, [])], 0
+            for piece in self.backend.prompt_logits(request.prompt):  # (length, V): position t predicts token t + 1
+                targets = request.prompt[start + 1 : start + 1 + piece.shape[0]]
+                scored += token_logprobs(piece[: len(targets)], targets, p.logprobs)
+                start += piece.shape[0]
+            request.emit(PromptLogprobs(scored))
         if p.max_tokens == 0:
             for seq in request.sequences:
                 seq.finish_reason = "length"
