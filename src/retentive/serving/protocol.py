@@ -240,7 +240,10 @@ def usage_chunk(rid: str, model: str, use: dict, chat: bool) -> dict:
 def token_text(tokenizer, token: int) -> str:
     """One token as the logprobs objects name it: its text, or ``token_id:N`` where it is no text on its own (a
     piece of a character), so that two such tokens never share a key of ``top_logprobs``."""
-    text = tokenizer.decode([token])
+    return _name(tokenizer.decode([token]), token)
+
+
+def _name(text: str, token: int) -> str:
     return f"token_id:{token}" if "\ufffd" in text else text
 
 
@@ -249,12 +252,13 @@ def completion_logprobs(entries: list, tokenizer, offset: int = 0) -> dict:
     text starts at character ``offset`` of the choice's text."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for entry in entries:
-        out["tokens"].append(token_text(tokenizer, entry.token))
+        text = tokenizer.decode([entry.token])
+        out["tokens"].append(_name(text, entry.token))
         out["token_logprobs"].append(entry.logprob)
         top = None if entry.logprob is None else {token_text(tokenizer, t): lp for t, lp in entry.top}
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
-        offset += len(tokenizer.decode([entry.token]))
+        offset += len(text)
     return out
 
 
