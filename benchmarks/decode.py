@@ -49,7 +49,7 @@ QUICK = {
     "contexts": [16],
     "batches": [1, 2],
     "steps": 2,
-    "generate": {"prompt": 8, "new_tokens": 4, "repeats": 1},
+    "generate": {"prompt": 8, "new_tokens": 16, "repeats": 3},
     "prefill_tokens": 32,
     "rounds": 1,
     "timeout_s": 300,

@@ -1,6 +1,7 @@
 """benchmarks/decode.py end to end at tiny sizes, and its targets judged on made-up figures."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -16,7 +17,8 @@ def test_quick_run_writes_every_cell_and_the_targets(tmp_path):
         assert "error" not in cell, cell
         assert cell["b1"]["ms_per_token"] > 0 and cell["b2"]["tokens_per_s"] > 0
     assert results["decode"]["retentive (compiled)"]["16"]["warm_up_s"] > 0
-    assert all(results["generate"][k]["ms_per_token"] > 0 for k in ("eager", "compiled"))
+    # a difference of two timings at tiny sizes: its sign is noise, so only its presence is checked here
+    assert all(math.isfinite(results["generate"][k]["ms_per_token"]) for k in ("eager", "compiled"))
     assert results["prefill"]["retentive"]["tokens_per_s"] > 0
     assert results["bound"]["b1"]["weights_ms"] > 0 and results["bound"]["b2"]["state_bytes"] > 0
     claims = [claim for claim, _, _ in decode.checks(results)]
