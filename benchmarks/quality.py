@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -167,6 +168,7 @@ def train_and_evaluate(job: dict, plan: dict) -> dict:
             ppl[str(factor)] = trainer.evaluate()["val_ppl"]
     return {
         "val_ppl": ppl,
+        "summary": f"val ppl {ppl}",
         "final_train_loss": result.losses[-1],
         "train_seconds": seconds,
         "parameters": count_parameters(model),
@@ -180,8 +182,12 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_jobs(jobs: list[dict], plan: dict, workers: int) -> list[dict]:
-    """Every job, ``workers`` at a time in fresh processes of ``threads`` torch threads each (one process: here)."""
+def run_jobs(
+    jobs: list[dict], plan: dict, workers: int, work: Callable[[dict, dict], dict] | None = None
+) -> list[dict]:
+    """``work(job, plan)`` (default :func:`train_and_evaluate`) for every job, ``workers`` at a time in fresh
+    processes of ``threads`` torch threads each (one process: here)."""
+    work = work or train_and_evaluate
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     with (
@@ -189,13 +195,12 @@ def run_jobs(jobs: list[dict], plan: dict, workers: int) -> list[dict]:
         if workers <= 1
         else concurrent.futures.ProcessPoolExecutor(workers, context, _init_worker, (threads,))
     ) as pool:
-        futures = [pool.submit(train_and_evaluate, job, plan) if pool else job for job in jobs]
+        futures = [pool.submit(work, job, plan) if pool else job for job in jobs]
         results = []
         for job, future in zip(jobs, futures, strict=True):
-            results.append(future.result() if pool else train_and_evaluate(job, plan))
-            log.info(
-                "%-12s %-48s seed %d: val ppl %s", job["corpus"], job["label"], job["seed"], results[-1]["val_ppl"]
-            )
+            results.append(future.result() if pool else work(job, plan))
+            where = job.get("corpus", "")
+            log.info("%-12s %-48s seed %d: %s", where, job["label"], job["seed"], results[-1].get("summary", "done"))
         return results
 
 
