@@ -111,7 +111,7 @@ def open_rgb(path: Path) -> Image.Image:
 
 def read_image(path: Path) -> Tensor:
     """The image at ``path`` as uint8 (3, H, W)."""
-    return torch.from_numpy(np.asarray(open_rgb(path))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)
 
 
 def _map(fn: Callable[[Path], Any], paths: list[Path], threads: int) -> list[Any]:
