@@ -91,4 +91,4 @@ def test_eval_batches_are_the_inference_preprocessing(tmp_path):
     assert labels.tolist() == [label for _, label in folder.val] and labels.dtype == torch.int64
     assert torch.equal(torch.cat([b["pixel_values"] for b in FolderEval(folder.val, processor, 7)]), pixels)
     halves = [FolderEval(folder.val, processor, 2, rank=r, world_size=2) for r in (0, 1)]
-    assert sorted(sum((b["labels"].tolist() for h in halves for b in h), [])) == sorted(labels.tolist())
+    assert sorted(label for h in halves for b in h for label in b["labels"].tolist()) == sorted(labels.tolist())
