@@ -426,7 +426,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def train_vision(args: argparse.Namespace) -> None:
-    """Train ViR, RMT or the ViT baseline on an offline image dataset; report test accuracy and time."""
+    """Train ViR, RMT or the ViT baseline on an offline image dataset or an image folder; report accuracy and time."""
     from .training import TrainConfig
     from .training.vision import VisionConfig
     from .training.vision import train_vision as run
@@ -437,31 +437,40 @@ def train_vision(args: argparse.Namespace) -> None:
         "vision": dict(
             model=args.model, data=args.data, data_root=args.data_root, batch_size=args.batch_size,
             epochs=None if args.steps else args.epochs, eval_batch_size=args.eval_batch_size, seed=args.seed,
+            image_size=args.image_size, rand_augment=args.rand_augment, mixup=args.mixup, cutmix=args.cutmix,
+            label_smoothing=args.label_smoothing,
         ),
         "train": dict(
             steps=args.steps or 1, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-            grad_clip=args.grad_clip, eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval,
-            log_interval=args.log_interval, device=args.device, perplexity=False, progress=not args.no_progress,
+            grad_clip=args.grad_clip, ema_decay=args.ema_decay, eval_interval=args.eval_interval,
+            ckpt_interval=args.ckpt_interval, log_interval=args.log_interval, device=args.device, perplexity=False,
+            progress=not args.no_progress,
         ),
     })  # fmt: skip
     vision, config = VisionConfig(**run_config["vision"]), TrainConfig(**run_config["train"])
     trained = run(vision, config, args.out, resume=args.resume, overwrite=args.overwrite)
     result, n_params = trained.result, sum(p.numel() for p in trained.model.parameters())
     acc = result.eval.get("val_accuracy", float("nan"))
+    ema = f" (EMA {result.eval['val_ema_accuracy']:.4f})" if "val_ema_accuracy" in result.eval else ""
     print(
-        f"{vision.model} ({n_params:,} parameters) on {vision.data}: test accuracy {acc:.4f} "
-        f"after {trained.trainer.step} steps, {result.seconds:.0f} s training"
+        f"{vision.model} ({n_params:,} parameters) on {vision.data}: {'val' if vision.is_folder else 'test'} "
+        f"accuracy {acc:.4f}{ema} after {trained.trainer.step} steps, {result.seconds:.0f} s training"
     )
     print(f"checkpoint: {result.checkpoint}")
 
 
 def _add_train_vision(sub: argparse._SubParsersAction) -> None:
-    from .data import IMAGE_DATASETS
-    from .training.vision import VISION_MODELS
+    from .training.vision import FOLDER_DEFAULTS, VISION_MODELS
 
-    p = sub.add_parser("train-vision", help="train ViR / RMT / the ViT baseline on Fashion-MNIST or digits")
+    p = sub.add_parser(
+        "train-vision", help="train ViR / RMT / the ViT baseline on Fashion-MNIST, digits or an image folder"
+    )
     p.add_argument("--model", choices=VISION_MODELS, default="vir-tiny")
-    p.add_argument("--data", choices=IMAGE_DATASETS, default="fashion-mnist")
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist, digits, or an image folder (train/<class>/*.jpg|png, val/<class>/)",
+    )
     p.add_argument("--data-root", default=None, help="directory of Fashion-MNIST's idx files (default: Debian's)")
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-<data>)")
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the training set (unless --steps)")
@@ -472,6 +481,8 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="a moving average of the weights, evaluated beside them (0: none; timm: 0.9998)")  # fmt: skip
     p.add_argument("--eval-interval", type=int, default=200)
     p.add_argument("--ckpt-interval", type=int, default=200)
     p.add_argument("--log-interval", type=int, default=10)
@@ -482,6 +493,38 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in --out from its last checkpoint, with the options it stored")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("image folder (timm's recipe; needs pip install 'retentive[vision]')")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"side of the square crops the model sees (default {FOLDER_DEFAULTS['image_size']})",
+    )
+    g.add_argument(
+        "--rand-augment",
+        default=None,
+        metavar="mM-nN",
+        help="RandAugment: N operations of magnitude M on timm's 0-10 scale, or none "
+        f"(default {FOLDER_DEFAULTS['rand_augment']})",
+    )
+    g.add_argument(
+        "--mixup",
+        type=float,
+        default=None,
+        help=f"share of batches mixed by MixUp (default {FOLDER_DEFAULTS['mixup']})",
+    )
+    g.add_argument(
+        "--cutmix",
+        type=float,
+        default=None,
+        help=f"share of batches mixed by CutMix, + --mixup <= 1 (default {FOLDER_DEFAULTS['cutmix']})",
+    )
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        help=f"of the targets (default {FOLDER_DEFAULTS['label_smoothing']})",
+    )
     p.set_defaults(func=train_vision)
 
 
@@ -572,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     args.extra = extra
     args.given = _given_options(sub.choices[args.command], argv[argv.index(args.command) + 1 :])
     if args.command == "train-vision" and args.out is None:
-        args.out = f"runs/{args.model}-{args.data}"
+        args.out = f"runs/{args.model}-{Path(args.data).name}"  # a folder's name, or the dataset's
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)

@@ -1,6 +1,7 @@
-"""Corpora, tokenizers, token files, resumable samplers and image datasets, all offline."""
+"""Corpora, tokenizers, token files, resumable samplers, image datasets and image folders, all offline."""
 
 from .corpus import read_corpus, shakespeare_files, strip_gutenberg
+from .image_folder import FolderBatches, FolderEval, ImageFolder, index_image_folder
 from .images import DATASETS as IMAGE_DATASETS
 from .images import ImageData, load_images
 from .sampler import IndexSampler, TensorBatches
@@ -22,7 +23,10 @@ __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
     "EvalWindows",
+    "FolderBatches",
+    "FolderEval",
     "ImageData",
+    "ImageFolder",
     "IndexSampler",
     "TensorBatches",
     "TokenSplits",
@@ -30,6 +34,7 @@ __all__ = [
     "Tokenizer",
     "build_tokenizer",
     "gpt2_tokenizer",
+    "index_image_folder",
     "load_images",
     "load_token_splits",
     "load_tokenizer",

@@ -39,7 +39,8 @@ class ImageClassifier(nn.Module):
 
     @staticmethod
     def classify(logits: Tensor, labels: Tensor | None) -> ImageClassifierOutput:
-        """logits (B, num_classes), labels (B,) or None -> the output, with the cross-entropy loss if labels."""
+        """logits (B, num_classes) and labels -> the output, with the cross-entropy loss if labels: class indices
+        (B,), or class probabilities (B, num_classes) (soft targets: label smoothing, MixUp, CutMix)."""
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return ImageClassifierOutput(loss=loss, logits=logits)
 

@@ -6,9 +6,20 @@ differs in what the paper changes: softmax attention over all tokens, the class 
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
 from transformers import ViTConfig, ViTForImageClassification
 
 from .vir import ViRConfig
+
+
+def classification_loss(labels: Tensor, logits: Tensor, config: Any = None, **kwargs: Any) -> Tensor:
+    """The loss of :meth:`ImageClassifier.classify`, in transformers' signature: cross-entropy against class
+    indices (B,) or class probabilities (B, num_classes) (MixUp's soft targets, which transformers' own loss would
+    take for multi-label ones)."""
+    return F.cross_entropy(logits, labels)
 
 
 def vit_like(config: ViRConfig) -> ViTForImageClassification:
@@ -26,4 +37,6 @@ def vit_like(config: ViRConfig) -> ViTForImageClassification:
         layer_norm_eps=config.norm_eps,
         num_labels=config.num_classes,
     )
-    return ViTForImageClassification(vit)
+    model = ViTForImageClassification(vit)
+    model.loss_function = classification_loss
+    return model

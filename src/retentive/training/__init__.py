@@ -1,4 +1,4 @@
-"""A model-agnostic trainer (AdamW, warm-up + cosine, AMP, DDP, atomic checkpoints, exact resume)."""
+"""A model-agnostic trainer (AdamW, warm-up + cosine, AMP, DDP, EMA, atomic checkpoints, exact resume)."""
 
 from .checkpoint import (
     CheckpointError,
@@ -10,12 +10,14 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .distributed import DistInfo, init_distributed
+from .ema import ModelEMA
 from .optim import build_optimizer, build_scheduler, warmup_cosine
 from .trainer import TrainConfig, Trainer, TrainResult, seed_everything
 
 __all__ = [
     "CheckpointError",
     "DistInfo",
+    "ModelEMA",
     "TrainConfig",
     "TrainResult",
     "Trainer",

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"  # the moving average of the weights, when the run keeps one
 TRAINER_STATE = "trainer_state.pt"
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"

@@ -1,9 +1,10 @@
 """A model-agnostic trainer: any ``nn.Module`` whose ``forward(**batch)`` returns an object with ``.loss``.
 
 It gives AdamW (decay on matrices) with warm-up + cosine, gradient clipping and accumulation, bf16 autocast on CUDA
-(float32 on CPU unless asked), optional ``torch.compile``, evaluation, a tqdm bar, ``metrics.jsonl`` + ``loss.png``,
-atomic checkpoints (weights, optimizer, scheduler, RNG, data position, step) and an exact resume, under ``torchrun``
-with DistributedDataParallel or FSDP2 (``parallel="fsdp"``) as well as alone.
+(float32 on CPU unless asked), optional ``torch.compile``, an optional moving average of the weights (EMA),
+evaluation, a tqdm bar, ``metrics.jsonl`` + ``loss.png``, atomic checkpoints (weights, EMA weights, optimizer,
+scheduler, RNG, data position, step) and an exact resume, under ``torchrun`` with DistributedDataParallel or FSDP2
+(``parallel="fsdp"``) as well as alone.
 
 The training data is any object with ``next_batch() -> dict[str, Tensor]``, ``state_dict()`` and
 ``load_state_dict()`` (e.g. :class:`retentive.data.TokenWindows`, :class:`retentive.data.TensorBatches`); the
@@ -31,7 +32,9 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    EMA_WEIGHTS,
     TRAINER_STATE,
+    CheckpointError,
     checkpoint_dirs,
     load_trainer_state,
     load_weights,
@@ -41,6 +44,7 @@ from .checkpoint import (
     save_weights,
 )
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from .ema import ModelEMA
 from .fsdp import full_state_dicts, load_optimizer_state, shard_model
 from .log import MetricsLog
 from .optim import build_optimizer, build_scheduler
@@ -70,6 +74,7 @@ class TrainConfig:
     weight_decay: float = 0.05  # on 2-D+ parameters only (the paper: 0.05)
     betas: tuple[float, float] = (0.9, 0.98)  # the paper's Adam betas
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+    ema_decay: float = 0.0  # a moving average of the weights, evaluated beside them (0: none; timm: 0.9998)
     eval_interval: int = 200  # steps between evaluations (and one at the end)
     ckpt_interval: int = 500  # steps between checkpoints (and one at the end); 0: only at the end
     keep_last: int = 3  # checkpoints kept
@@ -99,12 +104,19 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1) (0: no moving average), got {self.ema_decay}")
+        if self.ema_decay and self.parallel == "fsdp":
+            raise ValueError("ema_decay needs the whole model on each process: use parallel='ddp' with it")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be None or > 0 seconds, got {self.time_budget}")
         self.betas = tuple(self.betas)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["ema_decay"]:  # the default: run.json as before the option existed, so older runs resume
+            del d["ema_decay"]
+        return d
 
 
 @dataclass
@@ -198,6 +210,7 @@ class Trainer:
         ckpt = self._find_checkpoint(resume) if resume else None
         if ckpt is not None:
             load_weights(self.model, ckpt)  # the full weights, before sharding
+        self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         if self.fsdp:
             shard_model(self.model, self.dist)  # in place: the optimizer must see the sharded parameters
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.betas)
@@ -240,6 +253,10 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
+        if self.ema is not None:
+            if not (ckpt / EMA_WEIGHTS).is_file():
+                raise CheckpointError(f"{ckpt / EMA_WEIGHTS} is missing: that run kept no moving average (ema_decay)")
+            self.ema.load(ckpt / EMA_WEIGHTS)
         self.step = int(state["step"])
         if self.config.time_budget is not None:  # the length fitted so far; otherwise config.steps (a run may grow)
             self.total_steps = int(state.get("total_steps", self.config.steps))
@@ -276,32 +293,38 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.step += 1
         loss_sum, items_sum = all_reduce_sum([total.item(), float(items)], self.dist)
         return loss_sum / self.dist.world_size, float(grad_norm), int(items_sum)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss (and metrics) over the validation batches of every process; ``val_ppl`` = exp(loss)."""
+        """Mean loss (and metrics) over the validation batches of every process; ``val_ppl`` = exp(loss). With a
+        moving average, the same of the averaged weights (``val_ema_loss``, ...), in the same pass over the data."""
         if self.val_data is None:
             return {}
+        models = {"val_": self.model} | ({"val_ema_": self.ema.module} if self.ema is not None else {})
         self.model.eval()
-        sums: dict[str, float] = {"loss": 0.0}
+        sums: dict[str, float] = {}
         count = 0
         for batch in self.val_data:
             batch = self._to_device(batch)
             n = len(next(iter(batch.values())))
-            with self._autocast():
-                out = self.model(**batch)
-            sums["loss"] += out.loss.float().item() * n
-            for k, v in (self.metrics_fn(out, batch) if self.metrics_fn else {}).items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
+            for prefix, model in models.items():
+                with self._autocast():
+                    out = model(**batch)
+                metrics = {"loss": out.loss.float().item(), **(self.metrics_fn(out, batch) if self.metrics_fn else {})}
+                for k, v in metrics.items():
+                    sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v) * n
             count += n
         keys = sorted(sums)
         totals = all_reduce_sum([sums[k] for k in keys] + [float(count)], self.dist)
-        result = {f"val_{k}": v / max(totals[-1], 1) for k, v in zip(keys, totals[:-1], strict=True)}
+        result = {k: v / max(totals[-1], 1) for k, v in zip(keys, totals[:-1], strict=True)}
         if self.config.perplexity:
-            result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
+            for prefix in models:
+                result[prefix + "ppl"] = math.exp(min(result[prefix + "loss"], 50.0))
         return result
 
     def save(self) -> Path:
@@ -321,6 +344,8 @@ class Trainer:
 
             def write(directory: Path) -> None:
                 save_weights(self.model, directory, weights)
+                if self.ema is not None:
+                    self.ema.save(directory / EMA_WEIGHTS)
                 torch.save(state, directory / TRAINER_STATE)
                 (directory / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
                 if self.save_extra is not None:
