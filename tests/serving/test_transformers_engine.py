@@ -68,6 +68,8 @@ def test_greedy_completions_equal_generate_alone_and_among_others(served):
     assert [t.choices[0].text for t in texts] == [expected(model, p, 6 + i) for i, p in enumerate(prompts)]
     assert [t.usage.completion_tokens for t in texts] == [6 + i for i in range(9)]
     assert health(url)["kind"] == "transformers" and health(url)["peak_state_bytes"] > 0
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "vllm:generation_tokens_total" in metrics and "vllm:time_to_first_token_seconds_count" in metrics
     wait_for_nothing_held(url)
 
 
