@@ -81,7 +81,7 @@ bench-forms: setup  # the three forms of retention, T = 512 ... 16,384
 bench-vision: setup  # ViR forms, RMT MaSA vs MaSAD, ViT: images/s and memory vs resolution
 	$(PY) benchmarks/vision.py
 
-bench-serve: setup  # RetNet vs the Transformer behind `retentive serve`: 1-64 clients, prompts 128-8,192 tokens
+bench-serve: setup  # RetNet (retentive serve) vs the Transformer (transformers' continuous batching), as vLLM measures
 	$(PY) benchmarks/serve.py
 
 gpu-wheels:  # the wheels the GPU machine lacks, into .whl/ (docs/gpu.md)

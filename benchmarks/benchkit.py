@@ -51,9 +51,10 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     return _status_bytes("VmHWM", pid)
 
 
-def reset_peak_rss() -> None:
-    """Lower this process's high-water mark to its current resident size (``/proc/self/clear_refs``)."""
-    Path("/proc/self/clear_refs").write_text("5")
+def reset_peak_rss(pid: int | str = "self") -> None:
+    """Lower the high-water mark of process ``pid`` (this one, or a child of ours) to its current resident size
+    (``/proc/<pid>/clear_refs``)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def require_proc(script: str) -> None:

@@ -1,21 +1,27 @@
-"""Serving under load: RetNet and its Transformer twin behind the same server, N concurrent clients on loopback.
+"""Serving, measured as serving engines measure it (vLLM's ``vllm bench serve``): RetNet behind ``retentive serve``
+against its Transformer twin behind transformers' own continuous batching, both behind the same OpenAI front end.
 
-    python benchmarks/serve.py            # the tiny presets; writes the "Serving" section of docs/benchmarks.md
-    python benchmarks/serve.py --quick    # a micro model and two small cells (what the test runs)
+    python benchmarks/serve.py            # the full plan; writes the "Serving" section of docs/benchmarks.md
+    python benchmarks/serve.py --quick    # a micro model and tiny cells (what the test runs)
 
-For each model (``retnet-tiny`` and ``transformer-tiny``, parameter-matched, random weights, byte tokenizer) and
-with the prompt-state cache off and on, one ``retentive serve`` process is started on 127.0.0.1; for each prompt
-length and number of clients, every client sends ``--requests`` streamed chat requests one after the other. A
-request's system message is the prompt length less the tokens of the template and the user message (58), shared
-by every request of the cell (a new one per cell); its user message is unique. Every request generates
-``--max-tokens`` tokens (``ignore_eos``).
+Servers (one ``retentive serve`` process on 127.0.0.1 per server and shape, so that each one's peak memory and
+its key-value pool belong to that shape): ``retnet-tiny`` on retentive's engine with the prompt-state cache off
+and on, and ``transformer-tiny`` (its parameter-matched Llama twin) on transformers' ``ContinuousBatchingManager``
+(``--engine transformers``: paged cache, SDPA, its prefix sharing on as by default). Random weights, byte
+tokenizer, float32, ``--max-batch`` = the concurrency, prompts read 512 tokens per forward by both engines.
 
-Measured per cell: output tokens per second (all generated tokens over the cell's wall time), time to first token
-and inter-token latency (p50 and p99 over every request and every token gap), the server's peak resident memory
-during the cell (sampled every 20 ms; the server runs with glibc's mmap threshold at 64 KiB so that freed tensors
-leave the resident set) and the peak bytes held by the running requests' states or key-value caches (from
-``/health``). Cells whose prompt tokens (clients x requests x length) exceed ``--max-cell-tokens`` are skipped.
-The clients run in this process (asyncio + httpx) on the same CPU as the server.
+Workload, as vLLM's random dataset: ``--num-prompts`` prompts of exactly ``input_len`` random byte tokens (the
+first ``--prefix-len`` of them shared by every prompt of a cell), sent as token ids to ``/v1/completions``
+(streamed, greedy, ``ignore_eos``: every request generates ``output_len`` tokens). Requests arrive all at once
+(request rate inf) or as a Poisson process of ``--request-rates`` requests per second, with at most
+``--max-concurrency`` in flight. The client runs in this process (asyncio + httpx) on the same CPU.
+
+Metrics per cell, as vLLM defines them: request and output-token throughput (over the cell's duration, from the
+first request sent to the last one done); TTFT (time to first token); TPOT per request, (E2E - TTFT) / (output
+tokens - 1); ITL (every gap between two tokens of a request); E2E (a request's latency); mean, p50 and p99. The
+server's peak resident memory during the cell (its high-water mark, reset before the cell; the server runs with
+glibc's mmap threshold at 64 KiB so that freed tensors leave the resident set), and the peak bytes its running
+requests' states or key-value blocks held (``/health``, over the server's life at this shape).
 """
 
 from __future__ import annotations
@@ -24,18 +30,19 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import random
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from retentive.baselines import count_parameters, model_from_preset
 from retentive.data import ByteTokenizer
@@ -47,47 +54,42 @@ from benchkit import (
     MiB,
     environment,
     markdown_table,
-    rss_bytes,
+    peak_rss_bytes,
+    require_proc,
+    reset_peak_rss,
     save_figure,
     subplots,
     write_section,
 )
 
-MODELS = {"RetNet": "retnet-tiny", "Transformer": "transformer-tiny"}
-# sized for a shared 2-core CPU; on a larger machine: --prompts 128 1024 4096 8192 --clients 1 4 16 64 --requests 2
+# label: (preset, engine, prompt cache); the first RetNet and the Transformer are the target's pair
+SERVERS = {
+    "RetNet": ("retnet-tiny", "retentive", False),
+    "RetNet, prompt cache": ("retnet-tiny", "retentive", True),
+    "Transformer": ("transformer-tiny", "transformers", True),
+}
 FULL = {
     "overrides": {},  # the presets as they are: d 256, 4 layers, 4 heads, vocabulary 4096
-    "prompts": [128, 1024, 4096],
-    "clients": [1, 4, 16],
-    "requests": 1,
-    "max_tokens": 16,
-    "max_batch": 64,
-    "max_cell_tokens": 65536,
-    "threads": 1,  # the server's torch threads: on 2 cores the clients use the other one
+    "shapes": [[1024, 128], [4096, 256]],  # (input, output) tokens per request
+    "num_prompts": 32,
+    "max_concurrency": 16,
+    "request_rates": ["inf", 1.0],  # requests per second; inf: all at once
+    "prefix_len": 0,
+    "prefill_chunk": 512,
+    "threads": 1,  # the server's torch threads: on 2 cores the client uses the other one
     "decode_implementation": "compiled",  # RetNet's decoding step (retentive serve's default)
+    "target": {"shape": [4096, 256], "ratio": 5.0},  # RetNet's output throughput over the Transformer's, rate inf
+    "seed": 0,
 }
 QUICK = FULL | {
     "overrides": {"dim_model": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "vocab_size": 257},
-    "prompts": [64, 128],
-    "clients": [1, 3],
-    "requests": 1,
-    "max_tokens": 4,
-    "max_batch": 4,
+    "shapes": [[96, 8]],  # one shape: a server start per server
+    "num_prompts": 6,
+    "max_concurrency": 3,
+    "request_rates": ["inf", 50.0],
+    "decode_implementation": "eager",  # no compile: the test stays fast
+    "target": {"shape": [96, 8], "ratio": 5.0},
 }
-
-
-def text_of(n: int, rng: random.Random) -> str:
-    """``n`` printable ASCII characters: ``n`` tokens of the byte tokenizer."""
-    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ,.") for _ in range(n))
-
-
-def user_message(client: int, request: int, rng: random.Random) -> str:
-    """A request's own message, of a fixed length."""
-    return f"client {client:03d} request {request:03d}: " + text_of(8, rng)
-
-
-# the tokens of a request besides its system message: the chat template and the user message
-SUFFIX = len("system: \nuser: \nassistant:") + len(user_message(0, 0, random.Random(0)))
 
 
 def free_port() -> int:
@@ -110,12 +112,15 @@ def save_checkpoint(preset: str, overrides: dict, folder: Path) -> int:
 
 
 @contextmanager
-def server(checkpoint: Path, cache: bool, plan: dict):
-    """``retentive serve`` in a subprocess on a free loopback port; yields (base URL, process)."""
-    port = free_port()
+def server(checkpoint: Path, engine: str, cache: bool, shape: list[int], plan: dict):
+    """``retentive serve`` for one shape in a subprocess on a free loopback port; yields (base URL, process id)."""
+    port, (input_len, output_len) = free_port(), shape
     command = [
         sys.executable, "-m", "retentive.cli", "serve", str(checkpoint), "--port", str(port), "--model-name", "m",
-        "--max-batch", str(plan["max_batch"]), "--max-queue", "1024", "--max-prompt-tokens", str(max(plan["prompts"])),
+        "--engine", engine, "--max-batch", str(plan["max_concurrency"]), "--max-n", "1",
+        "--max-queue", str(plan["num_prompts"]),
+        "--prefill-chunk", str(plan["prefill_chunk"]), "--max-prompt-tokens", str(input_len),
+        "--max-tokens", str(output_len), "--default-max-tokens", str(output_len),
         "--prompt-cache-mib", "2048" if cache else "0", "--threads", str(plan["threads"]),
         "--decode-implementation", plan["decode_implementation"],
     ]  # fmt: skip
@@ -134,241 +139,263 @@ def server(checkpoint: Path, cache: bool, plan: dict):
                         log.seek(0)
                         raise RuntimeError(f"the server did not start: {log.read()[-2000:]}") from None
                     time.sleep(0.2)
-            yield url, proc
+            yield url, proc.pid
         finally:
             proc.terminate()
             proc.wait(timeout=60)
 
 
-async def one_request(http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
-    """A streamed chat request: the time of every token's chunk after the request was sent."""
-    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    body["ignore_eos"] = True
-    sent, times = time.perf_counter(), []
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+def random_prompts(count: int, length: int, prefix_len: int, seed: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` random byte tokens, the first ``prefix_len`` of them shared (vLLM's random
+    dataset with ``--random-prefix-len``)."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(256) for _ in range(prefix_len)]
+    return [prefix + [rng.randrange(256) for _ in range(length - prefix_len)] for _ in range(count)]
+
+
+async def one_request(http: httpx.AsyncClient, url: str, prompt: list[int], output_len: int) -> dict:
+    """A streamed completion: the time of every token's chunk after the request was sent, and its token counts."""
+    body = {
+        "model": "m", "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    times, usage, sent = [], None, time.perf_counter()
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"content"' in line and '"role"' not in line:
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                raise RuntimeError(f"the server failed a request: {chunk['error']['message']}")
+            if chunk["choices"]:  # one chunk per token, its text possibly empty (part of a character)
                 times.append(time.perf_counter() - sent)
-    if len(times) != max_tokens:
-        raise RuntimeError(f"expected {max_tokens} token chunks, got {len(times)}")
-    return {"ttft": times[0], "gaps": [b - a for a, b in itertools.pairwise(times)]}
+            else:
+                usage = chunk["usage"]
+    if usage is None or usage["completion_tokens"] != output_len or len(times) != output_len:
+        raise RuntimeError(f"expected {output_len} tokens, got {len(times)} chunks and usage {usage}")
+    return {"times": times, "output_tokens": usage["completion_tokens"]}
 
 
-async def run_clients(url: str, clients: int, requests: int, prompt: int, max_tokens: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    system = text_of(prompt - SUFFIX, rng)  # shared by every request of the cell; the whole prompt: `prompt` tokens
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=limits) as http:
+async def run_requests(url: str, prompts: list[list[int]], output_len: int, rate: float, concurrency: int, seed: int):
+    """Send ``prompts`` at ``rate`` per second (Poisson arrivals; inf: all at once), at most ``concurrency`` in
+    flight; returns every request's record and the duration from the first sent to the last done."""
+    gaps = random.Random(seed)
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(3600), limits=httpx.Limits(max_connections=concurrency + 4)
+    ) as http:
 
-        async def client(c: int) -> list[dict]:
-            out = []
-            for r in range(requests):
-                user = user_message(c, r, rng)
-                messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-                out.append(await one_request(http, url, messages, max_tokens))
-            return out
+        async def limited(prompt: list[int]) -> dict:
+            async with limit:
+                return await one_request(http, url, prompt, output_len)
 
-        return [r for rs in await asyncio.gather(*(client(c) for c in range(clients))) for r in rs]
-
-
-class Sampler:
-    """Polls the server's resident memory (/proc) and its states' bytes (``/health``) while a cell runs."""
-
-    def __init__(self, pid: int, url: str) -> None:
-        self.pid, self.url = pid, url
-        self.peak_rss = self.peak_state = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self.peak_rss = max(self.peak_rss, rss_bytes(self.pid))
-            self.peak_state = max(self.peak_state, httpx.get(f"{self.url}/health").json()["state_bytes"])
-            time.sleep(0.02)
-
-    def __enter__(self) -> Sampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
+        start, tasks = time.perf_counter(), []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(limited(prompt)))
+            if math.isfinite(rate):
+                await asyncio.sleep(gaps.expovariate(rate))
+        records = await asyncio.gather(*tasks)
+        return records, time.perf_counter() - start
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
-
-
-def run_cell(url: str, pid: int, clients: int, prompt: int, plan: dict, seed: int) -> dict:
-    with Sampler(pid, url) as sampler:
-        start = time.perf_counter()
-        records = asyncio.run(run_clients(url, clients, plan["requests"], prompt, plan["max_tokens"], seed))
-        seconds = time.perf_counter() - start
-    ttft = [r["ttft"] for r in records]
-    gaps = [g for r in records for g in r["gaps"]]
-    return {
-        "seconds": seconds,
-        "tokens_per_s": len(records) * plan["max_tokens"] / seconds,
-        "ttft_p50": percentile(ttft, 50),
-        "ttft_p99": percentile(ttft, 99),
-        "itl_p50": percentile(gaps, 50),
-        "itl_p99": percentile(gaps, 99),
-        "peak_rss_bytes": sampler.peak_rss,
-        "peak_state_bytes": sampler.peak_state,
+def summarize(records: list[dict], duration: float, input_len: int) -> dict:
+    """vLLM's metrics of one cell: throughputs, and the mean, p50 and p99 of each latency (seconds)."""
+    output = sum(r["output_tokens"] for r in records)
+    latencies = {
+        "ttft": [r["times"][0] for r in records],
+        "tpot": [(r["times"][-1] - r["times"][0]) / (r["output_tokens"] - 1) for r in records],  # >= 2 tokens each
+        "itl": [b - a for r in records for a, b in itertools.pairwise(r["times"])],
+        "e2e": [r["times"][-1] for r in records],
     }
+    cell = {
+        "completed": len(records),
+        "duration_s": duration,
+        "request_throughput": len(records) / duration,
+        "output_throughput": output / duration,
+        "total_token_throughput": (output + input_len * len(records)) / duration,
+    }
+    for name, values in latencies.items():
+        cell[f"{name}_mean"] = float(np.mean(values))
+        cell[f"{name}_p50"], cell[f"{name}_p99"] = (float(v) for v in np.percentile(values, [50, 99]))
+    return cell
+
+
+def measure(url: str, pid: int, key: tuple, plan: dict) -> dict:
+    """One cell, key (server, input_len, output_len, request rate), behind the server ``pid`` at ``url``."""
+    label, input_len, output_len, rate = key
+    seed = plan["seed"] * 1_000_003 + input_len * 1000 + output_len
+    prompts = random_prompts(plan["num_prompts"], input_len, plan["prefix_len"], seed)
+    reset_peak_rss(pid)
+    records, duration = asyncio.run(run_requests(url, prompts, output_len, float(rate), plan["max_concurrency"], seed))
+    cell = {"server": label, "input_len": input_len, "output_len": output_len, "request_rate": rate}
+    cell |= summarize(records, duration, input_len) | {"peak_rss_bytes": peak_rss_bytes(pid)}
+    return cell | {"peak_state_bytes": httpx.get(f"{url}/health").json()["peak_state_bytes"]}
 
 
 def run_all(plan: dict, workdir: Path, done: list[dict]) -> dict:
-    """Every cell, each model and cache setting behind its own server; cells found in ``done`` are kept as they are."""
+    """Every cell, each server and shape behind its own process; cells found in ``done`` are kept as they are."""
     results = {"plan": plan, "parameters": {}, "cells": []}
-    kept = {(c["model"], c["cache"], c["prompt"], c["clients"]): c for c in done}
-    for label, preset in MODELS.items():
+    kept = {(c["server"], c["input_len"], c["output_len"], c["request_rate"]): c for c in done}
+    for label, (preset, engine, cache) in SERVERS.items():
         folder = workdir / preset
-        results["parameters"][label] = save_checkpoint(preset, plan["overrides"], folder)
-        for cache in (False, True):
-            keys = [(label, cache, prompt, clients) for prompt in plan["prompts"] for clients in plan["clients"]]
+        if not folder.exists():
+            results["parameters"][preset] = save_checkpoint(preset, plan["overrides"], folder)
+        for shape in plan["shapes"]:
+            keys = [(label, *shape, rate) for rate in plan["request_rates"]]
             if all(k in kept for k in keys):
                 results["cells"] += [kept[k] for k in keys]
                 continue
-            with server(folder, cache, plan) as (url, proc):
-                asyncio.run(run_clients(url, 2, 2, min(plan["prompts"]), 4, seed=-1))  # warm up
-                for k in keys:
-                    cell = kept.get(k) or measure(url, proc.pid, k, plan)
+            with server(folder, engine, cache, shape, plan) as (url, pid):
+                warm_up = random_prompts(2, min(16, shape[0]), 0, seed=-1)
+                asyncio.run(run_requests(url, warm_up, min(4, shape[1]), math.inf, 2, seed=-1))
+                for key in keys:
+                    cell = kept.get(key) or measure(url, pid, key, plan)
                     print(json.dumps(cell), flush=True)
                     results["cells"].append(cell)
     return results
 
 
-def measure(url: str, pid: int, key: tuple, plan: dict) -> dict:
-    """One cell: (model, cache, prompt, clients), or its reason to be skipped."""
-    model, cache, prompt, clients = key
-    cell = {"model": model, "cache": cache, "prompt": prompt, "clients": clients}
-    tokens = clients * plan["requests"] * prompt
-    if tokens > plan["max_cell_tokens"]:
-        return cell | {"skipped": f"{tokens:,} prompt tokens > --max-cell-tokens"}
-    return cell | run_cell(url, pid, clients, prompt, plan, seed=prompt * 1000 + clients)
-
-
 def _cell(results: dict, **key) -> dict | None:
-    for cell in results["cells"]:
-        if all(cell[k] == v for k, v in key.items()):
-            return cell
-    return None
+    return next((c for c in results["cells"] if all(c[k] == v for k, v in key.items())), None)
+
+
+def _rate(rate: str | float) -> str:
+    return "inf" if rate == "inf" else f"{rate:g}/s"
+
+
+def verdict(results: dict) -> str:
+    """The target's line: RetNet's output throughput over the Transformer's at the target shape, rate inf."""
+    plan, target = results["plan"], results["plan"]["target"]
+    (input_len, output_len), ratio = target["shape"], target["ratio"]
+    where = f"{plan['max_concurrency']} clients x {input_len:,}-token prompts x {output_len} output tokens, rate inf"
+    r, t = (
+        _cell(results, server=s, input_len=input_len, output_len=output_len, request_rate="inf")
+        for s in ("RetNet", "Transformer")
+    )
+    if r is None or t is None:
+        return f"- Target (RetNet >= {ratio:g}x the Transformer's output throughput, {where}): not measured."
+    got = r["output_throughput"] / t["output_throughput"]
+    return (
+        f"- Target: RetNet >= {ratio:g}x the Transformer's output throughput at {where}: RetNet "
+        f"{r['output_throughput']:,.1f} vs Transformer {t['output_throughput']:,.1f} tokens/s = {got:.2f}x: "
+        f"**{'PASS' if got >= ratio else 'FAIL'}**."
+    )
 
 
 def markdown(results: dict, plot: str) -> str:
     meta, plan = results["meta"], results["plan"]
-    params = ", ".join(f"{k} {v:,}" for k, v in results["parameters"].items())
+    params = ", ".join(f"`{k}` {v:,}" for k, v in results["parameters"].items())
+    rates = ", ".join(_rate(r) for r in plan["request_rates"])
     lines = [
         f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), torch {meta['versions']['torch']}, "
-        f"transformers {meta['versions']['transformers']}; load average {meta['load']:.1f} at the start "
-        "(the machine is shared: absolute figures are pessimistic, both models ran under the same load).",
+        f"transformers {meta['versions']['transformers']}; load average {meta['load']:.1f} at the start.",
         f"Command: `{meta['command']}` (`make bench-serve`).",
-        f"Models: `retnet-tiny` and `transformer-tiny` (its Llama twin), random weights, byte tokenizer, float32; "
-        f"parameters: {params}. One `retentive serve` process per model and cache setting, `--max-batch "
-        f"{plan['max_batch']} --threads {plan['threads']}`, prefill in pieces of 512 tokens. Each of N clients sends "
-        f"{plan['requests']} streamed chat request(s) in turn; each generates {plan['max_tokens']} tokens. The system "
-        "message (prompt length "
-        f"- {SUFFIX} tokens) is shared by the requests of a cell, the user message is unique. The RetNet decodes all "
-        "running requests in one batched recurrent step; the Transformer in one batched forward over its key-value "
-        "caches, left-padded to the longest in a preallocated `StaticCache` (rebuilt when a request joins or leaves).",
-        "TTFT: time to first token; ITL: inter-token latency (every gap between two tokens of a request). Peak RSS: "
-        "the server process; state: the running requests' retention states or key-value caches.",
+        f"Models: {params} parameters, random weights, byte tokenizer, float32. Servers: RetNet on `retentive serve`'s "
+        "engine, prompt-state cache off and on; the Transformer on transformers' own continuous batching "
+        "(`retentive serve --engine transformers`: `ContinuousBatchingManager`, paged key-value cache, SDPA, "
+        f"prefix sharing on), behind the same OpenAI front end; `--max-batch {plan['max_concurrency']} --threads "
+        f"{plan['threads']}`, prompts read {plan['prefill_chunk']} tokens per forward, one server process per shape.",
+        f"Workload (as `vllm bench serve` with its random dataset): {plan['num_prompts']} prompts per cell of exactly "
+        f"the input length in random tokens ({plan['prefix_len']} shared), sent as token ids to `/v1/completions`, "
+        f"streamed, greedy, `ignore_eos`; request rate {rates} (Poisson arrivals; inf: all at once), at most "
+        f"{plan['max_concurrency']} in flight.",
+        "TTFT: time to first token; TPOT: (E2E - TTFT) / (output tokens - 1) per request; ITL: every gap between two "
+        "tokens; E2E: a request's latency. Peak RSS: the server process during the cell; state: the running "
+        "requests' retention states or key-value blocks at their peak (over the server's life at this shape).",
         "",
     ]
-    header = ["prompt", "clients", "model", "cache", "tokens/s", "TTFT p50 / p99 s", "ITL p50 / p99 ms"]
-    header += ["peak RSS MiB", "state MiB"]
+    header = ["input / output", "rate", "server", "req/s", "output tok/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms"]
+    header += ["ITL p50 / p99 ms", "E2E p50 / p99 s", "peak RSS MiB", "state MiB"]
     rows = []
-    for prompt in plan["prompts"]:
-        for clients in plan["clients"]:
-            for cache in (False, True):
-                for model in MODELS:
-                    c = _cell(results, model=model, cache=cache, prompt=prompt, clients=clients)
-                    head = [f"{prompt:,}", str(clients), model, "on" if cache else "off"]
-                    if c is None:
-                        rows.append([*head, "not measured", "", "", "", ""])
-                        continue
-                    if "skipped" in c:
-                        rows.append([*head, "skipped", "", "", "", ""])
-                        continue
-                    rows.append([
-                        *head, f"{c['tokens_per_s']:,.1f}", f"{c['ttft_p50']:.2f} / {c['ttft_p99']:.2f}",
-                        f"{1e3 * c['itl_p50']:.1f} / {1e3 * c['itl_p99']:.1f}", f"{c['peak_rss_bytes'] / MiB:,.0f}",
-                        f"{c['peak_state_bytes'] / MiB:,.2f}",
-                    ])  # fmt: skip
-    lines += [markdown_table(header, rows), "", *headline(results), "", f"![serving]({plot})"]
+    for input_len, output_len in plan["shapes"]:
+        for rate in plan["request_rates"]:
+            for label in SERVERS:
+                c = _cell(results, server=label, input_len=input_len, output_len=output_len, request_rate=rate)
+                head = [f"{input_len:,} / {output_len}", _rate(rate), label]
+                if c is None:
+                    rows.append([*head, "not measured", *[""] * 7])
+                    continue
+                ms = [f"{1e3 * c[f'{m}_p50']:,.1f} / {1e3 * c[f'{m}_p99']:,.1f}" for m in ("ttft", "tpot", "itl")]
+                rows.append([
+                    *head, f"{c['request_throughput']:.2f}", f"{c['output_throughput']:,.1f}", *ms,
+                    f"{c['e2e_p50']:.2f} / {c['e2e_p99']:.2f}", f"{c['peak_rss_bytes'] / MiB:,.0f}",
+                    f"{c['peak_state_bytes'] / MiB:,.2f}",
+                ])  # fmt: skip
+    lines += [markdown_table(header, rows), "", verdict(results), "", f"![serving]({plot})"]
     return "\n".join(lines)
 
 
-def headline(results: dict) -> list[str]:
-    """RetNet against the Transformer at 16 clients and the longest prompt measured there (up to 4k tokens)."""
-    out = []
-    for cache in (False, True):
-        cells = [c for c in results["cells"] if c["clients"] == 16 and c["cache"] == cache and "skipped" not in c]
-        if not cells:
-            continue
-        prompt = max(c["prompt"] for c in cells)
-        r = _cell(results, model="RetNet", cache=cache, prompt=prompt, clients=16)
-        t = _cell(results, model="Transformer", cache=cache, prompt=prompt, clients=16)
-        if r is None or t is None or "skipped" in r or "skipped" in t:
-            continue
-        out.append(
-            f"- 16 clients, {prompt:,}-token prompts, cache {'on' if cache else 'off'}: RetNet "
-            f"{r['tokens_per_s']:,.1f} vs Transformer {t['tokens_per_s']:,.1f} tokens/s "
-            f"({r['tokens_per_s'] / t['tokens_per_s']:.2f}x); TTFT p50 {r['ttft_p50']:.2f} vs {t['ttft_p50']:.2f} s; "
-            f"ITL p50 {1e3 * r['itl_p50']:.1f} vs {1e3 * t['itl_p50']:.1f} ms; peak RSS "
-            f"{r['peak_rss_bytes'] / MiB:,.0f} vs {t['peak_rss_bytes'] / MiB:,.0f} MiB; state "
-            f"{r['peak_state_bytes'] / MiB:,.2f} vs {t['peak_state_bytes'] / MiB:,.2f} MiB."
-        )
-    return out
-
-
 def plot(results: dict, path: Path) -> None:
+    """Output throughput, TTFT p50 and TPOT p50 of every server, one group of bars per shape and rate."""
     plan = results["plan"]
+    groups = [(*shape, rate) for shape in plan["shapes"] for rate in plan["request_rates"]]
     fig, axes = subplots(1, 3, figsize=(15, 4.2))
-    clients = max(c for c in plan["clients"] if any(x["clients"] == c and "skipped" not in x for x in results["cells"]))
-    clients = 16 if 16 in plan["clients"] else clients
-    for model in MODELS:
-        for cache, style in ((False, "-"), (True, "--")):
-            label = f"{model}, cache {'on' if cache else 'off'}"
-            cells = [_cell(results, model=model, cache=cache, prompt=p, clients=clients) for p in plan["prompts"]]
-            cells = [c for c in cells if c and "skipped" not in c]
-            x = [c["prompt"] for c in cells]
-            axes[0].plot(x, [c["tokens_per_s"] for c in cells], style, marker="o", label=label)
-            axes[1].plot(x, [c["ttft_p50"] for c in cells], style, marker="o", label=label)
-            axes[2].plot(x, [c["peak_state_bytes"] / MiB for c in cells], style, marker="o", label=label)
-    titles = (f"output tokens/s, {clients} clients", f"TTFT p50 (s), {clients} clients", "peak state / KV (MiB)")
+    width = 0.8 / len(SERVERS)
+    for i, label in enumerate(SERVERS):
+        cells = [_cell(results, server=label, input_len=a, output_len=b, request_rate=r) for a, b, r in groups]
+        x = [g + (i - (len(SERVERS) - 1) / 2) * width for g in range(len(groups))]
+        for ax, metric in zip(axes, ("output_throughput", "ttft_p50", "tpot_p50"), strict=True):
+            ax.bar(x, [c[metric] if c else 0 for c in cells], width, label=label)
+    titles = ("output tokens/s", "TTFT p50 (s)", "TPOT p50 (s)")
     for ax, title in zip(axes, titles, strict=True):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("prompt tokens")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        ax.set_xticks(range(len(groups)), [f"{a:,}/{b}\nrate {_rate(r)}" for a, b, r in groups], fontsize=8)
+        ax.set_title(f"{title}, {plan['max_concurrency']} concurrent")
+        ax.grid(alpha=0.3, axis="y")
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
     save_figure(fig, path)
 
 
+def shape(text: str) -> list[int]:
+    """``INPUT:OUTPUT`` token counts, e.g. ``4096:256``."""
+    try:
+        input_len, output_len = (int(n) for n in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is INPUT:OUTPUT tokens, e.g. 4096:256, got {text!r}") from None
+    if input_len < 1 or output_len < 2:
+        raise argparse.ArgumentTypeError(f"a shape needs >= 1 input and >= 2 output tokens (TPOT), got {text!r}")
+    return [input_len, output_len]
+
+
+def request_rate(text: str) -> str | float:
+    """``inf`` or a positive number of requests per second."""
+    if text == "inf":
+        return text
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 < rate < math.inf:
+        raise argparse.ArgumentTypeError(f"a request rate is 'inf' or a positive number per second, got {text!r}")
+    return rate
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a micro model, two small cells per setting")
+    parser.add_argument("--quick", action="store_true", help="a micro model, tiny cells")
     parser.add_argument("--out", type=Path, default=DOCS)
-    parser.add_argument("--prompts", type=int, nargs="+", help="prompt lengths in tokens")
-    parser.add_argument("--clients", type=int, nargs="+", help="numbers of concurrent clients")
-    parser.add_argument("--requests", type=int, help="requests per client, one after the other")
-    parser.add_argument("--max-tokens", type=int, help="tokens generated per request")
-    parser.add_argument("--max-cell-tokens", type=int, help="skip cells with more prompt tokens than this")
-    parser.add_argument("--threads", type=int, help="the server's torch threads (default 1)")
-    parser.add_argument("--resume", type=Path, help="keep the cells printed (one JSON per line) by an interrupted run")
+    parser.add_argument("--shapes", type=shape, nargs="+", help="INPUT:OUTPUT tokens per request, e.g. 4096:256")
+    parser.add_argument("--num-prompts", type=int, help="requests per cell")
+    parser.add_argument("--max-concurrency", type=int, help="requests in flight at most (and the servers' slots)")
+    parser.add_argument("--request-rates", type=request_rate, nargs="+", help="per second (Poisson), or inf")
+    parser.add_argument("--prefix-len", type=int, help="leading prompt tokens shared by every prompt of a cell")
+    parser.add_argument("--threads", type=int, help="the servers' torch threads (default 1)")
     parser.add_argument("--decode-implementation", choices=("eager", "compiled"), help="RetNet's decoding step")
+    parser.add_argument("--resume", type=Path, help="keep the cells printed (one JSON per line) by an interrupted run")
     args = parser.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
-    for key in ("prompts", "clients", "requests", "max_tokens", "max_cell_tokens", "threads", "decode_implementation"):
+    for key in ("shapes", "num_prompts", "max_concurrency", "request_rates", "prefix_len", "threads"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
-    if min(plan["prompts"]) <= SUFFIX:
-        parser.error(f"--prompts must be longer than the {SUFFIX} tokens of each request's own message")
+    if args.decode_implementation is not None:
+        plan["decode_implementation"] = args.decode_implementation
+    for key in ("num_prompts", "max_concurrency"):
+        if plan[key] < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {plan[key]}")
+    if not 0 <= plan["prefix_len"] <= min(n for n, _ in plan["shapes"]):
+        parser.error(f"--prefix-len must lie in [0, the shortest input], got {plan['prefix_len']}")
+    require_proc("serve.py")
     started, load = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         done = [json.loads(line) for line in args.resume.read_text().splitlines()] if args.resume else []

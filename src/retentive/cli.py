@@ -341,7 +341,7 @@ def serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
         prompt_cache_mib=args.prompt_cache_mib, prompt_cache_dir=args.prompt_cache_dir,
         prompt_cache_disk_mib=args.prompt_cache_disk_mib, cache_block=args.cache_block, limits=limits,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, engine=args.engine,
     )  # fmt: skip
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = build_app(model, tokenizer, name, config)
@@ -372,6 +372,11 @@ def _check_serving(args: argparse.Namespace) -> None:
         (args.cache_block >= 0, f"--cache-block must be >= 0 (0: off), got {args.cache_block}"),
         (args.threads >= 0, f"--threads must be >= 0 (0: torch's default), got {args.threads}"),
         (args.shutdown_timeout >= 0, f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}"),
+        (
+            args.engine == "retentive" or (args.prompt_cache_dir is None and not args.cache_block),
+            "--prompt-cache-dir and --cache-block are options of --engine retentive: leave them out with --engine "
+            "transformers (its prefix sharing, on unless --prompt-cache-mib 0, keeps blocks in memory only)",
+        ),
     )
     for ok, message in checks:
         if not ok:
@@ -405,6 +410,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--decode-implementation", choices=DECODE_IMPLEMENTATIONS, default="compiled",
                    help="a RetNet's decoding step: compiled at start (eager where that fails), or eager")  # fmt: skip
+    p.add_argument("--engine", choices=("retentive", "transformers"), default="retentive",
+                   help="the scheduler: retentive's (any model), or transformers' own continuous batching (a "
+                   "Transformer checkpoint, greedy decoding only: the baseline as its library serves it)")  # fmt: skip
     p.set_defaults(func=serve)
 
 

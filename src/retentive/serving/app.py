@@ -1,9 +1,10 @@
 """The HTTP routes (FastAPI): OpenAI's ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``; ``/health``
 and ``/metrics``.
 
-Requests are validated (pydantic), tokenized and checked here, then handed to the :class:`Engine`; its events come
-back through an asyncio queue and go out as one JSON body or as server-sent events (``stream: true``). Every error
-is a JSON body in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for bad input.
+Requests are validated (pydantic), tokenized and checked here, then handed to the engine (:class:`Engine`, or
+transformers' continuous batching: any :class:`ServingEngine`); its events come back through an asyncio queue and
+go out as one JSON body or as server-sent events (``stream: true``). Every error is a JSON body in OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for bad input.
 
 Before a route runs, :class:`Guard` checks the API key (when the server has one) and the body's size, so that an
 unauthorized or oversized request costs nothing. Prompts are tokenized on a worker thread, after a check of their
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data import Tokenizer
 from . import protocol
-from .engine import Delta, Done, Engine, Event, PromptLogprobs, QueueFull, SamplingParams
+from .engine import Delta, Done, Event, PromptLogprobs, QueueFull, SamplingParams, ServingEngine, Unsupported
 from .engine import Request as EngineRequest
 from .metrics import Metrics
 
@@ -148,7 +149,7 @@ def max_token_bytes(tokenizer: Tokenizer) -> int:
 
 
 def create_app(
-    engine: Engine,
+    engine: ServingEngine,
     tokenizer: Tokenizer,
     model_name: str,
     limits: ServerLimits | None = None,
@@ -157,7 +158,7 @@ def create_app(
     """The server's ASGI app; it starts the engine's thread on startup and stops it on shutdown.
 
     Args:
-        engine: the scheduler over the model's slots.
+        engine: the scheduler over the model's slots (:class:`Engine`, or any :class:`ServingEngine`).
         tokenizer: encodes prompts (and the engine decodes with the same one).
         model_name: the one model id this server answers to (``/v1/models``).
         limits: what a request may ask for.
@@ -226,8 +227,8 @@ def create_app(
         else:
             prompt = list(body.prompt)
             _check_length(len(prompt), "prompt")
-            if any(not 0 <= t < engine.backend.vocab_size for t in prompt):
-                raise _invalid(f"prompt holds token ids outside [0, {engine.backend.vocab_size})", "prompt")
+            if any(not 0 <= t < engine.vocab_size for t in prompt):
+                raise _invalid(f"prompt holds token ids outside [0, {engine.vocab_size})", "prompt")
         echo = (body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt)) if body.echo else ""
         return await _generate(body, prompt, [], http, chat=False, echo=echo)
 
@@ -256,9 +257,9 @@ def create_app(
         refused = body.unsupported()
         if refused is not None:
             raise _invalid(refused[1], refused[0])
-        if body.n > min(limits.max_n, engine.backend.max_batch):
+        if body.n > min(limits.max_n, engine.max_batch):
             raise _invalid(
-                f"n={body.n} is over this server's limit of {min(limits.max_n, engine.backend.max_batch)} choices "
+                f"n={body.n} is over this server's limit of {min(limits.max_n, engine.max_batch)} choices "
                 "per request (--max-n): send several requests",
                 "n",
             )
@@ -338,6 +339,8 @@ def create_app(
             engine.submit(request)
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", None, "rate_limit_exceeded") from e
+        except Unsupported as e:
+            raise _invalid(str(e), e.param) from e
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             stream = _stream(request, events, rid, chat, body.include_usage, echo)

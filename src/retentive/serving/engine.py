@@ -28,6 +28,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -41,6 +42,14 @@ logger = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """The waiting queue is at its limit: the caller answers 429."""
+
+
+class Unsupported(ValueError):
+    """A request asks for what this engine cannot do: the caller answers 400, naming ``param``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -142,6 +151,16 @@ class TextStream:
         delta, self.sent = text[self.sent :], len(text)
         return delta
 
+    def take(self, token: int, count: int, params: SamplingParams, eos_token_id: int | None) -> tuple[str, str | None]:
+        """The sequence's ``count``-th token: the text it gives out and the finish reason it brings, None if the
+        sequence goes on: "stop" at the end-of-text token (unless ``ignore_eos``; its text is not given out) or a
+        stop string, "length" at ``max_tokens``."""
+        if token == eos_token_id and not params.ignore_eos:
+            return self.flush(), "stop"
+        text, stopped = self.push(token)
+        reason = "stop" if stopped else "length" if count >= params.max_tokens else None
+        return (text + self.flush() if reason == "length" else text), reason
+
 
 def _overlap(text: str, stop: str) -> int:
     """The length of the longest end of ``text`` that begins ``stop`` (a stop string that may be coming)."""
@@ -203,6 +222,30 @@ class Request:
     @property
     def finished(self) -> bool:
         return bool(self.sequences) and all(s.finish_reason is not None for s in self.sequences)
+
+
+class ServingEngine(Protocol):
+    """What the HTTP front end (``app.py``) asks of an engine: :class:`Engine` here, or transformers' continuous
+    batching behind :class:`~retentive.serving.transformers_engine.TransformersEngine`.
+
+    ``submit`` raises :class:`QueueFull` when the queue is at its limit and :class:`Unsupported` for what the engine
+    cannot do; the request's events (:class:`Delta` ..., then :class:`Done` or :class:`Failed`) go to its ``emit``.
+    A cancelled request gets a last ``Failed("cancelled")`` and frees what it holds.
+    """
+
+    vocab_size: int
+    max_batch: int  # sequences running at once
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout: float | None = None) -> None: ...
+
+    def submit(self, request: Request) -> None: ...
+
+    def stats(self) -> dict:
+        """At least ``kind``, ``max_batch``, ``free_slots``, ``running``, ``waiting``, ``steps``,
+        ``prefill_tokens``, ``generated_tokens``, ``state_bytes``, ``peak_state_bytes``."""
+        ...
 
 
 class Engine:
@@ -275,6 +318,14 @@ class Engine:
                 raise QueueFull(f"{waiting} requests are waiting for a slot (the limit): retry later")
             self.waiting.append(request)
             self.condition.notify()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.vocab_size
+
+    @property
+    def max_batch(self) -> int:
+        return self.backend.max_batch
 
     def stats(self) -> dict:
         """Slots, queue and counters (read without the lock: a snapshot, good enough for /health)."""
@@ -496,13 +547,7 @@ class Engine:
         """Take the sampled token: give out its text, and end the sequence if it is done."""
         seq.tokens.append(token)
         self.generated_tokens += 1
-        if token == self.eos_token_id and not request.params.ignore_eos:
-            text, reason = seq.text.flush(), "stop"
-        else:
-            text, stopped = seq.text.push(token)
-            reason = "stop" if stopped else "length" if len(seq.tokens) >= request.params.max_tokens else None
-            if reason == "length":
-                text += seq.text.flush()
+        text, reason = seq.text.take(token, len(seq.tokens), request.params, self.eos_token_id)
         request.emit(Delta(seq.index, text, reason, logprob))  # one event per token, its text possibly held back: ""
         if reason is None:
             return

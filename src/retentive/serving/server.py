@@ -12,14 +12,17 @@ from fastapi import FastAPI
 from torch import nn
 
 from ..data import Tokenizer, load_tokenizer
+from ..models import RetNetForCausalLM
 from .app import ServerLimits, create_app
 from .backends import backend_for
 from .engine import Engine
 from .prefix_cache import PrefixCache, model_fingerprint
+from .transformers_engine import TransformersEngine
 
 logger = logging.getLogger(__name__)
 
 MiB = 2**20
+ENGINES = ("retentive", "transformers")
 
 
 @dataclass
@@ -36,6 +39,9 @@ class ServeConfig:
         cache_block: also cache the state every this many prompt tokens (0: only at message ends and prompt ends).
         limits: what one request may ask for.
         api_key: the key every request but ``/health`` must carry (``Authorization: Bearer KEY``); None: none.
+        engine: "retentive" (this package's engine, any model) or "transformers" (transformers' own continuous
+            batching, for a Transformer: greedy only; a prompt cache of more than 0 MiB turns its prefix sharing on,
+            and ``prompt_cache_dir`` and ``cache_block`` do not apply).
     """
 
     max_batch: int = 16
@@ -47,6 +53,16 @@ class ServeConfig:
     cache_block: int = 0
     limits: ServerLimits | None = None
     api_key: str | None = None
+    engine: str = "retentive"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "transformers" and (self.prompt_cache_dir is not None or self.cache_block):
+            raise ValueError(
+                "prompt_cache_dir and cache_block are options of the retentive engine: leave them unset with "
+                "engine='transformers' (its prefix sharing keeps cache blocks in memory only)"
+            )
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
@@ -104,8 +120,21 @@ def compile_decoding(model: nn.Module, max_batch: int) -> float | None:
 
 
 def build_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, config: ServeConfig | None = None) -> FastAPI:
-    """The OpenAI-compatible app serving ``model`` (RetNet or a key-value-cache causal LM) as ``model_name``."""
+    """The OpenAI-compatible app serving ``model`` (RetNet or a key-value-cache causal LM) as ``model_name``, on
+    this package's engine or on transformers' continuous batching (``config.engine``)."""
     config = config or ServeConfig()
+    limits = config.limits or ServerLimits()
+    if not isinstance(model, RetNetForCausalLM) and limits.max_context is None:
+        limits.max_context = getattr(model.config, "max_position_embeddings", None)
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else getattr(tokenizer, "eos_id", None)
+    if config.engine == "transformers":
+        context = limits.max_prompt_tokens + limits.max_tokens
+        engine = TransformersEngine(
+            model, tokenizer, eos, max_batch=config.max_batch, max_queue=config.max_queue,
+            prefill_chunk=config.prefill_chunk, max_context=min(context, limits.max_context or context),
+            prefix_sharing=config.prompt_cache_mib > 0,
+        )  # fmt: skip
+        return create_app(engine, tokenizer, model_name, limits, config.api_key)
     backend = backend_for(model, config.max_batch)
     cache = None
     if config.prompt_cache_mib > 0:
@@ -117,7 +146,6 @@ def build_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, config: S
             config.prompt_cache_dir,
             int(config.prompt_cache_disk_mib * MiB),
         )
-    eos = model.config.eos_token_id if model.config.eos_token_id is not None else getattr(tokenizer, "eos_id", None)
     engine = Engine(
         backend,
         tokenizer,
@@ -127,9 +155,6 @@ def build_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, config: S
         prefix_cache=cache,
         cache_block=config.cache_block,
     )
-    limits = config.limits or ServerLimits()
-    if backend.kind == "transformer" and limits.max_context is None:
-        limits.max_context = getattr(model.config, "max_position_embeddings", None)
     return create_app(engine, tokenizer, model_name, limits, config.api_key)
 
 
