@@ -84,7 +84,7 @@ def served(workdir, offline):
         yield url
 
 
-@pytest.mark.parametrize(("batch_size", "tokenized"), [(1, True)])
+@pytest.mark.parametrize(("batch_size", "tokenized"), [(1, True), (3, True), (3, False)])
 def test_local_completions_scores_as_the_hf_model(workdir, hf_result, served, batch_size, tokenized):
     args = {
         "model": "tiny",
