@@ -1,6 +1,7 @@
 """lm-evaluation-harness against ``retentive serve``: its ``local-completions`` model, talking to the server over
-HTTP, scores a small local multiple-choice task exactly as its ``hf`` model does on the same checkpoint loaded in
-process (the same log-likelihood per choice, the same accuracy); token-id and text prompts, alone and in batches."""
+HTTP, scores two small local tasks exactly as its ``hf`` model does on the same checkpoint loaded in process: the
+same log-likelihood per choice and accuracy (multiple choice), the same greedy answers (generation); token-id and
+text prompts, alone and in batches."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from retentive.serving import ServeConfig, build_app, load_checkpoint
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lm_eval[api]')")
 
-TASK = "retentive_tiny_choice"
+CHOICE, GENERATE = "retentive_tiny_choice", "retentive_tiny_generate"
 DOCS = [  # question, choices, index of the right one: a random model gets some right, which is all the test needs
     ("The capital of France is", ["Paris", "Rome", "a small dog"], 0),
     ("Two plus two equals", ["four", "seven", "blue"], 0),
@@ -24,44 +25,59 @@ DOCS = [  # question, choices, index of the right one: a random model gets some 
     ("A week has seven", ["days", "weeks", "years"], 0),
     ("Déjà vu is a phrase from", ["French", "German", "Latin"], 0),  # multi-byte characters
 ]
+COMMON = (
+    "dataset_path: json\n"
+    "dataset_kwargs:\n  data_files:\n    test: {docs}\n  cache_dir: {cache}\n"
+    "test_split: test\n"
+    'doc_to_text: "{{{{question}}}}"\n'
+)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A saved checkpoint (model, tokenizer) and a task folder whose one task reads a jsonl file beside it."""
+    """A saved checkpoint (model, tokenizer) and a task folder with two tasks over a jsonl file beside it: the
+    choice by log-likelihood (loglikelihood requests) and a short greedy answer (generate_until requests)."""
     root = tmp_path_factory.mktemp("lm_eval")
     tiny_model("retnet").save_pretrained(root / "ckpt")
     ByteTokenizer().save(root / "ckpt")
     docs = root / "docs.jsonl"
     docs.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in DOCS))
+    common = COMMON.format(docs=docs, cache=root / "datasets")
     (root / "tasks").mkdir()
-    (root / "tasks" / f"{TASK}.yaml").write_text(
-        f"task: {TASK}\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {docs}\n  cache_dir: {root / 'datasets'}\n"
-        "test_split: test\n"
+    (root / "tasks" / f"{CHOICE}.yaml").write_text(
+        f"task: {CHOICE}\n{common}"
         "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\n'
         'doc_to_choice: "{{choices}}"\n'
         'doc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n"
     )
+    (root / "tasks" / f"{GENERATE}.yaml").write_text(
+        f"task: {GENERATE}\n{common}"
+        "output_type: generate_until\n"
+        'doc_to_target: "{{choices[answer]}}"\n'
+        'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 12\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n"
+    )
     return root
 
 
-def evaluate(workdir, model: str, model_args: dict) -> tuple[float, list[list[float]]]:
-    """lm-eval's accuracy on the task, and each document's log-likelihood per choice, in document order."""
+def evaluate(workdir, model: str, model_args: dict) -> dict[str, tuple[float, list]]:
+    """Per task, lm-eval's metric (accuracy, exact match) and each document's responses in document order: the
+    log-likelihood of each choice, or the generated text."""
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(
         model=model,
         model_args=model_args,
-        tasks=[TASK],
+        tasks=[CHOICE, GENERATE],
         task_manager=TaskManager(include_path=str(workdir / "tasks"), include_defaults=False),
         log_samples=True,
     )
-    samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
-    return out["results"][TASK]["acc,none"], [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+    samples = {task: sorted(out["samples"][task], key=lambda s: s["doc_id"]) for task in (CHOICE, GENERATE)}
+    return {
+        CHOICE: (out["results"][CHOICE]["acc,none"], [[r[0] for r in s["filtered_resps"]] for s in samples[CHOICE]]),
+        GENERATE: (out["results"][GENERATE]["exact_match,none"], [s["resps"][0][0] for s in samples[GENERATE]]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +112,10 @@ def test_local_completions_scores_as_the_hf_model(workdir, hf_result, served, ba
         "num_concurrent": 1,
         "max_retries": 1,
     }
-    acc, loglikelihoods = evaluate(workdir, "local-completions", args)
-    hf_acc, hf_loglikelihoods = hf_result
+    got, want = evaluate(workdir, "local-completions", args), hf_result
+    loglikelihoods, hf_loglikelihoods = got[CHOICE][1], want[CHOICE][1]
     assert [len(doc) for doc in loglikelihoods] == [len(choices) for _, choices, _ in DOCS]
-    for got, want in zip(loglikelihoods, hf_loglikelihoods, strict=True):
-        assert got == pytest.approx(want, abs=1e-4)
-    assert acc == hf_acc
+    for doc, hf_doc in zip(loglikelihoods, hf_loglikelihoods, strict=True):
+        assert doc == pytest.approx(hf_doc, abs=1e-4)
+    assert got[CHOICE][0] == want[CHOICE][0]
+    assert got[GENERATE] == want[GENERATE]  # the same greedy texts, cut at the same stop string
