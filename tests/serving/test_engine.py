@@ -11,7 +11,7 @@ from servekit import greedy, tiny_model
 
 from retentive.data import ByteTokenizer
 from retentive.serving import Engine, PrefixCache, Request, SamplingParams, backend_for
-from retentive.serving.engine import Delta, Done, Failed, TextStream, sample_token
+from retentive.serving.engine import Delta, Done, Failed, QueueFull, TextStream, sample_token
 
 
 class Collector:
@@ -182,6 +182,18 @@ def test_queue_limit_and_cancelled_requests_free_their_slots():
     finally:
         engine.shutdown()
     assert engine.free == [0] and not engine.waiting
+
+
+def test_a_batch_of_requests_is_queued_whole_or_not_at_all():
+    engine = make_engine(max_batch=1, max_queue=2)  # not started: whatever is submitted waits
+    batch = [Request([i + 1], SamplingParams(max_tokens=1), Collector()) for i in range(3)]
+    with pytest.raises(QueueFull, match="at most 2"):
+        engine.submit(*batch)
+    assert not engine.waiting
+    engine.submit(*batch[:2])
+    assert list(engine.waiting) == batch[:2]
+    with pytest.raises(QueueFull):
+        engine.submit(batch[2])
 
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(1e-40, 1.0), (5e-324, 1.0), (1.0, 1e-46), (1e-40, 1e-46)])

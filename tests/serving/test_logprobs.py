@@ -77,6 +77,43 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(served):
         assert greedy == all(want[t - 1].argmax().item() == ids[t] for t in range(1, len(ids)))
 
 
+@pytest.mark.parametrize("as_ids", [True, False])
+def test_a_batch_of_prompts_is_answered_as_each_alone(served, as_ids):
+    """OpenAI's batch, a list of texts or of token-id lists (what lm-eval's local-completions sends with batch_size
+    > 1): choice i * n + j is choice j of prompt i, as that prompt alone gets it; the usage sums the prompts'."""
+    _, url = served
+    texts = ["The cat sat on the mat", "x", "ünïcödé ✓"]
+    prompts = [TOKENIZER.encode(t) for t in texts] if as_ids else texts
+    body = {"echo": True, "logprobs": 1, "temperature": 0, "max_tokens": 3, "n": 2, "ignore_eos": True}
+    whole = post(url, "completions", body | {"prompt": prompts})
+    alone = [post(url, "completions", body | {"prompt": p}) for p in prompts]
+    assert [c["index"] for c in whole["choices"]] == list(range(2 * len(prompts)))
+    for i, single in enumerate(alone):
+        for j, want in enumerate(single["choices"]):
+            got = whole["choices"][2 * i + j]
+            assert got["text"] == want["text"] and got["text"].startswith(texts[i])
+            assert got["finish_reason"] == want["finish_reason"]
+            assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+            assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-4)
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert whole["usage"][key] == sum(single["usage"][key] for single in alone)
+
+
+def test_a_streamed_batch_sends_each_choice_under_its_index(served):
+    _, url = served
+    body = {"prompt": ["abc", "de"], "n": 2, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "echo": True}
+    whole = post(url, "completions", body)
+    stream = body | {"model": "tiny", "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=stream, timeout=120) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    texts = ["", "", "", ""]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in whole["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+
+
 def test_chat_logprobs_and_top_logprobs(served):
     _, url = served
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}

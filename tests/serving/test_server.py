@@ -148,6 +148,13 @@ def retnet_url():
         ({"model": "tiny", "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
         ({"model": "tiny", "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
         ({"model": "tiny"}, 400, "prompt"),
+        ({"model": "tiny", "prompt": []}, 400, "prompt"),
+        ({"model": "tiny", "prompt": ["hi", ""]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": [[1, 2], []]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": ["hi", [1, 2]]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": [[1, 2], [3, 999]]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": ["hi", "x" * 601]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": ["hi"] * 65}, 400, "prompt"),  # over the queue (64): it could never be queued
     ],
 )
 def test_bad_input_gets_an_openai_error_body(retnet_url, body, status, param):

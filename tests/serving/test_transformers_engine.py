@@ -132,3 +132,14 @@ def test_a_retnet_or_retentive_only_options_are_refused(tmp_path):
         ServeConfig(engine="vllm")
     with pytest.raises(SystemExit, match=r"^error: --prompt-cache-dir and --cache-block are options of --engine"):
         main(["serve", str(tmp_path / "not-read"), "--engine", "transformers", "--cache-block", "64"])
+
+
+def test_a_batch_of_prompts_gives_each_prompt_its_own_greedy_text(served):
+    model, url = served
+    prompts = [TOKENIZER.encode(p) for p in PROMPTS[:3]]  # token ids, as lm-eval sends them
+    out = client(url).completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [expected(model, p, 8) for p in PROMPTS[:3]]
+    with pytest.raises(openai.BadRequestError, match="prompt"):  # more prompts than the queue holds: never queued
+        client(url).completions.create(model="tiny", prompt=[[1, 2]] * 17, max_tokens=1, temperature=0)
+    wait_for_nothing_held(url)

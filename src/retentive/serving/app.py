@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import resource
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -222,15 +223,26 @@ def create_app(
         _check_request(body)
         if body.max_tokens == 0 and not body.echo:
             raise _invalid("max_tokens=0 generates nothing: set echo=true to score the prompt", "max_tokens")
-        if isinstance(body.prompt, str):
-            prompt, _ = await _tokenize([body.prompt], "prompt")
+        texts = body.prompts
+        if len(texts) > engine.max_queue:  # the prompts of a batch are queued together, or not at all
+            raise _invalid(
+                f"a batch of {len(texts)} prompts is over this server's queue of {engine.max_queue} requests: send "
+                "smaller batches (or restart the server with a larger --max-queue)",
+                "prompt",
+            )
+        if isinstance(texts[0], str):
+            _check_chars(max(map(len, texts)), "prompt")
+            prompts = await _tokenize(texts, "prompt")
         else:
-            prompt = list(body.prompt)
-            _check_length(len(prompt), "prompt")
-            if any(not 0 <= t < engine.vocab_size for t in prompt):
-                raise _invalid(f"prompt holds token ids outside [0, {engine.vocab_size})", "prompt")
-        echo = (body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt)) if body.echo else ""
-        return await _generate(body, prompt, [], http, chat=False, echo=echo)
+            prompts = [list(p) for p in texts]
+            for prompt in prompts:
+                _check_length(len(prompt), "prompt")
+                if any(not 0 <= t < engine.vocab_size for t in prompt):
+                    raise _invalid(f"prompt holds token ids outside [0, {engine.vocab_size})", "prompt")
+        echoes = None
+        if body.echo:
+            echoes = [t if isinstance(t, str) else tokenizer.decode(p) for t, p in zip(texts, prompts, strict=True)]
+        return await _generate(body, prompts, [], http, chat=False, echoes=echoes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatCompletionRequest, http: Request):
@@ -241,8 +253,10 @@ def create_app(
             segments = protocol.chat_segments(body.messages)
         except ValueError as e:
             raise _invalid(str(e), "messages") from e
-        prompt, ends = await _tokenize(segments, "messages")
-        return await _generate(body, prompt, ends[:-1], http, chat=True)  # the state after each message: worth caching
+        _check_chars(sum(map(len, segments)), "messages")
+        pieces = await _tokenize(segments, "messages")
+        ends = list(itertools.accumulate(map(len, pieces)))  # the state after each message: worth caching
+        return await _generate(body, [list(itertools.chain(*pieces))], ends[:-1], http, chat=True)
 
     def _check_request(body: protocol.SamplingRequest) -> None:
         """What is wrong with the request before its prompt is read: the model, parameters this server refuses."""
@@ -264,21 +278,15 @@ def create_app(
                 "n",
             )
 
-    async def _tokenize(texts: list[str], param: str) -> tuple[list[int], list[int]]:
-        """The tokens of ``texts`` one after the other, and the token count at the end of each; encoded on a worker
-        thread (not the event loop), after a check of their length that needs no tokenizer."""
-        if sum(map(len, texts)) > max_prompt_chars:
-            _check_length(limits.max_prompt_tokens + 1, param)  # more characters than the limit's tokens can hold
+    def _check_chars(chars: int, param: str) -> None:
+        """Refuse a prompt of more characters than the limit's tokens can hold, without tokenizing it."""
+        if chars > max_prompt_chars:
+            _check_length(limits.max_prompt_tokens + 1, param)
 
-        def encode() -> tuple[list[int], list[int]]:
-            prompt, ends = [], []
-            for text in texts:
-                prompt += tokenizer.encode(text)
-                ends.append(len(prompt))
-            return prompt, ends
-
+    async def _tokenize(texts: list[str], param: str) -> list[list[int]]:
+        """The tokens of each of ``texts``, encoded on a worker thread (not the event loop)."""
         try:
-            return await asyncio.to_thread(encode)
+            return await asyncio.to_thread(tokenizer.encode_batch, texts)
         except UnicodeError as e:  # a lone surrogate ("\ud800"): valid JSON, but no text
             raise _invalid(f"{param} is not valid Unicode text: {e}", param) from e
 
@@ -292,22 +300,34 @@ def create_app(
             )
 
     async def _generate(
-        body: protocol.SamplingRequest, prompt: list[int], points: list[int], http: Request, chat: bool, echo: str = ""
+        body: protocol.SamplingRequest,
+        prompts: list[list[int]],
+        points: list[int],
+        http: Request,
+        chat: bool,
+        echoes: list[str] | None = None,
     ):
+        """Queue one engine request per prompt (all or none), and answer with their choices in prompt order.
+
+        Args:
+            points: prompt lengths after which the state is worth caching (a chat's message ends).
+            echoes: the text each prompt's choices start with (``echo``); None: none.
+        """
         param = "messages" if chat else "prompt"
-        if not prompt:
-            raise _invalid("the prompt encodes to no tokens: give some text", param)
-        _check_length(len(prompt), param)
         max_tokens = limits.default_max_tokens if body.max_tokens is None else body.max_tokens
         if max_tokens > limits.max_tokens:
             raise _invalid(f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}", "max_tokens")
-        if limits.max_context is not None and len(prompt) + max_tokens > limits.max_context:
-            raise _invalid(
-                f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) exceed the model's context of "
-                f"{limits.max_context} tokens: shorten the prompt or lower max_tokens",
-                param,
-                "context_length_exceeded",
-            )
+        for prompt in prompts:
+            if not prompt:
+                raise _invalid("the prompt encodes to no tokens: give some text", param)
+            _check_length(len(prompt), param)
+            if limits.max_context is not None and len(prompt) + max_tokens > limits.max_context:
+                raise _invalid(
+                    f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) exceed the model's context of "
+                    f"{limits.max_context} tokens: shorten the prompt or lower max_tokens",
+                    param,
+                    "context_length_exceeded",
+                )
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -319,10 +339,32 @@ def create_app(
             logprobs=body.top_logprobs,
             echo=body.echo,
         )
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        last = [time.perf_counter()] + [None] * body.n  # [arrival, then each choice's latest token time]
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        client = http.client.host if http.client else ""
+        requests = [
+            EngineRequest(prompt, params, _emitter(events, i, body.n), n=body.n, cache_points=points, client=client)
+            for i, prompt in enumerate(prompts)
+        ]
+        try:
+            engine.submit(*requests)
+        except QueueFull as e:
+            raise APIError(429, str(e), "rate_limit_error", None, "rate_limit_exceeded") from e
+        except Unsupported as e:
+            raise _invalid(str(e), e.param) from e
+        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        echoes = echoes or [""] * len(prompts)
+        if body.stream:
+            stream = _stream(requests, events, rid, chat, body.include_usage, echoes)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        return await _collect(requests, events, rid, chat, http, echoes)
 
-        def emit(event: Event) -> None:  # on the engine's thread
+    def _emitter(events: asyncio.Queue, index: int, n: int) -> Callable[[Event], None]:
+        """What prompt ``index``'s engine request calls with each event, on the engine's thread: the event goes to
+        ``events`` as ``(index, event)``, the time to its first token and between tokens to the metrics."""
+        loop = asyncio.get_running_loop()
+        last = [time.perf_counter()] + [None] * n  # [arrival, then each choice's latest token time]
+
+        def emit(event: Event) -> None:
             if isinstance(event, Delta):
                 now, before = time.perf_counter(), last[event.index + 1]
                 if before is None:
@@ -331,21 +373,9 @@ def create_app(
                     metrics.itl.observe(now - before)
                 last[event.index + 1] = now
             if not loop.is_closed():
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
-        client = http.client.host if http.client else ""
-        request = EngineRequest(prompt, params, emit, n=body.n, cache_points=points, client=client)
-        try:
-            engine.submit(request)
-        except QueueFull as e:
-            raise APIError(429, str(e), "rate_limit_error", None, "rate_limit_exceeded") from e
-        except Unsupported as e:
-            raise _invalid(str(e), e.param) from e
-        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-        if body.stream:
-            stream = _stream(request, events, rid, chat, body.include_usage, echo)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        return await _collect(request, events, rid, chat, http, echo)
+        return emit
 
     def _logprobs(entries: list, chat: bool, offset: int = 0) -> dict:
         if chat:
@@ -353,79 +383,104 @@ def create_app(
         return protocol.completion_logprobs(entries, tokenizer, offset)
 
     async def _collect(
-        request: EngineRequest, events: asyncio.Queue, rid: str, chat: bool, http: Request, echo: str
+        requests: list[EngineRequest], events: asyncio.Queue, rid: str, chat: bool, http: Request, echoes: list[str]
     ) -> dict:
-        texts, reasons = [echo] * request.n, [None] * request.n
-        entries: list[list] = [[] for _ in range(request.n)]
-        asked = request.params.logprobs is not None
-        watcher = asyncio.create_task(_cancel_on_disconnect(http, request))
+        n = requests[0].n
+        texts = [echo for echo in echoes for _ in range(n)]  # choice i * n + j: choice j of prompt i
+        reasons: list[str | None] = [None] * len(texts)
+        entries: list[list] = [[] for _ in texts]
+        asked = requests[0].params.logprobs is not None
+        done: list[Done] = []
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, requests))
         try:
             while True:
-                event = await events.get()
+                i, event = await events.get()
                 if isinstance(event, Delta):
-                    texts[event.index] += event.text
-                    reasons[event.index] = event.finish_reason or reasons[event.index]
+                    choice = i * n + event.index
+                    texts[choice] += event.text
+                    reasons[choice] = event.finish_reason or reasons[choice]
                     if event.logprob is not None:
-                        entries[event.index].append(event.logprob)
+                        entries[choice].append(event.logprob)
                 elif isinstance(event, PromptLogprobs):
-                    entries = [list(event.tokens) for _ in range(request.n)]
+                    entries[i * n : (i + 1) * n] = [list(event.tokens) for _ in range(n)]
                 elif isinstance(event, Done):
-                    use = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-                    logprobs = [_logprobs(e, chat) if asked else None for e in entries]
-                    choices = list(zip(texts, reasons, logprobs, strict=True))
-                    return protocol.completion_body(rid, model_name, choices, use, chat)
-                elif request.cancelled:  # the client went away: nobody reads the answer
+                    done.append(event)
+                    if len(done) == len(requests):
+                        logprobs = [_logprobs(e, chat) if asked else None for e in entries]
+                        choices = list(zip(texts, reasons, logprobs, strict=True))
+                        return protocol.completion_body(rid, model_name, choices, _usage(done), chat)
+                elif any(r.cancelled for r in requests):  # the client went away: nobody reads the answer
                     return {}
                 else:
                     raise APIError(500, event.message, "server_error")
         finally:
             watcher.cancel()
-            request.cancel()  # a no-op once done
+            for request in requests:
+                request.cancel()  # a no-op once done; the others of a batch that failed: free their slots
 
     async def _stream(
-        request: EngineRequest, events: asyncio.Queue, rid: str, chat: bool, include_usage: bool, echo: str
+        requests: list[EngineRequest],
+        events: asyncio.Queue,
+        rid: str,
+        chat: bool,
+        include_usage: bool,
+        echoes: list[str],
     ) -> AsyncIterator[str]:
-        offsets = [0] * request.n  # characters of each choice's text sent so far (for text_offset)
+        n = requests[0].n
+        offsets = [0] * (len(requests) * n)  # characters of each choice's text sent so far (for text_offset)
+        done: list[Done] = []
         try:
             if chat:
-                for index in range(request.n):
-                    yield _sse(protocol.role_chunk(rid, model_name, index))
-            if echo and request.params.logprobs is None:  # with logprobs, the prompt goes out with its own
-                for index in range(request.n):
-                    yield _sse(protocol.chunk_body(rid, model_name, index, echo, None, chat))
-                    offsets[index] = len(echo)
+                for choice in range(len(offsets)):
+                    yield _sse(protocol.role_chunk(rid, model_name, choice))
+            if requests[0].params.logprobs is None:  # with logprobs, an echoed prompt goes out with its own
+                for choice, echo in enumerate(e for e in echoes for _ in range(n)):
+                    if echo:
+                        yield _sse(protocol.chunk_body(rid, model_name, choice, echo, None, chat))
+                        offsets[choice] = len(echo)
             while True:
-                event = await events.get()
+                i, event = await events.get()
                 if isinstance(event, Delta):
-                    lp = None if event.logprob is None else _logprobs([event.logprob], chat, offsets[event.index])
-                    body = protocol.chunk_body(rid, model_name, event.index, event.text, event.finish_reason, chat, lp)
-                    offsets[event.index] += len(tokenizer.decode([event.logprob.token])) if lp else 0
+                    choice = i * n + event.index
+                    lp = None if event.logprob is None else _logprobs([event.logprob], chat, offsets[choice])
+                    body = protocol.chunk_body(rid, model_name, choice, event.text, event.finish_reason, chat, lp)
+                    offsets[choice] += len(tokenizer.decode([event.logprob.token])) if lp else 0
                     yield _sse(body)
                 elif isinstance(event, PromptLogprobs):
-                    for index in range(request.n):
-                        lp = _logprobs(event.tokens, chat)
-                        yield _sse(protocol.chunk_body(rid, model_name, index, echo, None, chat, lp))
-                        offsets[index] = len(tokenizer.decode(e.token for e in event.tokens))
+                    lp = _logprobs(event.tokens, chat)
+                    for choice in range(i * n, (i + 1) * n):
+                        yield _sse(protocol.chunk_body(rid, model_name, choice, echoes[i], None, chat, lp))
+                        offsets[choice] = len(tokenizer.decode(e.token for e in event.tokens))
                 elif isinstance(event, Done):
-                    if include_usage:
-                        use = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-                        yield _sse(protocol.usage_chunk(rid, model_name, use, chat))
-                    break
+                    done.append(event)
+                    if len(done) == len(requests):
+                        if include_usage:
+                            yield _sse(protocol.usage_chunk(rid, model_name, _usage(done), chat))
+                        break
                 else:
                     yield _sse(protocol.error_body(event.message, "server_error"))
                     break
             yield "data: [DONE]\n\n"
         finally:
-            request.cancel()  # the client went away mid-stream (or the stream ended): free the slots
+            for request in requests:
+                request.cancel()  # the client went away mid-stream (or the stream ended): free the slots
 
     return app
 
 
-async def _cancel_on_disconnect(http: Request, request: EngineRequest) -> None:
-    """Cancel ``request`` when its client goes away before the answer (the body is already read)."""
+def _usage(done: list[Done]) -> dict:
+    """The token counts of a response: the sums over its prompts' requests."""
+    return protocol.usage(
+        sum(d.prompt_tokens for d in done), sum(d.completion_tokens for d in done), sum(d.cached_tokens for d in done)
+    )
+
+
+async def _cancel_on_disconnect(http: Request, requests: list[EngineRequest]) -> None:
+    """Cancel ``requests`` when their client goes away before the answer (the body is already read)."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
-    request.cancel()
+    for request in requests:
+        request.cancel()
 
 
 def _sse(body: dict) -> str:

@@ -235,12 +235,15 @@ class ServingEngine(Protocol):
 
     vocab_size: int
     max_batch: int  # sequences running at once
+    max_queue: int  # requests waiting at most
 
     def start(self) -> None: ...
 
     def shutdown(self, timeout: float | None = None) -> None: ...
 
-    def submit(self, request: Request) -> None: ...
+    def submit(self, *requests: Request) -> None:
+        """Queue ``requests`` (a batch of prompts), all or none."""
+        ...
 
     def stats(self) -> dict:
         """At least ``kind``, ``max_batch``, ``free_slots``, ``running``, ``waiting``, ``steps``,
@@ -308,15 +311,17 @@ class Engine:
         if self.thread is not None:
             self.thread.join(timeout)
 
-    def submit(self, request: Request) -> None:
-        """Queue a request; raises :class:`QueueFull` when ``max_queue`` requests already wait."""
-        if request.n > self.backend.max_batch:
-            raise ValueError(f"n={request.n} choices need more slots than the server has ({self.backend.max_batch})")
+    def submit(self, *requests: Request) -> None:
+        """Queue requests, all or none (a batch of prompts); raises :class:`QueueFull` when the queue cannot take
+        them all: ``max_queue`` requests may wait."""
+        n = max(r.n for r in requests)
+        if n > self.backend.max_batch:
+            raise ValueError(f"n={n} choices need more slots than the server has ({self.backend.max_batch})")
         with self.condition:
             waiting = sum(not r.cancelled for r in self.waiting)
-            if waiting >= self.max_queue:
-                raise QueueFull(f"{waiting} requests are waiting for a slot (the limit): retry later")
-            self.waiting.append(request)
+            if waiting + len(requests) > self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting for a slot, of at most {self.max_queue}: retry later")
+            self.waiting.extend(requests)
             self.condition.notify()
 
     @property

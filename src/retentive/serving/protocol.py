@@ -87,9 +87,11 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    """``POST /v1/completions``: one prompt, as text or as token ids. ``logprobs``: report each token's
-    log-probability and that many alternatives (0-5); ``echo``: the prompt comes back before the completion, with
-    its tokens' log-probabilities when ``logprobs`` is set (``max_tokens: 0`` then scores a text, as evaluators do)."""
+    """``POST /v1/completions``: a prompt as text or as token ids, or a batch of them (a list of texts or of token-id
+    lists; choice ``i * n + j`` of the response is choice ``j`` of prompt ``i``, as OpenAI's). ``logprobs``: report
+    each token's log-probability and that many alternatives (0-5); ``echo``: the prompt comes back before the
+    completion, with its tokens' log-probabilities when ``logprobs`` is set (``max_tokens: 0`` then scores a text,
+    as evaluators do)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)
@@ -105,16 +107,30 @@ class CompletionRequest(SamplingRequest):
     def _default_max_tokens(cls, value: Any) -> Any:
         return 16 if value is None else value  # ``null`` means OpenAI's default for completions, as leaving it out
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_kind(cls, value: Any) -> Any:
+        if isinstance(value, list) and len({type(p) for p in value}) > 1:  # else pydantic names a union member
+            raise ValueError("give a text, token ids, a list of texts or a list of token-id lists, not a mix")
+        return value
+
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> str | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("give one prompt per request (a batch of prompts is not supported: send several)")
-            value = value[0]
+    def _no_empty_prompt(cls, value: Any) -> Any:
         if len(value) == 0:
-            raise ValueError("prompt is empty: give at least one token")
+            raise ValueError("prompt is empty: give a text, token ids, or a list of either")
+        if any(len(p) == 0 for p in _batch(value)):
+            raise ValueError("a prompt is empty: give each at least one character or token")
         return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or the batch it gives."""
+        return _batch(self.prompt)
+
+
+def _batch(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    return prompt if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else [prompt]
 
 
 class ChatMessage(BaseModel):

@@ -123,24 +123,26 @@ class TransformersEngine:
             self.thread.join(timeout)
         self._fail_all("the server is shutting down")
 
-    def submit(self, request: Request) -> None:
-        """Queue a request; raises :class:`Unsupported` for what the manager cannot do per request, and
-        :class:`QueueFull` when ``max_queue`` requests already wait."""
-        p = request.params
-        refused = (
-            ("temperature", p.temperature != 0, "decodes greedily: send temperature 0"),
-            ("n", request.n != 1, "gives one choice per request: send n=1 (or several requests)"),
-            ("logprobs", p.logprobs is not None, "gives no log-probabilities: leave logprobs unset"),
-            ("max_tokens", p.max_tokens < 1, "generates at least one token: send max_tokens >= 1"),
-        )
-        for param, bad, what in refused:
-            if bad:
-                raise Unsupported(param, f"this server (transformers' continuous batching) {what}")
+    def submit(self, *requests: Request) -> None:
+        """Queue requests, all or none (a batch of prompts); raises :class:`Unsupported` for what the manager cannot
+        do per request, and :class:`QueueFull` when the queue cannot take them all: ``max_queue`` requests may wait."""
+        for request in requests:
+            p = request.params
+            refused = (
+                ("temperature", p.temperature != 0, "decodes greedily: send temperature 0"),
+                ("n", request.n != 1, "gives one choice per request: send n=1 (or several requests)"),
+                ("logprobs", p.logprobs is not None, "gives no log-probabilities: leave logprobs unset"),
+                ("max_tokens", p.max_tokens < 1, "generates at least one token: send max_tokens >= 1"),
+            )
+            for param, bad, what in refused:
+                if bad:
+                    raise Unsupported(param, f"this server (transformers' continuous batching) {what}")
         with self.lock:
             waiting = sum(not r.cancelled for r in self.waiting)
-            if waiting >= self.max_queue and len(self.running) >= self.max_batch:
-                raise QueueFull(f"{waiting} requests are waiting for a slot (the limit): retry later")
-            self.waiting.append(request)
+            free = max(self.max_batch - len(self.running), 0)  # admitted at once, without waiting
+            if waiting + len(requests) > self.max_queue + free:
+                raise QueueFull(f"{waiting} requests are waiting for a slot, of at most {self.max_queue}: retry later")
+            self.waiting.extend(requests)
             self._admit()
 
     def stats(self) -> dict:
