@@ -297,8 +297,8 @@ def run_all(plan: dict, cache: Path, workers: int, models: list[str]) -> dict:
             "text_vocab": tokenizer.vocab_size,
         }
         for seed in plan["seeds"]
-        for label, (kind, overrides) in variants.items()
-    ]
+        for label, (kind, overrides) in sorted(variants.items(), key=lambda item: item[1][0] != "transformer")
+    ]  # the Transformer first: whether it learns the recall task is known early
     runs: dict = {label: {} for label in variants}
     for job, run in zip(jobs, quality.run_jobs(jobs, plan, workers, train_and_measure), strict=True):
         runs[job["label"]][str(job["seed"])] = run
