@@ -2,7 +2,7 @@
 
 Every model is trained by :class:`retentive.training.Trainer` on the same mixture at the quality benchmark's size
 (benchmarks/quality.py): windows of T tokens from each shipped corpus (Shakespeare and the King James Bible, one
-byte-level BPE trained on both), each with key-value pairs planted in its text and queried later (recall).
+byte-level BPE trained on both), each with a key-value pair planted in its text and queried later (recall).
 Then, on held-out data, up to 16 T:
 
 - **loss per position**: the mean next-token loss at each position of held-out windows of 16 T tokens of each
@@ -63,9 +63,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "Transformer": ("transformer", {}),
 }
 FULL = quality.FULL | {
-    "steps": 800,  # the Transformer learns the task in ~700 steps like these; not in 800 with 1-8 pairs in 3/4 of rows
-    "recall_share": 1.0,  # the share of each batch's rows that carry planted pairs (the text between them stays)
-    "pairs": 8,  # pairs planted (and queried) per training row
+    "steps": 800,
+    "recall_share": 1.0,  # the share of each batch's rows that carry a planted pair (the text around it stays)
+    "queries": 4,  # queries of the pair per training row
     "keys": 32,  # distinct key tokens; as many value tokens
     "span": 16,  # evaluate up to span x T
     "eval_windows": 8,  # held-out windows of span x T tokens per corpus
@@ -75,7 +75,7 @@ FULL = quality.FULL | {
 QUICK = quality.QUICK | {
     "steps": 3,
     "recall_share": 0.25,
-    "pairs": 2,
+    "queries": 2,
     "keys": 8,
     "span": 4,
     "eval_windows": 2,
@@ -112,16 +112,17 @@ class Recall:
     def value(self, i: np.ndarray | int) -> np.ndarray | int:
         return self.text_vocab + 2 + self.keys + i
 
-    def plant(self, row: np.ndarray, pairs: int, rng: np.random.Generator) -> np.ndarray:
-        """``row`` (N,) with ``pairs`` pairs, each set and then queried before the next is set, at random 3-token
-        slots (a copy): one pair is held at a time, so the task is holding a value over a distance, not telling
-        pairs apart (that is multi-query associative recall, a question of the state's capacity)."""
+    def plant(self, row: np.ndarray, queries: int, rng: np.random.Generator) -> np.ndarray:
+        """``row`` (N,) with one pair set and then queried ``queries`` times, at random 3-token slots (a copy).
+
+        One pair per row: the value is the only value token of the row, so the task is holding it over a distance,
+        not telling pairs apart (that is multi-query associative recall, a question of the state's capacity)."""
         row = row.copy()
-        slots = np.sort(rng.choice(len(row) // 3, 2 * pairs, replace=False)) * 3
-        keys, values = rng.integers(self.keys, size=pairs), rng.integers(self.keys, size=pairs)
-        for i, (set_at, get_at) in enumerate(zip(slots[::2], slots[1::2], strict=True)):
-            row[set_at : set_at + 3] = (self.set_id, self.key(keys[i]), self.value(values[i]))
-            row[get_at : get_at + 3] = (self.get_id, self.key(keys[i]), self.value(values[i]))
+        slots = np.sort(rng.choice(len(row) // 3, 1 + queries, replace=False)) * 3
+        key, value = self.key(rng.integers(self.keys)), self.value(rng.integers(self.keys))
+        row[slots[0] : slots[0] + 3] = (self.set_id, key, value)
+        for at in slots[1:]:
+            row[at : at + 3] = (self.get_id, key, value)
         return row
 
     def probe(self, text: np.ndarray, distance: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
@@ -137,7 +138,7 @@ class Recall:
 
 
 class Mixture:
-    """Training batches (B, T+1) from every corpus's windows, ``recall_share`` of the rows with ``pairs`` pairs planted.
+    """Training batches (B, T+1) from every corpus's windows, ``recall_share`` of the rows with a pair planted.
 
     Batch ``i`` depends only on (seed, i): the step is the resumable state.
     """
@@ -158,7 +159,7 @@ class Mixture:
             tokens = self.corpora[i % len(self.corpora)]
             start = rng.integers(len(tokens) - length)
             row = tokens[start : start + length].astype(np.int64)
-            batch.append(self.recall.plant(row, self.plan["pairs"], rng) if i < planted else row)
+            batch.append(self.recall.plant(row, self.plan["queries"], rng) if i < planted else row)
         ids = torch.from_numpy(np.stack(batch))
         return {"input_ids": ids, "labels": ids}
 
@@ -349,8 +350,8 @@ def memory_markdown(results: dict, plot: str) -> str:
         f"size, parameters matched), one tokenizer ({plan['tokenizer']}, {plan['vocab_size']}) trained on "
         f"{' and '.join(results['corpora'])}, plus {2 + 2 * plan['keys']} recall tokens. Same trainer, same batches: "
         f"{plan['steps']} steps of {plan['batch_size']} x {T} tokens, lr {plan['lr']}, each batch's rows alternating "
-        f"between the corpora, {plan['recall_share']:.0%} of them with {plan['pairs']} pairs planted and queried one "
-        "after the other (the text between them stays). "
+        f"between the corpora, {plan['recall_share']:.0%} of them with one pair planted in the text and queried "
+        f"{plan['queries']} times. "
         f"Seeds {plan['seeds']} (mean ± sd). Evaluated on held-out text up to {plan['span'] * T} tokens "
         f"({plan['span']} T); RetNet in the recurrent form.",
         "",
