@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import quality  # noqa: E402
-from benchkit import DOCS, environment, markdown_table, save_figure, subplots, write_section  # noqa: E402
+from benchkit import environment, markdown_table, save_figure, subplots, write_section  # noqa: E402
 from retentive.baselines import count_parameters  # noqa: E402
 from retentive.data import build_tokenizer, load_token_splits, tokenize_corpus  # noqa: E402
 from retentive.memory import horizon  # noqa: E402
@@ -415,19 +415,11 @@ def plot_memory(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, a slice of each corpus, 3 steps")
-    parser.add_argument("--out", type=Path, default=DOCS)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "retentive" / "bench")
-    parser.add_argument("--corpora", nargs="+", help="override: shakespeare, kjv, or a text file / folder")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
-    parser.add_argument("--steps", type=int, help="override the optimizer steps per run")
+    quality.add_run_arguments(parser)
     parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="some variants")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1: in this one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = dict(QUICK if args.quick else FULL)
-    for key in ("corpora", "seeds", "steps"):
-        if getattr(args, key):
-            plan[key] = getattr(args, key)
+    plan = quality.plan_of(args, QUICK, FULL)
     started = time.time()
     results = run_all(plan, args.cache, args.jobs, args.models)
     results["meta"] = environment("memory.py", started, quick=args.quick, argv=sys.argv[1:])

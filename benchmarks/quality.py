@@ -346,25 +346,36 @@ def plot_quality(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every training benchmark takes: where results and caches go, the plan's overrides, the workers."""
+    parser.add_argument("--out", type=Path, default=DOCS)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "retentive" / "bench")
+    parser.add_argument("--corpora", nargs="+", help="override: shakespeare, kjv, or a text file / folder")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
+    parser.add_argument("--steps", type=int, help="override the optimizer steps per run")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1: in this one)")
+
+
+def plan_of(args: argparse.Namespace, quick: dict, full: dict) -> dict:
+    """The plan (``quick`` with ``--quick``, else ``full``) with the overrides of :func:`add_run_arguments`."""
+    plan = dict(quick if args.quick else full)
+    for key in ("corpora", "seeds", "steps"):
+        if getattr(args, key):
+            plan[key] = getattr(args, key)
+    return plan
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, a slice of each corpus, 3 steps")
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--ablation", action="store_true", help="retentive's RetNet, one choice changed at a time")
     kind.add_argument("--lr-sweep", action="store_true", help="RetNet and the Transformer at " + str(LEARNING_RATES))
-    parser.add_argument("--out", type=Path, default=DOCS)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "retentive" / "bench")
-    parser.add_argument("--corpora", nargs="+", help="override: shakespeare, kjv, or a text file / folder")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
-    parser.add_argument("--steps", type=int, help="override the optimizer steps per run")
+    add_run_arguments(parser)
     parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"of the comparison: some of {list(MODELS)}")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1: in this one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = dict(QUICK if args.quick else FULL)
-    for key in ("corpora", "seeds", "steps"):
-        if getattr(args, key):
-            plan[key] = getattr(args, key)
+    plan = plan_of(args, QUICK, FULL)
     if args.ablation:
         name, heading = "ablation", "## Ablation: retentive's RetNet, one choice at a time"
         plan |= {"eval_lengths": [1]}
