@@ -224,7 +224,8 @@ def summarize(records: list[dict], duration: float, input_len: int) -> dict:
 def measure(url: str, pid: int, key: tuple, plan: dict) -> dict:
     """One cell, key (server, input_len, output_len, request rate), behind the server ``pid`` at ``url``."""
     label, input_len, output_len, rate = key
-    seed = plan["seed"] * 1_000_003 + input_len * 1000 + output_len
+    # prompts of their own per cell: a cell at rate 1/s must not find the rate-inf cell's prompts in a cache
+    seed = hash((plan["seed"], input_len, output_len, plan["request_rates"].index(rate))) % 2**32
     prompts = random_prompts(plan["num_prompts"], input_len, plan["prefix_len"], seed)
     reset_peak_rss(pid)
     records, duration = asyncio.run(run_requests(url, prompts, output_len, float(rate), plan["max_concurrency"], seed))
