@@ -91,25 +91,51 @@ def weight_bound(spec: dict) -> dict:
     - ``weights_ms``: one product of a (B, d) batch with a matrix holding the step's weight bytes (every Linear,
       the output head included; the embedding reads one row per token): at batch 1 a matrix-vector product, the
       weight-read bound; at 8 and 64 the same bytes plus the arithmetic;
-    - ``state_ms``: reading and writing every layer's state once (a copy of its bytes), which grows with B.
+    - ``state_ms``: reading and writing every layer's state once (a copy of its bytes), which grows with B;
+    - ``products_ms``: the step's own matrix products alone, one ``F.linear`` call per ``nn.Linear`` of the model
+      on its own weights, as the step issues them (a floor for any step built of one library call per product);
+      ``fused_products_ms``: the same with each layer's q, k, v and g projections in one product.
     """
     lm = peers.build("retentive", _dims(spec)).model
     d = lm.config.dim_model
-    weights = sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
-    W = torch.randn(weights // d, d)
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    W = torch.randn(sum(m.weight.numel() for m in linears) // d, d)
+    fused = [torch.cat([m.weight for m in group]) for group in _projection_groups(lm)]
     dk, dv = lm.config.head_dims
-    out = {"weight_bytes": W.numel() * 4}
+    out = {"weight_bytes": W.numel() * 4, "products": len(linears), "fused_products": len(fused)}
     for batch in spec.get("batches", (1, 8, 64)):
         x = torch.randn(batch, d)
         state = torch.randn(lm.config.num_layers * batch * lm.config.num_heads * dk * (dv + 1))
         copy = torch.empty_like(state)
+        inputs = {n: torch.randn(batch, n) for n in {m.in_features for m in linears}}
+        products = [(inputs[m.in_features], m.weight, m.bias) for m in linears]
+        fused_products = [(inputs[w.shape[1]], w, None) for w in fused]
         repeats = spec.get("repeats", 50)
-        out[f"b{batch}"] = {
-            "weights_ms": _median_ms(functools.partial(torch.nn.functional.linear, x, W), repeats),
-            "state_ms": _median_ms(functools.partial(copy.copy_, state), repeats),
-            "state_bytes": state.numel() * 4,
-        }
+        with torch.no_grad():
+            out[f"b{batch}"] = {
+                "weights_ms": _median_ms(functools.partial(torch.nn.functional.linear, x, W), repeats),
+                "state_ms": _median_ms(functools.partial(copy.copy_, state), repeats),
+                "state_bytes": state.numel() * 4,
+                "products_ms": _median_ms(functools.partial(_products, products), repeats),
+                "fused_products_ms": _median_ms(functools.partial(_products, fused_products), repeats),
+            }
     return out
+
+
+def _projection_groups(lm: torch.nn.Module) -> list[list[torch.nn.Linear]]:
+    """Every Linear of ``lm``, each layer's q, k, v and g projections (which read the same input) as one group."""
+    groups, seen = [], set()
+    for module in lm.modules():
+        group = [p for n in ("q_proj", "k_proj", "v_proj", "g_proj") if (p := getattr(module, n, None)) is not None]
+        if len(group) >= 3 and all(isinstance(p, torch.nn.Linear) and p.bias is None for p in group):
+            groups.append(group)
+            seen.update(map(id, group))
+    return groups + [[m] for m in lm.modules() if isinstance(m, torch.nn.Linear) and id(m) not in seen]
+
+
+def _products(products: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+    for x, weight, bias in products:
+        torch.nn.functional.linear(x, weight, bias)
 
 
 @torch.no_grad()

@@ -20,7 +20,11 @@ def test_quick_run_writes_every_cell_and_the_targets(tmp_path):
     # a difference of two timings at tiny sizes: its sign is noise, so only its presence is checked here
     assert all(math.isfinite(results["generate"][k]["ms_per_token"]) for k in ("eager", "compiled"))
     assert results["prefill"]["retentive"]["tokens_per_s"] > 0
-    assert results["bound"]["b1"]["weights_ms"] > 0 and results["bound"]["b2"]["state_bytes"] > 0
+    bound = results["bound"]
+    assert bound["b1"]["weights_ms"] > 0 and bound["b2"]["state_bytes"] > 0
+    # 2 layers of q, k, v, g, out, FFN up and down, and the head; q, k, v, g of each layer fused: 3 fewer per layer
+    assert (bound["products"], bound["fused_products"]) == (2 * 7 + 1, 2 * 4 + 1)
+    assert bound["b2"]["products_ms"] > 0 and bound["b2"]["fused_products_ms"] > 0
     claims = [claim for claim, _, _ in decode.checks(results)]
     assert "batch 1 within 1.5x of the weight-read bound" in claims
 
