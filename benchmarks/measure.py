@@ -70,7 +70,7 @@ def generate(spec: dict) -> dict:
     adapter = peers.build("retentive", _dims(spec))
     lm = adapter.model
     lm.config.decode_implementation = spec.get("decode_implementation", "eager")
-    if lm.config.decode_implementation == "compiled":
+    if lm.config.decode_implementation != "eager":
         lm.warm_up_decoding()
     ids = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec.get("prompt", 512)))
     new = spec.get("new_tokens", 128)

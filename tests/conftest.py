@@ -5,8 +5,13 @@ language functions are built), so it is set here, before any test module is coll
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the "aot" decoding step keeps its compiled libraries here: a fresh folder per session, so that the tests compile
+# what they test and leave nothing in the user's cache
+os.environ.setdefault("RETENTIVE_CACHE_DIR", tempfile.mkdtemp(prefix="retentive-tests-"))

@@ -1,6 +1,8 @@
-"""The compiled decoding step (``config.decode_implementation="compiled"``) against the eager one, its reference:
-the same logits and states (float32, within 1e-5) for every option of the config that changes the step, the same
-greedy tokens for 256 steps, with LoRA adapters too, and no recompilation when the batch size changes."""
+"""The compiled decoding steps (``config.decode_implementation`` "compiled": torch.compile, and "aot": exported and
+compiled ahead of time) against the eager one, their reference: the same logits and states (float32, within 1e-5)
+for every option of the config that changes the step, the same greedy tokens for 256 steps, with LoRA adapters too,
+and no compiling again when the batch size changes; for "aot", the weights read from the model at every call and
+the library found on disk by a new process's model."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from retentive import RetNetConfig, RetNetForCausalLM, cache_of
+from retentive.models import decoding
 from retentive.models.cache_retnet import RetNetCache
 from retentive.models.decoding import decode_logits
 from retentive.ops.decay import _cached_log_gamma
@@ -64,7 +67,10 @@ def greedy(model: RetNetForCausalLM, implementation: str, tokens: int) -> torch.
     return model.generate(ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
 
 
-def assert_steps_agree(model: RetNetForCausalLM, steps: int = 12) -> None:
+COMPILED = ("compiled", "aot")
+
+
+def assert_steps_agree(model: RetNetForCausalLM, implementation: str, steps: int = 12) -> None:
     """Logits and every state tensor of the compiled steps equal the eager steps', step after step."""
     ids, mask = prompt()
     with torch.no_grad():
@@ -76,7 +82,7 @@ def assert_steps_agree(model: RetNetForCausalLM, steps: int = 12) -> None:
         model.config.decode_implementation = "eager"
         with torch.inference_mode():
             eager, eager_states = decode_logits(model, token, eager_states)
-        model.config.decode_implementation = "compiled"
+        model.config.decode_implementation = implementation
         with torch.no_grad():
             out = model(token, cache=RetNetCache(compiled_states, ids.shape[1]), use_cache=True)
         compiled_states = cache_of(out).states
@@ -99,14 +105,16 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("implementation", COMPILED)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_compiled_step_equals_eager_step(name: str) -> None:
+def test_compiled_step_equals_eager_step(name: str, implementation: str) -> None:
     model = small_model(**CONFIGS[name])
-    assert_steps_agree(model)
-    assert torch.equal(greedy(model, "compiled", 256), greedy(model, "eager", 256))
+    assert_steps_agree(model, implementation)
+    assert torch.equal(greedy(model, implementation, 256), greedy(model, "eager", 256))
 
 
-def test_compiled_step_equals_eager_step_with_lora_adapters() -> None:
+@pytest.mark.parametrize("implementation", COMPILED)
+def test_compiled_step_equals_eager_step_with_lora_adapters(implementation: str) -> None:
     peft = pytest.importorskip("peft")
     model = small_model()
     targets = ["q_proj", "k_proj", "v_proj", "g_proj", "out_proj", "up", "down"]
@@ -115,16 +123,29 @@ def test_compiled_step_equals_eager_step_with_lora_adapters() -> None:
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
-    assert_steps_agree(model, steps=6)
-    assert torch.equal(greedy(model, "compiled", 256), greedy(model, "eager", 256))
+    assert_steps_agree(model, implementation, steps=6)
+    assert torch.equal(greedy(model, implementation, 256), greedy(model, "eager", 256))
+    with lora.disable_adapter():  # a flag of the adapters: the step must see it (the reference changes with it)
+        assert_steps_agree(model, implementation, steps=3)
 
 
-def test_batch_size_changes_after_warm_up_compile_nothing() -> None:
-    model = small_model(decode_implementation="compiled")
+def _no_compiling(monkeypatch: pytest.MonkeyPatch):
+    """A context in which compiling either step fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the aot step was compiled again")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
+@pytest.mark.parametrize("implementation", COMPILED)
+def test_batch_size_changes_after_warm_up_compile_nothing(implementation: str, monkeypatch) -> None:
+    model = small_model(decode_implementation=implementation)
     assert model.warm_up_decoding((1, 2)) > 0
     config = model.config
     dk, dv = config.head_dims
-    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+    with _no_compiling(monkeypatch), torch.no_grad():
         for batch in (3, 1, 7, 16, 2):
             cache = cache_of(model(torch.randint(0, V, (batch, 5)), use_cache=True))
             for _ in range(2):
@@ -133,8 +154,9 @@ def test_batch_size_changes_after_warm_up_compile_nothing() -> None:
                 assert cache_of(out).states[0].S.shape == (batch, config.num_heads, dk, dv)
 
 
-def test_compiled_step_leaves_the_given_states_unchanged() -> None:
-    model = small_model(decode_implementation="compiled")
+@pytest.mark.parametrize("implementation", COMPILED)
+def test_compiled_step_leaves_the_given_states_unchanged(implementation: str) -> None:
+    model = small_model(decode_implementation=implementation)
     ids, mask = prompt()
     with torch.no_grad():
         cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
@@ -151,13 +173,14 @@ def test_an_unknown_decode_implementation_is_refused_by_name() -> None:
         RetNetConfig(vocab_size=V, dim_model=32, num_layers=1, num_heads=2, decode_implementation="fast").validate()
 
 
-def test_callers_in_inference_mode_or_under_no_grad_share_one_compiled_step() -> None:
+@pytest.mark.parametrize("implementation", COMPILED)
+def test_callers_in_inference_mode_or_under_no_grad_share_one_compiled_step(implementation: str, monkeypatch) -> None:
     """A server's engine decodes in inference mode, generate() under no_grad, a prefill may leave inference
     tensors or an expanded offset: after the warm-up, none of them compiles the step again."""
-    model = small_model(decode_implementation="compiled")
+    model = small_model(decode_implementation=implementation)
     model.warm_up_decoding((1, 2))
     ids, mask = prompt()
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with _no_compiling(monkeypatch):
         with torch.inference_mode():
             cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
             assert cache.states[0].S.is_inference()
@@ -166,3 +189,32 @@ def test_callers_in_inference_mode_or_under_no_grad_share_one_compiled_step() ->
             cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
             second = model(ids[:, -1:], cache=cache, use_cache=True).logits
     torch.testing.assert_close(first, second)
+
+
+def test_aot_step_reads_the_weights_of_the_model_at_every_call(monkeypatch) -> None:
+    """Weights changed in place, a parameter re-assigned, and a second model of the same shapes (which loads the
+    library from disk rather than compiling it): each step equals the eager step of the weights of that moment."""
+    model = small_model(decode_implementation="aot")
+    model.warm_up_decoding((2,))
+    assert decoding._AOT[model].loader is not None  # the library runs, not a fallback
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert_steps_agree(model, "aot", steps=2)
+    head = model.model.retnet.blocks[0].retention.out_proj
+    head.weight = torch.nn.Parameter(torch.randn_like(head.weight))  # a new tensor: a structural change
+    assert_steps_agree(model, "aot", steps=2)
+    torch.manual_seed(7)
+    other = RetNetForCausalLM(model.config).eval()
+    with _no_compiling(monkeypatch):
+        assert_steps_agree(other, "aot", steps=2)
+
+
+def test_aot_step_of_a_model_with_peft_adapters_is_the_compiled_step() -> None:
+    """peft switches its adapters by attributes (merged, disabled) that an exported program cannot see: such a
+    model decodes through torch.compile, whose guards do."""
+    peft = pytest.importorskip("peft")
+    model = small_model(decode_implementation="aot")
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    decoding.warm_up(model, (2,))
+    assert decoding._AOT[model].loader is None

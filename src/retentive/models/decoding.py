@@ -10,6 +10,15 @@ time. ``config.decode_implementation`` chooses how the step runs:
   cached on disk by inductor); the second batch size makes the batch dimension symbolic, so later sizes re-use it.
   :func:`warm_up` does both before the first request. The compiled step leaves the given states unchanged, as the
   eager one does.
+- ``"aot"``: the same function exported once (``torch.export``, the batch size a dynamic dimension) and compiled
+  ahead of time by AOTInductor into a shared library that one C++ call runs: none of dynamo's guards, of the
+  runtime wrappers or of the Python wrapper that ``"compiled"`` pays every step, which on a CPU cost more than the
+  arithmetic of a small model (docs/benchmarks.md, "Decode step"). The model's weights are inputs of the library,
+  read from the model at every call, so that a weight changed in place, re-assigned or loaded is the one used; a
+  change of structure, dtype or device exports it again. The library is kept on disk (:func:`aot_cache_dir`),
+  keyed by the exported graph, so a later process only exports (about a second) and loads it. A model carrying
+  peft adapters, whose flags (merged, disabled, active) are plain attributes that no export sees change, runs
+  ``"compiled"`` instead, whose guards do.
 
 Both are reached through the public cached forward, ``lm(ids, cache=cache, use_cache=True)``, and so through
 ``generate()`` and the server. :func:`~retentive.models.cache_retnet.export_decode_step` traces the model's general
@@ -19,21 +28,24 @@ program is itself a compiled artifact.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 import types
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops import RetentionState
 
 if TYPE_CHECKING:
     from .modeling_retnet import RetNetForCausalLM
 
-DECODE_IMPLEMENTATIONS = ("eager", "compiled")
+DECODE_IMPLEMENTATIONS = ("eager", "compiled", "aot")
 
 Step = Callable[["RetNetForCausalLM", Tensor, list[RetentionState]], tuple[Tensor, list[RetentionState]]]
 
@@ -117,7 +129,154 @@ def step_for(lm: RetNetForCausalLM) -> Step:
         return eager_step
     if kind == "compiled":
         return compiled_step
+    if kind == "aot":
+        return aot_step
     raise ValueError(f"decode_implementation must be one of {DECODE_IMPLEMENTATIONS}, got {kind!r}")
+
+
+def aot_cache_dir() -> Path:
+    """Where the ``"aot"`` step's compiled libraries are kept: ``$RETENTIVE_CACHE_DIR/decode``, by default
+    ``~/.cache/retentive/decode``."""
+    root = os.environ.get("RETENTIVE_CACHE_DIR") or Path.home() / ".cache" / "retentive"
+    return Path(root) / "decode"
+
+
+# structural changes of any module (a submodule, parameter or buffer registered: peft adapters injected, a layer
+# replaced) bump this count, which every "aot" step compares with the one it was exported at: one integer
+# comparison per call instead of a walk over the model
+_structure_version = 0
+
+
+def _structure_changed(*_args: object) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_structure_changed)
+nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
+
+
+class _ExportedStep(nn.Module):
+    """:func:`decode_logits` as a function of flat tensors, for ``torch.export``: the model's parameters and
+    buffers (inputs, not constants: the library reads the model's own at every call), the ids and the states."""
+
+    def __init__(self, lm: RetNetForCausalLM, names: list[str]) -> None:
+        super().__init__()
+        self.lm, self.names = (lm,), names  # in a tuple: not a submodule, so none of its tensors is a constant
+
+    def forward(self, tensors: list[Tensor], input_ids: Tensor, S: list[Tensor], z: list[Tensor], offset: list[Tensor]):
+        lm = self.lm[0]
+        states = [RetentionState(*layer) for layer in zip(S, z, offset, strict=True)]
+        named = dict(zip(self.names, tensors, strict=True))
+        with torch.nn.utils.stateless._reparametrize_module(lm, named, tie_weights=True):
+            logits, states = decode_logits(lm, input_ids, states)
+        return logits, [s.S for s in states], [s.z for s in states], [s.offset for s in states]
+
+
+class AotStep:
+    """One model's ``"aot"`` step: its compiled library, and where the model's tensors live.
+
+    ``slots`` lists (module, "_parameters" or "_buffers", name) for every tensor, so that a call reads the current
+    tensors in a few microseconds (``lm.parameters()`` walks the model: tens of microseconds)."""
+
+    def __init__(self, lm: RetNetForCausalLM, key: tuple) -> None:
+        self.key, (self.names, self.slots, peft) = key, _tensor_slots(lm)
+        self.loader = None if peft else _compile_aot(lm, self, key[-1])
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(module, kind)[name] for module, kind, name in self.slots]
+
+    def __call__(self, input_ids: Tensor, states: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
+        S, z, offset = ([getattr(s, field).contiguous() for s in states] for field in ("S", "z", "offset"))
+        out = self.loader.boxed_run([*self.tensors(), input_ids.contiguous(), *S, *z, *offset])
+        L = len(states)  # out: logits, then every layer's S, every layer's z, every layer's offset
+        return out[0], [RetentionState(out[1 + i], out[1 + L + i], out[1 + 2 * L + i]) for i in range(L)]
+
+
+def _tensor_slots(lm: nn.Module) -> tuple[list[str], list[tuple[nn.Module, str, str]], bool]:
+    """Every parameter and buffer of ``lm`` once (tied ones under their first name): names and slots (see
+    :class:`AotStep`); and whether ``lm`` carries peft adapters."""
+    slots: dict[int, tuple] = {}
+    for prefix, module in lm.named_modules(remove_duplicate=False):
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(module, kind).items():
+                if t is not None and id(t) not in slots:
+                    slots[id(t)] = (f"{prefix}.{name}" if prefix else name, (module, kind, name))
+    peft = any(type(m).__module__.startswith("peft.") for m in lm.modules())
+    return [name for name, _ in slots.values()], [slot for _, slot in slots.values()], peft
+
+
+def _aot_key(lm: RetNetForCausalLM, state_dtype: torch.dtype) -> tuple:
+    """What an ``"aot"`` step is compiled for: the structure (as of the last change of any module), the weights'
+    dtype and device, the states' dtype."""
+    weight = lm.lm_head.weight
+    return (_structure_version, weight.dtype, weight.device, state_dtype)
+
+
+def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype):
+    """Export the step at batch 2 (a dynamic dimension from 1 up) and compile it, or load the library compiled
+    for the same graph earlier; returns its loader (``boxed_run(flat inputs) -> flat outputs``)."""
+    config, weight = lm.config, lm.lm_head.weight
+    (dk, dv), batch = config.head_dims, 2
+    states = [
+        RetentionState.zeros(batch, config.num_heads, dk, dv, device=weight.device, dtype=state_dtype)
+        for _ in range(config.num_layers)
+    ]
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
+    eager_step(lm, ids, states)  # fills the caches of constants (log gamma, rotary angles), as for "compiled"
+    rows = torch.export.Dim("batch", min=1)
+    layers = [{0: rows}] * config.num_layers
+    args = (step.tensors(), ids, [s.S for s in states], [s.z for s in states], [s.offset for s in states])
+    dynamic = ([None] * len(step.names), {0: rows}, layers, layers, layers)
+    with torch.no_grad():
+        program = torch.export.export(_ExportedStep(lm, step.names), args, dynamic_shapes=dynamic)
+    path = aot_cache_dir() / f"{_program_digest(program)}.pt2"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")  # another process may compile it too
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+        os.replace(partial, path)
+    return torch._inductor.aoti_load_package(str(path)).loader
+
+
+def _program_digest(program: torch.export.ExportedProgram) -> str:
+    """A name for the library compiled from ``program``: its graph, the shapes, dtypes and strides of its
+    inputs, its constants' values (baked into the library), torch's version and the CPU's vector instructions."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    digest = hashlib.sha256()
+    for part in (torch.__version__, str(pick_vec_isa()), program.graph_module.code, str(program.graph_signature)):
+        digest.update(part.encode())
+    for node in program.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, Tensor):
+            digest.update(f"{node.name}{tuple(value.shape)}{value.stride()}{value.dtype}{value.device}".encode())
+    for name, value in sorted(program.constants.items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+_AOT: weakref.WeakKeyDictionary[RetNetForCausalLM, AotStep] = weakref.WeakKeyDictionary()
+
+
+def aot_step(
+    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
+) -> tuple[Tensor, list[RetentionState]]:
+    """:func:`decode_logits` compiled ahead of time (see the module docstring): exported and compiled at the first
+    call, or loaded from disk; again after a change of the model's structure, dtype or device."""
+    step, key = _AOT.get(lm), _aot_key(lm, states[0].S.dtype)
+    if step is not None and step.key != key:
+        if step.key[1:] == key[1:] and _tensor_slots(lm)[1:] == (step.slots, step.loader is None):
+            step.key = key  # some other module changed, not this model
+        else:
+            step = None
+    if step is None:
+        step = _AOT[lm] = AotStep(lm, key)
+    if step.loader is None:
+        return compiled_step(lm, input_ids, states)  # adapters switch by attributes that only dynamo guards on
+    return step(input_ids, states)
 
 
 def warm_up(lm: RetNetForCausalLM, batch_sizes: Sequence[int] = (1, 2)) -> float:
