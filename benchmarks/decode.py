@@ -2,7 +2,7 @@
 
 Every cell runs in a fresh process (``measure.py``), in ``rounds`` rounds interleaved across the models; the best
 round counts. Measured: ms per token at batch 1 and tokens/s at larger batches through each model's public cached
-step (retentive: ``lm(token, cache=cache, use_cache=True)``, eager and compiled), retentive's ``generate()``, and
+step (retentive: ``lm(token, cache=cache, use_cache=True)``, eager, compiled and aot), retentive's ``generate()``, and
 the bound: one product over the step's weight bytes (plus, growing with the batch, one read and write of the
 states), measured in the same run. Results go to ``docs/bench_decode.json`` and docs/benchmarks.md.
 
@@ -27,10 +27,12 @@ from benchkit import DOCS, WorkerFailed, environment, machine, markdown_table, r
 
 log = logging.getLogger("bench-decode")
 
-# (label, spec): retentive eager (the reference), retentive compiled, the peers' recurrent steps
+# (label, spec): retentive eager (the reference), retentive compiled (torch.compile) and aot (AOTInductor), the
+# peers' recurrent steps
 MODELS = [
     ("retentive (eager)", {"model": "retentive", "decode_implementation": "eager"}),
     ("retentive (compiled)", {"model": "retentive", "decode_implementation": "compiled"}),
+    ("retentive (aot)", {"model": "retentive", "decode_implementation": "aot"}),
     ("yet-another-retnet", {"model": "yet-another-retnet"}),
     ("torchscale", {"model": "torchscale"}),
 ]
@@ -55,6 +57,8 @@ QUICK = {
     "timeout_s": 300,
 }
 TARGETS = {"bound_b1": 1.5, "peers_b1": 2.5, "peers_b8": 2.0, "flat": 1.15}
+JUDGED = "aot"  # the step the targets judge: the CPU's fastest (docs/benchmarks.md, "Decode step")
+IMPLEMENTATIONS = ("eager", "compiled", "aot")
 
 
 def measure(spec: dict, timeout: float) -> dict:
@@ -79,7 +83,7 @@ def run_all(plan: dict, labels: list[str]) -> dict:
                 log.info("%s at %d: %s", label, context, _brief(cell))
                 decode[label][str(context)] = faster(decode[label].get(str(context)), cell)
     generate = {}
-    for implementation in ("eager", "compiled"):
+    for implementation in IMPLEMENTATIONS:
         spec = {"task": "generate", "dims": plan["dims"], "decode_implementation": implementation, **plan["generate"]}
         generate[implementation] = measure(spec, plan["timeout_s"])
         log.info("generate() %s: %s", implementation, generate[implementation])
@@ -144,35 +148,36 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
         cell = dec.get(label, {}).get(context, {})
         return cell.get(f"b{batch}", {}).get("ms_per_token")
 
+    judged = f"retentive ({JUDGED})"
     if "error" not in bound:
         b1 = bound["b1"]["weights_ms"]
-        worst = max(ms("retentive (compiled)", c, 1) or float("inf") for c in contexts)
+        worst = max(ms(judged, c, 1) or float("inf") for c in contexts)
         out.append(
             (
-                f"batch 1 within {TARGETS['bound_b1']}x of the weight-read bound",
+                f"{judged}: batch 1 within {TARGETS['bound_b1']}x of the weight-read bound",
                 worst <= TARGETS["bound_b1"] * b1,
                 f"{worst:.3f} ms vs {b1:.3f} ms = {worst / b1:.2f}x",
             )
         )
-        gen = results["generate"].get("compiled", {})
+        gen = results["generate"].get(JUDGED, {})
         if "ms_per_token" in gen:
             g = gen["ms_per_token"]
             out.append(
                 (
-                    f"generate() at batch 1 within {TARGETS['bound_b1']}x of the weight-read bound",
+                    f"generate() ({JUDGED}) at batch 1 within {TARGETS['bound_b1']}x of the weight-read bound",
                     g <= TARGETS["bound_b1"] * b1,
                     f"{g:.3f} ms vs {b1:.3f} ms = {g / b1:.2f}x",
                 )
             )
     for batch, key in ((1, "peers_b1"), (8, "peers_b8")):
         for peer in peer_labels:
-            pairs = [(c, ms("retentive (compiled)", c, batch), ms(peer, c, batch)) for c in contexts]
+            pairs = [(c, ms(judged, c, batch), ms(peer, c, batch)) for c in contexts]
             pairs = [(c, a, b) for c, a, b in pairs if a and b]
             if pairs:
                 worst = min(pairs, key=lambda p: p[2] / p[1])
                 out.append(
                     (
-                        f"batch {batch} at least {TARGETS[key]}x faster than {peer} at every context",
+                        f"{judged}: batch {batch} at least {TARGETS[key]}x faster than {peer} at every context",
                         all(b >= TARGETS[key] * a for _, a, b in pairs),
                         f"worst at {worst[0]}: {worst[1]:.3f} vs {worst[2]:.3f} ms = {worst[2] / worst[1]:.2f}x",
                     )
@@ -189,7 +194,7 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
                 f"{ours:,.0f} tokens/s vs {best} {others[best]:,.0f}",
             )
         )
-    for label in (label for label in dec if label.startswith("retentive")):
+    for label in (label for label in dec if label.startswith("retentive")):  # every step keeps the promise
         lo, hi = ms(label, contexts[0], 1), ms(label, contexts[-1], 1)
         if lo and hi and len(contexts) > 1:
             out.append(
@@ -229,20 +234,8 @@ def markdown(results: dict) -> str:
             ("fused_products_ms", f"floor: q, k, v, g in one product ({bound['fused_products']} calls)"),
         ):
             rows.append([label, "any", *(_bound_cell(b, bound[f"b{b}"][field]) for b in batches)])
-    warm = [cell.get("warm_up_s") for cell in dec.get("retentive (compiled)", {}).values() if "warm_up_s" in cell]
     gen = results["generate"]
-    first = [
-        cell[f"b{b}"]["first_step_ms"]
-        for cell in dec.get("retentive (compiled)", {}).values()
-        if "error" not in cell
-        for b in batches
-    ]
-    compiling = (
-        f" Compiling (`warm_up_decoding()`, batch 1 and 2) took {min(warm):.1f}-{max(warm):.1f} s; after it, the "
-        f"first step at each batch size took at most {max(first):.1f} ms (no compiling again)."
-        if warm and first
-        else ""
-    )
+    compiling = "".join(_warm_up(implementation, dec, batches) for implementation in IMPLEMENTATIONS[1:])
     lines = [
         f"`{meta['command']}` ({meta['date']}; {meta['machine']}; torch {meta['versions']['torch']}, "
         f"{meta['torch_threads']} threads). Models of `make bench` ({plan['dims']}); a random state stands for "
@@ -275,6 +268,20 @@ def markdown(results: dict) -> str:
         *(f"| {claim} | {_verdict(ok)} | {why} |" for claim, ok, why in checks(results)),
     ]
     return "\n".join(lines)
+
+
+def _warm_up(implementation: str, dec: dict, batches: list[int]) -> str:
+    """What compiling ``implementation`` cost: ``warm_up_decoding()`` in each cell's fresh process, and the first
+    step at each batch size after it."""
+    cells = [cell for cell in dec.get(f"retentive ({implementation})", {}).values() if "error" not in cell]
+    warm = [cell["warm_up_s"] for cell in cells if "warm_up_s" in cell]
+    first = [cell[f"b{b}"]["first_step_ms"] for cell in cells for b in batches]
+    if not (warm and first):
+        return ""
+    return (
+        f" {implementation}: `warm_up_decoding()` (batch 1 and 2) took {min(warm):.1f}-{max(warm):.1f} s; after "
+        f"it, the first step at each batch size took at most {max(first):.1f} ms."
+    )
 
 
 def _bound_cell(batch: int, ms: float) -> str:

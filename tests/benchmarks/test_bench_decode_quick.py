@@ -10,15 +10,17 @@ import decode
 
 
 def test_quick_run_writes_every_cell_and_the_targets(tmp_path):
-    decode.main(["--quick", "--out", str(tmp_path), "--models", "retentive (eager)", "retentive (compiled)"])
+    labels = ["retentive (eager)", "retentive (compiled)", "retentive (aot)"]
+    decode.main(["--quick", "--out", str(tmp_path), "--models", *labels])
     results = json.loads((tmp_path / "bench_decode_quick.json").read_text())
-    for label in ("retentive (eager)", "retentive (compiled)"):
+    for label in labels:
         cell = results["decode"][label]["16"]
         assert "error" not in cell, cell
         assert cell["b1"]["ms_per_token"] > 0 and cell["b2"]["tokens_per_s"] > 0
-    assert results["decode"]["retentive (compiled)"]["16"]["warm_up_s"] > 0
+    for label in labels[1:]:
+        assert results["decode"][label]["16"]["warm_up_s"] > 0
     # a difference of two timings at tiny sizes: its sign is noise, so only its presence is checked here
-    assert all(math.isfinite(results["generate"][k]["ms_per_token"]) for k in ("eager", "compiled"))
+    assert all(math.isfinite(results["generate"][k]["ms_per_token"]) for k in decode.IMPLEMENTATIONS)
     assert results["prefill"]["retentive"]["tokens_per_s"] > 0
     bound = results["bound"]
     assert bound["b1"]["weights_ms"] > 0 and bound["b2"]["state_bytes"] > 0
@@ -26,7 +28,7 @@ def test_quick_run_writes_every_cell_and_the_targets(tmp_path):
     assert (bound["products"], bound["fused_products"]) == (2 * 7 + 1, 2 * 4 + 1)
     assert bound["b2"]["products_ms"] > 0 and bound["b2"]["fused_products_ms"] > 0
     claims = [claim for claim, _, _ in decode.checks(results)]
-    assert "batch 1 within 1.5x of the weight-read bound" in claims
+    assert "retentive (aot): batch 1 within 1.5x of the weight-read bound" in claims
 
 
 def fake(ours_b1: float, peer_b1: float, ours_b8: float, peer_b8: float, bound_b1: float) -> dict:
@@ -36,10 +38,10 @@ def fake(ours_b1: float, peer_b1: float, ours_b8: float, peer_b8: float, bound_b
     return {
         "plan": {"contexts": [512, 16384], "prefill_tokens": 8192},
         "decode": {
-            "retentive (compiled)": {"512": cell(ours_b1, ours_b8), "16384": cell(ours_b1 * 1.1, ours_b8)},
+            "retentive (aot)": {"512": cell(ours_b1, ours_b8), "16384": cell(ours_b1 * 1.1, ours_b8)},
             "peer": {"512": cell(peer_b1, peer_b8), "16384": cell(peer_b1, peer_b8)},
         },
-        "generate": {"compiled": {"ms_per_token": ours_b1}},
+        "generate": {"aot": {"ms_per_token": ours_b1}},
         "prefill": {"retentive": {"tokens_per_s": 3.0}, "peer": {"tokens_per_s": 2.0}},
         "bound": {"weight_bytes": 1, "b1": {"weights_ms": bound_b1, "state_ms": 0.0}},
     }
@@ -48,13 +50,13 @@ def fake(ours_b1: float, peer_b1: float, ours_b8: float, peer_b8: float, bound_b
 def test_targets_pass_and_fail_where_the_figures_say():
     verdicts = {claim: ok for claim, ok, _ in decode.checks(fake(0.4, 1.2, 1.0, 2.5, 0.28))}
     assert verdicts == {
-        "batch 1 within 1.5x of the weight-read bound": False,  # 0.44 ms at 16k vs 0.28: 1.57x
-        "generate() at batch 1 within 1.5x of the weight-read bound": True,  # 0.4 / 0.28 = 1.43x
-        "batch 1 at least 2.5x faster than peer at every context": True,  # 1.2 / 0.44 = 2.7x
-        "batch 8 at least 2.0x faster than peer at every context": True,
-        "retentive (compiled): batch 1 flat from 512 to 16384 tokens of context": True,
+        "retentive (aot): batch 1 within 1.5x of the weight-read bound": False,  # 0.44 ms at 16k vs 0.28: 1.57x
+        "generate() (aot) at batch 1 within 1.5x of the weight-read bound": True,  # 0.4 / 0.28 = 1.43x
+        "retentive (aot): batch 1 at least 2.5x faster than peer at every context": True,  # 1.2 / 0.44 = 2.7x
+        "retentive (aot): batch 8 at least 2.0x faster than peer at every context": True,
+        "retentive (aot): batch 1 flat from 512 to 16384 tokens of context": True,
         "prefill of 8,192 tokens the fastest of all": True,
     }
     verdicts = {claim: ok for claim, ok, _ in decode.checks(fake(0.4, 0.9, 1.0, 1.9, 0.28))}
-    assert verdicts["batch 1 at least 2.5x faster than peer at every context"] is False
-    assert verdicts["batch 8 at least 2.0x faster than peer at every context"] is False
+    assert verdicts["retentive (aot): batch 1 at least 2.5x faster than peer at every context"] is False
+    assert verdicts["retentive (aot): batch 8 at least 2.0x faster than peer at every context"] is False

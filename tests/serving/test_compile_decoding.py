@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from retentive import RetNetConfig, RetNetForCausalLM, cache_of
@@ -44,14 +45,20 @@ def test_where_compiling_fails_the_eager_step_serves(monkeypatch, caplog):
     assert "no C++ compiler" in caplog.text and "serving the eager one" in caplog.text
 
 
-def test_the_engines_decoding_steps_compile_nothing_after_the_warm_up():
+@pytest.mark.parametrize("implementation", ["compiled", "aot"])
+def test_the_engines_decoding_steps_compile_nothing_after_the_warm_up(implementation, monkeypatch):
     """The engine decodes in inference mode, gathering slots of its pool (contiguous runs are views, others
     copies), for batches of every size: none of that compiles the step again, and it decodes as the eager step."""
     torch._dynamo.reset()
     model = tiny()
     backend = backend_for(model, max_batch=6)
-    assert compile_decoding(model, max_batch=6) > 0
+    assert compile_decoding(model, max_batch=6, implementation=implementation) > 0
     prompts = [torch.randint(0, 64, (5 + slot,)).tolist() for slot in range(6)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the aot step was compiled again")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
     with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
         for slot, ids in enumerate(prompts):
             backend.prefill(slot, ids)
@@ -62,7 +69,7 @@ def test_the_engines_decoding_steps_compile_nothing_after_the_warm_up():
                 backend.release(slot)
                 backend.prefill(slot, prompts[slot])
             eager = backend.decode(slots, [7] * len(slots))
-            model.config.decode_implementation = "compiled"
+            model.config.decode_implementation = implementation
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
             for slot in slots:
                 backend.release(slot)

@@ -103,14 +103,14 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, T
     return model, tokenizer
 
 
-def compile_decoding(model: nn.Module, max_batch: int) -> float | None:
-    """Compile a RetNet's decoding step before the first request (``decode_implementation="compiled"``), at batch
-    1 and 2, after which every batch size re-uses it; returns the seconds it took, or None where there was nothing
-    to compile (a Transformer) or compiling failed (no C++ compiler, an unsupported platform): then the eager step
-    serves, after a warning."""
+def compile_decoding(model: nn.Module, max_batch: int, implementation: str = "compiled") -> float | None:
+    """Compile a RetNet's decoding step before the first request (``decode_implementation`` "compiled" or
+    "aot"), at batch 1 and 2, after which every batch size re-uses it; returns the seconds it took, or None where
+    there was nothing to compile (a Transformer) or compiling failed (no C++ compiler, an unsupported platform):
+    then the eager step serves, after a warning."""
     if not hasattr(model, "warm_up_decoding"):
         return None
-    model.config.decode_implementation = "compiled"
+    model.config.decode_implementation = implementation
     try:
         return model.warm_up_decoding(range(1, min(2, max_batch) + 1))
     except Exception as err:  # the eager step is exact and always works: serve with it rather than not at all
