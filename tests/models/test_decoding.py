@@ -218,3 +218,22 @@ def test_aot_step_of_a_model_with_peft_adapters_is_the_compiled_step() -> None:
     peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     decoding.warm_up(model, (2,))
     assert decoding._AOT[model].loader is None
+
+
+def test_aot_step_writes_into_memory_nobody_holds_and_never_into_kept_states() -> None:
+    """The new S goes into buffers of the step's own: re-used once the states written there are dropped (no page
+    faults at every token), never while a state or any view of it is kept."""
+    model = small_model(decode_implementation="aot")
+    ids, mask = prompt()
+    with torch.no_grad():
+        cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+        token = ids[:, -1:]
+        kept = [cache_of(model(token, cache=cache, use_cache=True)).states[0]]  # step 1's state, kept whole
+        kept_copy = kept[0].S.clone()
+        row = cache_of(model(token, cache=cache, use_cache=True)).states[1].S[1]  # step 2: a view of one row
+        row_copy = row.clone()
+        pointers = set()
+        for _ in range(6):  # steps 3 to 8: their states are dropped as the cache moves on
+            pointers.add(cache_of(model(token, cache=cache, use_cache=True)).states[0].S.data_ptr())
+    assert torch.equal(kept[0].S, kept_copy) and torch.equal(row, row_copy)
+    assert len(pointers) <= 2  # two buffer sets take turns: the cache's current state and the next one

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 import types
 import weakref
@@ -159,19 +160,62 @@ nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
 
 class _ExportedStep(nn.Module):
     """:func:`decode_logits` as a function of flat tensors, for ``torch.export``: the model's parameters and
-    buffers (inputs, not constants: the library reads the model's own at every call), the ids and the states."""
+    buffers (inputs, not constants: the library reads the model's own at every call), the ids, the states, and
+    buffers that take every layer's new S (written in place: see :class:`StateBuffers`). Returns the logits and
+    every layer's new z and offset."""
 
     def __init__(self, lm: RetNetForCausalLM, names: list[str]) -> None:
         super().__init__()
         self.lm, self.names = (lm,), names  # in a tuple: not a submodule, so none of its tensors is a constant
 
-    def forward(self, tensors: list[Tensor], input_ids: Tensor, S: list[Tensor], z: list[Tensor], offset: list[Tensor]):
+    def forward(
+        self,
+        tensors: list[Tensor],
+        input_ids: Tensor,
+        S: list[Tensor],
+        z: list[Tensor],
+        offset: list[Tensor],
+        new_S: list[Tensor],
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         lm = self.lm[0]
         states = [RetentionState(*layer) for layer in zip(S, z, offset, strict=True)]
         named = dict(zip(self.names, tensors, strict=True))
         with torch.nn.utils.stateless._reparametrize_module(lm, named, tie_weights=True):
             logits, states = decode_logits(lm, input_ids, states)
-        return logits, [s.S for s in states], [s.z for s in states], [s.offset for s in states]
+        for buffer, state in zip(new_S, states, strict=True):
+            buffer.copy_(state.S)
+        return logits, [s.z for s in states], [s.offset for s in states]
+
+
+class StateBuffers:
+    """Memory for the new S of every layer, re-used once nobody holds it any more.
+
+    A step that allocates its new states gets fresh pages from the system at every token once they are large
+    (glibc maps blocks of 128 KiB and more anew): the first write to each page then costs a page fault, which at
+    batch 8 and more weighs as much as the state update itself. So each step writes its new S into one of a few
+    buffer sets kept here and returns views of them; a set is written again only when no view of it is left (the
+    storage's use count), whatever the caller did with the states: kept them, sliced them, passed them on.
+    """
+
+    kept = 4  # buffer sets: the caller's current states, the ones it just replaced, and room for a prompt cache
+
+    def __init__(self) -> None:
+        self.sets: list[list[Tensor]] = []
+
+    def take(self, like: list[Tensor]) -> list[Tensor]:
+        """A free set shaped as ``like`` (one S per layer), or a new one; the most recently taken come last."""
+        for i, buffers in enumerate(self.sets):
+            if buffers[0].shape == like[0].shape and buffers[0].dtype == like[0].dtype and _free(buffers):
+                self.sets.append(self.sets.pop(i))
+                return buffers
+        buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+        self.sets = [*self.sets[-(self.kept - 1) :], buffers]
+        return buffers
+
+
+def _free(buffers: list[Tensor]) -> bool:
+    """No tensor but ``buffers`` themselves uses their memory (a view handed out keeps it taken)."""
+    return all(torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2 for t in buffers)  # + the temporary
 
 
 class AotStep:
@@ -183,15 +227,19 @@ class AotStep:
     def __init__(self, lm: RetNetForCausalLM, key: tuple) -> None:
         self.key, (self.names, self.slots, peft) = key, _tensor_slots(lm)
         self.loader = None if peft else _compile_aot(lm, self, key[-1])
+        self.buffers = StateBuffers()
+        self.lock = threading.Lock()  # a free buffer set is taken when its views are made: one call at a time
 
     def tensors(self) -> list[Tensor]:
         return [getattr(module, kind)[name] for module, kind, name in self.slots]
 
     def __call__(self, input_ids: Tensor, states: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
         S, z, offset = ([getattr(s, field).contiguous() for s in states] for field in ("S", "z", "offset"))
-        out = self.loader.boxed_run([*self.tensors(), input_ids.contiguous(), *S, *z, *offset])
-        L = len(states)  # out: logits, then every layer's S, every layer's z, every layer's offset
-        return out[0], [RetentionState(out[1 + i], out[1 + L + i], out[1 + 2 * L + i]) for i in range(L)]
+        L = len(states)  # out: logits, then every layer's z, every layer's offset
+        with self.lock:
+            new_S = self.buffers.take(S)
+            out = self.loader.boxed_run([*self.tensors(), input_ids.contiguous(), *S, *z, *offset, *new_S])
+            return out[0], [RetentionState(new_S[i].view_as(new_S[i]), out[1 + i], out[1 + L + i]) for i in range(L)]
 
 
 def _tensor_slots(lm: nn.Module) -> tuple[list[str], list[tuple[nn.Module, str, str]], bool]:
@@ -227,8 +275,9 @@ def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype)
     eager_step(lm, ids, states)  # fills the caches of constants (log gamma, rotary angles), as for "compiled"
     rows = torch.export.Dim("batch", min=1)
     layers = [{0: rows}] * config.num_layers
-    args = (step.tensors(), ids, [s.S for s in states], [s.z for s in states], [s.offset for s in states])
-    dynamic = ([None] * len(step.names), {0: rows}, layers, layers, layers)
+    S = [s.S for s in states]
+    args = (step.tensors(), ids, S, [s.z for s in states], [s.offset for s in states], [t.clone() for t in S])
+    dynamic = ([None] * len(step.names), {0: rows}, layers, layers, layers, layers)
     with torch.no_grad():
         program = torch.export.export(_ExportedStep(lm, step.names), args, dynamic_shapes=dynamic)
     path = aot_cache_dir() / f"{_program_digest(program)}.pt2"
