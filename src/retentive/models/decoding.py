@@ -280,6 +280,7 @@ def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype)
     dynamic = ([None] * len(step.names), {0: rows}, layers, layers, layers, layers)
     with torch.no_grad():
         program = torch.export.export(_ExportedStep(lm, step.names), args, dynamic_shapes=dynamic)
+        program = program.run_decompositions({torch.ops.aten.linear.default: _linear_then_bias})
     path = aot_cache_dir() / f"{_program_digest(program)}.pt2"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +288,14 @@ def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype)
         torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
         os.replace(partial, path)
     return torch._inductor.aoti_load_package(str(path)).loader
+
+
+def _linear_then_bias(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` as a product, then the bias as an addition that inductor fuses into the next kernel (a GELU,
+    a residual): as one ``addmm`` the bias is first expanded and copied into the output, two more calls per
+    product on the CPU (inductor unfuses it only on GPUs)."""
+    y = torch.matmul(x, weight.t())
+    return y if bias is None else y + bias
 
 
 def _program_digest(program: torch.export.ExportedProgram) -> str:
