@@ -453,14 +453,19 @@ def test_missing_or_corrupt_checkpoint_names_the_file(tmp_path) -> None:
 # --- bad input --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("length", [5, 300])  # read back whole, and through a reduction (over 256 ids)
 @pytest.mark.parametrize("bad_id", [-1, V, V + 100])
-def test_token_ids_outside_the_vocabulary_are_refused(model: RetNetForCausalLM, bad_id: int) -> None:
-    ids = prompts([5])[0]
+def test_token_ids_outside_the_vocabulary_are_refused(model: RetNetForCausalLM, bad_id: int, length: int) -> None:
+    ids = prompts([length])[0]
     ids[0, 2] = bad_id
     with pytest.raises(ValueError, match=f"token id {bad_id}, outside the vocabulary"):
         model(ids)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.generate(ids, max_new_tokens=2)
+    with torch.no_grad():  # one decoding step after a cache: the short way checks too
+        cache = cache_of(model(ids[:, :2], use_cache=True))
+        with pytest.raises(ValueError, match=f"token id {bad_id}, outside the vocabulary"):
+            model(ids[:, 2:3], cache=cache, use_cache=True)
 
 
 def test_empty_and_malformed_input_is_refused(model: RetNetForCausalLM) -> None:
