@@ -18,9 +18,10 @@ time. ``config.decode_implementation`` chooses how the step runs:
   change of structure, dtype or device exports it again. The library is kept on disk (:func:`aot_cache_dir`),
   keyed by the exported graph, so a later process only exports (about a second) and loads it. A model carrying
   peft adapters, whose flags (merged, disabled, active) are plain attributes that no export sees change, runs
-  ``"compiled"`` instead, whose guards do.
+  ``"compiled"`` instead, whose guards do. The new S of every layer is written into buffers the step re-uses
+  once nobody holds a view of them (:class:`StateBuffers`), so the given states stay unchanged here too.
 
-Both are reached through the public cached forward, ``lm(ids, cache=cache, use_cache=True)``, and so through
+All three are reached through the public cached forward, ``lm(ids, cache=cache, use_cache=True)``, and so through
 ``generate()`` and the server. :func:`~retentive.models.cache_retnet.export_decode_step` traces the model's general
 path instead (the short way is skipped while ``torch.export`` or ``torch.compile`` trace a caller): the exported
 program is itself a compiled artifact.
