@@ -286,9 +286,15 @@ def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")  # another process may compile it too
-        torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=_INDUCTOR)
         os.replace(partial, path)
     return torch._inductor.aoti_load_package(str(path)).loader
+
+
+# log gamma per head is a constant of the exported graph: inlined as scalars, inductor would evaluate exp() of it in
+# the state update's innermost loop, once per element (the state kernels took twice as long); kept as a tensor, its
+# exp is one small loop per step
+_INDUCTOR = {"always_keep_tensor_constants": True}
 
 
 def _linear_then_bias(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
