@@ -144,7 +144,7 @@ def aot_cache_dir() -> Path:
 
 
 # structural changes of any module (a submodule, parameter or buffer registered: peft adapters injected, a layer
-# replaced) bump this count, which every "aot" step compares with the one it was exported at: one integer
+# replaced) bump this count, which every "aot" step compares with the one it last checked its model at: one integer
 # comparison per call instead of a walk over the model
 _structure_version = 0
 
@@ -226,10 +226,23 @@ class AotStep:
     tensors in a few microseconds (``lm.parameters()`` walks the model: tens of microseconds)."""
 
     def __init__(self, lm: RetNetForCausalLM, key: tuple) -> None:
-        self.key, (self.names, self.slots, peft) = key, _tensor_slots(lm)
+        self.key, self.version = key, _structure_version  # (weights' dtype and device, states' dtype)
+        self.names, self.slots, peft = _tensor_slots(lm)
         self.loader = None if peft else _compile_aot(lm, self, key[-1])
         self.buffers = StateBuffers()
         self.lock = threading.Lock()  # a free buffer set is taken when its views are made: one call at a time
+
+    def fits(self, lm: RetNetForCausalLM, key: tuple) -> bool:
+        """Whether this step still computes ``lm``'s: the same dtypes and device, and, once any module anywhere
+        changed its structure since the last look, the same tensors in the same places (a walk over the model)."""
+        if key != self.key:
+            return False
+        if self.version != _structure_version:
+            _, slots, peft = _tensor_slots(lm)
+            if (slots, peft) != (self.slots, self.loader is None):
+                return False
+            self.version = _structure_version  # some other module changed, not this model
+        return True
 
     def tensors(self) -> list[Tensor]:
         return [getattr(module, kind)[name] for module, kind, name in self.slots]
@@ -247,35 +260,24 @@ def _tensor_slots(lm: nn.Module) -> tuple[list[str], list[tuple[nn.Module, str, 
     """Every parameter and buffer of ``lm`` once (tied ones under their first name): names and slots (see
     :class:`AotStep`); and whether ``lm`` carries peft adapters."""
     slots: dict[int, tuple] = {}
+    peft = False
     for prefix, module in lm.named_modules(remove_duplicate=False):
+        peft = peft or type(module).__module__.startswith("peft.")
         for kind in ("_parameters", "_buffers"):
             for name, t in getattr(module, kind).items():
                 if t is not None and id(t) not in slots:
                     slots[id(t)] = (f"{prefix}.{name}" if prefix else name, (module, kind, name))
-    peft = any(type(m).__module__.startswith("peft.") for m in lm.modules())
     return [name for name, _ in slots.values()], [slot for _, slot in slots.values()], peft
-
-
-def _aot_key(lm: RetNetForCausalLM, state_dtype: torch.dtype) -> tuple:
-    """What an ``"aot"`` step is compiled for: the structure (as of the last change of any module), the weights'
-    dtype and device, the states' dtype."""
-    weight = lm.lm_head.weight
-    return (_structure_version, weight.dtype, weight.device, state_dtype)
 
 
 def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype):
     """Export the step at batch 2 (a dynamic dimension from 1 up) and compile it, or load the library compiled
     for the same graph earlier; returns its loader (``boxed_run(flat inputs) -> flat outputs``)."""
-    config, weight = lm.config, lm.lm_head.weight
-    (dk, dv), batch = config.head_dims, 2
-    states = [
-        RetentionState.zeros(batch, config.num_heads, dk, dv, device=weight.device, dtype=state_dtype)
-        for _ in range(config.num_layers)
-    ]
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
+    states = _empty_states(lm, 2, state_dtype)
+    ids = torch.zeros(2, 1, dtype=torch.long, device=lm.lm_head.weight.device)
     eager_step(lm, ids, states)  # fills the caches of constants (log gamma, rotary angles), as for "compiled"
     rows = torch.export.Dim("batch", min=1)
-    layers = [{0: rows}] * config.num_layers
+    layers = [{0: rows}] * len(states)
     S = [s.S for s in states]
     args = (step.tensors(), ids, S, [s.z for s in states], [s.offset for s in states], [t.clone() for t in S])
     dynamic = ([None] * len(step.names), {0: rows}, layers, layers, layers, layers)
@@ -331,13 +333,9 @@ def aot_step(
 ) -> tuple[Tensor, list[RetentionState]]:
     """:func:`decode_logits` compiled ahead of time (see the module docstring): exported and compiled at the first
     call, or loaded from disk; again after a change of the model's structure, dtype or device."""
-    step, key = _AOT.get(lm), _aot_key(lm, states[0].S.dtype)
-    if step is not None and step.key != key:
-        if step.key[1:] == key[1:] and _tensor_slots(lm)[1:] == (step.slots, step.loader is None):
-            step.key = key  # some other module changed, not this model
-        else:
-            step = None
-    if step is None:
+    weight = lm.lm_head.weight
+    step, key = _AOT.get(lm), (weight.dtype, weight.device, states[0].S.dtype)
+    if step is None or not step.fits(lm, key):
         step = _AOT[lm] = AotStep(lm, key)
     if step.loader is None:
         return compiled_step(lm, input_ids, states)  # adapters switch by attributes that only dynamo guards on
@@ -348,13 +346,18 @@ def warm_up(lm: RetNetForCausalLM, batch_sizes: Sequence[int] = (1, 2)) -> float
     """Run one step at each batch size on empty states, so that compiling happens now and not at the first
     request; returns the seconds it took. With the default sizes, every later batch size re-uses the compiled
     code (the second size makes the batch dimension symbolic)."""
-    config, weight = lm.config, lm.lm_head.weight
-    (dk, dv), dtype = config.head_dims, torch.promote_types(weight.dtype, torch.float32)
+    device, dtype = lm.lm_head.weight.device, torch.promote_types(lm.lm_head.weight.dtype, torch.float32)
     start = time.perf_counter()
     for batch in batch_sizes:
-        states = [
-            RetentionState.zeros(batch, config.num_heads, dk, dv, device=weight.device, dtype=dtype)
-            for _ in range(config.num_layers)
-        ]
-        step_for(lm)(lm, torch.zeros(batch, 1, dtype=torch.long, device=weight.device), states)
+        step_for(lm)(lm, torch.zeros(batch, 1, dtype=torch.long, device=device), _empty_states(lm, batch, dtype))
     return time.perf_counter() - start
+
+
+def _empty_states(lm: RetNetForCausalLM, batch: int, dtype: torch.dtype) -> list[RetentionState]:
+    """Every layer's state before any token, ``batch`` rows, on the model's device."""
+    config = lm.config
+    dk, dv = config.head_dims
+    return [
+        RetentionState.zeros(batch, config.num_heads, dk, dv, device=lm.lm_head.weight.device, dtype=dtype)
+        for _ in range(config.num_layers)
+    ]
