@@ -65,6 +65,48 @@ def decode(spec: dict) -> dict:
 
 
 @torch.no_grad()
+def paired(spec: dict) -> dict:
+    """Each of ``models`` (decode specs, as for :func:`decode`) against the first, in one process, step for step.
+
+    On a machine whose speed drifts over seconds (a shared host), cells timed in separate processes minutes apart
+    give ratios that drift with it. Here every cycle times ``steps`` steps of each model back to back, at each of
+    ``batches`` after ``context`` tokens, and a ratio is taken within the cycle: the median of the ``cycles``
+    ratios is what the cycle-to-cycle drift leaves alone. Per model: the median of its cycles' step times, and its
+    ratio to the first model (median, min, max over cycles).
+    """
+    adapters = []
+    for model in spec["models"]:
+        adapter = peers.build(model["model"], _dims(spec))
+        if "decode_implementation" in model:
+            adapter.model.config.decode_implementation = model["decode_implementation"]
+            adapter.model.warm_up_decoding()
+        adapters.append(adapter)
+    out = {}
+    for batch in spec.get("batches", (1, 8)):
+        token = torch.randint(0, adapters[0].dims.vocab_size, (batch, 1))
+        states = [adapter.synthetic_state(batch, spec["context"]) for adapter in adapters]
+        cycles: list[list[float]] = [[] for _ in adapters]
+        for _ in range(spec.get("cycles", 10)):
+            for i, adapter in enumerate(adapters):
+                times = []
+                for _ in range(spec.get("warmup", 2) + spec.get("steps", 16)):
+                    t0 = time.perf_counter()
+                    _, states[i] = adapter.decode_step(token, states[i])
+                    times.append(time.perf_counter() - t0)
+                cycles[i].append(statistics.median(times[spec.get("warmup", 2) :]))
+        out[f"b{batch}"] = [
+            {
+                "ms_per_token": 1e3 * statistics.median(mine),
+                "ratio": statistics.median(r := [t / first for t, first in zip(mine, cycles[0], strict=True)]),
+                "ratio_min": min(r),
+                "ratio_max": max(r),
+            }
+            for mine in cycles
+        ]
+    return out
+
+
+@torch.no_grad()
 def generate(spec: dict) -> dict:
     """ms per generated token of retentive's ``generate()`` (greedy, ``new_tokens`` after a ``prompt``-token
     prompt, batch ``batch``), the prompt's prefill subtracted; ``decode_implementation`` as in :func:`decode`."""
@@ -230,6 +272,7 @@ def matmul(spec: dict) -> dict:
 
 TASKS = {
     "decode": decode,
+    "paired": paired,
     "generate": generate,
     "weight_bound": weight_bound,
     "prefill": prefill,

@@ -24,6 +24,9 @@ def test_quick_run_writes_every_cell_and_the_targets(tmp_path):
     assert results["prefill"]["retentive"]["tokens_per_s"] > 0
     bound = results["bound"]
     assert bound["b1"]["weights_ms"] > 0 and bound["b2"]["state_bytes"] > 0
+    # the bound is the fastest product kernel at hand, and no product beats one bare read of the bytes by much
+    assert bound["b1"]["weights_ms"] == min(bound["b1"]["weights_by_kernel"].values())
+    assert "torch" in bound["b1"]["weights_by_kernel"] and bound["b1"]["read_ms"] > 0
     # 2 layers of q, k, v, g, out, FFN up and down, and the head; q, k, v, g of each layer fused: 3 fewer per layer
     assert (bound["products"], bound["fused_products"]) == (2 * 7 + 1, 2 * 4 + 1)
     assert bound["b2"]["products_ms"] > 0 and bound["b2"]["fused_products_ms"] > 0
@@ -60,3 +63,30 @@ def test_targets_pass_and_fail_where_the_figures_say():
     verdicts = {claim: ok for claim, ok, _ in decode.checks(fake(0.4, 0.9, 1.0, 1.9, 0.28))}
     assert verdicts["retentive (aot): batch 1 at least 2.5x faster than peer at every context"] is False
     assert verdicts["retentive (aot): batch 8 at least 2.0x faster than peer at every context"] is False
+
+
+def test_paired_ratios_judge_the_peer_targets_where_measured():
+    # the cells say 3x at batch 1; the step-for-step ratios say 2.2x: the paired figure decides
+    results = fake(0.4, 1.2, 1.0, 2.5, 0.28)
+    ratio = {"ms_per_token": 0.9, "ratio": 2.2, "ratio_min": 2.0, "ratio_max": 2.6}
+    results["plan"]["paired"] = {"cycles": 12}
+    results["paired"] = {"512": {"b1": {"peer": ratio}}, "16384": {"b1": {"peer": ratio | {"ratio": 2.7}}}}
+    verdicts = {claim: (ok, why) for claim, ok, why in decode.checks(results)}
+    ok, why = verdicts["retentive (aot): batch 1 at least 2.5x faster than peer at every context"]
+    assert ok is False and why.startswith("worst at 512: 2.20x (paired")
+    ok, why = verdicts["retentive (aot): batch 8 at least 2.0x faster than peer at every context"]
+    assert ok is True and "fresh processes" in why  # batch 8 was not paired: the cells judge it
+    assert any(line.startswith("Paired at 512") for line in decode._paired_lines(results))
+
+
+def test_paired_measurement_times_every_model_in_one_process():
+    import measure
+
+    dims = {"num_layers": 1, "dim_model": 16, "num_heads": 2, "vocab_size": 31}
+    models = [{"model": "retentive", "decode_implementation": "eager"}, {"model": "retentive"}]
+    spec = {"dims": dims, "models": models, "context": 8, "batches": [1, 2], "cycles": 3, "steps": 2}
+    out = measure.paired(spec)
+    assert set(out) == {"b1", "b2"}
+    for runs in out.values():
+        assert len(runs) == 2 and runs[0]["ratio"] == 1.0  # the first model against itself
+        assert all(r["ms_per_token"] > 0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"] for r in runs)
