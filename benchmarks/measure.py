@@ -37,11 +37,8 @@ def decode(spec: dict) -> dict:
     one is warmed up first (``warm_up_s``, batch 1 and 2), and the first step at each batch size is timed too
     (``first_step_ms``: a stall there is what a server's users would notice). Peak RSS is read after each batch.
     """
-    adapter = peers.build(spec["model"], _dims(spec))
-    out = {}
-    if "decode_implementation" in spec:
-        adapter.model.config.decode_implementation = spec["decode_implementation"]
-        out["warm_up_s"] = adapter.model.warm_up_decoding()
+    adapter, warm_up_s = _decoder(spec, _dims(spec))
+    out = {} if warm_up_s is None else {"warm_up_s": warm_up_s}
     context, steps, warmup = spec["context"], spec.get("steps", 32), spec.get("warmup", 3)
     for batch in spec.get("batches", (1, spec.get("batch", 8))):
         state = adapter.synthetic_state(batch, context)
@@ -64,6 +61,16 @@ def decode(spec: dict) -> dict:
     return out
 
 
+def _decoder(spec: dict, dims: peers.Dims):
+    """The adapter of ``spec["model"]``, and with ``decode_implementation`` (retentive only) that step, warmed
+    up: (adapter, seconds the warm-up took, or None)."""
+    adapter = peers.build(spec["model"], dims)
+    if "decode_implementation" not in spec:
+        return adapter, None
+    adapter.model.config.decode_implementation = spec["decode_implementation"]
+    return adapter, adapter.model.warm_up_decoding()
+
+
 @torch.no_grad()
 def paired(spec: dict) -> dict:
     """Each of ``models`` (decode specs, as for :func:`decode`) against the first, in one process, step for step.
@@ -74,13 +81,8 @@ def paired(spec: dict) -> dict:
     ratios is what the cycle-to-cycle drift leaves alone. Per model: the median of its cycles' step times, and its
     ratio to the first model (median, min, max over cycles).
     """
-    adapters = []
-    for model in spec["models"]:
-        adapter = peers.build(model["model"], _dims(spec))
-        if "decode_implementation" in model:
-            adapter.model.config.decode_implementation = model["decode_implementation"]
-            adapter.model.warm_up_decoding()
-        adapters.append(adapter)
+    adapters = [_decoder(model, _dims(spec))[0] for model in spec["models"]]
+    warmup = spec.get("warmup", 2)
     out = {}
     for batch in spec.get("batches", (1, 8)):
         token = torch.randint(0, adapters[0].dims.vocab_size, (batch, 1))
@@ -89,11 +91,11 @@ def paired(spec: dict) -> dict:
         for _ in range(spec.get("cycles", 10)):
             for i, adapter in enumerate(adapters):
                 times = []
-                for _ in range(spec.get("warmup", 2) + spec.get("steps", 16)):
+                for _ in range(warmup + spec.get("steps", 16)):
                     t0 = time.perf_counter()
                     _, states[i] = adapter.decode_step(token, states[i])
                     times.append(time.perf_counter() - t0)
-                cycles[i].append(statistics.median(times[spec.get("warmup", 2) :]))
+                cycles[i].append(statistics.median(times[warmup:]))
         out[f"b{batch}"] = [
             {
                 "ms_per_token": 1e3 * statistics.median(mine),
