@@ -10,10 +10,14 @@ time. ``config.decode_implementation`` chooses how the step runs:
   cached on disk by inductor); the second batch size makes the batch dimension symbolic, so later sizes re-use it.
   :func:`warm_up` does both before the first request. The compiled step leaves the given states unchanged, as the
   eager one does.
-- ``"aot"``: the same function exported once (``torch.export``, the batch size a dynamic dimension) and compiled
-  ahead of time by AOTInductor into a shared library that one C++ call runs: none of dynamo's guards, of the
-  runtime wrappers or of the Python wrapper that ``"compiled"`` pays every step, which on a CPU cost more than the
-  arithmetic of a small model (docs/benchmarks.md, "Decode step"). The model's weights are inputs of the library,
+- ``"aot"``: the same function exported (``torch.export``) and compiled ahead of time by AOTInductor into shared
+  libraries that one C++ call runs: none of dynamo's guards, of the runtime wrappers or of the Python wrapper that
+  ``"compiled"`` pays every step, which on a CPU cost more than the arithmetic of a small model (docs/benchmarks.md,
+  "Decode step"). Two libraries, each compiled at its first use: one for a single row, whose products are plain
+  reductions that inductor fuses with everything else into one parallel loop nest (a BLAS matrix-vector product per
+  projection costs several times the read of its weights on some CPUs: MKL's generic path on AMD), and one for
+  two rows and more (the batch size a dynamic dimension, the products BLAS's). The model's weights are inputs of
+  the libraries,
   read from the model at every call, so that a weight changed in place, re-assigned or loaded is the one used; a
   change of structure, dtype or device exports it again. The library is kept on disk (:func:`aot_cache_dir`),
   keyed by the exported graph, so a later process only exports (about a second) and loads it. A model carrying
@@ -220,15 +224,16 @@ def _free(buffers: list[Tensor]) -> bool:
 
 
 class AotStep:
-    """One model's ``"aot"`` step: its compiled library, and where the model's tensors live.
+    """One model's ``"aot"`` step: its compiled libraries (for one row, for more), and where the model's tensors
+    live.
 
     ``slots`` lists (module, "_parameters" or "_buffers", name) for every tensor, so that a call reads the current
     tensors in a few microseconds (``lm.parameters()`` walks the model: tens of microseconds)."""
 
     def __init__(self, lm: RetNetForCausalLM, key: tuple) -> None:
         self.key, self.version = key, _structure_version  # (weights' dtype and device, states' dtype)
-        self.names, self.slots, peft = _tensor_slots(lm)
-        self.loader = None if peft else _compile_aot(lm, self, key[-1])
+        self.names, self.slots, self.peft = _tensor_slots(lm)
+        self.loaders: dict[bool, object] = {}  # one row or not -> the library's loader, compiled at first use
         self.buffers = StateBuffers()
         self.lock = threading.Lock()  # a free buffer set is taken when its views are made: one call at a time
 
@@ -239,7 +244,7 @@ class AotStep:
             return False
         if self.version != _structure_version:
             _, slots, peft = _tensor_slots(lm)
-            if (slots, peft) != (self.slots, self.loader is None):
+            if (slots, peft) != (self.slots, self.peft):
                 return False
             self.version = _structure_version  # some other module changed, not this model
         return True
@@ -247,12 +252,18 @@ class AotStep:
     def tensors(self) -> list[Tensor]:
         return [getattr(module, kind)[name] for module, kind, name in self.slots]
 
-    def __call__(self, input_ids: Tensor, states: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
+    def __call__(
+        self, lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
+    ) -> tuple[Tensor, list[RetentionState]]:
         S, z, offset = ([getattr(s, field).contiguous() for s in states] for field in ("S", "z", "offset"))
         L = len(states)  # out: logits, then every layer's z, every layer's offset
+        single = input_ids.shape[0] == 1
         with self.lock:
+            loader = self.loaders.get(single)
+            if loader is None:
+                loader = self.loaders[single] = _compile_aot(lm, self, self.key[-1], single)
             new_S = self.buffers.take(S)
-            out = self.loader.boxed_run([*self.tensors(), input_ids.contiguous(), *S, *z, *offset, *new_S])
+            out = loader.boxed_run([*self.tensors(), input_ids.contiguous(), *S, *z, *offset, *new_S])
             return out[0], [RetentionState(new_S[i].view_as(new_S[i]), out[1 + i], out[1 + L + i]) for i in range(L)]
 
 
@@ -270,20 +281,25 @@ def _tensor_slots(lm: nn.Module) -> tuple[list[str], list[tuple[nn.Module, str, 
     return [name for name, _ in slots.values()], [slot for _, slot in slots.values()], peft
 
 
-def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype):
-    """Export the step at batch 2 (a dynamic dimension from 1 up) and compile it, or load the library compiled
-    for the same graph earlier; returns its loader (``boxed_run(flat inputs) -> flat outputs``)."""
-    states = _empty_states(lm, 2, state_dtype)
-    ids = torch.zeros(2, 1, dtype=torch.long, device=lm.lm_head.weight.device)
+def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype, single: bool):
+    """Export the step for one row (static shapes) or for two rows and more (a dynamic dimension) and compile it,
+    or load the library compiled for the same graph earlier; returns its loader (``boxed_run(flat inputs) -> flat
+    outputs``)."""
+    batch = 1 if single else 2
+    states = _empty_states(lm, batch, state_dtype)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=lm.lm_head.weight.device)
     eager_step(lm, ids, states)  # fills the caches of constants (log gamma, rotary angles), as for "compiled"
-    rows = torch.export.Dim("batch", min=1)
-    layers = [{0: rows}] * len(states)
     S = [s.S for s in states]
     args = (step.tensors(), ids, S, [s.z for s in states], [s.offset for s in states], [t.clone() for t in S])
-    dynamic = ([None] * len(step.names), {0: rows}, layers, layers, layers, layers)
+    dynamic = None
+    if not single:
+        rows = torch.export.Dim("batch", min=2)
+        layers = [{0: rows}] * len(states)
+        dynamic = ([None] * len(step.names), {0: rows}, layers, layers, layers, layers)
+    linear = _linear_by_rows if single else _linear_then_bias
     with torch.no_grad():
         program = torch.export.export(_ExportedStep(lm, step.names), args, dynamic_shapes=dynamic)
-        program = program.run_decompositions({torch.ops.aten.linear.default: _linear_then_bias})
+        program = program.run_decompositions({torch.ops.aten.linear.default: linear})
     path = aot_cache_dir() / f"{_program_digest(program)}.pt2"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,13 +323,24 @@ def _linear_then_bias(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     return y if bias is None else y + bias
 
 
+def _linear_by_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` of one row as a reduction over each row of the weight: inductor writes it as a vectorized loop
+    parallel over the weight's rows, in the same loop nest as the step's other kernels, at the cost of a read of the
+    weight (a BLAS matrix-vector product costs up to 5x that on some CPUs: docs/benchmarks.md, "Decode step").
+    x: (..., K) with one row; weight: (N, K) -> (..., N)."""
+    y = (x.unsqueeze(-2) * weight).sum(-1)
+    return y if bias is None else y + bias
+
+
 def _program_digest(program: torch.export.ExportedProgram) -> str:
     """A name for the library compiled from ``program``: its graph, the shapes, dtypes and strides of its
-    inputs, its constants' values (baked into the library), torch's version and the CPU's vector instructions."""
+    inputs, its constants' values (baked into the library), the compiler's options, torch's version and the CPU's
+    vector instructions."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     digest = hashlib.sha256()
-    for part in (torch.__version__, str(pick_vec_isa()), program.graph_module.code, str(program.graph_signature)):
+    parts = (torch.__version__, str(pick_vec_isa()), repr(sorted(_INDUCTOR.items())), program.graph_module.code)
+    for part in (*parts, str(program.graph_signature)):
         digest.update(part.encode())
     for node in program.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
@@ -337,15 +364,16 @@ def aot_step(
     step, key = _AOT.get(lm), (weight.dtype, weight.device, states[0].S.dtype)
     if step is None or not step.fits(lm, key):
         step = _AOT[lm] = AotStep(lm, key)
-    if step.loader is None:
+    if step.peft:
         return compiled_step(lm, input_ids, states)  # adapters switch by attributes that only dynamo guards on
-    return step(input_ids, states)
+    return step(lm, input_ids, states)
 
 
 def warm_up(lm: RetNetForCausalLM, batch_sizes: Sequence[int] = (1, 2)) -> float:
     """Run one step at each batch size on empty states, so that compiling happens now and not at the first
     request; returns the seconds it took. With the default sizes, every later batch size re-uses the compiled
-    code (the second size makes the batch dimension symbolic)."""
+    code (``"compiled"``: the second size makes the batch dimension symbolic; ``"aot"``: the library for two rows
+    and more)."""
     device, dtype = lm.lm_head.weight.device, torch.promote_types(lm.lm_head.weight.dtype, torch.float32)
     start = time.perf_counter()
     for batch in batch_sizes:
