@@ -103,6 +103,9 @@ def run(part: Part) -> None:
         (45, "model training step, torch.compile", partial(model_step, part, s, compiled=True)),
         kernels(fp16, 256, 256, True),
         kernels(fp32, 256, 256, False),
+        # the aot step on CUDA: a library for one row (its products written as reductions) and one for more rows
+        (60, "model generate, aot decoding, one row", partial(model_generate, part, s, "aot", rows=1)),
+        (60, "model generate, aot decoding", partial(model_generate, part, s, "aot")),
     ]
     if part.dry_run:
         part.notes.append("dry run: poisoning does nothing on the CPU, whose allocator hands memory back to the system")
@@ -247,24 +250,27 @@ def model_forms(part: Part, s: Sizes) -> None:
             part.check(f"model bf16, {mode} form: logits vs float64, T {s.model_tokens}", rel_err(got, want), FORMS_TOL)
 
 
-def model_generate(part: Part, s: Sizes, implementation: str = "eager") -> None:
-    """Greedy generate() (a chunkwise prefill, then decoding steps by ``implementation``: eager, or compiled, on
-    CUDA replayed from CUDA graphs) against the parallel forward over the sequence it generated: the logits behind
-    each new token, and each token their argmax (or within a tie of it)."""
+def model_generate(part: Part, s: Sizes, implementation: str = "eager", rows: int | None = None) -> None:
+    """Greedy generate() of ``rows`` sequences (default: the sizes' batch), a chunkwise prefill, then decoding steps
+    by ``implementation`` (eager; compiled, on CUDA replayed from CUDA graphs; or aot), against the parallel forward
+    over the sequence it generated: the logits behind each new token, and each token their argmax (or within a tie
+    of it)."""
     model = make_model(part, s).eval()
     model.config.decode_implementation = implementation
     prompt_len = s.model_tokens // 3
-    prompt = random_ids(part, s, prompt_len)
+    prompt = random_ids(part, s, prompt_len)[:rows]
     with torch.no_grad():
-        if implementation == "compiled":
-            part.notes.append(f"compiled decoding step warmed up in {model.warm_up_decoding():.1f} s")
+        if implementation != "eager":
+            sizes = (len(prompt),)
+            part.notes.append(f"{implementation} decoding step at batch {sizes[0]} warmed up in "
+                              f"{model.warm_up_decoding(sizes):.1f} s")  # fmt: skip
         out = model.generate(prompt, max_new_tokens=s.new_tokens, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)  # fmt: skip
         seq = out.sequences  # (B, prompt + new)
         want = model(seq, mode="parallel", use_cache=False).logits[:, prompt_len - 1 : -1]  # (B, new, V)
     got = torch.stack(out.logits, dim=1)  # (B, new, V)
     picked = seq[:, prompt_len:]  # (B, new)
-    what = f"generate, {implementation} decoding"
+    what = f"generate, {implementation} decoding, {len(prompt)} row(s)"
     part.check(f"{what}: {s.new_tokens} steps' logits vs the parallel forward (fp32)", rel_err(got, want),
                GENERATE_TOL)  # fmt: skip
     exact = want.argmax(-1) == picked

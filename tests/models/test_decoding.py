@@ -13,6 +13,7 @@ from retentive import RetNetConfig, RetNetForCausalLM, cache_of
 from retentive.models import decoding
 from retentive.models.cache_retnet import RetNetCache
 from retentive.models.decoding import decode_logits
+from retentive.ops import linear_rows
 from retentive.ops.decay import _cached_log_gamma
 from retentive.ops.rotary import rotary_angles
 
@@ -213,6 +214,19 @@ def test_aot_step_reads_the_weights_of_the_model_at_every_call(monkeypatch) -> N
     other = RetNetForCausalLM(model.config).eval()
     with _no_compiling(monkeypatch):
         assert_steps_agree(other, "aot", steps=2)
+
+
+def test_aot_step_for_several_rows_takes_its_products_from_the_few_rows_kernel(monkeypatch) -> None:
+    """In float32 on a CPU the library for two rows and more calls ops/linear_rows.py's kernel (its exactness: the
+    tests above, which decode three rows)."""
+    if not linear_rows.available():
+        pytest.skip("no C++ compiler to build the kernel")
+    shapes, kernel = [], linear_rows.linear_rows
+    monkeypatch.setattr(linear_rows, "linear_rows", lambda x, weight: shapes.append(x.shape) or kernel(x, weight))
+    model = small_model(decode_implementation="aot")
+    model.warm_up_decoding((2,))  # the export traces every product of the step through it, once per pass
+    products = model.config.num_layers * 7 + 1  # q, k, v, g, out and the FFN's two per layer, then the head
+    assert shapes and len(shapes) % products == 0
 
 
 def test_aot_step_of_a_model_with_peft_adapters_is_the_compiled_step() -> None:

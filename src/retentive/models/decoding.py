@@ -16,8 +16,9 @@ time. ``config.decode_implementation`` chooses how the step runs:
   "Decode step"). Two libraries, each compiled at its first use: one for a single row, whose products are plain
   reductions that inductor fuses with everything else into one parallel loop nest (a BLAS matrix-vector product per
   projection costs several times the read of its weights on some CPUs: MKL's generic path on AMD), and one for
-  two rows and more (the batch size a dynamic dimension, the products BLAS's). The model's weights are inputs of
-  the libraries,
+  two rows and more (the batch size a dynamic dimension; in float32 on a CPU, the products a kernel of ours that
+  reads each weight row once for up to 8 rows: :mod:`retentive.ops.linear_rows`). The model's weights are inputs
+  of the libraries,
   read from the model at every call, so that a weight changed in place, re-assigned or loaded is the one used; a
   change of structure, dtype or device exports it again. The library is kept on disk (:func:`aot_cache_dir`),
   keyed by the exported graph, so a later process only exports (about a second) and loads it. A model carrying
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..ops import RetentionState
+from ..ops import RetentionState, linear_rows
 
 if TYPE_CHECKING:
     from .modeling_retnet import RetNetForCausalLM
@@ -143,8 +144,7 @@ def step_for(lm: RetNetForCausalLM) -> Step:
 def aot_cache_dir() -> Path:
     """Where the ``"aot"`` step's compiled libraries are kept: ``$RETENTIVE_CACHE_DIR/decode``, by default
     ``~/.cache/retentive/decode``."""
-    root = os.environ.get("RETENTIVE_CACHE_DIR") or Path.home() / ".cache" / "retentive"
-    return Path(root) / "decode"
+    return linear_rows.cache_root() / "decode"
 
 
 # structural changes of any module (a submodule, parameter or buffer registered: peft adapters injected, a layer
@@ -318,8 +318,12 @@ _INDUCTOR = {"always_keep_tensor_constants": True}
 def _linear_then_bias(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` as a product, then the bias as an addition that inductor fuses into the next kernel (a GELU,
     a residual): as one ``addmm`` the bias is first expanded and copied into the output, two more calls per
-    product on the CPU (inductor unfuses it only on GPUs)."""
-    y = torch.matmul(x, weight.t())
+    product on the CPU (inductor unfuses it only on GPUs). In float32 on a CPU the product is the few-rows kernel
+    (:mod:`retentive.ops.linear_rows`), which hands more than 16 rows to a GEMM itself."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and linear_rows.available():
+        y = linear_rows.linear_rows(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    else:
+        y = torch.matmul(x, weight.t())
     return y if bias is None else y + bias
 
 

@@ -428,8 +428,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return logits
 
     def warm_up_decoding(self, batch_sizes: Sequence[int] = (1, 2)) -> float:
-        """Compile the decoding step now (``config.decode_implementation="compiled"``) rather than at the first
-        token: one step at each batch size; returns the seconds it took (see :func:`.decoding.warm_up`)."""
+        """Compile the decoding step now (``config.decode_implementation`` ``"compiled"`` or ``"aot"``) rather than
+        at the first token: one step at each batch size; returns the seconds it took (see :func:`.decoding.warm_up`)."""
         return warm_up(self, batch_sizes)
 
 
