@@ -18,10 +18,10 @@ time. ``config.decode_implementation`` chooses how the step runs:
   projection costs several times the read of its weights on some CPUs: MKL's generic path on AMD), and one for
   two rows and more (the batch size a dynamic dimension; in float32 on a CPU, the products a kernel of ours that
   reads each weight row once for up to 8 rows: :mod:`retentive.ops.linear_rows`). The model's weights are inputs
-  of the libraries,
-  read from the model at every call, so that a weight changed in place, re-assigned or loaded is the one used; a
-  change of structure, dtype or device exports it again. The library is kept on disk (:func:`aot_cache_dir`),
-  keyed by the exported graph, so a later process only exports (about a second) and loads it. A model carrying
+  of the libraries, read from the model at every call, so that a weight changed in place, re-assigned or loaded is
+  the one used; a change of structure, dtype or device exports them again. The libraries are kept on disk
+  (:func:`aot_cache_dir`), keyed by the exported graph, so a later process only exports (about a second each) and
+  loads them. A model carrying
   peft adapters, whose flags (merged, disabled, active) are plain attributes that no export sees change, runs
   ``"compiled"`` instead, whose guards do. The new S of every layer is written into buffers the step re-uses
   once nobody holds a view of them (:class:`StateBuffers`), so the given states stay unchanged here too.
