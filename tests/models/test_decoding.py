@@ -1,8 +1,9 @@
-"""The compiled decoding steps (``config.decode_implementation`` "compiled": torch.compile, and "aot": exported and
-compiled ahead of time) against the eager one, their reference: the same logits and states (float32, within 1e-5)
-for every option of the config that changes the step, the same greedy tokens for 256 steps, with LoRA adapters too,
-and no compiling again when the batch size changes; for "aot", the weights read from the model at every call and
-the library found on disk by a new process's model."""
+"""The fast decoding steps (``config.decode_implementation`` "compiled": torch.compile; "aot": exported and compiled
+ahead of time; "native": the hand-written C++ step) against the eager one, their reference: the same logits and
+states (float32, within 1e-5) for every option of the config that changes the step, the same greedy tokens for 256
+steps, with LoRA adapters too, and no compiling again when the batch size changes; for "aot" and "native", the
+weights read from the model at every call; for "aot", the library found on disk by a new process's model; for
+"native", every batch size and the fallback where the kernel does not apply."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from retentive import RetNetConfig, RetNetForCausalLM, cache_of
 from retentive.models import decoding
 from retentive.models.cache_retnet import RetNetCache
 from retentive.models.decoding import decode_logits
-from retentive.ops import linear_rows
+from retentive.models import native_step
+from retentive.ops import cpu_kernels
 from retentive.ops.decay import _cached_log_gamma
 from retentive.ops.rotary import rotary_angles
 
@@ -69,7 +71,8 @@ def greedy(model: RetNetForCausalLM, implementation: str, tokens: int, rows: int
     return model.generate(ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
 
 
-COMPILED = ("compiled", "aot")
+COMPILED = ("compiled", "aot", "native")
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the kernels")
 
 
 def assert_steps_agree(model: RetNetForCausalLM, implementation: str, steps: int = 12, rows: int = 3) -> None:
@@ -114,7 +117,9 @@ def test_compiled_step_equals_eager_step(name: str, implementation: str) -> None
     model = small_model(**CONFIGS[name])
     assert_steps_agree(model, implementation)
     assert torch.equal(greedy(model, implementation, 256), greedy(model, "eager", 256))
-    if implementation == "aot":  # a single row runs a library of its own, with its products written as reductions
+    if implementation == "native" and cpu_kernels.available():
+        assert native_step._NATIVE[model].reason is None  # the kernel ran, not the fallback
+    if implementation != "compiled":  # one row: aot's library of its own (reductions), native's one-row products
         assert_steps_agree(model, implementation, rows=1)
         assert torch.equal(greedy(model, implementation, 256, rows=1), greedy(model, "eager", 256, rows=1))
 
@@ -131,6 +136,8 @@ def test_compiled_step_equals_eager_step_with_lora_adapters(implementation: str)
                 p.normal_(0, 0.2)
     assert_steps_agree(model, implementation, steps=6)
     assert torch.equal(greedy(model, implementation, 256), greedy(model, "eager", 256))
+    if implementation == "native":  # adapters wrap the projections: the native step hands over to "aot"
+        assert "peft" in native_step._NATIVE[model].reason
     with lora.disable_adapter():  # a flag of the adapters: the step must see it (the reference changes with it)
         assert_steps_agree(model, implementation, steps=3)
 
@@ -197,6 +204,95 @@ def test_callers_in_inference_mode_or_under_no_grad_share_one_compiled_step(impl
     torch.testing.assert_close(first, second)
 
 
+def test_native_step_reads_the_weights_of_the_model_at_every_call() -> None:
+    """Weights changed in place, through ``.data``, and a parameter re-assigned: each step equals the eager step of
+    the weights of that moment."""
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler to build the kernels")
+    model = small_model(decode_implementation="native")
+    model.warm_up_decoding((1,))
+    assert native_step._NATIVE[model].reason is None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert_steps_agree(model, "native", steps=2)
+    up = model.model.retnet.blocks[1].ffn.up
+    up.weight.data = torch.randn_like(up.weight)  # the same Parameter, new memory
+    assert_steps_agree(model, "native", steps=2)
+    out = model.model.retnet.blocks[0].retention.out_proj
+    out.weight = torch.nn.Parameter(torch.randn_like(out.weight))  # a new tensor: a structural change
+    assert_steps_agree(model, "native", steps=2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 8, 9, 16, 17])
+def test_native_step_at_every_batch_size(rows: int) -> None:
+    """Rows go through the products in passes of 8 and the retention in (row, head) pairs split among the threads:
+    every count up to two passes and past them."""
+    model = small_model(decode_implementation="native")
+    with torch.no_grad():
+        cache = cache_of(model(torch.randint(0, V, (rows, 5)), use_cache=True))
+        token = torch.randint(0, V, (rows, 1))
+        want, want_states = decoding.eager_step(model, token, cache.states)
+        got, got_states = native_step.native_step(model, token, cache.states)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_states, want_states, strict=True):
+        torch.testing.assert_close(g.S, w.S, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.z, w.z, rtol=1e-5, atol=1e-5)
+        assert torch.equal(g.offset, w.offset)
+
+
+# the options CONFIGS leave out, and widths that are no multiple of a vector (16 floats): every tail of the kernel
+NATIVE_CONFIGS = {
+    "seed": dict(gate_fn="gelu", ffn_activation="relu", head_norm="layernorm", head_norm_weight=True),
+    "glu": dict(ffn_activation="glu", head_norm="layernorm", ffn_norm="rmsnorm", rotary_angles="rope"),
+    "geglu": dict(ffn_activation="geglu", gate_fn="swish", head_norm="rmsnorm", normalize_retention=True),
+    "swish": dict(ffn_activation="swish", decay="linspace", normalize_decay=True, msr_bias=True, ffn_bias=False),
+    "odd": dict(dim_model=48, num_heads=3, value_dim=72, ffn_dim=40, norm="rmsnorm", rotary_layout="halves"),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", NATIVE_CONFIGS)
+def test_native_step_equals_eager_step_for_the_other_options(name: str) -> None:
+    model = small_model(**NATIVE_CONFIGS[name])
+    assert_steps_agree(model, "native", steps=6)
+    assert_steps_agree(model, "native", steps=3, rows=1)
+    assert native_step._NATIVE[model].reason is None
+
+
+def test_native_step_hands_over_to_aot_where_the_kernel_does_not_apply(monkeypatch) -> None:
+    """Another dtype, no C++ compiler: the reason is given, and the step runs as "aot" does."""
+    calls = []
+    monkeypatch.setattr(decoding, "aot_step", lambda lm, ids, states: calls.append(ids.shape) or ("aot", states))
+    model = small_model(decode_implementation="native").double()
+    assert "float32" in native_step.unsupported(model)
+    ids, mask = prompt()
+    with torch.no_grad():
+        cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+    assert native_step.native_step(model, ids[:, -1:], cache.states)[0] == "aot" and calls == [(3, 1)]
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert "no C++ compiler" in native_step.unsupported(small_model())
+
+
+@needs_kernels
+def test_native_kernel_refuses_what_it_cannot_compute_by_name() -> None:
+    model = small_model()
+    weights, options, scalars = native_step._arguments(model)
+    with pytest.raises(RuntimeError, match="options and .* scalars expected"):
+        torch.classes.retentive.DecodeStep(weights, options[:-1], scalars)
+    kernel = torch.classes.retentive.DecodeStep(weights, options, scalars)
+    S = torch.zeros(1, 2, 16, 32)
+    z, offset = torch.zeros(1, 2, 16), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="state must be contiguous S"):
+        kernel.step(torch.zeros(1, dtype=torch.long), [S[:, :1]] * 2, [z] * 2, [offset] * 2, [S] * 2)
+    with pytest.raises(RuntimeError, match="token id 64 outside the vocabulary"):
+        kernel.step(torch.full((1,), V), [S] * 2, [z] * 2, [offset] * 2, [S.clone()] * 2)
+    weights[2 + 8 + 25] = torch.zeros(3)  # the second layer's q weight (index: 8 globals, 25 per layer, q at 2)
+    with pytest.raises(RuntimeError, match=r"weights\[35\] must be a contiguous CPU Float tensor of 1024"):
+        torch.classes.retentive.DecodeStep(weights, options, scalars)
+
+
 def test_aot_step_reads_the_weights_of_the_model_at_every_call(monkeypatch) -> None:
     """Weights changed in place, a parameter re-assigned, and a second model of the same shapes (which loads the
     library from disk rather than compiling it): each step equals the eager step of the weights of that moment."""
@@ -217,12 +313,12 @@ def test_aot_step_reads_the_weights_of_the_model_at_every_call(monkeypatch) -> N
 
 
 def test_aot_step_for_several_rows_takes_its_products_from_the_few_rows_kernel(monkeypatch) -> None:
-    """In float32 on a CPU the library for two rows and more calls ops/linear_rows.py's kernel (its exactness: the
+    """In float32 on a CPU the library for two rows and more calls the few-rows kernel (ops/cpu_kernels.py) (its exactness: the
     tests above, which decode three rows)."""
-    if not linear_rows.available():
+    if not cpu_kernels.available():
         pytest.skip("no C++ compiler to build the kernel")
-    shapes, kernel = [], linear_rows.linear_rows
-    monkeypatch.setattr(linear_rows, "linear_rows", lambda x, weight: shapes.append(x.shape) or kernel(x, weight))
+    shapes, kernel = [], cpu_kernels.linear_rows
+    monkeypatch.setattr(cpu_kernels, "linear_rows", lambda x, weight: shapes.append(x.shape) or kernel(x, weight))
     model = small_model(decode_implementation="aot")
     model.warm_up_decoding((2,))  # the export traces every product of the step through it, once per pass
     products = model.config.num_layers * 7 + 1  # q, k, v, g, out and the FFN's two per layer, then the head
@@ -239,10 +335,11 @@ def test_aot_step_of_a_model_with_peft_adapters_is_the_compiled_step() -> None:
     assert decoding._AOT[model].peft and not decoding._AOT[model].loaders
 
 
-def test_aot_step_writes_into_memory_nobody_holds_and_never_into_kept_states() -> None:
+@pytest.mark.parametrize("implementation", ["aot", "native"])
+def test_step_writes_into_memory_nobody_holds_and_never_into_kept_states(implementation: str) -> None:
     """The new S goes into buffers of the step's own: re-used once the states written there are dropped (no page
     faults at every token), never while a state or any view of it is kept."""
-    model = small_model(decode_implementation="aot")
+    model = small_model(decode_implementation=implementation)
     ids, mask = prompt()
     with torch.no_grad():
         cache = cache_of(model(ids, attention_mask=mask, use_cache=True))

@@ -1,4 +1,4 @@
-"""The few-rows product kernel (ops/cpu/linear_rows.cpp) against its reference, x @ weight.t(): every row count
+"""The few-rows product kernel (ops/cpu/linear_rows.cpp, ops/cpu/rows.h) against its reference, x @ weight.t(): every row count
 through one pass of 8 rows and past the 16 where it hands over to a GEMM, weight rows not a multiple of the thread
 chunk, K not a multiple of the vector width, non-contiguous inputs; clear errors; and a build that cannot happen
 falls back with a warning."""
@@ -12,13 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retentive.ops import linear_rows
+from retentive.ops import cpu_kernels
 
-pytestmark = pytest.mark.skipif(not linear_rows.available(), reason="no C++ compiler to build the kernel")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the kernel")
 
 
 def assert_equals_reference(x: torch.Tensor, weight: torch.Tensor) -> None:
-    got, want = linear_rows.linear_rows(x, weight), linear_rows.linear_rows_reference(x, weight)
+    got, want = cpu_kernels.linear_rows(x, weight), cpu_kernels.linear_rows_reference(x, weight)
     # float32 sums of K products in another order: within a few ulps of the largest term's scale
     scale = (x.abs() @ weight.abs().t()).amax().item()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * max(scale, 1.0))
@@ -41,14 +41,14 @@ def test_kernel_at_a_model_shape_and_on_non_contiguous_inputs(rows: int) -> None
 
 def test_kernel_refuses_what_it_does_not_compute_by_name() -> None:
     with pytest.raises(RuntimeError, match=r"float32 tensors only"):
-        linear_rows.linear_rows(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
+        cpu_kernels.linear_rows(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"x must be \(M, K\) and weight \(N, K\)"):
-        linear_rows.linear_rows(torch.randn(2, 8), torch.randn(4, 9))
+        cpu_kernels.linear_rows(torch.randn(2, 8), torch.randn(4, 9))
 
 
 def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch, tmp_path, caplog) -> None:
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("RETENTIVE_CACHE_DIR", str(tmp_path))  # nothing built there yet
-    with caplog.at_level(logging.WARNING, logger=linear_rows.__name__):
-        assert linear_rows.available.__wrapped__() is False
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.available.__wrapped__() is False
     assert "could not be built" in caplog.text

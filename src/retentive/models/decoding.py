@@ -17,7 +17,7 @@ time. ``config.decode_implementation`` chooses how the step runs:
   reductions that inductor fuses with everything else into one parallel loop nest (a BLAS matrix-vector product per
   projection costs several times the read of its weights on some CPUs: MKL's generic path on AMD), and one for
   two rows and more (the batch size a dynamic dimension; in float32 on a CPU, the products a kernel of ours that
-  reads each weight row once for up to 8 rows: :mod:`retentive.ops.linear_rows`). The model's weights are inputs
+  reads each weight row once for up to 8 rows: :mod:`retentive.ops.cpu_kernels`). The model's weights are inputs
   of the libraries, read from the model at every call, so that a weight changed in place, re-assigned or loaded is
   the one used; a change of structure, dtype or device exports them again. The libraries are kept on disk
   (:func:`aot_cache_dir`), keyed by the exported graph, so a later process only exports (about a second each) and
@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..ops import RetentionState, linear_rows
+from ..ops import RetentionState, cpu_kernels
 
 if TYPE_CHECKING:
     from .modeling_retnet import RetNetForCausalLM
 
-DECODE_IMPLEMENTATIONS = ("eager", "compiled", "aot")
+DECODE_IMPLEMENTATIONS = ("eager", "compiled", "aot", "native")
 
 Step = Callable[["RetNetForCausalLM", Tensor, list[RetentionState]], tuple[Tensor, list[RetentionState]]]
 
@@ -138,13 +138,17 @@ def step_for(lm: RetNetForCausalLM) -> Step:
         return compiled_step
     if kind == "aot":
         return aot_step
+    if kind == "native":
+        from .native_step import native_step  # it builds on this module
+
+        return native_step
     raise ValueError(f"decode_implementation must be one of {DECODE_IMPLEMENTATIONS}, got {kind!r}")
 
 
 def aot_cache_dir() -> Path:
     """Where the ``"aot"`` step's compiled libraries are kept: ``$RETENTIVE_CACHE_DIR/decode``, by default
     ``~/.cache/retentive/decode``."""
-    return linear_rows.cache_root() / "decode"
+    return cpu_kernels.cache_root() / "decode"
 
 
 # structural changes of any module (a submodule, parameter or buffer registered: peft adapters injected, a layer
@@ -319,9 +323,9 @@ def _linear_then_bias(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     """``F.linear`` as a product, then the bias as an addition that inductor fuses into the next kernel (a GELU,
     a residual): as one ``addmm`` the bias is first expanded and copied into the output, two more calls per
     product on the CPU (inductor unfuses it only on GPUs). In float32 on a CPU the product is the few-rows kernel
-    (:mod:`retentive.ops.linear_rows`), which hands more than 16 rows to a GEMM itself."""
-    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and linear_rows.available():
-        y = linear_rows.linear_rows(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    (:mod:`retentive.ops.cpu_kernels`), which hands more than 16 rows to a GEMM itself."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and cpu_kernels.available():
+        y = cpu_kernels.linear_rows(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
     else:
         y = torch.matmul(x, weight.t())
     return y if bias is None else y + bias

@@ -1,0 +1,100 @@
+"""retentive's C++ kernels for the CPU (``ops/cpu``), built at their first use and kept on disk.
+
+- ``linear_rows(x, weight)``: ``x @ weight.t()`` for a few rows of x, the products of a decoding step at batch 2
+  to 16. At so few rows a product costs a read of the weights, yet BLAS libraries treat it as a GEMM of large M:
+  on an AMD CPU, MKL's generic path takes 1.5-2x what this kernel takes over the weights of a small model at 8
+  rows (docs/benchmarks.md, "Decode step"). Each weight row is loaded once for up to 8 rows of x (``cpu/rows.h``);
+  beyond 16 rows it calls ``at::mm``. The reference: :func:`linear_rows_reference`.
+- ``torch.classes.retentive.DecodeStep``: one decoding step of the whole language model in one parallel region
+  (``cpu/decode_step.cpp``); :mod:`retentive.models.native_step` lays out its weights and options, and the
+  model's eager step is its reference.
+
+They are compiled together into one library with the C++ compiler that AOTInductor needs anyway (``$CXX``, else
+``c++``), for this CPU's vector instructions and against the OpenMP runtime torch itself uses, and kept under
+:func:`cache_root`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCES = sorted(Path(__file__).with_name("cpu").glob("*.cpp"))
+HEADERS = sorted(Path(__file__).with_name("cpu").glob("*.h"))
+
+log = logging.getLogger(__name__)
+
+
+def linear_rows_reference(x: Tensor, weight: Tensor) -> Tensor:
+    """The plain product the kernel must equal. x: (M, K); weight: (N, K) -> (M, N)."""
+    return x @ weight.t()
+
+
+def linear_rows(x: Tensor, weight: Tensor) -> Tensor:
+    """x: (M, K), weight: (N, K), float32 on the CPU -> x @ weight.t(), (M, N). Call :func:`available` first."""
+    return torch.ops.retentive.linear_rows(x, weight)
+
+
+def cache_root() -> Path:
+    """Where retentive keeps what it compiles: ``$RETENTIVE_CACHE_DIR``, by default ``~/.cache/retentive``."""
+    return Path(os.environ.get("RETENTIVE_CACHE_DIR") or Path.home() / ".cache" / "retentive")
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are loaded (``torch.ops.retentive.*``): built now, or found built for this source, torch
+    and CPU; False, with a warning that says why, where no C++ compiler can build them (callers then use PyTorch's
+    ops)."""
+    try:
+        torch.ops.load_library(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.decode(errors="replace")[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
+        log.warning("retentive's CPU kernels could not be built, PyTorch's ops run instead: %s", detail)
+        return False
+    torch.library.register_fake("retentive::linear_rows")(_linear_rows_shape)
+    return True
+
+
+def _linear_rows_shape(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+# x86 compilers may split a 16-float vector into two 8-float ones even where AVX-512 is at hand
+_WIDE = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
+
+
+def _build() -> Path:
+    """The kernels' shared library, compiled once per source, torch version and vector instruction set.
+
+    ``-fopenmp`` links ``libgomp.so.1`` by that name, which the loader resolves to the copy torch has loaded
+    already: the kernels' threads are torch's. The vector ISA's macro (``CPU_CAPABILITY_AVX512`` and the like, as
+    inductor passes it) selects ATen's vectorized exp and erf."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    isa = pick_vec_isa()
+    digest = hashlib.sha256(f"{torch.__version__} {isa}".encode())
+    for source in (*SOURCES, *HEADERS):
+        digest.update(source.read_bytes())
+    path = cache_root() / "kernels" / f"retentive_cpu_{digest.hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.so")  # another process may build it too
+        macros = isa.build_macro() if isa else []
+        command = [
+            os.environ.get("CXX", "c++"), "-O3", "-march=native", *_WIDE, "-std=c++20", "-shared", "-fPIC",
+            "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+            *(f"-D{macro}" for macro in macros), *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
+            *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-o", str(partial),
+        ]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+        os.replace(partial, path)
+    return path
