@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from retentive import RetNetConfig, RetNetForCausalLM, cache_of
-from retentive.models import decoding
+from retentive.models import decoding, native_step
 from retentive.models.cache_retnet import RetNetCache
 from retentive.models.decoding import decode_logits
-from retentive.models import native_step
 from retentive.ops import cpu_kernels
 from retentive.ops.decay import _cached_log_gamma
 from retentive.ops.rotary import rotary_angles
@@ -279,7 +278,7 @@ def test_native_step_hands_over_to_aot_where_the_kernel_does_not_apply(monkeypat
 def test_native_kernel_refuses_what_it_cannot_compute_by_name() -> None:
     model = small_model()
     weights, options, scalars = native_step._arguments(model)
-    with pytest.raises(RuntimeError, match="options and .* scalars expected"):
+    with pytest.raises(RuntimeError, match=r"options and .* scalars expected"):
         torch.classes.retentive.DecodeStep(weights, options[:-1], scalars)
     kernel = torch.classes.retentive.DecodeStep(weights, options, scalars)
     S = torch.zeros(1, 2, 16, 32)
@@ -313,8 +312,8 @@ def test_aot_step_reads_the_weights_of_the_model_at_every_call(monkeypatch) -> N
 
 
 def test_aot_step_for_several_rows_takes_its_products_from_the_few_rows_kernel(monkeypatch) -> None:
-    """In float32 on a CPU the library for two rows and more calls the few-rows kernel (ops/cpu_kernels.py) (its exactness: the
-    tests above, which decode three rows)."""
+    """In float32 on a CPU the library for two rows and more calls the few-rows kernel (ops/cpu_kernels.py; its
+    exactness: the tests above, which decode three rows)."""
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler to build the kernel")
     shapes, kernel = [], cpu_kernels.linear_rows

@@ -1,7 +1,7 @@
-"""The few-rows product kernel (ops/cpu/linear_rows.cpp, ops/cpu/rows.h) against its reference, x @ weight.t(): every row count
-through one pass of 8 rows and past the 16 where it hands over to a GEMM, weight rows not a multiple of the thread
-chunk, K not a multiple of the vector width, non-contiguous inputs; clear errors; and a build that cannot happen
-falls back with a warning."""
+"""The few-rows product kernel (ops/cpu/linear_rows.cpp, ops/cpu/rows.h) against its reference, x @ weight.t():
+every row count through one pass of 8 rows and past the 16 where it hands over to a GEMM, weight rows not a
+multiple of the thread chunk, K not a multiple of the vector width, non-contiguous inputs; clear errors; and a build
+that cannot happen falls back with a warning."""
 
 from __future__ import annotations
 
