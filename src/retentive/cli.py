@@ -309,8 +309,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--decode-implementation", choices=DECODE_IMPLEMENTATIONS, default="eager",
-                   help="the decoding step: eager, compiled (torch.compile) or aot (AOTInductor, the fastest on a "
-                   "CPU); both compile first, in seconds")  # fmt: skip
+                   help="the decoding step: eager, compiled (torch.compile), aot (AOTInductor) or native (a C++ "
+                   "step, the fastest on a CPU); all but eager compile first, in seconds")  # fmt: skip
     p.set_defaults(func=generate)
 
 
@@ -332,7 +332,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
-    implementation = args.decode_implementation or ("aot" if torch.device(args.device).type == "cpu" else "compiled")
+    implementation = args.decode_implementation or ("native" if torch.device(args.device).type == "cpu" else "compiled")
     if implementation != "eager" and (seconds := compile_decoding(model, args.max_batch, implementation)) is not None:
         print(f"compiled the decoding step ({implementation}) in {seconds:.1f} s", flush=True)
     limits = ServerLimits(
@@ -411,8 +411,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--decode-implementation", choices=DECODE_IMPLEMENTATIONS, default=None,
-                   help="a RetNet's decoding step, compiled at start (eager where that fails); default: aot on a "
-                   "CPU (AOTInductor, the fastest there), compiled on CUDA (torch.compile, CUDA graphs)")  # fmt: skip
+                   help="a RetNet's decoding step, compiled at start (eager where that fails); default: native on a "
+                   "CPU (the C++ step, the fastest there; aot where it does not apply), compiled on CUDA "
+                   "(torch.compile, CUDA graphs)")  # fmt: skip
     p.add_argument("--engine", choices=("retentive", "transformers"), default="retentive",
                    help="the scheduler: retentive's (any model), or transformers' own continuous batching (a "
                    "Transformer checkpoint, greedy decoding only: the baseline as its library serves it)")  # fmt: skip

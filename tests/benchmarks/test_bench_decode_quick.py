@@ -10,7 +10,7 @@ import decode
 
 
 def test_quick_run_writes_every_cell_and_the_targets(tmp_path):
-    labels = ["retentive (eager)", "retentive (compiled)", "retentive (aot)"]
+    labels = ["retentive (eager)", "retentive (compiled)", "retentive (aot)", "retentive (native)"]
     decode.main(["--quick", "--out", str(tmp_path), "--models", *labels])
     results = json.loads((tmp_path / "bench_decode_quick.json").read_text())
     for label in labels:
@@ -31,7 +31,7 @@ def test_quick_run_writes_every_cell_and_the_targets(tmp_path):
     assert (bound["products"], bound["fused_products"]) == (2 * 7 + 1, 2 * 4 + 1)
     assert bound["b2"]["products_ms"] > 0 and bound["b2"]["fused_products_ms"] > 0
     claims = [claim for claim, _, _ in decode.checks(results)]
-    assert "retentive (aot): batch 1 within 1.5x of the weight-read bound" in claims
+    assert "retentive (native): batch 1 within 1.5x of the weight-read bound" in claims
 
 
 def fake(ours_b1: float, peer_b1: float, ours_b8: float, peer_b8: float, bound_b1: float) -> dict:
@@ -41,10 +41,10 @@ def fake(ours_b1: float, peer_b1: float, ours_b8: float, peer_b8: float, bound_b
     return {
         "plan": {"contexts": [512, 16384], "prefill_tokens": 8192},
         "decode": {
-            "retentive (aot)": {"512": cell(ours_b1, ours_b8), "16384": cell(ours_b1 * 1.1, ours_b8)},
+            "retentive (native)": {"512": cell(ours_b1, ours_b8), "16384": cell(ours_b1 * 1.1, ours_b8)},
             "peer": {"512": cell(peer_b1, peer_b8), "16384": cell(peer_b1, peer_b8)},
         },
-        "generate": {"aot": {"ms_per_token": ours_b1}},
+        "generate": {"native": {"ms_per_token": ours_b1}},
         "prefill": {"retentive": {"tokens_per_s": 3.0}, "peer": {"tokens_per_s": 2.0}},
         "bound": {"weight_bytes": 1, "b1": {"weights_ms": bound_b1, "state_ms": 0.0}},
     }
@@ -53,16 +53,16 @@ def fake(ours_b1: float, peer_b1: float, ours_b8: float, peer_b8: float, bound_b
 def test_targets_pass_and_fail_where_the_figures_say():
     verdicts = {claim: ok for claim, ok, _ in decode.checks(fake(0.4, 1.2, 1.0, 2.5, 0.28))}
     assert verdicts == {
-        "retentive (aot): batch 1 within 1.5x of the weight-read bound": False,  # 0.44 ms at 16k vs 0.28: 1.57x
-        "generate() (aot) at batch 1 within 1.5x of the weight-read bound": True,  # 0.4 / 0.28 = 1.43x
-        "retentive (aot): batch 1 at least 2.5x faster than peer at every context": True,  # 1.2 / 0.44 = 2.7x
-        "retentive (aot): batch 8 at least 2.0x faster than peer at every context": True,
-        "retentive (aot): batch 1 flat from 512 to 16384 tokens of context": True,
+        "retentive (native): batch 1 within 1.5x of the weight-read bound": False,  # 0.44 ms at 16k vs 0.28: 1.57x
+        "generate() (native) at batch 1 within 1.5x of the weight-read bound": True,  # 0.4 / 0.28 = 1.43x
+        "retentive (native): batch 1 at least 2.5x faster than peer at every context": True,  # 1.2 / 0.44 = 2.7x
+        "retentive (native): batch 8 at least 2.0x faster than peer at every context": True,
+        "retentive (native): batch 1 flat from 512 to 16384 tokens of context": True,
         "prefill of 8,192 tokens the fastest of all": True,
     }
     verdicts = {claim: ok for claim, ok, _ in decode.checks(fake(0.4, 0.9, 1.0, 1.9, 0.28))}
-    assert verdicts["retentive (aot): batch 1 at least 2.5x faster than peer at every context"] is False
-    assert verdicts["retentive (aot): batch 8 at least 2.0x faster than peer at every context"] is False
+    assert verdicts["retentive (native): batch 1 at least 2.5x faster than peer at every context"] is False
+    assert verdicts["retentive (native): batch 8 at least 2.0x faster than peer at every context"] is False
 
 
 def test_paired_ratios_judge_the_peer_targets_where_measured():
@@ -72,9 +72,9 @@ def test_paired_ratios_judge_the_peer_targets_where_measured():
     results["plan"]["paired"] = {"cycles": 12}
     results["paired"] = {"512": {"b1": {"peer": ratio}}, "16384": {"b1": {"peer": ratio | {"ratio": 2.7}}}}
     verdicts = {claim: (ok, why) for claim, ok, why in decode.checks(results)}
-    ok, why = verdicts["retentive (aot): batch 1 at least 2.5x faster than peer at every context"]
+    ok, why = verdicts["retentive (native): batch 1 at least 2.5x faster than peer at every context"]
     assert ok is False and why.startswith("worst at 512: 2.20x (paired")
-    ok, why = verdicts["retentive (aot): batch 8 at least 2.0x faster than peer at every context"]
+    ok, why = verdicts["retentive (native): batch 8 at least 2.0x faster than peer at every context"]
     assert ok is True and "fresh processes" in why  # batch 8 was not paired: the cells judge it
     assert any(line.startswith("Paired at 512") for line in decode._paired_lines(results))
 

@@ -45,7 +45,7 @@ def test_where_compiling_fails_the_eager_step_serves(monkeypatch, caplog):
     assert "no C++ compiler" in caplog.text and "serving the eager one" in caplog.text
 
 
-@pytest.mark.parametrize("implementation", ["compiled", "aot"])
+@pytest.mark.parametrize("implementation", ["compiled", "aot", "native"])
 def test_the_engines_decoding_steps_compile_nothing_after_the_warm_up(implementation, monkeypatch):
     """The engine decodes in inference mode, gathering slots of its pool (contiguous runs are views, others
     copies), for batches of every size: none of that compiles the step again, and it decodes as the eager step."""

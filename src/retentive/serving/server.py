@@ -104,8 +104,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, T
 
 
 def compile_decoding(model: nn.Module, max_batch: int, implementation: str = "compiled") -> float | None:
-    """Compile a RetNet's decoding step before the first request (``decode_implementation`` "compiled" or
-    "aot"), at batch 1 and 2, after which every batch size re-uses it; returns the seconds it took, or None where
+    """Compile a RetNet's decoding step before the first request (``decode_implementation`` "compiled", "aot" or
+    "native"), at batch 1 and 2, after which every batch size re-uses it; returns the seconds it took, or None where
     there was nothing to compile (a Transformer) or compiling failed (no C++ compiler, an unsupported platform):
     then the eager step serves, after a warning."""
     if not hasattr(model, "warm_up_decoding"):
