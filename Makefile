@@ -81,7 +81,7 @@ bench: bench-env
 	$(VENV)/bin/retentive bench --python $(PEERS)/bin/python
 	$(PEERS)/bin/python benchmarks/decode.py
 
-bench-decode: bench-env  # one decoding step (eager, compiled, aot) vs the peers and the weight-read bound
+bench-decode: bench-env  # one decoding step (eager, compiled, aot, native) vs the peers and the weight-read bound
 	$(PEERS)/bin/python benchmarks/decode.py
 
 bench-quality: bench-env  # retentive, torchscale, yet-another-retnet, the Transformer (--ablation, --lr-sweep: docs)
