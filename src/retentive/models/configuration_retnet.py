@@ -86,7 +86,7 @@ class RetNetConfig(PresetConfig):
     chunk_size: int = CHUNK_SIZE  # chunk length of the chunkwise form: prefill of generate(), long prompts
     prefill_chunk: int = 1024  # a cache is filled this many tokens at a time: prefill memory flat in the prompt length
     use_cache: bool = True
-    decode_implementation: str = "eager"  # one decoding step: eager (reference) | compiled | aot (models/decoding.py)
+    decode_implementation: str = "eager"  # a decoding step: eager (reference) | compiled | aot | native (decoding.py)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

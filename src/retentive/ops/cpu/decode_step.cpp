@@ -19,7 +19,12 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -62,17 +67,54 @@ void activate(float* p, int64_t n, int64_t kind) {
 
 // y = norm(x) * w + b over n features: LayerNorm or RMSNorm; w and b may be null. y may be x.
 void normalize(const float* x, float* y, int64_t n, int64_t kind, const float* w, const float* b, float eps) {
-  double mean = 0, square = 0;
+  using retentive::kLanes, retentive::load, retentive::sum, retentive::Vec;
+  const int64_t whole = n - n % kLanes;  // vectors, then a scalar tail
+  float mean = 0;
   if (kind == kLayerNorm) {
-    for (int64_t i = 0; i < n; ++i) mean += x[i];
-    mean /= n;
+    Vec acc = {};
+    for (int64_t i = 0; i < whole; i += kLanes) acc += load(x + i);
+    float total = sum(acc);
+    for (int64_t i = whole; i < n; ++i) total += x[i];
+    mean = total / n;
   }
-  for (int64_t i = 0; i < n; ++i) square += (x[i] - mean) * (x[i] - mean);
-  const float shift = static_cast<float>(mean), rstd = static_cast<float>(1 / std::sqrt(square / n + eps));
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = (x[i] - shift) * rstd;
+  Vec acc = {};
+  for (int64_t i = 0; i < whole; i += kLanes) {
+    const Vec c = load(x + i) - mean;
+    acc += c * c;
+  }
+  float square = sum(acc);
+  for (int64_t i = whole; i < n; ++i) square += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1 / std::sqrt(square / n + eps);
+  for (int64_t i = 0; i < whole; i += kLanes) {
+    Vec v = (load(x + i) - mean) * rstd;
+    if (w) v *= load(w + i);
+    if (b) v += load(b + i);
+    retentive::store(y + i, v);
+  }
+  for (int64_t i = whole; i < n; ++i) {
+    const float v = (x[i] - mean) * rstd;
     y[i] = (w ? v * w[i] : v) + (b ? b[i] : 0.f);
   }
+}
+
+// a store around the caches: a new state is read again only at the next token, after the weights of the whole step
+// have gone through the caches; written past them, it neither evicts weights nor reads its lines first. p: aligned
+inline void store_around(float* p, retentive::Vec v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#elif defined(__AVX__)
+  _mm256_stream_ps(p, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+  _mm256_stream_ps(p + 8, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  retentive::store(p, v);
+#endif
+}
+
+// after a thread's stores around the caches, before others may read them
+inline void fence_stores() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 // [n0, n1): thread t's share of n rows among nt threads
@@ -118,11 +160,18 @@ void retain(int64_t dk, int64_t dv, const float* q_in, const float* k_in, const 
   float* o = work + 2 * dk;
   std::fill(o, o + dv, 0.f);
   float r = 0;
+  const bool around = dv % retentive::kLanes == 0 && reinterpret_cast<uintptr_t>(S_out) % sizeof(retentive::Vec) == 0;
   for (int64_t i = 0; i < dk; ++i) {
     const float ki = k[i], qi = q[i];
     const float* s_in = S + i * dv;
     float* s_out = S_out + i * dv;
-    for (int64_t j = 0; j < dv; ++j) {
+    int64_t j = 0;
+    for (; around && j < dv; j += retentive::kLanes) {
+      const retentive::Vec s = ki * retentive::load(v + j) + gamma * retentive::load(s_in + j);
+      store_around(s_out + j, s);
+      retentive::store(o + j, retentive::load(o + j) + qi * s);
+    }
+    for (; j < dv; ++j) {
       const float s = ki * v[j] + gamma * s_in[j];
       s_out[j] = s;
       o[j] += qi * s;
@@ -301,6 +350,7 @@ struct DecodeStep : torch::CustomClassHolder {
                  std::exp(log_gamma), c_sqrt, opt.data(), scalar, w[kHeadNormW] ? w[kHeadNormW] + hd * dv : nullptr,
                  w[kHeadNormB] ? w[kHeadNormB] + hd * dv : nullptr, scale, work);
         }
+        fence_stores();
 #pragma omp barrier
         product(y, M, w[kOW], w[kOB], d, dvall, t, tid, nt);
         for (int64_t m = 0; m < M; ++m)

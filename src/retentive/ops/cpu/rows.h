@@ -26,6 +26,8 @@ inline Vec load(const float* p) {
   return v;
 }
 
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }  // an unaligned store
+
 inline float sum(Vec v) {  // by halves: a tree of vector additions, not 16 scalar ones in a chain
   const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
