@@ -11,8 +11,8 @@ It covers every option of :class:`~.configuration_retnet.RetNetConfig` in float3
 the library's own modules. Anything else runs the ``"aot"`` step instead, for the reason :func:`unsupported`
 gives: another device or dtype, peft adapters or any projection that is not a plain ``nn.Linear`` (a quantized
 one, say), or no C++ compiler to build the kernel. Forward hooks on the model's submodules do not run here (nor in
-``"aot"``). The weights are read from the model at every call: a change in place, a re-assignment or a load is
-the one used.
+``"aot"``). The kernel holds the model's own tensors, so a change in place, through ``.data`` or by a load is the
+one used; a re-assigned parameter (a change of structure) lays the weights out again.
 """
 
 from __future__ import annotations
@@ -41,14 +41,13 @@ _NORMS = {nn.LayerNorm: 1, nn.RMSNorm: 2}  # enum Norm
 _HEAD_NORMS = {"none": 0, "groupnorm": 1, "layernorm": 1, "rmsnorm": 2}
 
 
-def _norm(module: nn.Module | None) -> list[Tensor | None]:
-    """A block norm's weight and bias as the kernel takes them (None where absent)."""
-    if module is None:
-        return [None, None]
-    return [module.weight, getattr(module, "bias", None)]
+def _norm(module: nn.LayerNorm | nn.RMSNorm | None) -> list[Tensor | None]:
+    """A norm's weight and bias as the kernel takes them (None where absent)."""
+    return [None, None] if module is None else [module.weight, getattr(module, "bias", None)]
 
 
 def _linear(module: nn.Linear | None) -> list[Tensor | None]:
+    """A projection's weight and bias as the kernel takes them (None where absent)."""
     return [None, None] if module is None else [module.weight, module.bias]
 
 
@@ -63,9 +62,10 @@ def unsupported(lm: RetNetForCausalLM) -> str | None:
     for block in blocks:
         if type(block) is not RetNetBlock or type(block.retention) is not MultiScaleRetention or block.scaled:
             return "a block that is not the library's RetNetBlock (or carries a layer scale)"
-        if type(block.ffn) is not FeedForward or block.ffn.act not in _ACTIVATIONS:
+        ffn = block.ffn
+        if type(ffn) is not FeedForward or ffn.act not in _ACTIVATIONS or type(ffn.norm) not in (*_NORMS, type(None)):
             return "an FFN that is not the library's FeedForward"
-        linears += [p for p in block.retention.projections] + [block.ffn.up, block.ffn.down]
+        linears += [*block.retention.projections, block.ffn.up, block.ffn.down]
         linears += [] if block.ffn.gate is None else [block.ffn.gate]
     if type(model.embed_tokens) is not nn.Embedding or any(type(m) is not nn.Linear for m in linears):
         return "a projection or embedding that is not a plain nn.Linear / nn.Embedding (peft adapters, quantized)"
@@ -89,9 +89,8 @@ class NativeStep:
         self.buffers = decoding.StateBuffers()
         self.lock = threading.Lock()  # a free buffer set is taken when its views are made: one call at a time
 
-    def __call__(
-        self, lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
-    ) -> tuple[Tensor, list[RetentionState]]:
+    def __call__(self, input_ids: Tensor, states: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
+        """input_ids (B, 1), one state per layer -> logits (B, 1, V) and the new states."""
         S, z, offset = ([getattr(s, field).contiguous() for s in states] for field in ("S", "z", "offset"))
         with self.lock, torch.no_grad():
             new_S = self.buffers.take(S)
@@ -161,4 +160,4 @@ def native_step(
         step = _NATIVE[lm] = NativeStep(lm, key)  # a change of dtype or device, or of any module's structure
     if step.reason is not None or states[0].S.dtype != torch.float32:
         return decoding.aot_step(lm, input_ids, states)
-    return step(lm, input_ids, states)
+    return step(input_ids, states)
