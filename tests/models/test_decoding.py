@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retentive import RetNetConfig, RetNetForCausalLM, cache_of
+from retentive.layers import ACTIVATIONS, GATES, HEAD_NORMS
 from retentive.models import decoding, native_step
 from retentive.models.cache_retnet import RetNetCache
 from retentive.models.decoding import decode_logits
@@ -258,6 +261,52 @@ def test_native_step_equals_eager_step_for_the_other_options(name: str) -> None:
     assert_steps_agree(model, "native", steps=6)
     assert_steps_agree(model, "native", steps=3, rows=1)
     assert native_step._NATIVE[model].reason is None
+
+
+@needs_kernels
+@settings(max_examples=25, deadline=None)
+@given(
+    heads=st.integers(1, 3),
+    key_dim=st.sampled_from([2, 6, 16, 18]),
+    value_dim=st.integers(1, 40),
+    ffn_dim=st.integers(1, 70),
+    rows=st.integers(1, 11),
+    activation=st.sampled_from(list(ACTIVATIONS)),
+    gate=st.sampled_from(list(GATES)),
+    head_norm=st.sampled_from(list(HEAD_NORMS)),
+    norm=st.sampled_from(["layernorm", "rmsnorm"]),
+    flags=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_native_step_equals_eager_step_at_any_shape(
+    heads, key_dim, value_dim, ffn_dim, rows, activation, gate, head_norm, norm, flags
+) -> None:
+    """Any widths (no multiple of a vector, down to one), any row count, any combination of the options."""
+    rotary, normalize, bias, halves = flags
+    model = small_model(
+        dim_model=heads * key_dim,
+        num_heads=heads,
+        value_dim=heads * value_dim,
+        ffn_dim=ffn_dim,
+        ffn_activation=activation,
+        gate_fn=gate,
+        head_norm=head_norm,
+        norm=norm,
+        rotary=rotary,
+        rotary_layout="halves" if halves else "interleaved",
+        normalize_decay=normalize,
+        normalize_retention=normalize,
+        msr_bias=bias,
+    )
+    with torch.no_grad():
+        cache = cache_of(model(torch.randint(0, V, (rows, 3)), use_cache=True))
+        token = torch.randint(0, V, (rows, 1))
+        want, want_states = decoding.eager_step(model, token, cache.states)
+        got, got_states = native_step.native_step(model, token, cache.states)
+    assert native_step._NATIVE[model].reason is None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_states, want_states, strict=True):
+        torch.testing.assert_close(g.S, w.S, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.z, w.z, rtol=1e-5, atol=1e-5)
 
 
 def test_native_step_hands_over_to_aot_where_the_kernel_does_not_apply(monkeypatch) -> None:
