@@ -67,32 +67,36 @@ def _linear_rows_shape(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+_X86 = platform.machine() in ("x86_64", "AMD64")
 # x86 compilers may split a 16-float vector into two 8-float ones even where AVX-512 is at hand
-_WIDE = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
+_WIDE = ["-mprefer-vector-width=512"] if _X86 else []
 
 
 def _build() -> Path:
-    """The kernels' shared library, compiled once per source, torch version and vector instruction set.
+    """The kernels' shared library, compiled once per source, torch version, vector instruction set and flags.
 
     ``-fopenmp`` links ``libgomp.so.1`` by that name, which the loader resolves to the copy torch has loaded
-    already: the kernels' threads are torch's. The vector ISA's macro (``CPU_CAPABILITY_AVX512`` and the like, as
-    inductor passes it) selects ATen's vectorized exp and erf."""
+    already: the kernels' threads are torch's. On x86, the vector ISA's macro (``CPU_CAPABILITY_AVX512`` or
+    ``_AVX2``, as inductor passes it) selects ATen's vectorized exp and erf; elsewhere ATen's scalar ones run (ARM's
+    macros would also need its Sleef build flags)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch.utils.cpp_extension import include_paths, library_paths
 
     isa = pick_vec_isa()
-    digest = hashlib.sha256(f"{torch.__version__} {isa}".encode())
+    macros = isa.build_macro() if isa and _X86 else []
+    flags = [
+        "-O3", "-march=native", *_WIDE, "-std=c++20", "-shared", "-fPIC", "-fopenmp",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}", *(f"-D{macro}" for macro in macros),
+    ]  # fmt: skip
+    digest = hashlib.sha256(f"{torch.__version__} {isa} {flags}".encode())
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     path = cache_root() / "kernels" / f"retentive_cpu_{digest.hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.so")  # another process may build it too
-        macros = isa.build_macro() if isa else []
         command = [
-            os.environ.get("CXX", "c++"), "-O3", "-march=native", *_WIDE, "-std=c++20", "-shared", "-fPIC",
-            "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-            *(f"-D{macro}" for macro in macros), *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
+            os.environ.get("CXX", "c++"), *flags, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
             *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-o", str(partial),
         ]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)
