@@ -232,16 +232,24 @@ def test_native_step_at_every_batch_size(rows: int) -> None:
     """Rows go through the products in passes of 8 and the retention in (row, head) pairs split among the threads:
     every count up to two passes and past them."""
     model = small_model(decode_implementation="native")
+    for got, want in assert_one_native_step_agrees(model, rows, prompt_length=5):
+        assert torch.equal(got.offset, want.offset)
+
+
+def assert_one_native_step_agrees(model: RetNetForCausalLM, rows: int, prompt_length: int) -> list[tuple]:
+    """After a random prompt, one native step's logits, S and z equal the eager step's; returns each layer's
+    (native, eager) states."""
     with torch.no_grad():
-        cache = cache_of(model(torch.randint(0, V, (rows, 5)), use_cache=True))
+        cache = cache_of(model(torch.randint(0, V, (rows, prompt_length)), use_cache=True))
         token = torch.randint(0, V, (rows, 1))
         want, want_states = decoding.eager_step(model, token, cache.states)
         got, got_states = native_step.native_step(model, token, cache.states)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for g, w in zip(got_states, want_states, strict=True):
+    pairs = list(zip(got_states, want_states, strict=True))
+    for g, w in pairs:
         torch.testing.assert_close(g.S, w.S, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g.z, w.z, rtol=1e-5, atol=1e-5)
-        assert torch.equal(g.offset, w.offset)
+    return pairs
 
 
 # the options CONFIGS leave out, and widths that are no multiple of a vector (16 floats): every tail of the kernel
@@ -297,16 +305,8 @@ def test_native_step_equals_eager_step_at_any_shape(
         normalize_retention=normalize,
         msr_bias=bias,
     )
-    with torch.no_grad():
-        cache = cache_of(model(torch.randint(0, V, (rows, 3)), use_cache=True))
-        token = torch.randint(0, V, (rows, 1))
-        want, want_states = decoding.eager_step(model, token, cache.states)
-        got, got_states = native_step.native_step(model, token, cache.states)
+    assert_one_native_step_agrees(model, rows, prompt_length=3)
     assert native_step._NATIVE[model].reason is None
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for g, w in zip(got_states, want_states, strict=True):
-        torch.testing.assert_close(g.S, w.S, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(g.z, w.z, rtol=1e-5, atol=1e-5)
 
 
 def test_native_step_hands_over_to_aot_where_the_kernel_does_not_apply(monkeypatch) -> None:
