@@ -17,7 +17,7 @@ from retentive.layers import ACTIVATIONS, GATES, HEAD_NORMS
 from retentive.models import decoding, native_step
 from retentive.models.cache_retnet import RetNetCache
 from retentive.models.decoding import decode_logits
-from retentive.ops import cpu_kernels
+from retentive.ops import RetentionState, cpu_kernels
 from retentive.ops.decay import _cached_log_gamma
 from retentive.ops.rotary import rotary_angles
 
@@ -309,6 +309,25 @@ def test_native_step_equals_eager_step_at_any_shape(
     assert native_step._NATIVE[model].reason is None
 
 
+@needs_kernels
+def test_native_step_reads_states_of_any_layout() -> None:
+    """States given as strided views (every other element of a wider buffer) step as their contiguous copies."""
+    model = small_model(decode_implementation="native")
+    with torch.no_grad():
+        states = cache_of(model(torch.randint(0, V, (2, 4)), use_cache=True)).states
+        token = torch.randint(0, V, (2, 1))
+        strided = [
+            RetentionState(*(torch.stack((t, torch.full_like(t, torch.nan)), -1)[..., 0] for t in (s.S, s.z)), s.offset)
+            for s in states
+        ]
+        assert not strided[0].S.is_contiguous()
+        want, want_states = native_step.native_step(model, token, states)
+        got, got_states = native_step.native_step(model, token, strided)
+    assert torch.equal(got, want)
+    for g, w in zip(got_states, want_states, strict=True):
+        assert torch.equal(g.S, w.S) and torch.equal(g.z, w.z) and torch.equal(g.offset, w.offset)
+
+
 def test_native_step_hands_over_to_aot_where_the_kernel_does_not_apply(monkeypatch) -> None:
     """Another dtype, no C++ compiler: the reason is given, and the step runs as "aot" does."""
     calls = []
@@ -332,10 +351,12 @@ def test_native_kernel_refuses_what_it_cannot_compute_by_name() -> None:
     kernel = torch.classes.retentive.DecodeStep(weights, options, scalars)
     S = torch.zeros(1, 2, 16, 32)
     z, offset = torch.zeros(1, 2, 16), torch.zeros(1, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="state must be contiguous S"):
-        kernel.step(torch.zeros(1, dtype=torch.long), [S[:, :1]] * 2, [z] * 2, [offset] * 2, [S] * 2)
+    with pytest.raises(RuntimeError, match=r"ids must be \(M, 1\) int64"):
+        kernel.step(torch.zeros(1, dtype=torch.long), [S] * 2, [z] * 2, [offset] * 2, [S.clone()] * 2)
+    with pytest.raises(RuntimeError, match=r"state must be S \(M, H, dk, dv\)"):
+        kernel.step(torch.zeros(1, 1, dtype=torch.long), [S[:, :1]] * 2, [z] * 2, [offset] * 2, [S] * 2)
     with pytest.raises(RuntimeError, match="token id 64 outside the vocabulary"):
-        kernel.step(torch.full((1,), V), [S] * 2, [z] * 2, [offset] * 2, [S.clone()] * 2)
+        kernel.step(torch.full((1, 1), V), [S] * 2, [z] * 2, [offset] * 2, [S.clone()] * 2)
     weights[2 + 8 + 25] = torch.zeros(3)  # the second layer's q weight (index: 8 globals, 25 per layer, q at 2)
     with pytest.raises(RuntimeError, match=r"weights\[35\] must be a contiguous CPU Float tensor of 1024"):
         torch.classes.retentive.DecodeStep(weights, options, scalars)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers.utils import logging
 
 from retentive import MultiScaleRetention, RetNetConfig, RetNetForCausalLM
@@ -285,6 +285,39 @@ def test_greedy_generate_equals_the_parallel_argmax_at_every_step(model: RetNetF
     parallel = model(seq, mode="parallel", use_cache=False).logits[0, 6:-1]  # (12, V): the logits behind each new token
     assert torch.equal(parallel.argmax(-1), seq[0, 7:])
     torch.testing.assert_close(torch.cat(out.logits), parallel.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decoding_steps_get_the_inputs_transformers_would_prepare(padded: bool) -> None:
+    """The short way of prepare_inputs_for_generation builds, at every decoding step, what transformers' general
+    method builds (the same keys in any order, the same tensors with the same strides, the same cache)."""
+    model = small_model()
+    ids, mask = left_pad(prompts([3, 6])) if padded else (torch.cat(prompts([5, 5])), None)
+    short, general, steps = model.prepare_inputs_for_generation, GenerationMixin.prepare_inputs_for_generation, []
+
+    def compare(input_ids: torch.Tensor, next_sequence_length: int | None = None, **kwargs) -> dict:
+        got = short(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        want = general(model, input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(got[key], value) and got[key].stride() == value.stride(), key
+            else:
+                assert got[key] is value or got[key] == value, key
+        steps.append(next_sequence_length)
+        return got
+
+    def counted(self, input_ids: torch.Tensor, **kwargs) -> dict:
+        went_general.append(kwargs.get("next_sequence_length"))
+        return general(self, input_ids, **kwargs)
+
+    went_general = []
+    with (
+        mock.patch.object(model, "prepare_inputs_for_generation", compare),
+        mock.patch.object(GenerationMixin, "prepare_inputs_for_generation", counted),
+    ):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert steps == [None, 1, 1, 1] and went_general == [None]  # only the prompt goes the general way
 
 
 def test_generate_prefills_in_the_chunkwise_form_then_steps_recurrently(model: RetNetForCausalLM) -> None:

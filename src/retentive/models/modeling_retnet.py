@@ -36,6 +36,9 @@ from .retnet import RetNet
 
 logger = logging.getLogger(__name__)
 
+# what generate() passes to prepare_inputs_for_generation at a decoding step, besides the tokens
+_STEP_INPUTS = frozenset({CACHE_NAME, "attention_mask", "use_cache", "logits_to_keep"})
+
 
 class RetNetPreTrainedModel(PreTrainedModel):
     """Weight init and the Hugging Face plumbing shared by the RetNet models."""
@@ -395,6 +398,24 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             loss = None if labels is None else F.cross_entropy(upcast(logits).flatten(0, 1), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache[0] if cache else None})
         return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self, input_ids: Tensor, next_sequence_length: int | None = None, **kwargs
+    ) -> dict[str, object]:
+        """The inputs of generate()'s next forward. A decoding step (one new token per row after a filled cache,
+        with nothing but the cache, the mask, ``use_cache`` and ``logits_to_keep`` given) takes a short way to the
+        inputs transformers' general method builds: that one costs ~40 µs a token, a fifth of a native step."""
+        cache = kwargs.get(CACHE_NAME)
+        if (
+            next_sequence_length == 1
+            and kwargs.keys() <= _STEP_INPUTS
+            and isinstance(cache, RetNetCache)
+            and cache.states is not None
+            and input_ids.device == cache.states[0].S.device
+        ):
+            last = input_ids[:, -1:].clone(memory_format=torch.contiguous_format)  # one stride for compiled steps
+            return {"input_ids": last} | {k: v for k, v in kwargs.items() if v is not None or k != "attention_mask"}
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
 
     def _decoding(
         self,

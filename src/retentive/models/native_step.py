@@ -91,12 +91,10 @@ class NativeStep:
 
     def __call__(self, input_ids: Tensor, states: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
         """input_ids (B, 1), one state per layer -> logits (B, 1, V) and the new states."""
-        S, z, offset = ([getattr(s, field).contiguous() for s in states] for field in ("S", "z", "offset"))
-        with self.lock, torch.no_grad():
-            new_S = self.buffers.take(S)
-            logits, z, offset = self.kernel.step(input_ids.reshape(-1).contiguous(), S, z, offset, new_S)
-            states = [RetentionState(b.view_as(b), *layer) for b, *layer in zip(new_S, z, offset, strict=True)]
-        return logits.unsqueeze(1), states
+        S, z, offset = [s.S for s in states], [s.z for s in states], [s.offset for s in states]
+        with self.lock:
+            logits, *new = self.kernel.step(input_ids, S, z, offset, self.buffers.take(S))
+        return logits, list(map(RetentionState, *new))
 
 
 def _arguments(lm: RetNetForCausalLM) -> tuple[list[Tensor | None], list[int], list[float]]:

@@ -1,5 +1,5 @@
-// One decoding step of the whole RetNet language model on a CPU, in one parallel region: ids (M,) and every
-// layer's state -> logits (M, V) and the new states.
+// One decoding step of the whole RetNet language model on a CPU, in one parallel region: ids (M, 1) and every
+// layer's state -> logits (M, 1, V) and the new states.
 //
 // A step of a small model is a read of its weights plus a little arithmetic per token; what costs more than the
 // read, when each op is a call of its own, is dispatch, allocation and a fork and join of the threads per op. Here
@@ -244,24 +244,29 @@ struct DecodeStep : torch::CustomClassHolder {
     return out;
   }
 
-  // ids (M,) int64; S, z, offset: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S: where each layer's
-  // new S goes. Returns the logits (M, V), each layer's new z and new offset.
-  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
-      const at::Tensor& ids, const std::vector<at::Tensor>& S, const std::vector<at::Tensor>& z,
-      const std::vector<at::Tensor>& offset, const std::vector<at::Tensor>& new_S) const {
-    const int64_t M = ids.numel(), dvall = H * dv;
-    TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.is_cpu(),
-                "DecodeStep: ids must be (M,) int64 on the CPU");
-    TORCH_CHECK(S.size() == static_cast<size_t>(L) && z.size() == S.size() && offset.size() == S.size() &&
-                    new_S.size() == S.size(), "DecodeStep: one S, z, offset and new S per layer (", L, ")");
+  // ids (M, 1) int64; S_, z_, offset_: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S: where each
+  // layer's new S goes, contiguous. Returns the logits (M, 1, V) and each layer's new S (a view of new_S), z and
+  // offset.
+  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
+      const at::Tensor& ids_, const std::vector<at::Tensor>& S_, const std::vector<at::Tensor>& z_,
+      const std::vector<at::Tensor>& offset_, const std::vector<at::Tensor>& new_S) const {
+    const int64_t M = ids_.size(0), dvall = H * dv;
+    TORCH_CHECK(ids_.dim() == 2 && ids_.size(1) == 1 && ids_.scalar_type() == at::kLong && ids_.is_cpu(),
+                "DecodeStep: ids must be (M, 1) int64 on the CPU");
+    TORCH_CHECK(S_.size() == static_cast<size_t>(L) && z_.size() == S_.size() && offset_.size() == S_.size() &&
+                    new_S.size() == S_.size(), "DecodeStep: one S, z, offset and new S per layer (", L, ")");
+    const at::Tensor ids = ids_.contiguous();
+    std::vector<at::Tensor> S, z, offset;
     for (int64_t l = 0; l < L; ++l) {
+      S.push_back(S_[l].contiguous());
+      z.push_back(z_[l].contiguous());
+      offset.push_back(offset_[l].contiguous());
       TORCH_CHECK(S[l].scalar_type() == at::kFloat && z[l].scalar_type() == at::kFloat &&
                       new_S[l].scalar_type() == at::kFloat && offset[l].scalar_type() == at::kLong,
                   "DecodeStep: float32 states and int64 offsets");
       TORCH_CHECK(S[l].numel() == M * H * dk * dv && new_S[l].numel() == S[l].numel() && z[l].numel() == M * H * dk &&
-                      offset[l].numel() == M && S[l].is_contiguous() && z[l].is_contiguous() &&
-                      new_S[l].is_contiguous() && offset[l].is_contiguous() && S[l].is_cpu() && new_S[l].is_cpu(),
-                  "DecodeStep: layer ", l, "'s state must be contiguous S (M, H, dk, dv), z (M, H, dk), offset (M,)");
+                      offset[l].numel() == M && new_S[l].is_contiguous() && S[l].is_cpu() && new_S[l].is_cpu(),
+                  "DecodeStep: layer ", l, "'s state must be S (M, H, dk, dv), z (M, H, dk), offset (M,)");
     }
     const std::vector<const float*> ptr = pointers();
     const int64_t* id = ids.const_data_ptr<int64_t>();
@@ -270,9 +275,10 @@ struct DecodeStep : torch::CustomClassHolder {
                   " outside the vocabulary");
     }
     const at::TensorOptions floats = weights[kEmbed]->options();
-    at::Tensor logits = at::empty({M, V}, floats);
-    std::vector<at::Tensor> z_out, offset_out;
+    at::Tensor logits = at::empty({M, 1, V}, floats);
+    std::vector<at::Tensor> S_out, z_out, offset_out;
     for (int64_t l = 0; l < L; ++l) {
+      S_out.push_back(new_S[l].view(S[l].sizes()));  // a view: its buffer counts as taken while the state lives
       z_out.push_back(at::empty({M, H, dk}, floats));
       offset_out.push_back(at::empty({M}, offset[l].options()));
       const int64_t* before = offset[l].const_data_ptr<int64_t>();
@@ -384,7 +390,7 @@ struct DecodeStep : torch::CustomClassHolder {
       }
       product(h, M, ptr[kHeadW], ptr[kHeadB], V, d, logits.mutable_data_ptr<float>(), tid, nt);
     }
-    return {logits, z_out, offset_out};
+    return {logits, S_out, z_out, offset_out};
   }
 };
 
