@@ -328,6 +328,23 @@ def test_native_step_reads_states_of_any_layout() -> None:
         assert torch.equal(g.S, w.S) and torch.equal(g.z, w.z) and torch.equal(g.offset, w.offset)
 
 
+@needs_kernels
+def test_native_step_writes_over_the_given_states_only_when_asked() -> None:
+    """With overwrite, the new S goes over the given one (a cache made with ``overwrite=True`` asks for it through
+    the model): the same step as without, whose given states stay as they were."""
+    model = small_model(decode_implementation="native")
+    with torch.no_grad():
+        states = cache_of(model(torch.randint(0, V, (3, 4)), use_cache=True)).states
+        kept = [s.S.clone() for s in states]
+        token = torch.randint(0, V, (3, 1))
+        want, want_states = native_step.native_step(model, token, states)
+        assert all(torch.equal(s.S, k) for s, k in zip(states, kept, strict=True))
+        got = model(token, cache=RetNetCache(states, 4, overwrite=True), use_cache=True)
+    assert torch.equal(got.logits, want)
+    for old, new, w in zip(states, cache_of(got).states, want_states, strict=True):
+        assert new.S.data_ptr() == old.S.data_ptr() and torch.equal(old.S, w.S)
+
+
 def test_native_step_hands_over_to_aot_where_the_kernel_does_not_apply(monkeypatch) -> None:
     """Another dtype, no C++ compiler: the reason is given, and the step runs as "aot" does."""
     calls = []

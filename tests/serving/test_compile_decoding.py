@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from retentive import RetNetConfig, RetNetForCausalLM, cache_of
+from retentive.models import native_step
+from retentive.ops import cpu_kernels
 from retentive.serving import backend_for, compile_decoding
 
 
@@ -74,3 +76,29 @@ def test_the_engines_decoding_steps_compile_nothing_after_the_warm_up(implementa
             for slot in slots:
                 backend.release(slot)
                 backend.prefill(slot, prompts[slot])
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the kernels")
+def test_the_native_step_writes_each_slots_new_state_over_its_old_one():
+    """The engine's native step writes the new states into the pool itself (no buffer of its own, no copy back),
+    for a contiguous run of slots and for gathered ones; step after step, the pool holds what the eager step's
+    would."""
+    model = tiny()
+    native, eager = backend_for(model, max_batch=6), backend_for(model, max_batch=6)
+    pool = [S.data_ptr() for S in native.S]
+    prompts = [torch.randint(0, 64, (5 + slot,)).tolist() for slot in range(6)]
+    with torch.inference_mode():
+        for backend in (native, eager):
+            for slot, ids in enumerate(prompts):
+                backend.prefill(slot, ids)
+        for slots in ([0, 1, 2], [0, 2, 5], [1, 2, 3, 4, 5], [0, 1, 2]):
+            tokens = torch.randint(0, 64, (len(slots),)).tolist()
+            model.config.decode_implementation = "native"
+            got = native.decode(slots, tokens)
+            model.config.decode_implementation = "eager"
+            torch.testing.assert_close(got, eager.decode(slots, tokens), rtol=1e-5, atol=1e-5)
+            for field in ("S", "z", "offset"):
+                for mine, theirs in zip(getattr(native, field), getattr(eager, field), strict=True):
+                    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert [S.data_ptr() for S in native.S] == pool
+    assert native_step._NATIVE[model].buffers.sets == []  # every new S went over the old one

@@ -49,15 +49,21 @@ class RetNetCache(Cache):
     Args:
         states: one :class:`RetentionState` per layer, or None for an empty cache (filled by the first forward).
         seen_tokens: the number of input positions already read.
+        overwrite: let a decoding step write the new states over these (the ``"native"`` step does; the others
+            return new tensors). Only for states nobody reads again, as a server's pool of slots: by default a step
+            leaves the states it was given as they were, so that a prompt's cache can be continued twice.
     """
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, states: list[RetentionState] | None = None, seen_tokens: int = 0) -> None:
+    def __init__(
+        self, states: list[RetentionState] | None = None, seen_tokens: int = 0, overwrite: bool = False
+    ) -> None:
         super().__init__(layers=[])
         self.states = states
         self.seen_tokens = seen_tokens
+        self.overwrite = overwrite
 
     def __len__(self) -> int:
         return 0 if self.states is None else len(self.states)

@@ -43,6 +43,7 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,8 +132,9 @@ def _is_plain(t: Tensor) -> bool:
     return True
 
 
-def step_for(lm: RetNetForCausalLM) -> Step:
-    """The step ``lm.config.decode_implementation`` names."""
+def step_for(lm: RetNetForCausalLM, overwrite: bool = False) -> Step:
+    """The step ``lm.config.decode_implementation`` names; with ``overwrite``, one that may write the new states over
+    the given ones (see :class:`.cache_retnet.RetNetCache`)."""
     kind = lm.config.decode_implementation
     if kind == "eager":
         return eager_step
@@ -143,7 +145,7 @@ def step_for(lm: RetNetForCausalLM) -> Step:
     if kind == "native":
         from .native_step import native_step  # it builds on this module
 
-        return native_step
+        return partial(native_step, overwrite=True) if overwrite else native_step
     raise ValueError(f"decode_implementation must be one of {DECODE_IMPLEMENTATIONS}, got {kind!r}")
 
 

@@ -444,7 +444,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         self.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
         if cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
-        logits, states = step_for(self)(self, input_ids, cache.states)
+        logits, states = step_for(self, cache.overwrite)(self, input_ids, cache.states)
         cache.update_states(states, 1)
         return logits
 

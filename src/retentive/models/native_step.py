@@ -89,11 +89,16 @@ class NativeStep:
         self.buffers = decoding.StateBuffers()
         self.lock = threading.Lock()  # a free buffer set is taken when its views are made: one call at a time
 
-    def __call__(self, input_ids: Tensor, states: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
-        """input_ids (B, 1), one state per layer -> logits (B, 1, V) and the new states."""
+    def __call__(
+        self, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
+    ) -> tuple[Tensor, list[RetentionState]]:
+        """input_ids (B, 1), one state per layer -> logits (B, 1, V) and the new states. With ``overwrite``, the new
+        S goes over the given one (the kernel reads each element of S before it writes it) where that is
+        contiguous."""
         S, z, offset = [s.S for s in states], [s.z for s in states], [s.offset for s in states]
         with self.lock:
-            logits, *new = self.kernel.step(input_ids, S, z, offset, self.buffers.take(S))
+            out = S if overwrite and all(t.is_contiguous() for t in S) else self.buffers.take(S)
+            logits, *new = self.kernel.step(input_ids, S, z, offset, out)
         return logits, list(map(RetentionState, *new))
 
 
@@ -148,14 +153,14 @@ _NATIVE: weakref.WeakKeyDictionary[RetNetForCausalLM, NativeStep] = weakref.Weak
 
 
 def native_step(
-    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
+    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
 ) -> tuple[Tensor, list[RetentionState]]:
     """One decoding step by the native kernel (see the module docstring), or by ``"aot"`` where it does not
-    apply."""
+    apply. ``overwrite``: write the new S over the given states' (see :class:`.cache_retnet.RetNetCache`)."""
     weight = lm.lm_head.weight
     step, key = _NATIVE.get(lm), (weight.dtype, weight.device)
     if step is None or step.key != key or step.version != decoding._structure_version:
         step = _NATIVE[lm] = NativeStep(lm, key)  # a change of dtype or device, or of any module's structure
     if step.reason is not None or states[0].S.dtype != torch.float32:
         return decoding.aot_step(lm, input_ids, states)
-    return step(input_ids, states)
+    return step(input_ids, states, overwrite)

@@ -139,7 +139,9 @@ class RetNetBackend(Backend):
     def _write(self, rows: slice | Tensor, states: list[RetentionState]) -> None:
         for S, z, o, new in zip(self.S, self.z, self.offset, states, strict=True):
             if isinstance(rows, slice):
-                S[rows], z[rows], o[rows] = new.S, new.z, new.offset
+                if new.S.data_ptr() != S[rows].data_ptr():  # else the step wrote it there (overwrite)
+                    S[rows] = new.S
+                z[rows], o[rows] = new.z, new.offset
             else:
                 S.index_copy_(0, rows, new.S)
                 z.index_copy_(0, rows, new.z)
@@ -160,7 +162,8 @@ class RetNetBackend(Backend):
         contiguous = slots == list(range(first, first + len(slots)))
         rows = slice(first, first + len(slots)) if contiguous else torch.tensor(slots, device=self.device)
         x = torch.tensor(ids, device=self.device)[:, None]  # (B, 1)
-        logits, cache = self._logits(x, RetNetCache(self._rows(rows), 1))
+        # the new states may go over the old: nobody reads a slot's old state again
+        logits, cache = self._logits(x, RetNetCache(self._rows(rows), 1, overwrite=True))
         self._write(rows, cache.states)
         for slot in slots:
             self.seen[slot] += 1
