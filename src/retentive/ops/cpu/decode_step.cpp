@@ -245,8 +245,8 @@ struct DecodeStep : torch::CustomClassHolder {
   }
 
   // ids (M, 1) int64; S_, z_, offset_: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S: where each
-  // layer's new S goes, contiguous. Returns the logits (M, 1, V) and each layer's new S (a view of new_S), z and
-  // offset.
+  // layer's new S goes, contiguous; it may be S itself (each element of S is read before it is written). Returns
+  // the logits (M, 1, V) and each layer's new S (a view of new_S), z and offset.
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
       const at::Tensor& ids_, const std::vector<at::Tensor>& S_, const std::vector<at::Tensor>& z_,
       const std::vector<at::Tensor>& offset_, const std::vector<at::Tensor>& new_S) const {
