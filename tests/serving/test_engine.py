@@ -7,9 +7,11 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from servekit import greedy, tiny_model
 
-from retentive.data import ByteTokenizer
+from retentive.data import ByteTokenizer, train_bpe
 from retentive.serving import Engine, PrefixCache, Request, SamplingParams, backend_for
 from retentive.serving.engine import Delta, Done, Failed, QueueFull, TextStream, sample_token
 
@@ -164,6 +166,32 @@ def test_text_stream_holds_back_a_possible_stop_string():
     assert stream.push(ord("D")) == ("", True)
     euro = TextStream(ByteTokenizer(), stop=[])
     assert [euro.push(t)[0] for t in "a€".encode()] == ["a", "", "", "€"]
+
+
+BPE = train_bpe(["Retention decays: γ per head, θ per pair. Ünïcödé — €uro, 漢字, emoji 🙂 and plain ascii."], 300)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tokenizer=st.sampled_from([ByteTokenizer(), BPE]),
+    data=st.data(),
+    stop=st.sampled_from(["", "ab", "€", " θ"]),
+)
+def test_text_stream_gives_out_the_text_of_all_its_tokens_up_to_a_stop_string(tokenizer, data, stop) -> None:
+    """Token by token, then flushed, a stream gives out what decoding every id at once gives, cut before the
+    first stop string: the window it decodes (a few tokens, not all) loses and doubles nothing, with characters
+    cut between tokens (high bytes) and with ids that decode to nothing (end of text)."""
+    ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=60))
+    stream, out = TextStream(tokenizer, [stop] if stop else []), []
+    for token in ids:
+        text, stopped = stream.push(token)
+        out.append(text)
+        if stopped:
+            break
+    else:
+        out.append(stream.flush())
+    full = tokenizer.decode(ids)
+    assert "".join(out) == (full[: full.find(stop)] if stop and stop in full else full)
 
 
 def test_queue_limit_and_cancelled_requests_free_their_slots():

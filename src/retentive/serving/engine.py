@@ -119,6 +119,11 @@ Event = Delta | PromptLogprobs | Done | Failed
 class TextStream:
     """Decodes one sequence's tokens to text as they come, holding back what might still become a stop string.
 
+    Each token decodes only a window of the last tokens: the text of ``ids[prefix:]`` past that of
+    ``ids[prefix:read]`` is the text the tokens after ``read`` add (as in vLLM's detokenizer), so a token costs the
+    same at any length, where decoding every id at every token would cost O(length). While the window ends in a
+    character cut between tokens (U+FFFD), its tokens wait for the character's other bytes.
+
     Args:
         tokenizer: decodes the ids.
         stop: strings that end the sequence; they are not part of the text.
@@ -127,28 +132,42 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
         self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
+        self.text = ""  # the text of ids[:read]
+        self.prefix = self.read = 0  # the window decodes ids[prefix:]; its text up to read is in self.text
         self.sent = 0  # characters of the text already given out
+
+    def _read(self, final: bool = False) -> None:
+        """Add the text of the tokens after ``read`` to ``self.text`` (unless it ends in a cut character and more
+        tokens may come)."""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if after.endswith("\ufffd") and not final:
+            return
+        if after.startswith(before):
+            self.text += after[len(before) :]
+        else:  # a tokenizer whose text of a window depends on what precedes it: the whole text, once
+            self.text = self.tokenizer.decode(self.ids)
+        self.prefix, self.read = self.read, len(self.ids)
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; returns the text that is now safe to give out and whether a stop string was reached."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        self._read()
+        text = self.text
         ends = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
         if ends:
             end = min(ends)
             delta, self.sent = text[self.sent : end], end
             return delta, True
         held = max((_overlap(text, s) for s in self.stop), default=0)
-        if text.endswith("\ufffd"):  # a character cut between tokens: wait for its other bytes
-            held = max(held, 1)
         safe = max(self.sent, len(text) - held)
         delta, self.sent = text[self.sent : safe], safe
         return delta, False
 
     def flush(self) -> str:
         """The text held back, at the end of the sequence."""
-        text = self.tokenizer.decode(self.ids)
-        delta, self.sent = text[self.sent :], len(text)
+        self._read(final=True)
+        delta, self.sent = self.text[self.sent :], len(self.text)
         return delta
 
     def take(self, token: int, count: int, params: SamplingParams, eos_token_id: int | None) -> tuple[str, str | None]:
