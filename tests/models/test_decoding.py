@@ -368,15 +368,41 @@ def test_native_kernel_refuses_what_it_cannot_compute_by_name() -> None:
     kernel = torch.classes.retentive.DecodeStep(weights, options, scalars)
     S = torch.zeros(1, 2, 16, 32)
     z, offset = torch.zeros(1, 2, 16), torch.zeros(1, dtype=torch.long)
-    with pytest.raises(RuntimeError, match=r"ids must be \(M, 1\) int64"):
+    with pytest.raises(RuntimeError, match=r"ids must be \(M, 1\) on the CPU"):
         kernel.step(torch.zeros(1, dtype=torch.long), [S] * 2, [z] * 2, [offset] * 2, [S.clone()] * 2)
     with pytest.raises(RuntimeError, match=r"state must be S \(M, H, dk, dv\)"):
         kernel.step(torch.zeros(1, 1, dtype=torch.long), [S[:, :1]] * 2, [z] * 2, [offset] * 2, [S] * 2)
-    with pytest.raises(RuntimeError, match="token id 64 outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"token id 64, outside the vocabulary \[0, 64\)"):
         kernel.step(torch.full((1, 1), V), [S] * 2, [z] * 2, [offset] * 2, [S.clone()] * 2)
     weights[2 + 8 + 25] = torch.zeros(3)  # the second layer's q weight (index: 8 globals, 25 per layer, q at 2)
     with pytest.raises(RuntimeError, match=r"weights\[35\] must be a contiguous CPU Float tensor of 1024"):
         torch.classes.retentive.DecodeStep(weights, options, scalars)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "aot", "native", "native-float64"])
+def test_every_step_checks_token_ids_as_the_forward_does(implementation: str) -> None:
+    """Ids outside the vocabulary and ids that are not integers get the forward's errors at a decoding step, whether
+    Python checks them or the native kernel does (float64: native's hand-over to aot); int32 ids decode as int64."""
+    if implementation == "native" and not cpu_kernels.available():
+        pytest.skip("no C++ compiler to build the kernels")
+    model = small_model(decode_implementation=implementation.split("-")[0])
+    if implementation.endswith("float64"):
+        model = model.double()
+    ids, mask = prompt()
+    with torch.no_grad():
+        states = cache_of(model(ids, attention_mask=mask, use_cache=True)).states
+        token = ids[:, -1:].clone()
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            return model(token, cache=RetNetCache(states, ids.shape[1]), use_cache=True).logits
+
+        for bad in (-1, V, V + 100):
+            token[1] = bad
+            with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary \[0, {V}\): encode with"):
+                step(token)
+        with pytest.raises(TypeError, match="integer token ids"):
+            step(ids[:, -1:].float())
+        assert torch.equal(step(ids[:, -1:].int()), step(ids[:, -1:]))
 
 
 def test_aot_step_reads_the_weights_of_the_model_at_every_call(monkeypatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import pickle
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
 from retentive import MultiScaleRetention, RetNetConfig, RetNetForCausalLM
@@ -318,6 +320,22 @@ def test_decoding_steps_get_the_inputs_transformers_would_prepare(padded: bool) 
     ):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert steps == [None, 1, 1, 1] and went_general == [None]  # only the prompt goes the general way
+
+
+def test_a_decoding_step_returns_what_the_output_constructor_builds(model: RetNetForCausalLM) -> None:
+    """A decoding step builds its CausalLMOutputWithPast without the constructor (step_output): the same items,
+    attributes, tuple, keys and pickled form as the constructor's, for return_dict True and False."""
+    with torch.no_grad():
+        cache = cache_of(model(prompts([5])[0], use_cache=True))
+        token = torch.tensor([[3]])
+        got = model(token, cache=RetNetCache(cache.states, 5), use_cache=True)
+        plain = model(token, cache=RetNetCache(cache.states, 5), use_cache=True, return_dict=False)
+    want = CausalLMOutputWithPast(logits=got.logits, **{CACHE_NAME: cache_of(got)})
+    assert type(got) is CausalLMOutputWithPast and list(got.items()) == list(want.items())
+    assert vars(got) == vars(want) and got.to_tuple() == want.to_tuple() and got[0] is got["logits"] is got.logits
+    assert got.loss is None and got.get(CACHE_NAME) is cache_of(got) and CACHE_NAME in got
+    assert list(pickle.loads(pickle.dumps(got)).keys()) == ["logits", CACHE_NAME]
+    assert len(plain) == 2 and torch.equal(plain[0], got.logits) and isinstance(plain[1], RetNetCache)
 
 
 def test_generate_prefills_in_the_chunkwise_form_then_steps_recurrently(model: RetNetForCausalLM) -> None:

@@ -132,10 +132,20 @@ def _is_plain(t: Tensor) -> bool:
     return True
 
 
+_STEPS: dict[tuple[str, bool], Step] = {}  # (implementation, overwrite) -> step: a lookup per decoded token
+
+
 def step_for(lm: RetNetForCausalLM, overwrite: bool = False) -> Step:
     """The step ``lm.config.decode_implementation`` names; with ``overwrite``, one that may write the new states over
     the given ones (see :class:`.cache_retnet.RetNetCache`)."""
     kind = lm.config.decode_implementation
+    step = _STEPS.get((kind, overwrite))
+    if step is None:
+        step = _STEPS[kind, overwrite] = _make_step(kind, overwrite)
+    return step
+
+
+def _make_step(kind: str, overwrite: bool) -> Step:
     if kind == "eager":
         return eager_step
     if kind == "compiled":
@@ -271,7 +281,8 @@ class AotStep:
             if loader is None:
                 loader = self.loaders[single] = _compile_aot(lm, self, self.key[-1], single)
             new_S = self.buffers.take(S)
-            out = loader.boxed_run([*self.tensors(), input_ids.contiguous(), *S, *z, *offset, *new_S])
+            ids = input_ids.to(torch.long).contiguous()  # the library reads int64 ids, whatever the caller's type
+            out = loader.boxed_run([*self.tensors(), ids, *S, *z, *offset, *new_S])
             return out[0], [RetentionState(new_S[i].view_as(new_S[i]), out[1 + i], out[1 + L + i]) for i in range(L)]
 
 

@@ -7,11 +7,13 @@ is a :class:`RetNetCache`: one retention state per layer, whose size does not de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -363,8 +365,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if self._decoding(input_ids, labels, cache, use_cache, mode):  # one token after a cache: the short way
             _reject_unused(kwargs)
             logits = self._decode(input_ids, cache)
-            result = CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
-            return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
+            if not (self.config.return_dict if return_dict is None else return_dict):
+                return logits, cache
+            return step_output(logits, cache)
         if logits_to_keep and labels is not None:
             raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
         if use_cache is None and labels is not None and cache is None:
@@ -441,7 +444,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     def _decode(self, input_ids: Tensor, cache: RetNetCache) -> Tensor:
         """One decoding step by ``config.decode_implementation`` (:mod:`.decoding`): logits (B, 1, V); the cache
         takes the new states."""
-        self.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
+        if self.config.decode_implementation != "native":  # the native step checks its ids itself
+            self.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
         if cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
         logits, states = step_for(self, cache.overwrite)(self, input_ids, cache.states)
@@ -484,6 +488,20 @@ def _foreign_layout(path: Path) -> str | None:
     if not config_file.is_file():
         return "torchscale" if any(path.glob("*.pt")) else None
     return foreign_layout(json.loads(config_file.read_text()), [])
+
+
+_OUTPUT_FIELDS = dict.fromkeys(field.name for field in dataclasses.fields(CausalLMOutputWithPast))
+
+
+def step_output(logits: Tensor, cache: RetNetCache) -> CausalLMOutputWithPast:
+    """``CausalLMOutputWithPast(logits=logits, cache=cache)`` as its constructor leaves it (the fields that are not
+    None as items, every field as an attribute), built directly: the constructor walks the dataclass's fields at
+    each field it sets, ~10 µs a decoded token and more with cold caches (tests compare the two)."""
+    output = CausalLMOutputWithPast.__new__(CausalLMOutputWithPast)
+    OrderedDict.__setitem__(output, "logits", logits)
+    OrderedDict.__setitem__(output, CACHE_NAME, cache)
+    vars(output).update(_OUTPUT_FIELDS, logits=logits, **{CACHE_NAME: cache})
+    return output
 
 
 def next_token_targets(labels: Tensor, shape: torch.Size) -> Tensor:

@@ -156,11 +156,13 @@ def native_step(
     lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
 ) -> tuple[Tensor, list[RetentionState]]:
     """One decoding step by the native kernel (see the module docstring), or by ``"aot"`` where it does not
-    apply. ``overwrite``: write the new S over the given states' (see :class:`.cache_retnet.RetNetCache`)."""
+    apply. ``overwrite``: write the new S over the given states' (see :class:`.cache_retnet.RetNetCache`). The
+    token ids are checked as :meth:`.RetNetModel.forward` checks them: by the kernel, or here before ``"aot"``."""
     weight = lm.lm_head.weight
     step, key = _NATIVE.get(lm), (weight.dtype, weight.device)
     if step is None or step.key != key or step.version != decoding._structure_version:
         step = _NATIVE[lm] = NativeStep(lm, key)  # a change of dtype or device, or of any module's structure
     if step.reason is not None or states[0].S.dtype != torch.float32:
+        lm.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
         return decoding.aot_step(lm, input_ids, states)
     return step(input_ids, states, overwrite)

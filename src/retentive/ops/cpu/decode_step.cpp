@@ -244,18 +244,20 @@ struct DecodeStep : torch::CustomClassHolder {
     return out;
   }
 
-  // ids (M, 1) int64; S_, z_, offset_: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S: where each
+  // ids (M, 1) of an integer type; S_, z_, offset_: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S: where each
   // layer's new S goes, contiguous; it may be S itself (each element of S is read before it is written). Returns
   // the logits (M, 1, V) and each layer's new S (a view of new_S), z and offset.
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
       const at::Tensor& ids_, const std::vector<at::Tensor>& S_, const std::vector<at::Tensor>& z_,
       const std::vector<at::Tensor>& offset_, const std::vector<at::Tensor>& new_S) const {
     const int64_t M = ids_.size(0), dvall = H * dv;
-    TORCH_CHECK(ids_.dim() == 2 && ids_.size(1) == 1 && ids_.scalar_type() == at::kLong && ids_.is_cpu(),
-                "DecodeStep: ids must be (M, 1) int64 on the CPU");
+    TORCH_CHECK(ids_.dim() == 2 && ids_.size(1) == 1 && ids_.is_cpu(), "DecodeStep: ids must be (M, 1) on the CPU");
+    // the token ids are checked here, as RetNetModel._check_input_ids words it, rather than in Python
+    TORCH_CHECK_TYPE(at::isIntegralType(ids_.scalar_type(), /*includeBool=*/false),
+                     "input_ids must hold integer token ids, got ", ids_.scalar_type());
     TORCH_CHECK(S_.size() == static_cast<size_t>(L) && z_.size() == S_.size() && offset_.size() == S_.size() &&
                     new_S.size() == S_.size(), "DecodeStep: one S, z, offset and new S per layer (", L, ")");
-    const at::Tensor ids = ids_.contiguous();
+    const at::Tensor ids = ids_.to(at::kLong).contiguous();
     std::vector<at::Tensor> S, z, offset;
     for (int64_t l = 0; l < L; ++l) {
       S.push_back(S_[l].contiguous());
@@ -271,8 +273,9 @@ struct DecodeStep : torch::CustomClassHolder {
     const std::vector<const float*> ptr = pointers();
     const int64_t* id = ids.const_data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m) {
-      TORCH_CHECK(0 <= id[m] && id[m] < weights[kEmbed]->size(0), "DecodeStep: token id ", id[m],
-                  " outside the vocabulary");
+      TORCH_CHECK_VALUE(0 <= id[m] && id[m] < weights[kEmbed]->size(0), "input_ids holds token id ", id[m],
+                        ", outside the vocabulary [0, ", weights[kEmbed]->size(0),
+                        "): encode with the tokenizer the model was trained with, or raise config.vocab_size");
     }
     const at::TensorOptions floats = weights[kEmbed]->options();
     at::Tensor logits = at::empty({M, 1, V}, floats);
