@@ -227,10 +227,10 @@ def test_native_step_reads_the_weights_of_the_model_at_every_call() -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 4, 7, 8, 9, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 8, 9, 16, 17, 24, 41])
 def test_native_step_at_every_batch_size(rows: int) -> None:
-    """Rows go through the products in passes of 8 and the retention in (row, head) pairs split among the threads:
-    every count up to two passes and past them."""
+    """Rows go through the products in passes of 8 up to 16 rows and through ATen's GEMM past them, and through the
+    retention in (row, head) pairs split among the threads: every count up to two passes and past them."""
     model = small_model(decode_implementation="native")
     for got, want in assert_one_native_step_agrees(model, rows, prompt_length=5):
         assert torch.equal(got.offset, want.offset)
@@ -278,7 +278,7 @@ def test_native_step_equals_eager_step_for_the_other_options(name: str) -> None:
     key_dim=st.sampled_from([2, 6, 16, 18]),
     value_dim=st.integers(1, 40),
     ffn_dim=st.integers(1, 70),
-    rows=st.integers(1, 11),
+    rows=st.integers(1, 20),
     activation=st.sampled_from(list(ACTIVATIONS)),
     gate=st.sampled_from(list(GATES)),
     head_norm=st.sampled_from(list(HEAD_NORMS)),
@@ -329,14 +329,15 @@ def test_native_step_reads_states_of_any_layout() -> None:
 
 
 @needs_kernels
-def test_native_step_writes_over_the_given_states_only_when_asked() -> None:
+@pytest.mark.parametrize("rows", [3, 20])
+def test_native_step_writes_over_the_given_states_only_when_asked(rows: int) -> None:
     """With overwrite, the new S goes over the given one (a cache made with ``overwrite=True`` asks for it through
     the model): the same step as without, whose given states stay as they were."""
     model = small_model(decode_implementation="native")
     with torch.no_grad():
-        states = cache_of(model(torch.randint(0, V, (3, 4)), use_cache=True)).states
+        states = cache_of(model(torch.randint(0, V, (rows, 4)), use_cache=True)).states
         kept = [s.S.clone() for s in states]
-        token = torch.randint(0, V, (3, 1))
+        token = torch.randint(0, V, (rows, 1))
         want, want_states = native_step.native_step(model, token, states)
         assert all(torch.equal(s.S, k) for s, k in zip(states, kept, strict=True))
         got = model(token, cache=RetNetCache(states, 4, overwrite=True), use_cache=True)

@@ -7,7 +7,8 @@
 // reads it: after the projections, the retention, the output projection, the FFN's first product and its second
 // (five per layer). Small vector work (the block norms, a norm of the FFN's hidden units) is done by every thread
 // for itself, into memory of its own, which costs less than a barrier. Products split each weight's rows evenly
-// among the threads (rows.h); the retention splits (row, head) pairs.
+// among the threads (rows.h; past 16 rows, each thread's share is one call of ATen's GEMM); the retention splits
+// (row, head) pairs.
 //
 // The reference is the eager step, retentive.models.decoding.decode_logits; tests/models/test_decoding.py holds the
 // two equal for every option of the config. The Python side (retentive/models/native_step.py) lays out the weights
@@ -15,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <omp.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -123,12 +125,23 @@ inline void share(int64_t n, int t, int nt, int64_t& n0, int64_t& n1) {
   n1 = n * (t + 1) / nt;
 }
 
+// from this many rows of x on (three passes of rows.h over each weight tile), ATen's GEMM, blocked for registers and
+// caches, is faster (batch 24 and up, measured in docs/benchmarks.md)
+constexpr int64_t kGemmRows = 2 * retentive::kRows + 1;
+
 // y[m, n] = x[m] . w[n] (+ b[n]) for every row m and thread t's share of w's rows. x: (M, K); y: (M, N)
 void product(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K, float* y, int t,
              int nt) {
   int64_t n0, n1;
   share(N, t, nt, n0, n1);
-  retentive::products(x, M, K, w, K, y, N, n0, n1);
+  if (M >= kGemmRows && n1 > n0) {  // y[:, n0:n1] = x W[n0:n1]^T: the CPU's mm, past the dispatcher, on this thread
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor out = at::from_blob(y + n0, {M, n1 - n0}, {N, 1}, f32);
+    at::cpu::mm_out(out, at::from_blob(const_cast<float*>(x), {M, K}, f32),
+                    at::from_blob(const_cast<float*>(w + n0 * K), {n1 - n0, K}, f32).t());
+  } else {
+    retentive::products(x, M, K, w, K, y, N, n0, n1);
+  }
   if (b) {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = n0; n < n1; ++n) y[m * N + n] += b[n];
@@ -160,7 +173,7 @@ void retain(int64_t dk, int64_t dv, const float* q_in, const float* k_in, const 
   float* o = work + 2 * dk;
   std::fill(o, o + dv, 0.f);
   float r = 0;
-  const bool around = dv % retentive::kLanes == 0 && reinterpret_cast<uintptr_t>(S_out) % sizeof(retentive::Vec) == 0;
+  const bool around = S_out != S && dv % retentive::kLanes == 0 && reinterpret_cast<uintptr_t>(S_out) % sizeof(retentive::Vec) == 0;
   for (int64_t i = 0; i < dk; ++i) {
     const float ki = k[i], qi = q[i];
     const float* s_in = S + i * dv;
