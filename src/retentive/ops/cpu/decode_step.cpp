@@ -138,7 +138,7 @@ void product(const float* x, int64_t M, const float* w, const float* b, int64_t 
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     at::Tensor out = at::from_blob(y + n0, {M, n1 - n0}, {N, 1}, f32);
     at::cpu::mm_out(out, at::from_blob(const_cast<float*>(x), {M, K}, f32),
-                    at::from_blob(const_cast<float*>(w + n0 * K), {n1 - n0, K}, f32).t());
+                    at::from_blob(const_cast<float*>(w + n0 * K), {K, n1 - n0}, {1, K}, f32));  // W[n0:n1]^T
   } else {
     retentive::products(x, M, K, w, K, y, N, n0, n1);
   }
