@@ -5,7 +5,8 @@ opens a parallel loop per product and meets at a barrier after each (about 66 a 
 intermediates and, for two rows and more, calls a product kernel through the proxy executor 29 times. The kernel
 here (``ops/cpu/decode_step.cpp``) starts the threads once per step, meets only where a whole vector must be
 complete (five barriers per layer), keeps its intermediates in a few buffers, and reads each weight row once for
-up to 8 rows of the batch (``ops/cpu/rows.h``).
+up to 8 rows of the batch (``ops/cpu/rows.h``); past 16 rows, each thread's share of a product is one call of
+ATen's GEMM, which keeps more of the work in registers.
 
 It covers every option of :class:`~.configuration_retnet.RetNetConfig` in float32 on a CPU, for a model made of
 the library's own modules. Anything else runs the ``"aot"`` step instead, for the reason :func:`unsupported`
