@@ -173,7 +173,9 @@ void retain(int64_t dk, int64_t dv, const float* q_in, const float* k_in, const 
   float* o = work + 2 * dk;
   std::fill(o, o + dv, 0.f);
   float r = 0;
-  const bool around = S_out != S && dv % retentive::kLanes == 0 && reinterpret_cast<uintptr_t>(S_out) % sizeof(retentive::Vec) == 0;
+  // in place (S_out == S), plain stores: a streaming store to the line just read costs more than a write-back
+  const bool around = S_out != S && dv % retentive::kLanes == 0 &&
+                      reinterpret_cast<uintptr_t>(S_out) % sizeof(retentive::Vec) == 0;
   for (int64_t i = 0; i < dk; ++i) {
     const float ki = k[i], qi = q[i];
     const float* s_in = S + i * dv;
@@ -257,9 +259,9 @@ struct DecodeStep : torch::CustomClassHolder {
     return out;
   }
 
-  // ids (M, 1) of an integer type; S_, z_, offset_: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S: where each
-  // layer's new S goes, contiguous; it may be S itself (each element of S is read before it is written). Returns
-  // the logits (M, 1, V) and each layer's new S (a view of new_S), z and offset.
+  // ids (M, 1) of an integer type; S_, z_, offset_: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S:
+  // where each layer's new S goes, contiguous; it may be S itself (each element of S is read before it is written).
+  // Returns the logits (M, 1, V) and each layer's new S (a view of new_S), z and offset.
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
       const at::Tensor& ids_, const std::vector<at::Tensor>& S_, const std::vector<at::Tensor>& z_,
       const std::vector<at::Tensor>& offset_, const std::vector<at::Tensor>& new_S) const {
