@@ -331,8 +331,8 @@ def test_native_step_reads_states_of_any_layout() -> None:
 @needs_kernels
 @pytest.mark.parametrize("rows", [3, 20])
 def test_native_step_writes_over_the_given_states_only_when_asked(rows: int) -> None:
-    """With overwrite, the new S goes over the given one (a cache made with ``overwrite=True`` asks for it through
-    the model): the same step as without, whose given states stay as they were."""
+    """With overwrite, the new S, z and offset go over the given ones (a cache made with ``overwrite=True`` asks
+    for it through the model): the same step as without, whose given states stay as they were."""
     model = small_model(decode_implementation="native")
     with torch.no_grad():
         states = cache_of(model(torch.randint(0, V, (rows, 4)), use_cache=True)).states
@@ -343,7 +343,9 @@ def test_native_step_writes_over_the_given_states_only_when_asked(rows: int) -> 
         got = model(token, cache=RetNetCache(states, 4, overwrite=True), use_cache=True)
     assert torch.equal(got.logits, want)
     for old, new, w in zip(states, cache_of(got).states, want_states, strict=True):
-        assert new.S.data_ptr() == old.S.data_ptr() and torch.equal(old.S, w.S)
+        for name in ("S", "z", "offset"):
+            assert getattr(new, name).data_ptr() == getattr(old, name).data_ptr()
+            assert torch.equal(getattr(old, name), getattr(w, name))
 
 
 def test_native_step_hands_over_to_aot_where_the_kernel_does_not_apply(monkeypatch) -> None:
@@ -365,8 +367,8 @@ def test_native_kernel_refuses_what_it_cannot_compute_by_name() -> None:
     model = small_model()
     weights, options, scalars = native_step._arguments(model)
     with pytest.raises(RuntimeError, match=r"options and .* scalars expected"):
-        torch.classes.retentive.DecodeStep(weights, options[:-1], scalars)
-    kernel = torch.classes.retentive.DecodeStep(weights, options, scalars)
+        cpu_kernels.decode_step(weights, options[:-1], scalars)
+    kernel = cpu_kernels.decode_step(weights, options, scalars)
     S = torch.zeros(1, 2, 16, 32)
     z, offset = torch.zeros(1, 2, 16), torch.zeros(1, dtype=torch.long)
     with pytest.raises(RuntimeError, match=r"ids must be \(M, 1\) on the CPU"):
@@ -377,7 +379,7 @@ def test_native_kernel_refuses_what_it_cannot_compute_by_name() -> None:
         kernel.step(torch.full((1, 1), V), [S] * 2, [z] * 2, [offset] * 2, [S.clone()] * 2)
     weights[2 + 8 + 25] = torch.zeros(3)  # the second layer's q weight (index: 8 globals, 25 per layer, q at 2)
     with pytest.raises(RuntimeError, match=r"weights\[35\] must be a contiguous CPU Float tensor of 1024"):
-        torch.classes.retentive.DecodeStep(weights, options, scalars)
+        cpu_kernels.decode_step(weights, options, scalars)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "aot", "native", "native-float64"])
@@ -450,19 +452,50 @@ def test_aot_step_of_a_model_with_peft_adapters_is_the_compiled_step() -> None:
 
 @pytest.mark.parametrize("implementation", ["aot", "native"])
 def test_step_writes_into_memory_nobody_holds_and_never_into_kept_states(implementation: str) -> None:
-    """The new S goes into buffers of the step's own: re-used once the states written there are dropped (no page
-    faults at every token), never while a state or any view of it is kept."""
+    """A step from states a cache was given writes its new S into buffers of the step's own: re-used once the
+    states written there are dropped (no page faults at every token), never while a state or any view of it is
+    kept, and never into the given states (a prompt's cache continued several times)."""
+    model = small_model(decode_implementation=implementation)
+    ids, mask = prompt()
+    with torch.no_grad():
+        given = cache_of(model(ids, attention_mask=mask, use_cache=True)).states
+        given_copy = [s.S.clone() for s in given]
+        token = ids[:, -1:]
+
+        def step() -> list[RetentionState]:  # one step from the prompt's states, in a cache of its own
+            return cache_of(model(token, cache=RetNetCache(given, ids.shape[1]), use_cache=True)).states
+
+        kept = step()[0]  # a state kept whole
+        kept_copy = kept.S.clone()
+        row = step()[1].S[1]  # a view of one row
+        row_copy = row.clone()
+        pointers = {step()[0].S.data_ptr() for _ in range(6)}  # their states dropped at once
+    assert torch.equal(kept.S, kept_copy) and torch.equal(row, row_copy)
+    assert all(torch.equal(s.S, c) for s, c in zip(given, given_copy, strict=True))
+    assert len(pointers) == 1  # one buffer set, free again at each step
+
+
+@pytest.mark.parametrize("implementation", ["aot", "native"])
+def test_a_cache_writes_over_the_states_its_own_steps_made(implementation: str) -> None:
+    """A cache's next step writes over the states its previous step made (native; aot makes new ones), never over
+    those a prefill left: the prefill's states stay as they were, and every step's logits equal the eager step's
+    from copies of the states."""
     model = small_model(decode_implementation=implementation)
     ids, mask = prompt()
     with torch.no_grad():
         cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
-        token = ids[:, -1:]
-        kept = [cache_of(model(token, cache=cache, use_cache=True)).states[0]]  # step 1's state, kept whole
-        kept_copy = kept[0].S.clone()
-        row = cache_of(model(token, cache=cache, use_cache=True)).states[1].S[1]  # step 2: a view of one row
-        row_copy = row.clone()
-        pointers = set()
-        for _ in range(6):  # steps 3 to 8: their states are dropped as the cache moves on
-            pointers.add(cache_of(model(token, cache=cache, use_cache=True)).states[0].S.data_ptr())
-    assert torch.equal(kept[0].S, kept_copy) and torch.equal(row, row_copy)
-    assert len(pointers) <= 2  # two buffer sets take turns: the cache's current state and the next one
+        prefilled = cache.states
+        prefilled_copy = [s.S.clone() for s in prefilled]
+        eager_states = [RetentionState(s.S.clone(), s.z.clone(), s.offset.clone()) for s in prefilled]
+        token, pointers = ids[:, -1:], []
+        for _ in range(5):
+            assert cache.writable == (len(pointers) > 0)
+            logits = model(token, cache=cache, use_cache=True).logits
+            pointers.append([t.data_ptr() for s in cache.states for t in (s.S, s.z, s.offset)])
+            with torch.inference_mode():
+                want, eager_states = decode_logits(model, token, eager_states)
+            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+            token = want.argmax(-1)
+    assert all(torch.equal(s.S, c) for s, c in zip(prefilled, prefilled_copy, strict=True))
+    in_place = [p == pointers[0] for p in pointers[1:]]  # aot: step 2's new states while step 1's are alive
+    assert all(in_place) if implementation == "native" else not in_place[0]

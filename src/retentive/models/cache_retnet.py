@@ -46,12 +46,17 @@ def cache_of(output: Any) -> RetNetCache | None:
 class RetNetCache(Cache):
     """The retention state (S, z, offset) of every layer, and how many tokens (padding included) it has read.
 
+    Like transformers' static caches, a cache updates its own states in place: the states a decoding step made
+    for this cache are written over by its next step (the ``"native"`` step does; the others return new
+    tensors), which allocates nothing and reads each byte of the state once. The states given to the constructor
+    or left by a prefill are never written, so that a prompt's cache can be continued twice (wrap its states in a
+    new ``RetNetCache`` each time); clone ``cache.states`` to keep a state past the next step.
+
     Args:
         states: one :class:`RetentionState` per layer, or None for an empty cache (filled by the first forward).
         seen_tokens: the number of input positions already read.
-        overwrite: let a decoding step write the new states over these (the ``"native"`` step does; the others
-            return new tensors). Only for states nobody reads again, as a server's pool of slots: by default a step
-            leaves the states it was given as they were, so that a prompt's cache can be continued twice.
+        overwrite: let a decoding step write over these states too. Only for states nobody reads again, as a
+            server's pool of slots.
     """
 
     is_compileable = False
@@ -64,6 +69,7 @@ class RetNetCache(Cache):
         self.states = states
         self.seen_tokens = seen_tokens
         self.overwrite = overwrite
+        self.owns_states = False  # the states are ones a decoding step made for this cache
 
     def __len__(self) -> int:
         return 0 if self.states is None else len(self.states)
@@ -71,10 +77,17 @@ class RetNetCache(Cache):
     def __repr__(self) -> str:
         return f"RetNetCache(layers={len(self)}, seen_tokens={self.seen_tokens}, nbytes={self.nbytes()})"
 
-    def update_states(self, states: list[RetentionState], num_tokens: int) -> None:
-        """Replace the states by those after ``num_tokens`` more positions."""
+    def update_states(self, states: list[RetentionState], num_tokens: int, *, decoded: bool = False) -> None:
+        """Replace the states by those after ``num_tokens`` more positions; ``decoded``: a decoding step made them
+        for this cache (its next step may write over them)."""
         self.states = states
         self.seen_tokens += num_tokens
+        self.owns_states = decoded
+
+    @property
+    def writable(self) -> bool:
+        """Whether the next decoding step may write its new states over the current ones."""
+        return self.overwrite or self.owns_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Positions read so far (padding included), as generate() expects."""
@@ -118,7 +131,7 @@ class RetNetCache(Cache):
 
     def reset(self) -> None:
         """Forget everything read."""
-        self.states, self.seen_tokens = None, 0
+        self.states, self.seen_tokens, self.owns_states = None, 0, False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(

@@ -26,7 +26,9 @@ time. ``config.decode_implementation`` chooses how the step runs:
   ``"compiled"`` instead, whose guards do. The new S of every layer is written into buffers the step re-uses
   once nobody holds a view of them (:class:`StateBuffers`), so the given states stay unchanged here too.
 - ``"native"``: the whole step as one call of a hand-written C++ kernel, one parallel region per token, in float32
-  on a CPU (:mod:`.native_step`); ``"aot"`` where it does not apply (another dtype or device, adapters).
+  on a CPU (:mod:`.native_step`); ``"aot"`` where it does not apply (another dtype or device, adapters). It
+  writes a cache's own states (those an earlier step of the cache made) over in place, as
+  :class:`~.cache_retnet.RetNetCache` says; given states it leaves unchanged, as the others do.
 
 All four are reached through the public cached forward, ``lm(ids, cache=cache, use_cache=True)``, and so through
 ``generate()`` and the server. :func:`~retentive.models.cache_retnet.export_decode_step` traces the model's general

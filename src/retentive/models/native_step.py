@@ -6,7 +6,9 @@ intermediates and, for two rows and more, calls a product kernel through the pro
 here (``ops/cpu/decode_step.cpp``) starts the threads once per step, meets only where a whole vector must be
 complete (five barriers per layer), keeps its intermediates in a few buffers, and reads each weight row once for
 up to 8 rows of the batch (``ops/cpu/rows.h``); past 16 rows, each thread's share of a product is one call of
-ATen's GEMM, which keeps more of the work in registers.
+ATen's GEMM, which keeps more of the work in registers. A cache's own states are updated in place (nothing
+allocated, each byte of the state read and written once); otherwise the new S goes into buffers the step re-uses
+(:class:`.decoding.StateBuffers`).
 
 It covers every option of :class:`~.configuration_retnet.RetNetConfig` in float32 on a CPU, for a model made of
 the library's own modules. Anything else runs the ``"aot"`` step instead, for the reason :func:`unsupported`
@@ -86,7 +88,7 @@ class NativeStep:
         self.key, self.version = key, decoding._structure_version
         self.reason = unsupported(lm)
         if self.reason is None:
-            self.kernel = torch.classes.retentive.DecodeStep(*_arguments(lm))
+            self.kernel = cpu_kernels.decode_step(*_arguments(lm))
         self.buffers = decoding.StateBuffers()
         self.lock = threading.Lock()  # a free buffer set is taken when its views are made: one call at a time
 
@@ -94,12 +96,13 @@ class NativeStep:
         self, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
     ) -> tuple[Tensor, list[RetentionState]]:
         """input_ids (B, 1), one state per layer -> logits (B, 1, V) and the new states. With ``overwrite``, the new
-        S goes over the given one (the kernel reads each element of S before it writes it) where that is
-        contiguous."""
+        states go over the given ones where these are contiguous (the kernel reads each element before it writes
+        it): the same tensors come back, and nothing is allocated for them."""
         S, z, offset = [s.S for s in states], [s.z for s in states], [s.offset for s in states]
+        if overwrite and all(t.is_contiguous() for t in (*S, *z, *offset)):
+            return self.kernel.step(input_ids, S, z, offset)[0], states
         with self.lock:
-            out = S if overwrite and all(t.is_contiguous() for t in S) else self.buffers.take(S)
-            logits, *new = self.kernel.step(input_ids, S, z, offset, out)
+            logits, *new = self.kernel.step(input_ids, S, z, offset, self.buffers.take(S))
         return logits, list(map(RetentionState, *new))
 
 

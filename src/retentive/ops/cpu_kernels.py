@@ -5,24 +5,27 @@
   on an AMD CPU, MKL's generic path takes 1.5-2x what this kernel takes over the weights of a small model at 8
   rows (docs/benchmarks.md, "Decode step"). Each weight row is loaded once for up to 8 rows of x (``cpu/rows.h``);
   beyond 16 rows it calls ``at::mm``. The reference: :func:`linear_rows_reference`.
-- ``torch.classes.retentive.DecodeStep``: one decoding step of the whole language model in one parallel region
-  (``cpu/decode_step.cpp``); :mod:`retentive.models.native_step` lays out its weights and options, and the
-  model's eager step is its reference.
+- :func:`decode_step` (``cpu/decode_step.cpp``): one decoding step of the whole language model in one parallel
+  region; :mod:`retentive.models.native_step` lays out its weights and options, and the model's eager step is its
+  reference.
 
-They are compiled together into one library with the C++ compiler that AOTInductor needs anyway (``$CXX``, else
-``c++``), for this CPU's vector instructions and against the OpenMP runtime torch itself uses, and kept under
-:func:`cache_root`.
+They are compiled together into one library, a Python extension module that also registers the op, with the C++
+compiler that AOTInductor needs anyway (``$CXX``, else ``c++``), for this CPU's vector instructions and against
+the OpenMP runtime torch itself uses, and kept under :func:`cache_root`.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import subprocess
+import sysconfig
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -48,25 +51,39 @@ def cache_root() -> Path:
     return Path(os.environ.get("RETENTIVE_CACHE_DIR") or Path.home() / ".cache" / "retentive")
 
 
-@functools.cache
+def decode_step(weights: list[Tensor | None], options: list[int], scalars: list[float]):
+    """The C++ ``DecodeStep`` of one model (``cpu/decode_step.cpp`` lists its arguments); its ``step(ids, S, z,
+    offset, new_S)`` runs one token. Call :func:`available` first."""
+    return _module().DecodeStep(weights, options, scalars)
+
+
 def available() -> bool:
-    """Whether the kernels are loaded (``torch.ops.retentive.*``): built now, or found built for this source, torch
-    and CPU; False, with a warning that says why, where no C++ compiler can build them (callers then use PyTorch's
-    ops)."""
+    """Whether the kernels are loaded: built now, or found built for this source, torch and CPU; False, with a
+    warning that says why, where no C++ compiler (or no Python headers) can build them (callers then use
+    PyTorch's ops)."""
+    return _module() is not None
+
+
+@functools.cache
+def _module() -> ModuleType | None:
+    """The kernels' extension module, loaded once (which registers ``torch.ops.retentive.linear_rows``)."""
     try:
-        torch.ops.load_library(str(_build()))
-    except (OSError, subprocess.CalledProcessError) as e:
+        spec = importlib.util.spec_from_file_location(_MODULE, _build())
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (OSError, ImportError, subprocess.CalledProcessError) as e:
         detail = e.stderr.decode(errors="replace")[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
         log.warning("retentive's CPU kernels could not be built, PyTorch's ops run instead: %s", detail)
-        return False
+        return None
     torch.library.register_fake("retentive::linear_rows")(_linear_rows_shape)
-    return True
+    return module
 
 
 def _linear_rows_shape(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+_MODULE = "_retentive_cpu"  # as PYBIND11_MODULE names it
 _X86 = platform.machine() in ("x86_64", "AMD64")
 # x86 compilers may split a 16-float vector into two 8-float ones even where AVX-512 is at hand
 _WIDE = ["-mprefer-vector-width=512"] if _X86 else []
@@ -75,10 +92,11 @@ _WIDE = ["-mprefer-vector-width=512"] if _X86 else []
 def _build() -> Path:
     """The kernels' shared library, compiled once per source, torch version, vector instruction set and flags.
 
-    ``-fopenmp`` links ``libgomp.so.1`` by that name, which the loader resolves to the copy torch has loaded
-    already: the kernels' threads are torch's. On x86, the vector ISA's macro (``CPU_CAPABILITY_AVX512`` or
-    ``_AVX2``, as inductor passes it) selects ATen's vectorized exp and erf; elsewhere ATen's scalar ones run (ARM's
-    macros would also need its Sleef build flags)."""
+    It is an extension module of this Python (its headers; ``libtorch_python`` for pybind11's conversions of
+    tensors). ``-fopenmp`` links ``libgomp.so.1`` by that name, which the loader resolves to the copy torch has
+    loaded already: the kernels' threads are torch's. On x86, the vector ISA's macro (``CPU_CAPABILITY_AVX512`` or
+    ``_AVX2``, as inductor passes it) selects ATen's vectorized exp and erf; elsewhere ATen's scalar ones run
+    (ARM's macros would also need its Sleef build flags)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch.utils.cpp_extension import include_paths, library_paths
 
@@ -87,8 +105,9 @@ def _build() -> Path:
     flags = [
         "-O3", "-march=native", *_WIDE, "-std=c++20", "-shared", "-fPIC", "-fopenmp",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}", *(f"-D{macro}" for macro in macros),
+        f"-I{sysconfig.get_paths()['include']}",
     ]  # fmt: skip
-    digest = hashlib.sha256(f"{torch.__version__} {isa} {flags}".encode())
+    digest = hashlib.sha256(f"{torch.__version__} {sysconfig.get_config_var('SOABI')} {isa} {flags}".encode())
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     path = cache_root() / "kernels" / f"retentive_cpu_{digest.hexdigest()[:16]}.so"
@@ -97,7 +116,7 @@ def _build() -> Path:
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.so")  # another process may build it too
         command = [
             os.environ.get("CXX", "c++"), *flags, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
-            *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-o", str(partial),
+            *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch_python", "-o", str(partial),
         ]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)
         os.replace(partial, path)

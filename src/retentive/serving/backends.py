@@ -139,9 +139,9 @@ class RetNetBackend(Backend):
     def _write(self, rows: slice | Tensor, states: list[RetentionState]) -> None:
         for S, z, o, new in zip(self.S, self.z, self.offset, states, strict=True):
             if isinstance(rows, slice):
-                if new.S.data_ptr() != S[rows].data_ptr():  # else the step wrote it there (overwrite)
-                    S[rows] = new.S
-                z[rows], o[rows] = new.z, new.offset
+                for pool, t in ((S, new.S), (z, new.z), (o, new.offset)):
+                    if t.data_ptr() != pool[rows].data_ptr():  # else the step wrote it there (overwrite)
+                        pool[rows] = t
             else:
                 S.index_copy_(0, rows, new.S)
                 z.index_copy_(0, rows, new.z)
