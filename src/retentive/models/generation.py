@@ -21,6 +21,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from .cache_retnet import cache_of
+from .decoding import greedy
 
 if TYPE_CHECKING:
     from .modeling_retnet import RetNetForCausalLM
@@ -85,7 +86,7 @@ def _greedy(
     while True:
         if eos and T + len(tokens) < min_length:
             logits = logits.float().index_fill(-1, eos_ids, -float("inf"))
-        token = logits.argmax(-1)  # (B, 1)
+        token = greedy(logits)  # (B, 1)
         if eos:
             row_tokens = token.view(-1).tolist()
             if any(finished):  # a finished row takes the pad token

@@ -7,7 +7,8 @@
   beyond 16 rows it calls ``at::mm``. The reference: :func:`linear_rows_reference`.
 - :func:`decode_step` (``cpu/decode_step.cpp``): one decoding step of the whole language model in one parallel
   region; :mod:`retentive.models.native_step` lays out its weights and options, and the model's eager step is its
-  reference.
+  reference. Beside it, :func:`argmax`, the greedy choice over the logits it returns (reference:
+  ``torch.argmax``).
 
 They are compiled together into one library, a Python extension module that also registers the op, with the C++
 compiler that AOTInductor needs anyway (``$CXX``, else ``c++``), for this CPU's vector instructions and against
@@ -55,6 +56,12 @@ def decode_step(weights: list[Tensor | None], options: list[int], scalars: list[
     """The C++ ``DecodeStep`` of one model (``cpu/decode_step.cpp`` lists its arguments); its ``step(ids, S, z,
     offset, new_S)`` runs one token. Call :func:`available` first."""
     return _module().DecodeStep(weights, options, scalars)
+
+
+def argmax(logits: Tensor) -> Tensor:
+    """``logits.argmax(-1)`` for float32 CPU logits (..., V), NaN above all as torch takes it, by a plain loop: a few
+    µs where torch's reduction costs ~30 after a decoding step. Call :func:`available` first."""
+    return _module().argmax(logits)
 
 
 def available() -> bool:

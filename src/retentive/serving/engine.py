@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..data import Tokenizer
+from ..models.decoding import greedy
 from .backends import Backend
 from .prefix_cache import LOGITS, PrefixCache
 
@@ -551,14 +552,14 @@ class Engine:
     def _take_tokens(self, logits: Tensor, running: list[tuple[Request, Sequence]]) -> None:
         """Pick the next token of each row of ``logits`` (B, V), greedy or sampled with the row's own generator, and
         advance its sequence; a row that fails fails its request alone."""
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy_tokens = greedy(logits).tolist()
         for row, (request, seq) in enumerate(running):
             if request.failed:  # another of its choices failed earlier in this step
                 continue
             p = request.params
             try:
                 token = (
-                    greedy[row]
+                    greedy_tokens[row]
                     if p.temperature == 0
                     else sample_token(logits[row], p.temperature, p.top_k, p.top_p, seq.generator)
                 )
