@@ -311,7 +311,8 @@ def test_native_step_equals_eager_step_at_any_shape(
 
 @needs_kernels
 def test_native_step_reads_states_of_any_layout() -> None:
-    """States given as strided views (every other element of a wider buffer) step as their contiguous copies."""
+    """States given as strided views (every other element of a wider buffer) step as their contiguous copies; asked
+    to write over them, the step writes new tensors instead and leaves them as they were."""
     model = small_model(decode_implementation="native")
     with torch.no_grad():
         states = cache_of(model(torch.randint(0, V, (2, 4)), use_cache=True)).states
@@ -320,12 +321,15 @@ def test_native_step_reads_states_of_any_layout() -> None:
             RetentionState(*(torch.stack((t, torch.full_like(t, torch.nan)), -1)[..., 0] for t in (s.S, s.z)), s.offset)
             for s in states
         ]
+        kept = [s.S.clone() for s in strided]
         assert not strided[0].S.is_contiguous()
         want, want_states = native_step.native_step(model, token, states)
-        got, got_states = native_step.native_step(model, token, strided)
-    assert torch.equal(got, want)
-    for g, w in zip(got_states, want_states, strict=True):
-        assert torch.equal(g.S, w.S) and torch.equal(g.z, w.z) and torch.equal(g.offset, w.offset)
+        for overwrite in (False, True):
+            got, got_states = native_step.native_step(model, token, strided, overwrite=overwrite)
+            assert torch.equal(got, want)
+            for g, w in zip(got_states, want_states, strict=True):
+                assert torch.equal(g.S, w.S) and torch.equal(g.z, w.z) and torch.equal(g.offset, w.offset)
+            assert all(torch.equal(s.S, k) for s, k in zip(strided, kept, strict=True))
 
 
 @needs_kernels

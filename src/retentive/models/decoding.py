@@ -137,10 +137,9 @@ def _is_plain(t: Tensor) -> bool:
 _STEPS: dict[tuple[str, bool], Step] = {}  # (implementation, overwrite) -> step: a lookup per decoded token
 
 
-def step_for(lm: RetNetForCausalLM, overwrite: bool = False) -> Step:
-    """The step ``lm.config.decode_implementation`` names; with ``overwrite``, one that may write the new states over
+def step_for(kind: str, overwrite: bool = False) -> Step:
+    """The step a ``config.decode_implementation`` names; with ``overwrite``, one that may write the new states over
     the given ones (see :class:`.cache_retnet.RetNetCache`)."""
-    kind = lm.config.decode_implementation
     step = _STEPS.get((kind, overwrite))
     if step is None:
         step = _STEPS[kind, overwrite] = _make_step(kind, overwrite)
@@ -408,9 +407,10 @@ def warm_up(lm: RetNetForCausalLM, batch_sizes: Sequence[int] = (1, 2)) -> float
     code (``"compiled"``: the second size makes the batch dimension symbolic; ``"aot"``: the library for two rows
     and more)."""
     device, dtype = lm.lm_head.weight.device, torch.promote_types(lm.lm_head.weight.dtype, torch.float32)
+    step = step_for(lm.config.decode_implementation)
     start = time.perf_counter()
     for batch in batch_sizes:
-        step_for(lm)(lm, torch.zeros(batch, 1, dtype=torch.long, device=device), _empty_states(lm, batch, dtype))
+        step(lm, torch.zeros(batch, 1, dtype=torch.long, device=device), _empty_states(lm, batch, dtype))
     return time.perf_counter() - start
 
 

@@ -364,7 +364,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         """
         cache = take_cache(cache, kwargs)
         if self._decoding(input_ids, labels, cache, use_cache, mode):  # one token after a cache: the short way
-            _reject_unused(kwargs)
+            if kwargs:
+                _reject_unused(kwargs)
             logits = self._decode(input_ids, cache)
             if not (self.config.return_dict if return_dict is None else return_dict):
                 return logits, cache
@@ -454,11 +455,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     def _decode(self, input_ids: Tensor, cache: RetNetCache) -> Tensor:
         """One decoding step by ``config.decode_implementation`` (:mod:`.decoding`): logits (B, 1, V); the cache
         takes the new states."""
-        if self.config.decode_implementation != "native":  # the native step checks its ids itself
+        implementation = self.config.decode_implementation
+        if implementation != "native":  # the native step checks its ids itself
             self.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
         if cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
-        logits, states = step_for(self, cache.writable)(self, input_ids, cache.states)
+        logits, states = step_for(implementation, cache.writable)(self, input_ids, cache.states)
         cache.update_states(states, 1, decoded=True)
         return logits
 

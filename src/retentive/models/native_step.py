@@ -84,8 +84,9 @@ class NativeStep:
     """One model's native step: the kernel's arguments (weights and options), laid out once per structure of
     the model, and buffers for the new states."""
 
-    def __init__(self, lm: RetNetForCausalLM, key: tuple) -> None:
-        self.key, self.version = key, decoding._structure_version
+    def __init__(self, lm: RetNetForCausalLM) -> None:
+        self.head, self.version = lm.lm_head.weight, decoding._structure_version
+        self.key = _key(self.head)
         self.reason = unsupported(lm)
         if self.reason is None:
             self.kernel = cpu_kernels.decode_step(*_arguments(lm))
@@ -96,11 +97,12 @@ class NativeStep:
         self, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
     ) -> tuple[Tensor, list[RetentionState]]:
         """input_ids (B, 1), one state per layer -> logits (B, 1, V) and the new states. With ``overwrite``, the new
-        states go over the given ones where these are contiguous (the kernel reads each element before it writes
-        it): the same tensors come back, and nothing is allocated for them."""
+        states go over the given ones if these are contiguous (the kernel reads each element before it writes it):
+        the same states come back, and nothing is allocated for them."""
         S, z, offset = [s.S for s in states], [s.z for s in states], [s.offset for s in states]
-        if overwrite and all(t.is_contiguous() for t in (*S, *z, *offset)):
-            return self.kernel.step(input_ids, S, z, offset)[0], states
+        if overwrite:  # in place where every state tensor is contiguous, else into new tensors
+            logits, *new = self.kernel.step(input_ids, S, z, offset)
+            return logits, states if new[0][0] is S[0] else list(map(RetentionState, *new))
         with self.lock:
             logits, *new = self.kernel.step(input_ids, S, z, offset, self.buffers.take(S))
         return logits, list(map(RetentionState, *new))
@@ -153,6 +155,12 @@ def _arguments(lm: RetNetForCausalLM) -> tuple[list[Tensor | None], list[int], l
     return weights, options, scalars
 
 
+def _key(weight: Tensor) -> tuple[torch.dtype, torch.device]:
+    """What a model's steps are laid out for: its weights' dtype and device (``.to()`` changes them in place; a
+    re-assigned weight is a change of structure, which ``decoding._structure_version`` counts)."""
+    return weight.dtype, weight.device
+
+
 _NATIVE: weakref.WeakKeyDictionary[RetNetForCausalLM, NativeStep] = weakref.WeakKeyDictionary()
 
 
@@ -162,10 +170,9 @@ def native_step(
     """One decoding step by the native kernel (see the module docstring), or by ``"aot"`` where it does not
     apply. ``overwrite``: write the new S over the given states' (see :class:`.cache_retnet.RetNetCache`). The
     token ids are checked as :meth:`.RetNetModel.forward` checks them: by the kernel, or here before ``"aot"``."""
-    weight = lm.lm_head.weight
-    step, key = _NATIVE.get(lm), (weight.dtype, weight.device)
-    if step is None or step.key != key or step.version != decoding._structure_version:
-        step = _NATIVE[lm] = NativeStep(lm, key)  # a change of dtype or device, or of any module's structure
+    step = _NATIVE.get(lm)
+    if step is None or step.version != decoding._structure_version or step.key != _key(step.head):
+        step = _NATIVE[lm] = NativeStep(lm)  # a change of any module's structure, or of the weights' dtype or device
     if step.reason is not None or states[0].S.dtype != torch.float32:
         lm.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
         return decoding.aot_step(lm, input_ids, states)

@@ -260,30 +260,31 @@ struct DecodeStep {
   }
 
   // ids (M, 1) of an integer type; S_, z_, offset_: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S:
-  // where each layer's new S goes, contiguous, or none to write the new states over the given ones (they must be
-  // contiguous then; each element is read before it is written). Returns the logits (M, 1, V) and each layer's new
-  // S (a view of new_S), z and offset: in place, the given tensors themselves, and nothing is allocated for them.
+  // where each layer's new S goes, contiguous; or none, to write the new states over the given ones (each element
+  // is read before it is written), which needs every one of them contiguous (else the new S goes into new tensors).
+  // Returns the logits (M, 1, V) and each layer's new S (a view of new_S), z and offset; in place, the given
+  // tensors themselves, and nothing is allocated for them.
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
       const at::Tensor& ids_, const std::vector<at::Tensor>& S_, const std::vector<at::Tensor>& z_,
       const std::vector<at::Tensor>& offset_, const std::optional<std::vector<at::Tensor>>& new_S) const {
     const int64_t M = ids_.size(0), dvall = H * dv;
-    const bool in_place = !new_S.has_value();
     TORCH_CHECK(ids_.dim() == 2 && ids_.size(1) == 1 && ids_.is_cpu(), "DecodeStep: ids must be (M, 1) on the CPU");
     // the token ids are checked here, as RetNetModel._check_input_ids words it, rather than in Python
     TORCH_CHECK_TYPE(at::isIntegralType(ids_.scalar_type(), /*includeBool=*/false),
                      "input_ids must hold integer token ids, got ", ids_.scalar_type());
     TORCH_CHECK(S_.size() == static_cast<size_t>(L) && z_.size() == S_.size() && offset_.size() == S_.size() &&
-                    (in_place || new_S->size() == S_.size()),
+                    (!new_S || new_S->size() == S_.size()),
                 "DecodeStep: one S, z, offset and new S per layer (", L, ")");
+    bool in_place = !new_S;
+    for (int64_t l = 0; l < L && in_place; ++l)
+      in_place = S_[l].is_contiguous() && z_[l].is_contiguous() && offset_[l].is_contiguous();
     const at::Tensor ids = ids_.to(at::kLong).contiguous();
     std::vector<at::Tensor> S, z, offset;
     for (int64_t l = 0; l < L; ++l) {
-      const at::Tensor& out = in_place ? S_[l] : (*new_S)[l];
-      TORCH_CHECK(!in_place || (S_[l].is_contiguous() && z_[l].is_contiguous() && offset_[l].is_contiguous()),
-                  "DecodeStep: in place, layer ", l, "'s S, z and offset must be contiguous");
       S.push_back(S_[l].contiguous());
       z.push_back(z_[l].contiguous());
       offset.push_back(offset_[l].contiguous());
+      const at::Tensor& out = new_S ? (*new_S)[l] : S[l];
       TORCH_CHECK(S[l].scalar_type() == at::kFloat && z[l].scalar_type() == at::kFloat &&
                       out.scalar_type() == at::kFloat && offset[l].scalar_type() == at::kLong,
                   "DecodeStep: float32 states and int64 offsets");
@@ -302,7 +303,8 @@ struct DecodeStep {
     at::Tensor logits = at::empty({M, 1, V}, floats);
     std::vector<at::Tensor> S_out = S, z_out = z, offset_out = offset;  // in place
     for (int64_t l = 0; l < L && !in_place; ++l) {
-      S_out[l] = (*new_S)[l].view(S[l].sizes());  // a view: its buffer counts as taken while the state lives
+      // a view of new_S: its buffer counts as taken while the state lives
+      S_out[l] = new_S ? (*new_S)[l].view(S[l].sizes()) : at::empty_like(S[l]);
       z_out[l] = at::empty({M, H, dk}, floats);
       offset_out[l] = at::empty({M}, offset[l].options());
     }
