@@ -503,3 +503,43 @@ def test_a_cache_writes_over_the_states_its_own_steps_made(implementation: str) 
     assert all(torch.equal(s.S, c) for s, c in zip(prefilled, prefilled_copy, strict=True))
     in_place = [p == pointers[0] for p in pointers[1:]]  # aot: step 2's new states while step 1's are alive
     assert all(in_place) if implementation == "native" else not in_place[0]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "aot", "native"])
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_greedy_step_returns_the_argmax_of_the_step_logits(implementation: str, rows: int) -> None:
+    """A step asked for the greedy choice returns each row's argmax of the logits the same step returns (native:
+    taken inside the kernel, each thread in its share of the vocabulary), at one row, a few, and past 16 (GEMM)."""
+    model = small_model(decode_implementation=implementation)
+    with torch.no_grad():
+        states = cache_of(model(torch.randint(0, V, (rows, 4)), use_cache=True)).states
+        token = torch.randint(0, V, (rows, 1))
+        logits, want_states = decoding.step_for(implementation)(model, token, states)
+        for overwrite in (False, True):
+            given = [RetentionState(s.S.clone(), s.z.clone(), s.offset.clone()) for s in states]
+            got, got_states = decoding.step_for(implementation, overwrite, greedy=True)(model, token, given)
+            assert got.shape == (rows, 1) and got.dtype == torch.long
+            assert torch.equal(got, logits.argmax(-1))
+            for g, w in zip(got_states, want_states, strict=True):
+                torch.testing.assert_close(g.S, w.S, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_native_greedy_choice_breaks_ties_and_takes_nan_as_torch_argmax_does() -> None:
+    """Ties across the threads' shares of the vocabulary go to the first index, and a NaN logit wins (the first)."""
+    model = small_model(decode_implementation="native")
+    with torch.no_grad():
+        states = cache_of(model(torch.randint(0, V, (2, 4)), use_cache=True)).states
+        token = torch.randint(0, V, (2, 1))
+        head = model.lm_head.weight
+        for case in ("tie", "nan", "two nans"):
+            head.copy_(head[:1].expand_as(head))  # every logit equal: the first index
+            if case != "tie":
+                head[V - 3] = float("nan")
+            if case == "two nans":
+                head[5] = float("nan")
+            given = [RetentionState(s.S.clone(), s.z.clone(), s.offset.clone()) for s in states]
+            got = native_step.native_step(model, token, given, greedy=True)[0]
+            logits = native_step.native_step(model, token, states)[0]
+            assert torch.equal(got, logits.argmax(-1)), case
+            assert got.flatten().tolist() == [{"tie": 0, "nan": V - 3, "two nans": 5}[case]] * 2

@@ -125,3 +125,14 @@ def test_everything_else_runs_transformers_loop(options: dict, monkeypatch) -> N
     assert len(calls) == 1
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     assert sequences.shape[0] == 3
+
+
+def test_greedy_loop_runs_the_forward_where_hooks_watch_it(monkeypatch) -> None:
+    """With a forward hook on the model, every step goes through the forward, as in transformers' loop."""
+    model = small_model("eager")
+    ids, mask = prompt()
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(output.logits.shape))
+    ours, theirs = both(model, monkeypatch, ids, attention_mask=mask, max_new_tokens=5)
+    assert torch.equal(ours, theirs)
+    assert calls[:5] == calls[5:] and len(calls) == 10  # prefill and 4 steps, in each loop

@@ -134,37 +134,50 @@ def _is_plain(t: Tensor) -> bool:
     return True
 
 
-_STEPS: dict[tuple[str, bool], Step] = {}  # (implementation, overwrite) -> step: a lookup per decoded token
+_STEPS: dict[tuple[str, bool, bool], Step] = {}  # (implementation, overwrite, greedy) -> step: a lookup per token
 
 
-def step_for(kind: str, overwrite: bool = False) -> Step:
+def step_for(kind: str, overwrite: bool = False, greedy: bool = False) -> Step:
     """The step a ``config.decode_implementation`` names; with ``overwrite``, one that may write the new states over
-    the given ones (see :class:`.cache_retnet.RetNetCache`)."""
-    step = _STEPS.get((kind, overwrite))
+    the given ones (see :class:`.cache_retnet.RetNetCache`); with ``greedy``, one that returns each row's greedy
+    choice (B, 1) in place of the logits (the native kernel takes it where it writes the logits)."""
+    step = _STEPS.get((kind, overwrite, greedy))
     if step is None:
-        step = _STEPS[kind, overwrite] = _make_step(kind, overwrite)
+        step = _STEPS[kind, overwrite, greedy] = _make_step(kind, overwrite, greedy)
     return step
 
 
-def _make_step(kind: str, overwrite: bool) -> Step:
-    if kind == "eager":
-        return eager_step
-    if kind == "compiled":
-        return compiled_step
-    if kind == "aot":
-        return aot_step
+def _make_step(kind: str, overwrite: bool, greedy: bool) -> Step:
     if kind == "native":
         from .native_step import native_step  # it builds on this module
 
-        return partial(native_step, overwrite=True) if overwrite else native_step
-    raise ValueError(f"decode_implementation must be one of {DECODE_IMPLEMENTATIONS}, got {kind!r}")
+        return partial(native_step, overwrite=overwrite, greedy=greedy)
+    steps = {"eager": eager_step, "compiled": compiled_step, "aot": aot_step}
+    if kind not in steps:
+        raise ValueError(f"decode_implementation must be one of {DECODE_IMPLEMENTATIONS}, got {kind!r}")
+    return partial(_choose, steps[kind]) if greedy else steps[kind]
+
+
+def _choose(step: Step, lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]):
+    """``step``, with each row's greedy choice (B, 1) in place of its logits."""
+    logits, states = step(lm, input_ids, states)
+    return greedy(logits), states
 
 
 def greedy(logits: Tensor) -> Tensor:
-    """The greedy choice, ``logits.argmax(-1)``: logits (..., V) -> ids (...). For float32 logits on a CPU, the
-    kernels' loop (:func:`.cpu_kernels.argmax`), a few µs where torch's reduction costs ~30 after a step."""
+    """The greedy choice, ``logits.argmax(-1)``: logits (..., V) -> ids (...), by :func:`argmax_for`."""
+    return argmax_for(logits)(logits)
+
+
+def argmax_for(logits: Tensor) -> Callable[[Tensor], Tensor]:
+    """``argmax(-1)`` for logits of the dtype and device of ``logits``: for float32 on a CPU, the kernels' loop
+    (:func:`.cpu_kernels.argmax`), a few µs where torch's reduction costs ~30 after a step; else torch's."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_kernels.available():
-        return cpu_kernels.argmax(logits)
+        return cpu_kernels.argmax
+    return _torch_argmax
+
+
+def _torch_argmax(logits: Tensor) -> Tensor:
     return logits.argmax(-1)
 
 

@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from .cache_retnet import cache_of
-from .decoding import greedy
+from .decoding import argmax_for
 
 if TYPE_CHECKING:
     from .modeling_retnet import RetNetForCausalLM
@@ -77,16 +77,33 @@ def _greedy(
     finished = [False] * B
     if streamer is not None:
         streamer.put(ids.cpu())
-    # after a step has streamed the weights through the caches, each small op costs ~20 µs (its code and data come
-    # back from memory): a token costs one argmax here, the finished rows are kept in Python, and the output is
-    # concatenated once at the end
     prefill = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    logits, cache = prefill.logits, cache_of(prefill)  # (B, 1, V)
-    tokens = []
-    while True:
+    cache = cache_of(prefill)
+    cache.overwrite = True  # nobody else holds this call's states: each step writes over the last one's
+    argmax, tokens = argmax_for(prefill.logits), []
+
+    def choose(logits: Tensor) -> Tensor:  # (B, 1, V) -> (B, 1), eos held back below the minimum length
         if eos and T + len(tokens) < min_length:
             logits = logits.float().index_fill(-1, eos_ids, -float("inf"))
-        token = greedy(logits)  # (B, 1)
+        return argmax(logits)
+
+    # After a step has streamed the weights through the caches, each small op costs ~20 µs, its code and data back
+    # from memory. So a token costs the model's decoding step itself, past forward's checks and output object, with
+    # the greedy choice taken inside it (unless hooks on the model or training mode ask for the forward); the
+    # finished rows are kept in Python, and the output is concatenated once at the end.
+    if model.training or model._forward_hooks or model._forward_pre_hooks:
+
+        def next_token(token: Tensor) -> Tensor:
+            return choose(model(token, cache=cache, use_cache=True).logits)
+    else:
+
+        def next_token(token: Tensor) -> Tensor:
+            if eos and T + len(tokens) < min_length:
+                return choose(model._decode(token, cache))
+            return model._decode(token, cache, greedy=True)
+
+    token = choose(prefill.logits)
+    while True:
         if eos:
             row_tokens = token.view(-1).tolist()
             if any(finished):  # a finished row takes the pad token
@@ -98,7 +115,7 @@ def _greedy(
             streamer.put(token.view(-1).cpu())
         if len(tokens) == config.max_new_tokens or (eos and all(finished)):
             break
-        logits = model(token, cache=cache, use_cache=True).logits
+        token = next_token(token)
     if streamer is not None:
         streamer.end()
     return torch.cat([ids, *tokens], dim=1)

@@ -452,17 +452,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
         )
 
-    def _decode(self, input_ids: Tensor, cache: RetNetCache) -> Tensor:
-        """One decoding step by ``config.decode_implementation`` (:mod:`.decoding`): logits (B, 1, V); the cache
-        takes the new states."""
+    def _decode(self, input_ids: Tensor, cache: RetNetCache, greedy: bool = False) -> Tensor:
+        """One decoding step by ``config.decode_implementation`` (:mod:`.decoding`): logits (B, 1, V), or with
+        ``greedy`` each row's greedy choice (B, 1); the cache takes the new states."""
         implementation = self.config.decode_implementation
         if implementation != "native":  # the native step checks its ids itself
             self.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
         if cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
-        logits, states = step_for(implementation, cache.writable)(self, input_ids, cache.states)
+        out, states = step_for(implementation, cache.writable, greedy)(self, input_ids, cache.states)
         cache.update_states(states, 1, decoded=True)
-        return logits
+        return out
 
     def warm_up_decoding(self, batch_sizes: Sequence[int] = (1, 2)) -> float:
         """Compile the decoding step now (``config.decode_implementation`` ``"compiled"`` or ``"aot"``) rather than

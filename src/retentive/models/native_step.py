@@ -94,18 +94,19 @@ class NativeStep:
         self.lock = threading.Lock()  # a free buffer set is taken when its views are made: one call at a time
 
     def __call__(
-        self, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
+        self, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False, greedy: bool = False
     ) -> tuple[Tensor, list[RetentionState]]:
-        """input_ids (B, 1), one state per layer -> logits (B, 1, V) and the new states. With ``overwrite``, the new
-        states go over the given ones if these are contiguous (the kernel reads each element before it writes it):
-        the same states come back, and nothing is allocated for them."""
+        """input_ids (B, 1), one state per layer -> logits (B, 1, V), or with ``greedy`` each row's greedy choice
+        (B, 1), and the new states. With ``overwrite``, the new states go over the given ones if these are contiguous
+        (the kernel reads each element before it writes it): the same states come back, and nothing is allocated
+        for them."""
         S, z, offset = [s.S for s in states], [s.z for s in states], [s.offset for s in states]
         if overwrite:  # in place where every state tensor is contiguous, else into new tensors
-            logits, *new = self.kernel.step(input_ids, S, z, offset)
-            return logits, states if new[0][0] is S[0] else list(map(RetentionState, *new))
+            out, *new = self.kernel.step(input_ids, S, z, offset, None, greedy)
+            return out, states if new[0][0] is S[0] else list(map(RetentionState, *new))
         with self.lock:
-            logits, *new = self.kernel.step(input_ids, S, z, offset, self.buffers.take(S))
-        return logits, list(map(RetentionState, *new))
+            out, *new = self.kernel.step(input_ids, S, z, offset, self.buffers.take(S), greedy)
+        return out, list(map(RetentionState, *new))
 
 
 def _arguments(lm: RetNetForCausalLM) -> tuple[list[Tensor | None], list[int], list[float]]:
@@ -165,15 +166,21 @@ _NATIVE: weakref.WeakKeyDictionary[RetNetForCausalLM, NativeStep] = weakref.Weak
 
 
 def native_step(
-    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
+    lm: RetNetForCausalLM,
+    input_ids: Tensor,
+    states: list[RetentionState],
+    overwrite: bool = False,
+    greedy: bool = False,
 ) -> tuple[Tensor, list[RetentionState]]:
     """One decoding step by the native kernel (see the module docstring), or by ``"aot"`` where it does not
-    apply. ``overwrite``: write the new S over the given states' (see :class:`.cache_retnet.RetNetCache`). The
-    token ids are checked as :meth:`.RetNetModel.forward` checks them: by the kernel, or here before ``"aot"``."""
+    apply. ``overwrite``: write the new S over the given states' (see :class:`.cache_retnet.RetNetCache`);
+    ``greedy``: each row's greedy choice (B, 1) in place of the logits. The token ids are checked as
+    :meth:`.RetNetModel.forward` checks them: by the kernel, or here before ``"aot"``."""
     step = _NATIVE.get(lm)
     if step is None or step.version != decoding._structure_version or step.key != _key(step.head):
         step = _NATIVE[lm] = NativeStep(lm)  # a change of any module's structure, or of the weights' dtype or device
     if step.reason is not None or states[0].S.dtype != torch.float32:
         lm.model._check_input_ids(input_ids, input_ids.device.type == "cpu")
-        return decoding.aot_step(lm, input_ids, states)
-    return step(input_ids, states, overwrite)
+        logits, states = decoding.aot_step(lm, input_ids, states)
+        return decoding.greedy(logits) if greedy else logits, states
+    return step(input_ids, states, overwrite, greedy)

@@ -126,6 +126,15 @@ inline void share(int64_t n, int t, int nt, int64_t& n0, int64_t& n1) {
   n1 = n * (t + 1) / nt;
 }
 
+// the first largest of p[0, n), NaN above all (as torch.argmax takes it): its index, or -1 where n == 0
+inline int64_t first_max(const float* p, int64_t n) {
+  int64_t best = n > 0 ? 0 : -1;
+  for (int64_t i = 1; i < n && !std::isnan(p[best]); ++i) {
+    if (p[i] > p[best] || std::isnan(p[i])) best = i;
+  }
+  return best;
+}
+
 // from this many rows of x on (three passes of rows.h over each weight tile), ATen's GEMM, blocked for registers and
 // caches, is faster (batch 24 and up, measured in docs/benchmarks.md)
 constexpr int64_t kGemmRows = 2 * retentive::kRows + 1;
@@ -262,11 +271,13 @@ struct DecodeStep {
   // ids (M, 1) of an integer type; S_, z_, offset_: each layer's state (M, H, dk, dv), (M, H, dk), (M,); new_S:
   // where each layer's new S goes, contiguous; or none, to write the new states over the given ones (each element
   // is read before it is written), which needs every one of them contiguous (else the new S goes into new tensors).
-  // Returns the logits (M, 1, V) and each layer's new S (a view of new_S), z and offset; in place, the given
-  // tensors themselves, and nothing is allocated for them.
+  // Returns the logits (M, 1, V), or with greedy each row's greedy choice (M, 1) int64 (the argmax of its logits,
+  // each thread's share taken where it wrote it), and each layer's new S (a view of new_S), z and offset; in place,
+  // the given tensors themselves, and nothing is allocated for them.
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
       const at::Tensor& ids_, const std::vector<at::Tensor>& S_, const std::vector<at::Tensor>& z_,
-      const std::vector<at::Tensor>& offset_, const std::optional<std::vector<at::Tensor>>& new_S) const {
+      const std::vector<at::Tensor>& offset_, const std::optional<std::vector<at::Tensor>>& new_S,
+      bool greedy) const {
     const int64_t M = ids_.size(0), dvall = H * dv;
     TORCH_CHECK(ids_.dim() == 2 && ids_.size(1) == 1 && ids_.is_cpu(), "DecodeStep: ids must be (M, 1) on the CPU");
     // the token ids are checked here, as RetNetModel._check_input_ids words it, rather than in Python
@@ -300,7 +311,7 @@ struct DecodeStep {
                         "): encode with the tokenizer the model was trained with, or raise config.vocab_size");
     }
     const at::TensorOptions floats = weights[kEmbed]->options();
-    at::Tensor logits = at::empty({M, 1, V}, floats);
+    at::Tensor out = greedy ? at::empty({M, 1}, ids.options()) : at::empty({M, 1, V}, floats);
     std::vector<at::Tensor> S_out = S, z_out = z, offset_out = offset;  // in place
     for (int64_t l = 0; l < L && !in_place; ++l) {
       // a view of new_S: its buffer counts as taken while the state lives
@@ -313,11 +324,14 @@ struct DecodeStep {
     // output, the FFN's hidden units, a product's result, the rotary phases), then each thread's own (a normalized
     // copy of x or of the hidden units, and the retention's q, k and o of one head)
     const int threads = at::get_num_threads();
-    const int64_t shared = M * (4 * d + 3 * dvall + 2 * F + dk), own = M * std::max(d, F) + 2 * dk + dv;
+    const int64_t shared = M * (4 * d + 3 * dvall + 2 * F + dk + (greedy ? V : 0));
+    const int64_t own = M * std::max(d, F) + 2 * dk + dv;
     std::unique_ptr<float[]> memory(new float[shared + threads * own]);
     float* x = memory.get();
     float *q = x + M * d, *k = q + M * d, *t = k + M * d, *v = t + M * d, *g = v + M * dvall, *y = g + M * dvall;
     float *u = y + M * dvall, *gu = u + M * F, *phase = gu + M * F;
+    float* logits = greedy ? phase + M * dk : out.mutable_data_ptr<float>();
+    std::vector<int64_t> choice(greedy ? threads * M : 0, -1);  // each thread's greedy choice in its share of a row
 
     for (int64_t m = 0; m < M; ++m) {  // the embedding, scaled and normalized as the config says
       float* xm = x + m * d;
@@ -411,22 +425,41 @@ struct DecodeStep {
       for (int64_t m = 0; m < M; ++m) {
         normalize(x + m * d, h + m * d, d, norm, ptr[kFinalNormW], ptr[kFinalNormB], eps);
       }
-      product(h, M, ptr[kHeadW], ptr[kHeadB], V, d, logits.mutable_data_ptr<float>(), tid, nt);
+      product(h, M, ptr[kHeadW], ptr[kHeadB], V, d, logits, tid, nt);
+      if (greedy) {
+        int64_t v0, v1;
+        share(V, tid, nt, v0, v1);
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t best = first_max(logits + m * V + v0, v1 - v0);
+          choice[tid * M + m] = best < 0 ? -1 : v0 + best;
+        }
+      }
+    }
+    if (greedy) {  // the threads' choices in the order of their shares: a later one wins only by a larger value
+      int64_t* best = out.mutable_data_ptr<int64_t>();
+      for (int64_t m = 0; m < M; ++m) {
+        best[m] = 0;
+        for (int th = 0; th < threads; ++th) {
+          const int64_t c = choice[th * M + m];
+          const float* row = logits + m * V;
+          if (c >= 0 && !std::isnan(row[best[m]]) && (row[c] > row[best[m]] || std::isnan(row[c]))) best[m] = c;
+        }
+      }
     }
     for (int64_t l = 0; l < L; ++l) {  // after the step, which reads the positions (in place, these are the same)
       const int64_t* before = offset[l].const_data_ptr<int64_t>();
       int64_t* after = offset_out[l].mutable_data_ptr<int64_t>();
       for (int64_t m = 0; m < M; ++m) after[m] = before[m] + 1;
     }
-    return {logits, S_out, z_out, offset_out};
+    return {out, S_out, z_out, offset_out};
   }
 };
 
 }  // namespace
 
 // The greedy choice of each row: the index of its first largest value, NaN above all (as torch.argmax takes it).
-// logits (..., V) float32 -> (...) int64. After a step has streamed the weights through the caches, torch.argmax
-// costs ~30 µs a call (its dispatch and reduction code come back from memory); this loop costs a few.
+// logits (..., V) float32 -> (...) int64: torch.argmax without its dispatch and reduction machinery, which after a
+// step has streamed the weights through the caches costs ~30 µs a call against ~20 here (step(greedy) ~2).
 at::Tensor argmax(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0 && logits.scalar_type() == at::kFloat && logits.is_cpu(),
               "argmax: logits must be a float32 CPU tensor with a last dimension, got ", logits.scalar_type(), " ",
@@ -436,13 +469,7 @@ at::Tensor argmax(const at::Tensor& logits) {
   at::Tensor out = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
   const float* p = x.const_data_ptr<float>();
   int64_t* best = out.mutable_data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r, p += V) {
-    int64_t b = 0;
-    for (int64_t i = 0; i < V && !std::isnan(p[b]); ++i) {
-      if (p[i] > p[b] || std::isnan(p[i])) b = i;
-    }
-    best[r] = b;
-  }
+  for (int64_t r = 0; r < rows; ++r, p += V) best[r] = first_max(p, V);
   return out;
 }
 
@@ -453,6 +480,7 @@ PYBIND11_MODULE(_retentive_cpu, m) {
       .def(pybind11::init<std::vector<std::optional<at::Tensor>>, std::vector<int64_t>, std::vector<double>>(),
            pybind11::arg("weights"), pybind11::arg("options"), pybind11::arg("scalars"))
       .def("step", &DecodeStep::step, pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("ids"),
-           pybind11::arg("S"), pybind11::arg("z"), pybind11::arg("offset"), pybind11::arg("new_S") = pybind11::none());
+           pybind11::arg("S"), pybind11::arg("z"), pybind11::arg("offset"), pybind11::arg("new_S") = pybind11::none(),
+           pybind11::arg("greedy") = false);
   m.def("argmax", &argmax, pybind11::arg("logits"));
 }
