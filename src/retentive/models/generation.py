@@ -1,13 +1,14 @@
-"""generate()'s greedy search as a plain loop over the cached forward.
+"""generate()'s greedy search as a plain loop over the model's decoding step.
 
 transformers' decoding loop is general (logits processors, stopping criteria, model kwargs updated at every
 token, a copy of the logits, the growing ids concatenated): on a CPU it costs 0.1-0.2 ms a token, which for a
 small RetNet whose step costs 0.4 ms is the difference between decoding at the weight-read bound and not
 (docs/benchmarks.md, "Decode step"). The commonest call, greedy search to ``max_new_tokens`` with the special
-tokens, an attention mask and a streamer, runs here instead: one cached forward and one argmax a token, into a
-preallocated output. Everything else (sampling, beams, processors, stopping criteria, outputs as a dict, any
-other option or model argument) is transformers' own loop, unchanged. tests/models/test_generation.py holds the
-two equal, token for token, over padding, end-of-sequence tokens, lengths and streamers.
+tokens, an attention mask and a streamer, runs here instead: one decoding step a token, which takes the greedy
+choice itself (the native kernel, where it writes the logits), and the output concatenated once at the end.
+Everything else (sampling, beams, processors, stopping criteria, outputs as a dict, any other option or model
+argument) is transformers' own loop, unchanged. tests/models/test_generation.py holds the two equal, token for
+token, over padding, end-of-sequence tokens, lengths, streamers and hooks.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ _AT_DEFAULT = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "u
 # set on every model's config, or without effect in greedy search (the sampling parameters)
 _IGNORED = {"transformers_version", "_from_model_config", "output_attentions", "output_hidden_states",
             "temperature", "top_k", "top_p"}  # fmt: skip
-_ARGUMENTS = {"input_ids", "attention_mask", "streamer"}  # generate()'s arguments besides the options
 
 
 def greedy_search(
