@@ -291,8 +291,9 @@ def test_greedy_generate_equals_the_parallel_argmax_at_every_step(model: RetNetF
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_decoding_steps_get_the_inputs_transformers_would_prepare(padded: bool) -> None:
-    """The short way of prepare_inputs_for_generation builds, at every decoding step, what transformers' general
-    method builds (the same keys in any order, the same tensors with the same strides, the same cache)."""
+    """The short way of prepare_inputs_for_generation builds, at every decoding step of transformers' loop (which
+    runs everything but plain greedy search), what transformers' general method builds (the same keys in any order,
+    the same tensors with the same strides, the same cache)."""
     model = small_model()
     ids, mask = left_pad(prompts([3, 6])) if padded else (torch.cat(prompts([5, 5])), None)
     short, general, steps = model.prepare_inputs_for_generation, GenerationMixin.prepare_inputs_for_generation, []
@@ -318,7 +319,7 @@ def test_decoding_steps_get_the_inputs_transformers_would_prepare(padded: bool) 
         mock.patch.object(model, "prepare_inputs_for_generation", compare),
         mock.patch.object(GenerationMixin, "prepare_inputs_for_generation", counted),
     ):
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        GenerationMixin.generate(model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert steps == [None, 1, 1, 1] and went_general == [None]  # only the prompt goes the general way
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import queue
 import time
 
@@ -13,7 +15,7 @@ from servekit import greedy, tiny_model
 
 from retentive.data import ByteTokenizer, train_bpe
 from retentive.serving import Engine, PrefixCache, Request, SamplingParams, backend_for
-from retentive.serving.engine import Delta, Done, Failed, QueueFull, TextStream, sample_token
+from retentive.serving.engine import Delta, Done, Failed, QueueFull, TextStream, release_openmp_workers, sample_token
 
 
 class Collector:
@@ -333,3 +335,14 @@ def test_a_cached_state_of_the_wrong_shape_is_dropped_and_the_prompt_read_afresh
         assert request.cached_tokens == len(prompt)  # the second read the good state the first one cached
     finally:
         engine.shutdown()
+
+
+def test_starting_an_engine_frees_the_callers_openmp_workers_which_come_back_when_needed():
+    """Engine.start frees the calling thread's OpenMP workers (with libgomp, torch's runtime on Linux, so that the
+    engine's thread keeps libgomp's spinning barriers); a later parallel op on the caller computes as before."""
+    x = torch.randn(2_000_000, dtype=torch.float64)
+    want = x.sum()
+    with open("/proc/self/maps") if os.path.exists("/proc/self/maps") else io.StringIO() as maps:
+        libgomp = "libgomp" in maps.read()
+    assert release_openmp_workers() == libgomp
+    assert torch.equal(x.sum(), want)  # the workers come back

@@ -13,9 +13,10 @@ allocated, each byte of the state read and written once); otherwise the new S go
 It covers every option of :class:`~.configuration_retnet.RetNetConfig` in float32 on a CPU, for a model made of
 the library's own modules. Anything else runs the ``"aot"`` step instead, for the reason :func:`unsupported`
 gives: another device or dtype, peft adapters or any projection that is not a plain ``nn.Linear`` (a quantized
-one, say), or no C++ compiler to build the kernel. Forward hooks on the model's submodules do not run here (nor in
-``"aot"``). The kernel holds the model's own tensors, so a change in place, through ``.data`` or by a load is the
-one used; a re-assigned parameter (a change of structure) lays the weights out again.
+one, say), or no C++ compiler (or no Python headers) to build the kernel. Forward hooks on the model's submodules
+do not run here (nor in ``"aot"``). The kernel holds the model's own tensors, so a change in place, through
+``.data`` or by a load is the one used; a re-assigned parameter (a change of structure) lays the weights out
+again.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def unsupported(lm: RetNetForCausalLM) -> str | None:
     if len({type(n) for n in norms if n is not None}) != 1 or type(model.retnet.norm) not in _NORMS:
         return "block norms of more than one kind, or of a kind the kernel does not know"
     if not cpu_kernels.available():
-        return "the kernels could not be built (no C++ compiler)"
+        return "the kernels could not be built (no C++ compiler, or no Python headers)"
     return None
 
 
