@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -27,3 +31,20 @@ def test_argmax_equals_torch_argmax_with_ties_infinities_and_nan(shape: tuple[in
     with pytest.raises(RuntimeError, match="argmax: logits must be a float32 CPU tensor"):
         cpu_kernels.argmax(x.double())
     assert torch.equal(greedy(x.double()), x.double().argmax(-1))  # other dtypes: torch's argmax
+
+
+def test_the_greedy_choice_builds_no_kernels(tmp_path) -> None:
+    """Where no step has loaded the kernels, the greedy choice is torch's: a user of the eager step waits for no
+    build (a fresh process, an empty kernel cache)."""
+    script = (
+        "import torch\n"
+        "from retentive.models.decoding import greedy\n"
+        "from retentive.ops import cpu_kernels\n"
+        "x = torch.randn(3, 1, 50)\n"
+        "assert torch.equal(greedy(x), x.argmax(-1))\n"
+        "built = sorted(p.name for p in cpu_kernels.cache_root().rglob('*'))\n"
+        "print(cpu_kernels._module.cache_info().currsize, built)\n"
+    )
+    env = {**os.environ, "RETENTIVE_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "[]"]

@@ -71,6 +71,12 @@ def available() -> bool:
     return _module() is not None
 
 
+def loaded() -> bool:
+    """Whether the kernels are loaded in this process already (by a step that uses them), without building them:
+    for callers to whom they are an option, not worth a build."""
+    return _module.cache_info().currsize > 0 and _module() is not None
+
+
 @functools.cache
 def _module() -> ModuleType | None:
     """The kernels' extension module, loaded once (which registers ``torch.ops.retentive.linear_rows``)."""
