@@ -295,12 +295,12 @@ struct DecodeStep {
       S.push_back(S_[l].contiguous());
       z.push_back(z_[l].contiguous());
       offset.push_back(offset_[l].contiguous());
-      const at::Tensor& out = new_S ? (*new_S)[l] : S[l];
+      const at::Tensor& dest = new_S ? (*new_S)[l] : S[l];
       TORCH_CHECK(S[l].scalar_type() == at::kFloat && z[l].scalar_type() == at::kFloat &&
-                      out.scalar_type() == at::kFloat && offset[l].scalar_type() == at::kLong,
+                      dest.scalar_type() == at::kFloat && offset[l].scalar_type() == at::kLong,
                   "DecodeStep: float32 states and int64 offsets");
-      TORCH_CHECK(S[l].numel() == M * H * dk * dv && out.numel() == S[l].numel() && z[l].numel() == M * H * dk &&
-                      offset[l].numel() == M && out.is_contiguous() && S[l].is_cpu() && out.is_cpu(),
+      TORCH_CHECK(S[l].numel() == M * H * dk * dv && dest.numel() == S[l].numel() && z[l].numel() == M * H * dk &&
+                      offset[l].numel() == M && dest.is_contiguous() && S[l].is_cpu() && dest.is_cpu(),
                   "DecodeStep: layer ", l, "'s state must be S (M, H, dk, dv), z (M, H, dk), offset (M,)");
     }
     const std::vector<const float*> ptr = pointers();
