@@ -160,10 +160,10 @@ void product(const float* x, int64_t M, const float* w, const float* b, int64_t 
 
 // one (row, head): rotate q and k, S' = gamma S + k^T v, z' = gamma z + k, o = scale q S' with the normalizations,
 // then the head's norm and the gate: y = gate(g) * norm(o). Writes S' and z' to the new state and o to y.
-void retain(int64_t dk, int64_t dv, const float* q_in, const float* k_in, const float* v, const float* g, const float* S,
-            const float* z, float* S_out, float* z_out, float* y, const float* phase, float gamma, float c_sqrt,
-            const int64_t* opt, const float* scalar, const float* norm_w, const float* norm_b, float scale,
-            float* work) {
+void retain(int64_t dk, int64_t dv, const float* q_in, const float* k_in, const float* v, const float* g,
+            const float* S, const float* z, float* S_out, float* z_out, float* y, const float* phase, float gamma,
+            float c_sqrt, const int64_t* opt, const float* scalar, const float* norm_w, const float* norm_b,
+            float scale, float* work) {
   const int64_t half = dk / 2;
   float* q = work;
   float* k = work + dk;
