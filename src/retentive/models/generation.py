@@ -82,8 +82,11 @@ def _greedy(
     cache.overwrite = True  # nobody else holds this call's states: each step writes over the last one's
     argmax, tokens = argmax_for(prefill.logits), []
 
-    def choose(logits: Tensor) -> Tensor:  # (B, 1, V) -> (B, 1), eos held back below the minimum length
-        if eos and T + len(tokens) < min_length:
+    def holding_eos() -> bool:  # below the minimum length, the eos ids are not chosen
+        return bool(eos) and T + len(tokens) < min_length
+
+    def choose(logits: Tensor) -> Tensor:  # (B, 1, V) -> (B, 1)
+        if holding_eos():
             logits = logits.float().index_fill(-1, eos_ids, -float("inf"))
         return argmax(logits)
 
@@ -98,7 +101,7 @@ def _greedy(
     else:
 
         def next_token(token: Tensor) -> Tensor:
-            if eos and T + len(tokens) < min_length:
+            if holding_eos():
                 return choose(model._decode(token, cache))
             return model._decode(token, cache, greedy=True)
 
