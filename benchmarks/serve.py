@@ -228,10 +228,21 @@ def measure(url: str, pid: int, key: tuple, plan: dict) -> dict:
     seed = hash((plan["seed"], input_len, output_len, plan["request_rates"].index(rate))) % 2**32
     prompts = random_prompts(plan["num_prompts"], input_len, plan["prefix_len"], seed)
     reset_peak_rss(pid)
+    before = httpx.get(f"{url}/health").json()
     records, duration = asyncio.run(run_requests(url, prompts, output_len, float(rate), plan["max_concurrency"], seed))
+    after = httpx.get(f"{url}/health").json()
     cell = {"server": label, "input_len": input_len, "output_len": output_len, "request_rate": rate}
     cell |= summarize(records, duration, input_len) | {"peak_rss_bytes": peak_rss_bytes(pid)}
-    return cell | {"peak_state_bytes": httpx.get(f"{url}/health").json()["peak_state_bytes"]}
+    return cell | {"peak_state_bytes": after["peak_state_bytes"], "decode_step_mean": _step_mean(before, after)}
+
+
+def _step_mean(before: dict, after: dict) -> float | None:
+    """The mean seconds of the engine's batched decoding step between two ``/health`` reads (the model's forward,
+    what the time between tokens is made of); None where the engine does not report it (transformers')."""
+    steps = after["steps"] - before["steps"]
+    if "decode_seconds" not in after or steps <= 0:
+        return None
+    return (after["decode_seconds"] - before["decode_seconds"]) / steps
 
 
 def run_all(plan: dict, workdir: Path, done: list[dict]) -> dict:
@@ -302,12 +313,14 @@ def markdown(results: dict, plot: str) -> str:
         f"streamed, greedy, `ignore_eos`; request rate {rates} (Poisson arrivals; inf: all at once), at most "
         f"{plan['max_concurrency']} in flight.",
         "TTFT: time to first token; TPOT: (E2E - TTFT) / (output tokens - 1) per request; ITL: every gap between two "
-        "tokens; E2E: a request's latency. Peak RSS: the server process during the cell; state: the running "
-        "requests' retention states or key-value blocks at their peak (over the server's life at this shape).",
+        "tokens; E2E: a request's latency. Step: the mean time of retentive's batched decoding step in the cell (the "
+        "model's forward; `/health`'s `decode_seconds` over `steps`), of which each gap between tokens is made, "
+        "beside sampling, the front end and prefills. Peak RSS: the server process during the cell; state: the "
+        "running requests' retention states or key-value blocks at their peak (over the server's life at this shape).",
         "",
     ]
     header = ["input / output", "rate", "server", "req/s", "output tok/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms"]
-    header += ["ITL p50 / p99 ms", "E2E p50 / p99 s", "peak RSS MiB", "state MiB"]
+    header += ["ITL p50 / p99 ms", "step ms", "E2E p50 / p99 s", "peak RSS MiB", "state MiB"]
     rows = []
     for input_len, output_len in plan["shapes"]:
         for rate in plan["request_rates"]:
@@ -315,11 +328,13 @@ def markdown(results: dict, plot: str) -> str:
                 c = _cell(results, server=label, input_len=input_len, output_len=output_len, request_rate=rate)
                 head = [f"{input_len:,} / {output_len}", _rate(rate), label]
                 if c is None:
-                    rows.append([*head, "not measured", *[""] * 7])
+                    rows.append([*head, "not measured", *[""] * 8])
                     continue
                 ms = [f"{1e3 * c[f'{m}_p50']:,.1f} / {1e3 * c[f'{m}_p99']:,.1f}" for m in ("ttft", "tpot", "itl")]
+                step = c.get("decode_step_mean")
                 rows.append([
                     *head, f"{c['request_throughput']:.2f}", f"{c['output_throughput']:,.1f}", *ms,
+                    "" if step is None else f"{1e3 * step:.2f}",
                     f"{c['e2e_p50']:.2f} / {c['e2e_p99']:.2f}", f"{c['peak_rss_bytes'] / MiB:,.0f}",
                     f"{c['peak_state_bytes'] / MiB:,.2f}",
                 ])  # fmt: skip

@@ -27,6 +27,8 @@ def test_quick_serving_run_reports_vllms_metrics_for_every_cell(tmp_path):
         for m in ("ttft", "tpot", "itl", "e2e"):
             assert cell[f"{m}_p50"] <= cell[f"{m}_p99"]
         assert cell["ttft_p50"] <= cell["e2e_p50"] and cell["peak_state_bytes"] >= 0
+        step = cell["decode_step_mean"]  # retentive's engine reports its step; transformers' does not
+        assert step is None if cell["server"] == "Transformer" else 0 < step < cell["e2e_p50"], cell
         tokens = plan["num_prompts"] * cell["output_len"]
         assert math.isclose(cell["output_throughput"] * cell["duration_s"], tokens, rel_tol=1e-9)
     text = (tmp_path / "bench_quick_serve.md").read_text()

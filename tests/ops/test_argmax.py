@@ -33,6 +33,20 @@ def test_argmax_equals_torch_argmax_with_ties_infinities_and_nan(shape: tuple[in
     assert torch.equal(greedy(x.double()), x.double().argmax(-1))  # other dtypes: torch's argmax
 
 
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 31, 4101])
+def test_argmax_finds_the_maximum_in_any_lane_and_in_the_tail(vocab: int) -> None:
+    """The maximum (a number, +inf, or a NaN) at every kind of place: each lane of a vector, the tail past the last
+    whole vector, first and last; rows of random values around it."""
+    generator = torch.Generator().manual_seed(vocab)
+    places = sorted({0, vocab - 1, *torch.randint(0, vocab, (6,), generator=generator).tolist()})
+    for top in (1e4, float("inf"), float("nan")):
+        logits = torch.randn(len(places), vocab, generator=generator)
+        for row, place in enumerate(places):
+            logits[row, place] = top
+            logits[row, (place + 1) % vocab] = top if row % 2 else logits[row, (place + 1) % vocab]  # a tie after it
+        assert torch.equal(cpu_kernels.argmax(logits), logits.argmax(-1)), (vocab, top)
+
+
 def test_the_greedy_choice_builds_no_kernels(tmp_path) -> None:
     """Where no step has loaded the kernels, the greedy choice is torch's: a user of the eager step waits for no
     build (a fresh process, an empty kernel cache)."""

@@ -6,17 +6,24 @@ import pytest
 import torch
 from servekit import greedy, tiny_model
 
+from retentive.ops import cpu_kernels
 from retentive.serving import KVCacheBackend, RetNetBackend, backend_for
 
 
-@pytest.mark.parametrize("kind", ["retnet", "transformer"])
+@pytest.mark.parametrize("kind", ["retnet", "retnet-native", "transformer"])
 def test_batched_decode_with_joins_and_leaves_equals_generate(kind):
-    model = tiny_model(kind)
+    """The native step writes the new states over the pool's rows where they are contiguous, and into gathered
+    copies where they are not: both must reach the pool."""
+    if kind == "retnet-native" and not cpu_kernels.available():
+        pytest.skip("no C++ compiler to build the kernels")
+    model = tiny_model(kind.removesuffix("-native"))
     torch.manual_seed(1)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (1, 15, 40, 63, 7)]
-    want = [greedy(model, p, 10) for p in prompts]
+    want = [greedy(model, p, 10) for p in prompts]  # by the eager step
+    if kind == "retnet-native":
+        model.config.decode_implementation = "native"
     backend = backend_for(model, max_batch=6)
-    assert isinstance(backend, RetNetBackend if kind == "retnet" else KVCacheBackend)
+    assert isinstance(backend, KVCacheBackend if kind == "transformer" else RetNetBackend)
     slots = [4, 0, 2, 5, 1]  # not contiguous: the RetNet pool gathers and scatters rows
     got: dict[int, list[int]] = {}
     with torch.inference_mode():

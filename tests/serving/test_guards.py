@@ -168,3 +168,5 @@ def test_metrics_speak_prometheus_with_vllms_names(url):
     assert values[f'vllm:time_to_first_token_seconds_bucket{{{label},le="+Inf"}}'] >= 1
     assert f"vllm:prefix_cache_hits_total{{{label}}}" in values
     assert values[f"retentive:state_bytes{{{label}}}"] == 0
+    steps = values[f"retentive:decode_steps_total{{{label}}}"]  # the first token comes from the prefill
+    assert steps >= 3 and 0 < values[f"retentive:decode_step_seconds_total{{{label}}}"] < steps

@@ -171,8 +171,8 @@ def greedy(logits: Tensor) -> Tensor:
 
 def argmax_for(logits: Tensor) -> Callable[[Tensor], Tensor]:
     """``argmax(-1)`` for logits of the dtype and device of ``logits``: for float32 on a CPU, where a step has
-    loaded the kernels (none is built for this), their loop (:func:`.cpu_kernels.argmax`: 21-22 µs after a step,
-    where torch's reduction costs 22-35); else torch's."""
+    loaded the kernels (none is built for this), their loop (:func:`.cpu_kernels.argmax`: 16 µs right after a step
+    at one row of 4,096 logits and 31 at 16 rows, where torch's reduction costs 37 and 82); else torch's."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_kernels.loaded():
         return cpu_kernels.argmax
     return _torch_argmax

@@ -125,6 +125,7 @@ class RetNetBackend(Backend):
         self.S = [s.S.new_zeros((max_batch, *s.S.shape[1:])) for s in probe.states]
         self.z = [s.z.new_zeros((max_batch, *s.z.shape[1:])) for s in probe.states]
         self.offset = [s.offset.new_zeros(max_batch) for s in probe.states]
+        self._slot_bytes = sum(t[0].numel() * t.element_size() for t in (*self.S, *self.z, *self.offset))
 
     def _rows(self, rows: slice | Tensor) -> list[RetentionState]:
         if isinstance(rows, slice):  # a contiguous run of slots: views, no copy
@@ -136,8 +137,14 @@ class RetNetBackend(Backend):
             for S, z, o in zip(self.S, self.z, self.offset, strict=True)
         ]
 
-    def _write(self, rows: slice | Tensor, states: list[RetentionState]) -> None:
-        for S, z, o, new in zip(self.S, self.z, self.offset, states, strict=True):
+    def _write(self, rows: slice | Tensor, states: list[RetentionState], read: list | None = None) -> None:
+        """Put ``states`` into the pool's ``rows``. ``read``: the states the step read, which it may have written over
+        (``overwrite``): where those are views of the pool (a slice of rows), a state made of their very tensors is
+        in the pool already."""
+        for S, z, o, new, old in zip(self.S, self.z, self.offset, states, read or [None] * len(states), strict=True):
+            views = isinstance(rows, slice) and old is not None
+            if views and new.S is old.S and new.z is old.z and new.offset is old.offset:
+                continue
             if isinstance(rows, slice):
                 for pool, t in ((S, new.S), (z, new.z), (o, new.offset)):
                     if t.data_ptr() != pool[rows].data_ptr():  # else the step wrote it there (overwrite)
@@ -163,8 +170,9 @@ class RetNetBackend(Backend):
         rows = slice(first, first + len(slots)) if contiguous else torch.tensor(slots, device=self.device)
         x = torch.tensor(ids, device=self.device)[:, None]  # (B, 1)
         # the new states may go over the old: nobody reads a slot's old state again
-        logits, cache = self._logits(x, RetNetCache(self._rows(rows), 1, overwrite=True))
-        self._write(rows, cache.states)
+        read = self._rows(rows)
+        logits, cache = self._logits(x, RetNetCache(read, 1, overwrite=True))
+        self._write(rows, cache.states, read)
         for slot in slots:
             self.seen[slot] += 1
         return logits
@@ -189,7 +197,7 @@ class RetNetBackend(Backend):
 
     def slot_bytes(self) -> int:
         """Bytes of one slot's state: the same after 10 tokens as after a million."""
-        return sum(t[0].numel() * t.element_size() for t in (*self.S, *self.z, *self.offset))
+        return self._slot_bytes
 
     def state_bytes(self) -> int:
         return self.slot_bytes() * sum(1 for s in self.seen if s)

@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
@@ -328,6 +329,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.steps = self.prefill_tokens = self.generated_tokens = 0
+        self.decode_seconds = 0.0  # in the batched decoding steps' forwards: what the time between tokens is made of
         self.peak_state_bytes = 0
 
     # --- the caller's side (any thread) ---
@@ -380,6 +382,7 @@ class Engine:
             "running": len(self.decoding) + sum(len(r.sequences) for r in self.prefilling),
             "waiting": len(self.waiting),
             "steps": self.steps,
+            "decode_seconds": self.decode_seconds,
             "prefill_tokens": self.prefill_tokens,
             "generated_tokens": self.generated_tokens,
             "state_bytes": self.backend.state_bytes(),
@@ -564,7 +567,9 @@ class Engine:
 
     def _decode_step(self) -> None:
         self.decoding.sort(key=lambda rs: rs[1].slot)  # contiguous slots read the pool without a gather
+        start = time.perf_counter()
         logits = self.backend.decode([s.slot for _, s in self.decoding], [s.tokens[-1] for _, s in self.decoding])
+        self.decode_seconds += time.perf_counter() - start
         self.steps += 1
         self._take_tokens(logits, list(self.decoding))
 

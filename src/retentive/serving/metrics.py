@@ -67,6 +67,10 @@ class Metrics:
             ("retentive:free_slots", "gauge", "State slots free for new sequences.", stats["free_slots"]),
             ("retentive:prompt_cache_bytes", "gauge", "Prompt-cache bytes in memory.", cache.get("bytes", 0)),
         ]
+        if "decode_seconds" in stats:  # retentive's engine: how long its batched decoding steps took
+            help_ = "Seconds in batched decoding steps (the model's forward, without sampling)."
+            series.append(("retentive:decode_step_seconds_total", "counter", help_, stats["decode_seconds"]))
+            series.append(("retentive:decode_steps_total", "counter", "Batched decoding steps.", stats["steps"]))
         lines = []
         for name, kind, help_, value in series:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{self.labels}}} {value}"]
