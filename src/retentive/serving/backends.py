@@ -138,21 +138,18 @@ class RetNetBackend(Backend):
         ]
 
     def _write(self, rows: slice | Tensor, states: list[RetentionState], read: list | None = None) -> None:
-        """Put ``states`` into the pool's ``rows``. ``read``: the states the step read, which it may have written over
-        (``overwrite``): where those are views of the pool (a slice of rows), a state made of their very tensors is
-        in the pool already."""
-        for S, z, o, new, old in zip(self.S, self.z, self.offset, states, read or [None] * len(states), strict=True):
-            views = isinstance(rows, slice) and old is not None
-            if views and new.S is old.S and new.z is old.z and new.offset is old.offset:
-                continue
-            if isinstance(rows, slice):
-                for pool, t in ((S, new.S), (z, new.z), (o, new.offset)):
-                    if t.data_ptr() != pool[rows].data_ptr():  # else the step wrote it there (overwrite)
-                        pool[rows] = t
-            else:
+        """Put ``states`` into the pool's ``rows``. ``read``: the states the step read; where ``rows`` is a slice
+        they are views of the pool, and a tensor the step wrote over in place (``overwrite``) is one of them."""
+        for i, (S, z, o, new) in enumerate(zip(self.S, self.z, self.offset, states, strict=True)):
+            if not isinstance(rows, slice):
                 S.index_copy_(0, rows, new.S)
                 z.index_copy_(0, rows, new.z)
                 o.index_copy_(0, rows, new.offset)
+                continue
+            old = read[i] if read is not None else RetentionState(None, None, None)
+            for pool, t, view in ((S, new.S, old.S), (z, new.z, old.z), (o, new.offset, old.offset)):
+                if t is not view:  # else it is in the pool already
+                    pool[rows] = t
 
     def prefill(self, slot: int, ids: list[int]) -> Tensor:
         rows = slice(slot, slot + 1)
