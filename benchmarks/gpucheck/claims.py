@@ -8,9 +8,11 @@ What each side runs, built on the GPU in its own class with random weights:
 
 - RetNet: ``RetNetForCausalLM`` (``retnet-6.7b`` / ``retnet-1.3b``). Prefill: ``model(ids, use_cache=True,
   logits_to_keep=1)``, the chunkwise form in pieces of ``config.prefill_chunk`` tokens; decoding: the same call on one
-  token with the ``RetNetCache``, the recurrent step (the fused Triton kernel), which writes a new float32 state
-  beside the old one. Training: ``model(ids, labels=ids)`` in the chunkwise form (Triton kernels forward and
-  backward) with the loss computed block by block from the hidden states (the library's training loss).
+  token with the ``RetNetCache``, the recurrent step (the fused Triton kernel), which writes the new float32 state
+  over the old one, as a static KV cache is updated in place (the cache's own states: ``overwrite=True``, as
+  ``generate()`` does with the states of its own prefill). Training: ``model(ids, labels=ids)`` in the chunkwise
+  form (Triton kernels forward and backward) with the loss computed block by block from the hidden states (the
+  library's training loss).
 - Llama: Hugging Face ``LlamaForCausalLM`` with SDPA, parameter-matched (``transformer-6.7b`` /
   ``transformer-1.3b``, :mod:`retentive.baselines`). Prefill and decoding: ``model(input_ids=..., cache=StaticCache,
   use_cache=True, logits_to_keep=1)``; the static cache holds 8,192 + 64 positions in bf16 and every step attends
@@ -21,7 +23,7 @@ Batch 1 decodes after a real prefill of 8,192 tokens; larger batches start from 
 with random values (a step's cost does not depend on them). Decoding is timed eagerly (the call above) and, for the
 latency batches, replayed from a CUDA graph (the same call; the Llama's given its 4-D mask and positions so that
 nothing in it reads the GPU from the host); throughput is eager only: at those batches a step is bound by the GPU,
-and a graph's output pool would need a third copy of RetNet's states. Times are medians over 3 rounds of several
+and a graph's output pool would need a second copy of RetNet's states. Times are medians over 3 rounds of several
 steps between CUDA events. Training is pure bf16 (parameters, gradients and AdamW states) with the library's fused
 AdamW (``training.optim.build_optimizer``), the same for both, forward + backward + optimizer step. Memory is
 ``torch.cuda.max_memory_allocated`` after a reset: weights, cache or state, and the step's activations.
@@ -174,7 +176,7 @@ class Decoder:
     """One model's decoding after ``context`` tokens: its cache (from a prefill or random) and one step.
 
     ``traffic`` is how many times a step moves its cache's bytes: 1 where it is read, 2 where it is read and
-    written anew.
+    written.
     """
 
     traffic = 1
@@ -214,10 +216,11 @@ class Decoder:
 class RetNetDecoder(Decoder):
     """``RetNetForCausalLM`` with its ``RetNetCache``: one float32 state (S, z) per layer, whatever the length."""
 
-    traffic = 2  # each state read, a new one written
+    traffic = 2  # each state read, then written over
 
     def prefill(self, ids: torch.Tensor) -> RetNetCache:
-        return cache_of(self.model(ids, use_cache=True, logits_to_keep=1))
+        cache = cache_of(self.model(ids, use_cache=True, logits_to_keep=1))
+        return RetNetCache(cache.states, cache.seen_tokens, overwrite=True)  # nobody else reads these states
 
     def random_cache(self, batch: int) -> RetNetCache:
         cfg = self.model.config
@@ -227,7 +230,7 @@ class RetNetDecoder(Decoder):
             state = RetentionState.zeros(batch, H, dk, dv, offset=self.context, device=self.device)
             state.S.normal_(), state.z.normal_()  # S (B, H, dk, dv), z (B, H, dk)
             states.append(state)
-        return RetNetCache(states, seen_tokens=self.context)
+        return RetNetCache(states, seen_tokens=self.context, overwrite=True)
 
     def cache_bytes(self, cache: RetNetCache) -> int:
         return cache.nbytes()
@@ -235,7 +238,7 @@ class RetNetDecoder(Decoder):
     def row_bytes(self) -> int:
         cfg = self.model.config
         (dk, dv), H = cfg.head_dims, cfg.num_heads
-        return 2 * cfg.num_layers * H * (dk * dv + dk) * 4  # the old and the new state, both alive as a step ends
+        return cfg.num_layers * H * (dk * dv + dk) * 4  # one state, written over by each step
 
     def step(self, cache: RetNetCache, token: torch.Tensor) -> Callable[[], object]:
         return lambda: self.model(token, cache=cache, use_cache=True, logits_to_keep=1)
@@ -439,9 +442,9 @@ def inference_targets(part: Part, retnet: Side, llama: Side) -> None:
             judged(part, ratio >= PAPER_MEMORY),
             f"{ratio:.2f}x at batch {last} ({l1.peak / r1.peak:.2f}x at batch 1)",
             f"the weights are the same {gib(retnet.weights):.1f} GiB on each side; per row the KV cache holds "
-            f"{l1.cache_bytes / 2**20:.0f} MiB and RetNet {retnet.row_bytes / 2**20:.0f} MiB (its state twice: a step "
-            f"writes new states beside the old); the ratio reaches {PAPER_MEMORY}x at {reach}. An in-place state "
-            "update (ops.triton.decode_step_) would halve RetNet's per-row memory",
+            f"{l1.cache_bytes / 2**20:.0f} MiB and RetNet {retnet.row_bytes / 2**20:.0f} MiB (its float32 state, "
+            f"written over in place); the ratio reaches {PAPER_MEMORY}x at {reach}. A bf16 state would halve "
+            "RetNet's per-row memory",
         )
         graphs = all(d.graph_ms is not None for d in (r1, r8, l1, l8))
         ratio = l8.best_ms(graphs) / r8.best_ms(graphs)

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retentive.ops import RetentionState, log_gamma, retention
+from retentive.ops import RetentionState, decode_step, log_gamma, retention
 from retentive.ops.reference import naive
 
 F64 = torch.float64
@@ -281,6 +281,29 @@ def test_decode_step_equals_the_recurrent_form(normalize_decay, normalize_retent
     for a, b in ((fast_state.S, slow_state.S), (fast_state.z, slow_state.z)):
         torch.testing.assert_close(a, b.detach(), **tol_state)
     assert torch.equal(fast_state.offset, slow_state.offset)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_overwrite_writes_the_same_state_over_the_given_one(normalize, dtype):
+    """``overwrite=True``: the same output and new state as without, its S and z written into the given tensors (the
+    offset a new tensor); a state of another dtype than the step keeps (float64 here) is left as it was."""
+    torch.manual_seed(5)
+    q, k, v = qkv(2, 3, 1, 8, 6, dtype=dtype)
+    state = RetentionState.zeros(2, 3, 8, 6, offset=torch.tensor([20, 5]))
+    state.S.normal_(), state.z.normal_()
+    norms = {"normalize_decay": normalize, "normalize_retention": normalize}
+    args = (q, k, v, "retnet")
+    want, want_state = decode_step(*args, state, scale=8**-0.5, **norms)
+    given = RetentionState(state.S.clone(), state.z.clone(), state.offset.clone())
+    got, got_state = decode_step(*args, given, scale=8**-0.5, overwrite=True, **norms)
+    assert torch.equal(got, want)
+    assert got_state.S is given.S and got_state.z is given.z
+    assert torch.equal(given.S, want_state.S) and torch.equal(given.z, want_state.z)
+    assert torch.equal(got_state.offset, want_state.offset) and torch.equal(given.offset, state.offset)
+    wide = RetentionState(state.S.double(), state.z.double(), state.offset)
+    decode_step(*args, wide, scale=8**-0.5, overwrite=True, **norms)
+    assert torch.equal(wide.S, state.S.double()) and torch.equal(wide.z, state.z.double())
 
 
 @pytest.mark.parametrize("mode,chunk_size", FORMS)

@@ -74,10 +74,12 @@ class RetNetBlock(nn.Module):
         x = x + self.dropout(self.ls2(self.ffn(self.norm2(x))))
         return (x, new_state) if return_state else x
 
-    def decode_step(self, x: Tensor, state: RetentionState, rotary: Tensor | None) -> tuple[Tensor, RetentionState]:
+    def decode_step(
+        self, x: Tensor, state: RetentionState, rotary: Tensor | None, overwrite: bool = False
+    ) -> tuple[Tensor, RetentionState]:
         """One token in the recurrent form, without gradients and in eval mode (no dropout): x (B, 1, d) ->
         (B, 1, d) and the new state; see :meth:`MultiScaleRetention.decode_step`."""
-        y, state = self.retention.decode_step(self.norm1(x), state, rotary)
+        y, state = self.retention.decode_step(self.norm1(x), state, rotary, overwrite)
         x = x + (self.ls1(y) if self.scaled else y)
         y = self.ffn(self.norm2(x))
         return x + (self.ls2(y) if self.scaled else y), state

@@ -248,12 +248,15 @@ class MultiScaleRetention(nn.Module):
         y = self.out_proj(y)  # (B, T, d)
         return (y, new_state) if return_state else y
 
-    def decode_step(self, x: Tensor, state: RetentionState, rotary: Tensor | None) -> tuple[Tensor, RetentionState]:
+    def decode_step(
+        self, x: Tensor, state: RetentionState, rotary: Tensor | None, overwrite: bool = False
+    ) -> tuple[Tensor, RetentionState]:
         """``forward(x, mode="recurrent", state=state, rotary=rotary, return_state=True)`` for one token, without
         gradients: decoding runs it for every token and layer, so it skips the general path's checks and reshapes.
 
-        Args: x (B, 1, d); state: this layer's state (not modified); rotary (B, 1, 1, Dk/2) the phase of
-        this token's position (see :func:`positions_of`). Returns y (B, 1, d) and the new state.
+        Args: x (B, 1, d); state: this layer's state, not modified unless ``overwrite`` (the new S and z may then
+        go over it: :func:`~retentive.ops.decode_step`); rotary (B, 1, 1, Dk/2) the phase of this token's position
+        (see :func:`positions_of`). Returns y (B, 1, d) and the new state.
         """
         B, H, Dk, Dv = x.shape[0], self.num_heads, self.key_dim, self.value_dim
         q = self.q_proj(x).view(B, H, 1, Dk)  # one token: (B, 1, H * Dk) is already head-major
@@ -270,6 +273,7 @@ class MultiScaleRetention(nn.Module):
             scale=Dk**-0.5,
             normalize_decay=self.normalize_decay,
             normalize_retention=self.normalize_retention,
+            overwrite=overwrite,
         )
         y = self.head_norm.gated(o, g, self.gate_fn)  # (B, 1, H * Dv)
         return self.out_proj(y), state

@@ -47,10 +47,11 @@ class RetNetCache(Cache):
     """The retention state (S, z, offset) of every layer, and how many tokens (padding included) it has read.
 
     Like transformers' static caches, a cache updates its own states in place: the states a decoding step made
-    for this cache are written over by its next step (the ``"native"`` step does; the others return new
-    tensors), which allocates nothing and reads each byte of the state once. The states given to the constructor
-    or left by a prefill are never written, so that a prompt's cache can be continued twice (wrap its states in a
-    new ``RetNetCache`` each time); clone ``cache.states`` to keep a state past the next step.
+    for this cache are written over by its next step (the ``"eager"`` and ``"native"`` steps do; ``"compiled"``
+    and ``"aot"`` return new tensors), which allocates nothing and holds the state once instead of twice. The
+    states given to the constructor or left by a prefill are never written, so that a prompt's cache can be
+    continued twice (wrap its states in a new ``RetNetCache`` each time); clone ``cache.states`` to keep a state
+    past the next step.
 
     Args:
         states: one :class:`RetentionState` per layer, or None for an empty cache (filled by the first forward).

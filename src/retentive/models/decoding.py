@@ -4,7 +4,9 @@ Decoding costs one step per token, and a step of a small model is a few hundred 
 rotation, state update, head norm and gate, FFN, for every layer): their dispatch, not the arithmetic, sets its
 time. ``config.decode_implementation`` chooses how the step runs:
 
-- ``"eager"`` (default): :func:`decode_logits` as written, the reference; no compiler needed.
+- ``"eager"`` (default): :func:`decode_logits` as written, the reference; no compiler needed. It writes a cache's
+  own states over in place, as ``"native"`` does (below): on a GPU the fused Triton step, whose state is then held
+  once rather than twice.
 - ``"compiled"``: the same function through ``torch.compile``, once per process and model (on CUDA with CUDA
   graphs, ``mode="reduce-overhead"``). The first step at batch 1 and the first at a larger batch compile (seconds,
   cached on disk by inductor); the second batch size makes the batch dimension symbolic, so later sizes re-use it.
@@ -63,22 +65,23 @@ Step = Callable[["RetNetForCausalLM", Tensor, list[RetentionState]], tuple[Tenso
 
 
 def decode_logits(
-    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
+    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
 ) -> tuple[Tensor, list[RetentionState]]:
     """One token per row through the embedding, every block's recurrent step and the head.
 
-    input_ids: (B, 1); states: one RetentionState per layer. Returns logits (B, 1, V) and the new states.
+    input_ids: (B, 1); states: one RetentionState per layer, whose S and z the new ones may go over with
+    ``overwrite``. Returns logits (B, 1, V) and the new states.
     """
-    h, states = lm.model.retnet.step(lm.model._embed(input_ids), states)  # h: (B, 1, d)
+    h, states = lm.model.retnet.step(lm.model._embed(input_ids), states, overwrite)  # h: (B, 1, d)
     return lm.lm_head(h), states
 
 
 def eager_step(
-    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState]
+    lm: RetNetForCausalLM, input_ids: Tensor, states: list[RetentionState], overwrite: bool = False
 ) -> tuple[Tensor, list[RetentionState]]:
     """:func:`decode_logits` in inference mode (no autograd bookkeeping on any op)."""
     with torch.inference_mode():
-        return decode_logits(lm, input_ids, states)
+        return decode_logits(lm, input_ids, states, overwrite)
 
 
 # each model's compiled step: dynamo keeps compiled code (and its budget of 8 recompilations) per code object, so
@@ -152,7 +155,7 @@ def _make_step(kind: str, overwrite: bool, greedy: bool) -> Step:
         from .native_step import native_step  # it builds on this module
 
         return partial(native_step, overwrite=overwrite, greedy=greedy)
-    steps = {"eager": eager_step, "compiled": compiled_step, "aot": aot_step}
+    steps = {"eager": partial(eager_step, overwrite=overwrite), "compiled": compiled_step, "aot": aot_step}
     if kind not in steps:
         raise ValueError(f"decode_implementation must be one of {DECODE_IMPLEMENTATIONS}, got {kind!r}")
     return partial(_choose, steps[kind]) if greedy else steps[kind]

@@ -142,24 +142,29 @@ class RetNet(nn.Module):
         x = self.norm(x)
         return (x, new_state) if return_state else x
 
-    def decode_step(self, x: Tensor, state: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
+    def decode_step(
+        self, x: Tensor, state: list[RetentionState], overwrite: bool = False
+    ) -> tuple[Tensor, list[RetentionState]]:
         """One token through every block in the recurrent form, without gradients, in eval mode: what
         ``forward(x, mode="recurrent", state=state, return_state=True)`` computes, in the fewest ops.
 
-        x: (B, 1, d) embeddings; state: one RetentionState per block. Returns (B, 1, d) and the new states.
-        They are inference tensors (``torch.inference_mode`` spares every op its autograd bookkeeping): clone a
-        state to backpropagate through it later.
+        x: (B, 1, d) embeddings; state: one RetentionState per block, left as it is unless ``overwrite`` (then
+        each new S and z may go over the given one: for states nobody reads again). Returns (B, 1, d) and the new
+        states. They are inference tensors (``torch.inference_mode`` spares every op its autograd bookkeeping):
+        clone a state to backpropagate through it later.
         """
         with torch.inference_mode():
-            return self.step(x, state)
+            return self.step(x, state, overwrite)
 
-    def step(self, x: Tensor, state: list[RetentionState]) -> tuple[Tensor, list[RetentionState]]:
+    def step(
+        self, x: Tensor, state: list[RetentionState], overwrite: bool = False
+    ) -> tuple[Tensor, list[RetentionState]]:
         """:meth:`decode_step` without entering inference mode: the per-token math alone, which
         :mod:`retentive.models.decoding` compiles (a compiled region cannot switch inference mode on)."""
         first = self.blocks[0].retention
         rotary = first.rotary_phase(state[0].offset[:, None], x.dtype) if first.rotary else None
         new_state = []
         for block, s in zip(self.blocks, state, strict=True):
-            x, s = block.decode_step(x, s, rotary)
+            x, s = block.decode_step(x, s, rotary, overwrite)
             new_state.append(s)
         return self.norm(x), new_state

@@ -84,11 +84,15 @@ class RetentionBackend(Protocol):
         normalize_decay: bool,
         normalize_retention: bool,
         output_state: bool,
+        overwrite: bool = False,
     ) -> tuple[Tensor, RetentionState | None]:
         """One token of every head without gradients, normalizations included: what decoding runs per token.
 
-        q, k (B, H, 1, Dk) unscaled; v (B, H, 1, Dv); ``state`` from the previous token (left as it is) or None.
-        Returns o (B, H, 1, Dv) in v's dtype and the new state (None unless ``output_state``).
+        q, k (B, H, 1, Dk) unscaled; v (B, H, 1, Dv); ``state`` from the previous token or None, left as it is
+        unless ``overwrite``: then the new S and z may be written over the given ones (where their dtype and layout
+        allow; the offset is always a new tensor), which a decoding step whose old state nobody reads again asks for
+        (it halves the state's memory and allocates nothing). Returns o (B, H, 1, Dv) in v's dtype and the new state
+        (None unless ``output_state``).
         """
         ...
 

@@ -118,12 +118,14 @@ def decode_step(
     normalize_decay: bool = False,
     normalize_retention: bool = False,
     output_state: bool = True,
+    overwrite: bool = False,
     backend: Backend = "auto",
 ) -> tuple[Tensor, RetentionState | None]:
     """``retention(..., mode="recurrent")`` of one token without gradients, in the fewest ops: decoding.
 
     Unchecked (the caller is ``retention`` or a layer that built q, k, v itself). q, k: (B, H, 1, Dk) unscaled,
-    v: (B, H, 1, Dv); ``state`` from the previous token or None. Returns o (B, H, 1, Dv) and the new state.
+    v: (B, H, 1, Dv); ``state`` from the previous token or None; ``overwrite``: the new S and z may go over the
+    given state's (see :meth:`~.backend.RetentionBackend.decode_step`). Returns o (B, H, 1, Dv) and the new state.
     """
     dtype = torch.promote_types(q.dtype, torch.float32)  # the state's dtype, as in retention()
     return _forms(backend, q).decode_step(
@@ -136,6 +138,7 @@ def decode_step(
         normalize_decay=normalize_decay,
         normalize_retention=normalize_retention,
         output_state=output_state,
+        overwrite=overwrite,
     )
 
 

@@ -209,9 +209,11 @@ def decode_step(
     normalize_decay: bool,
     normalize_retention: bool,
     output_state: bool,
+    overwrite: bool = False,
 ) -> tuple[Tensor, RetentionState | None]:
     """See :meth:`~retentive.ops.backend.RetentionBackend.decode_step`: the recurrent form unrolled once, in as few
-    tensor ops as the math allows (decoding runs it for every token and layer)."""
+    tensor ops as the math allows (decoding runs it for every token and layer). With ``overwrite``, the updates of
+    S and z write their results over the given tensors where these already have the state's dtype."""
     out_dtype, dtype = v.dtype, log_g.dtype
     if q.dtype != dtype:  # half precision: state and sums in float32 (tested first: even a no-op cast costs a dispatch)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -220,11 +222,12 @@ def decode_step(
         S, z, offset = kv, k[:, :, 0], torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     else:
         S, z, offset = state.S, state.z, state.offset
+        in_place = overwrite and S.dtype == dtype and z.dtype == dtype
         if S.dtype != dtype:
             S, z = S.to(dtype), z.to(dtype)
         gamma = log_g.exp()[:, None]  # (H, 1)
-        S = torch.addcmul(kv, gamma[..., None], S)  # gamma S + k^T v
-        z = torch.addcmul(k[:, :, 0], gamma, z)  # (B, H, Dk)
+        S = torch.addcmul(kv, gamma[..., None], S, out=S if in_place else None)  # gamma S + k^T v
+        z = torch.addcmul(k[:, :, 0], gamma, z, out=z if in_place else None)  # (B, H, Dk)
     o = (q @ S) * scale  # (B, H, 1, Dv)
     if normalize_decay or normalize_retention:
         r = (q[:, :, 0] * z).sum(-1)[..., None, None] * scale if normalize_retention else None  # (B, H, 1, 1)

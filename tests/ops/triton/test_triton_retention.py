@@ -6,7 +6,7 @@ import pytest
 import torch
 from triton_checks import DEVICE, TOL, rel_err
 
-from retentive.ops import RetentionState, log_gamma, retention
+from retentive.ops import RetentionState, decode_step, log_gamma, retention
 from retentive.ops.triton import decode_step_
 
 retention_module = importlib.import_module("retentive.ops.retention")  # the module, not the function it exports
@@ -97,6 +97,31 @@ def test_decode_token_through_retention(normalize):
     assert torch.equal(got_state.offset, want_state.offset)
     for now, then in ((state.S, before.S), (state.z, before.z), (state.offset, before.offset)):
         assert torch.equal(now, then)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_decode_step_overwrite(contiguous):
+    """``overwrite=True``: the kernel writes the new S over a contiguous float32 S and copies the new z over z,
+    with the same output and state as a step into new tensors; a strided state gets new tensors, left as it was."""
+    q, k, v = inputs(2, 3, 1, 16, 24, torch.bfloat16, seed=4)
+    state = RetentionState.zeros(2, 3, 16, 24, offset=torch.tensor([7, 0]), device=DEVICE)
+    state.S.normal_(), state.z.normal_()
+    kw = dict(decay="retnet", scale=0.25, normalize_decay=True, normalize_retention=True, backend="triton")
+    with torch.no_grad():
+        want, want_state = decode_step(q, k, v, state=state, **kw)
+        if contiguous:
+            given = RetentionState(state.S.clone(), state.z.clone(), state.offset.clone())
+        else:  # every other element of a wider buffer
+            S, z = (torch.stack((t, torch.full_like(t, torch.nan)), -1)[..., 0] for t in (state.S, state.z))
+            given = RetentionState(S, z, state.offset.clone())
+        got, got_state = decode_step(q, k, v, state=given, overwrite=True, **kw)
+    assert torch.equal(got, want)
+    for name in ("S", "z", "offset"):
+        assert torch.equal(getattr(got_state, name), getattr(want_state, name))
+    assert (got_state.S is given.S and got_state.z is given.z) == contiguous
+    assert torch.equal(given.S, (want_state if contiguous else state).S)
+    assert torch.equal(given.z, (want_state if contiguous else state).z)
+    assert torch.equal(given.offset, state.offset)
 
 
 def test_gradients_through_retention():

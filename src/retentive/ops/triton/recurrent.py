@@ -133,16 +133,20 @@ def decode_step_(
     """
     if q.shape[2] != 1:
         raise ValueError(f"decode_step_ reads one token per row, got q of shape {tuple(q.shape)}")
-    if state.S.dtype != torch.float32 or not state.S.is_contiguous() or not state.z.is_contiguous():
+    if not _writable(state):
         raise ValueError("decode_step_ updates a contiguous float32 state in place: pass RetentionState.zeros(...)")
-    o, z = _step(
-        q, k, v, log_g, state.offset, state.S, state.z, state.S,
+    o, _ = decode_step(
+        q, k, v, log_g, state,
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        normalize_decay=normalize_decay, normalize_retention=normalize_retention,
+        normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=False, overwrite=True,
     )  # fmt: skip
-    state.z.copy_(z)  # z is read by every program of the step, so it cannot be written in place
     state.offset += 1
     return o
+
+
+def _writable(state: RetentionState) -> bool:
+    """Whether the kernel can write a step's new S and z over ``state``'s: float32 and contiguous."""
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in (state.S, state.z))
 
 
 @torch.compiler.disable
@@ -157,17 +161,23 @@ def decode_step(
     normalize_decay: bool,
     normalize_retention: bool,
     output_state: bool,
+    overwrite: bool = False,
 ) -> tuple[Tensor, RetentionState | None]:
-    """See :meth:`~retentive.ops.backend.RetentionBackend.decode_step`: one fused kernel."""
+    """See :meth:`~retentive.ops.backend.RetentionBackend.decode_step`: one fused kernel. With ``overwrite``, the
+    new S goes over the given one where that is a contiguous float32 tensor (each program reads its slice of S
+    before writing it), and the new z is copied over the given z (every program reads all of z)."""
     B, H, _, Dk = q.shape
     if state is None:
         state = RetentionState.zeros(B, H, Dk, v.shape[-1], device=q.device)
-    S, z = state.S.float().contiguous(), state.z.float().contiguous()
-    S_out = torch.empty_like(S)
+    in_place = overwrite and _writable(state)
+    S, z = (state.S, state.z) if in_place else (state.S.float().contiguous(), state.z.float().contiguous())
+    S_out = S if in_place else torch.empty_like(S)
     o, z_out = _step(
         q, k, v, log_g, state.offset, S, z, S_out,
         scale=scale, normalize_decay=normalize_decay, normalize_retention=normalize_retention,
     )  # fmt: skip
+    if in_place:
+        z_out = z.copy_(z_out)
     return o, RetentionState(S_out, z_out, state.offset + 1) if output_state else None
 
 
