@@ -79,14 +79,18 @@ def paired(spec: dict) -> dict:
     give ratios that drift with it. Here every cycle times ``steps`` steps of each model back to back, at each of
     ``batches`` after ``context`` tokens, and a ratio is taken within the cycle: the median of the ``cycles``
     ratios is what the cycle-to-cycle drift leaves alone. Per model: the median of its cycles' step times, and its
-    ratio to the first model (median, min, max over cycles).
+    ratio to the first model (median, min, max over cycles). A model's spec may name a ``context`` of its own: the same
+    step after two contexts, step for step, says whether its cost is flat.
     """
     adapters = [_decoder(model, _dims(spec))[0] for model in spec["models"]]
     warmup = spec.get("warmup", 2)
     out = {}
     for batch in spec.get("batches", (1, 8)):
         token = torch.randint(0, adapters[0].dims.vocab_size, (batch, 1))
-        states = [adapter.synthetic_state(batch, spec["context"]) for adapter in adapters]
+        states = [
+            adapter.synthetic_state(batch, model.get("context", spec["context"]))
+            for adapter, model in zip(adapters, spec["models"], strict=True)
+        ]
         cycles: list[list[float]] = [[] for _ in adapters]
         for _ in range(spec.get("cycles", 10)):
             for i, adapter in enumerate(adapters):

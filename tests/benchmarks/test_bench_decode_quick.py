@@ -90,3 +90,42 @@ def test_paired_measurement_times_every_model_in_one_process():
     for runs in out.values():
         assert len(runs) == 2 and runs[0]["ratio"] == 1.0  # the first model against itself
         assert all(r["ms_per_token"] > 0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"] for r in runs)
+
+
+def test_flat_is_judged_step_for_step_where_measured():
+    # the cells say 1.10x (flat); the step-for-step ratio of the two contexts says 1.20x: the paired figure decides
+    results = fake(0.4, 1.2, 1.0, 2.5, 0.28)
+    results["plan"]["paired"] = {"cycles": 12}
+    results["flat"] = {
+        "short": 512,
+        "long": 16384,
+        "ms_per_token": 0.48,
+        "ratio": 1.2,
+        "ratio_min": 1.1,
+        "ratio_max": 1.3,
+    }
+    ok, why = {claim: (ok, why) for claim, ok, why in decode.checks(results)}[
+        "retentive (native): batch 1 flat from 512 to 16384 tokens of context"
+    ]
+    assert ok is False and why.startswith("1.20x (paired")
+    assert any(line.startswith("Paired after 512 and 16,384") for line in decode._paired_lines(results))
+
+
+def test_paired_measurement_gives_each_model_its_own_context(monkeypatch):
+    import measure
+
+    contexts = []
+    build = measure._decoder
+
+    def recording(spec, dims):
+        adapter, warm = build(spec, dims)
+        synthetic = adapter.synthetic_state
+        adapter.synthetic_state = lambda batch, context: contexts.append(context) or synthetic(batch, context)
+        return adapter, warm
+
+    monkeypatch.setattr(measure, "_decoder", recording)
+    dims = {"num_layers": 1, "dim_model": 16, "num_heads": 2, "vocab_size": 31}
+    step = {"model": "retentive", "decode_implementation": "eager"}
+    spec = {"dims": dims, "models": [step, step | {"context": 64}], "context": 8, "batches": [1], "cycles": 2}
+    runs = measure.paired(spec | {"steps": 2})["b1"]
+    assert contexts == [8, 64] and len(runs) == 2 and runs[1]["ratio"] > 0
