@@ -20,7 +20,7 @@ def unfused(o, g, weight, bias, gate, eps):
     return FUSED_GATES[gate][0](g) * y
 
 
-def check_against_unfused(gate, affine, dtype, tol, compile):
+def check_against_unfused(gate, affine, dtype, tol, compile, traced=False):
     B, H, T, Dv = 2, 3, 11, 8
     gen = torch.Generator().manual_seed(0)
 
@@ -32,7 +32,8 @@ def check_against_unfused(gate, affine, dtype, tol, compile):
     dout = torch.randn(B, T, H * Dv, generator=gen, dtype=F64).to(dtype)
     leaves = [t for t in (o, g, weight, bias) if t is not None]
     results = []
-    for fn in (lambda *a: gated_head_norm(*a, compile=compile), unfused):
+    fused = lambda *a: gated_head_norm(*a, compile=compile)
+    for fn in (torch.compile(fused, backend="aot_eager") if traced else fused, unfused):
         out = fn(o, g, weight, bias, gate, 1e-6)
         results.append([out, *torch.autograd.grad(out, leaves, dout)])
     for got, want in zip(*results, strict=True):
@@ -50,6 +51,13 @@ def test_fused_matches_unfused(gate, affine, dtype, tol):
 @pytest.mark.parametrize("gate,affine,dtype,tol", [("swish", True, torch.float32, 1e-5), ("gelu", False, F64, 1e-12)])
 def test_compiled_matches_unfused(gate, affine, dtype, tol):
     check_against_unfused(gate, affine, dtype, tol, compile=True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_traced_inside_a_compiled_model_matches_unfused(affine):
+    """Traced by ``torch.compile`` as part of a model (autograd Function and all; aot_eager: no code generation):
+    the same output and gradients. torch 2.11 gave zero gradients while the forward wrote its output in place."""
+    check_against_unfused("swish", affine, torch.float32, 1e-5, compile=False, traced=True)
 
 
 def test_compile_failure_falls_back_to_the_eager_ops(monkeypatch):

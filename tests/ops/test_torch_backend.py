@@ -160,3 +160,25 @@ def test_cpu_autocast_changes_nothing_in_a_decode_step(with_state):
         results.append([o, new.S, new.z])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_forms_run_on_meta_tensors(mode):
+    """A model traced for its shapes on the meta device: autocast, which knows no meta device, is not asked."""
+    q, k, v = (torch.empty(2, 3, 5, 8, device="meta") for _ in range(3))
+    o, state = retention(q, k, v, mode=mode, chunk_size=2, output_state=True)
+    assert o.shape == (2, 3, 5, 8) and o.device.type == "meta"
+    o, state = retention(q[:, :, :1], k[:, :, :1], v[:, :, :1], mode="recurrent", state=state, output_state=True)
+    assert o.shape == (2, 3, 1, 8) and state.S.shape == (2, 3, 8, 8)
+
+
+def test_compiled_forms_under_autocast_trace_whole():
+    """The autocast check traces under ``torch.compile(fullgraph=True)``, with autocast on and off."""
+    q, k, v = (torch.randn(1, 2, 1, 4) for _ in range(3))
+    step = torch.compile(lambda q, k, v: retention(q, k, v, mode="recurrent", output_state=True), fullgraph=True)
+    want = retention(q, k, v, mode="recurrent", output_state=True)
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            o, state = step(q, k, v)
+        torch.testing.assert_close(o, want[0])
+        torch.testing.assert_close(state.S, want[1].S)

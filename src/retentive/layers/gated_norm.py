@@ -52,7 +52,10 @@ def gated_norm_forward(
     if weight is not None:
         y = torch.addcmul(bias, y, weight)
     out = FUSED_GATES[gate][0](g)
-    return (out.mul_(y) if out.dtype == y.dtype else out * y), x_hat, rstd
+    # in place saves eager a (B, T, H * Dv) temporary; traced, it is left to the compiler, and must be: torch 2.11's
+    # torch.compile gave this function zero gradients when its output was written in place
+    in_place = out.dtype == y.dtype and not torch.compiler.is_compiling()
+    return (out.mul_(y) if in_place else out * y), x_hat, rstd
 
 
 def gated_norm_backward(

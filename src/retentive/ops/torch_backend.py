@@ -45,12 +45,15 @@ def without_autocast(fn: Callable[P, R]) -> Callable[P, R]:
     to float32 once): autocast would make some products bf16 beside float32 states, which the in-place updates
     refuse (``baddbmm_``) and which would round what the backend keeps in float32. So under autocast they compute
     what they compute on inputs of the same dtypes without it; checked first, as decoding calls this per token.
+    Autocast has no state for meta tensors (a model traced for its shapes), where asking raises; the question is
+    asked of ``torch.is_autocast_enabled`` alone, which ``torch.compile`` traces (torch 2.11's cannot trace
+    ``torch.amp.is_autocast_available``).
     """
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         device = next(a for a in args if isinstance(a, Tensor)).device.type
-        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        if device == "meta" or not torch.is_autocast_enabled(device):
             return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
