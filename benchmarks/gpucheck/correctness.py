@@ -8,8 +8,11 @@ A covering set of (dtype, dk, dv) rather than their product, since each new one 
 fp32, bf16 and fp16; dk 64, 128 and 256; dv = dk and 2 dk; T not a multiple of the chunk, batch > 1,
 normalizations on and off, a carried state with each row at its own offset. The bf16 backward at dk 64 and 256
 guards against the Hopper miscompile reported in flash-linear-attention issue 640 (a transposed dot result fed into
-another dot, dk wrong at a 64-wide K tile). Last, one size whose element offsets pass 2^31, its last head against
-float64 on that head alone (heads are independent).
+another dot, dk wrong at a 64-wide K tile; the dk kernel is written so as not to need one), and runs once more under
+each launch the kernels are tuned over (``LAUNCHES``: warps and pipelining stages), every kernel pinned to it: the
+tuner keeps the fastest, and a launch Triton miscompiles (flash-linear-attention had to drop some on Hopper) would
+be wrong only where it happens to win. The launches the tuner chose are reported. Last, one size whose element
+offsets pass 2^31, its last head against float64 on that head alone (heads are independent).
 
 Tolerances, relative to float64 (docs/math.md): 1e-5 in fp32, since ``dot_precision`` multiplies float32 operands
 as "ieee", not tf32; 2e-2 in bf16 and fp16, on inputs already rounded, so the error is the kernels' own.
@@ -31,17 +34,25 @@ interpreter) runs them all at tiny sizes but the 2^31 one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+import triton
 from torch import Tensor
+from triton.runtime.autotuner import Autotuner
 
+import retentive.ops.triton
 from gpucheck.harness import Part, free_cuda, rel_err
 from retentive import RetNetConfig, RetNetForCausalLM
 from retentive.ops import RetentionState, gamma_schedule, log_gamma, retention
 from retentive.ops.triton import decode_step_
+from retentive.ops.triton.common import LAUNCHES
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -77,8 +88,9 @@ def run(part: Part) -> None:
     torch.manual_seed(0)
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 
-    def kernels(dtype: torch.dtype, dk: int, dv: int, normalize: bool) -> tuple:
-        return 15, f"chunkwise {NAME[dtype]} dk {dk} dv {dv}", partial(chunkwise, part, s, dtype, dk, dv, normalize)
+    def kernels(dtype: torch.dtype, dk: int, dv: int, normalize: bool, each_launch: bool = False) -> tuple:
+        check = partial(chunkwise, part, s, dtype, dk, dv, normalize, each_launch)
+        return 15 + 5 * each_launch, f"chunkwise {NAME[dtype]} dk {dk} dv {dv}", check
 
     def decode(dtype: torch.dtype, dk: int, dv: int, normalize: bool) -> tuple:
         return 5, f"decode step {NAME[dtype]} dk {dk} dv {dv}", partial(decode_step, part, s, dtype, dk, dv, normalize)
@@ -87,8 +99,8 @@ def run(part: Part) -> None:
     # the 2^31 case and torch.compile. Each new (dtype, dk, dv) compiles and tunes five kernels (about 15 s); the
     # model's dk 128, dv 256 reuse those of the bf16 and fp32 cases before it, the 2^31 case those of the first.
     items: list[tuple[float, str, Callable[[], None]]] = [
-        kernels(bf16, 64, 64, False),  # fla issue 640: dk at a 64-wide K tile
-        kernels(bf16, 256, 512, True),  # retnet-1.3b heads
+        kernels(bf16, 64, 64, False, each_launch=True),  # fla issue 640: dk at a 64-wide K tile
+        kernels(bf16, 256, 512, True, each_launch=True),  # retnet-1.3b heads
         decode(bf16, 256, 512, True),
         kernels(bf16, 128, 256, False),
         (10, "model forms bf16", partial(model_forms, part, s)),
@@ -117,6 +129,41 @@ def run(part: Part) -> None:
             free_cuda()  # inside: after a CUDA error it raises too, and the next item goes on
         except Exception as e:  # recorded; the other items still run
             part.error(where, e)
+    report_launches(part)
+
+
+def tuned_kernels() -> dict[str, Autotuner]:
+    """The autotuned kernels of ``retentive.ops.triton``, by name."""
+    found = {}
+    for info in pkgutil.iter_modules(retentive.ops.triton.__path__):
+        module = importlib.import_module(f"retentive.ops.triton.{info.name}")
+        found |= {name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)}
+    return found
+
+
+@contextmanager
+def pinned(warps: int, stages: int) -> Iterator[None]:
+    """Every tuned kernel launched with ``warps`` and ``stages`` alone (an autotuner of one config runs it
+    untimed); their own configs are restored after."""
+    kernels = list(tuned_kernels().values())
+    saved = [kernel.configs for kernel in kernels]
+    for kernel in kernels:
+        kernel.configs = [triton.Config({}, num_warps=warps, num_stages=stages)]
+    try:
+        yield
+    finally:
+        for kernel, configs in zip(kernels, saved, strict=True):
+            kernel.configs = configs
+
+
+def report_launches(part: Part) -> None:
+    """A table of the launch the tuner chose for each kernel and key (head dims, tiles, precision, dtypes)."""
+    chosen = [(name, key, config) for name, kernel in tuned_kernels().items() for key, config in kernel.cache.items()]
+    if not chosen:  # the interpreter has one launch: nothing to choose
+        return
+    add = part.table("Launches the tuner chose", ["kernel", "Dk, Dv, BC, BK, BV, precision, dtypes", "warps, stages"])
+    for name, key, config in chosen:
+        add([name, ", ".join(map(str, key)), f"{config.num_warps}, {config.num_stages}"])
 
 
 def poison(device: str, limit: int = POISON_BYTES) -> None:
@@ -133,8 +180,11 @@ def poison(device: str, limit: int = POISON_BYTES) -> None:
         block.fill_(255)
 
 
-def chunkwise(part: Part, s: Sizes, dtype: torch.dtype, dk: int, dv: int, normalize: bool) -> None:
-    """The chunkwise kernels forward and backward through a carried state, against float64."""
+def chunkwise(
+    part: Part, s: Sizes, dtype: torch.dtype, dk: int, dv: int, normalize: bool, each_launch: bool = False
+) -> None:
+    """The chunkwise kernels forward and backward through a carried state, against float64; ``each_launch``: also
+    under each launch of LAUNCHES, every kernel pinned to it (one check each: the worst of the eight outputs)."""
     dev, B, H, T = part.device, s.batch, s.heads, s.tokens
     dk, dv = dk // s.shrink, dv // s.shrink
     inputs = [torch.randn(B, H, T, d, device=dev).to(dtype) for d in (dk, dk, dv)]  # q, k (B, H, T, dk), v
@@ -156,16 +206,28 @@ def chunkwise(part: Part, s: Sizes, dtype: torch.dtype, dk: int, dv: int, normal
         grads = [g.to(o.dtype) for g, o in zip(upstream, outputs, strict=True)]
         return list(torch.autograd.grad(outputs, leaves, grads))
 
+    def poisoned_run() -> list[Tensor]:
+        """o, S, z, dq, dk, dv, dS0, dz0 by the Triton kernels, each pass into poisoned memory."""
+        poison(dev)
+        leaves, outputs = forward(inputs, "triton")
+        poison(dev)
+        return outputs + backward(leaves, outputs)
+
     backward(*forward(inputs, "triton"))  # compiles and tunes: the tuner's buffers are not poisoned
-    poison(dev)
-    leaves, got = forward(inputs, "triton")
-    poison(dev)
-    got += backward(leaves, got)
+    got = poisoned_run()
     leaves, want = forward([t.double() for t in inputs], "torch")
     want += backward(leaves, want)
+    names = ("o", "S", "z", "dq", "dk", "dv", "dS0", "dz0")
     label = f"{NAME[dtype]} dk {dk} dv {dv}, B {B} T {T} chunk {s.chunk}, norms {'on' if normalize else 'off'}"
-    for name, a, b in zip(("o", "S", "z", "dq", "dk", "dv", "dS0", "dz0"), got, want, strict=True):
+    for name, a, b in zip(names, got, want, strict=True):
         part.check(f"chunkwise {name}: {label}", rel_err(a, b), TOL[dtype], dtype=NAME[dtype], dk=dk, dv=dv, T=T)
+    for warps, stages in LAUNCHES if each_launch else ():
+        with pinned(warps, stages):
+            errors = {name: rel_err(a, b) for name, a, b in zip(names, poisoned_run(), want, strict=True)}
+        worst = max(names, key=lambda n: errors[n] if math.isfinite(errors[n]) else math.inf)
+        part.check(f"chunkwise pinned to num_warps={warps}, num_stages={stages}, worst of {', '.join(names)}: {label}",
+                   errors[worst],
+                   TOL[dtype], worst=worst, dtype=NAME[dtype], dk=dk, dv=dv, T=T)  # fmt: skip
 
 
 def decode_step(part: Part, s: Sizes, dtype: torch.dtype, dk: int, dv: int, normalize: bool, steps: int = 3) -> None:

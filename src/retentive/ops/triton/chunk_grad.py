@@ -8,6 +8,11 @@ of the row sums (zero unless WITH_ROWSUM), and D the causal decay:
     dv_l = sum_{j>=l} D_jl (q_j . k_l) do_j + gamma^(L-1-l) k_l dH
 
 dq and dk reduce over Dv (a loop over Dv tiles), dv reduces over Dk (a loop over Dk tiles).
+
+dk is built transposed, dk^T = gamma^(L-1-l) (dH v^T + dZ) + q^T (D ⊙ dS) with dS_jl = do_j . v_l + dr_j, so that
+the dot result D ⊙ dS enters the next dot as it is: Triton 3.4 and later on Hopper miscompile a dot result that is
+transposed and fed into another dot (flash-linear-attention issue 640, dk wrong). No kernel here transposes a dot
+result; the transposes are of tiles read from memory, loaded transposed.
 """
 
 from __future__ import annotations
@@ -34,19 +39,19 @@ def chunk_grad_qk_kernel(
 
     d_scores = tl.zeros([BC, BC], dtype=tl.float32)  # do_j . v_l
     dq_cross = tl.zeros([BC, BK], dtype=tl.float32)  # do_j S_in^T
-    dk_cross = tl.zeros([BC, BK], dtype=tl.float32)  # v_l dH^T
+    dk_cross_T = tl.zeros([BK, BC], dtype=tl.float32)  # dH v_l^T
     for i_v in range(tl.cdiv(Dv, BV)):
         values = features(i_v, BV, Dv)
         dO = load(tile(do, i_bh, T, Dv, rows, values))  # (BC, BV)
-        vt = load(tile(v, i_bh, T, Dv, rows, values))  # (BC, BV)
+        vT = load(tile(v, i_bh, T, Dv, rows, values, TRANSPOSED=True))  # (BV, BC)
         S_T = load(tile(h, state, Dk, Dv, keys, values, TRANSPOSED=True))  # (BV, BK)
-        dH_T = load(tile(dh, state, Dk, Dv, keys, values, TRANSPOSED=True))  # (BV, BK)
-        d_scores += mma(dO, tl.trans(vt), PRECISION)
+        dH = load(tile(dh, state, Dk, Dv, keys, values))  # (BK, BV)
+        d_scores += mma(dO, vT, PRECISION)
         dq_cross += mma(dO, S_T.to(dO.dtype), PRECISION)
-        dk_cross += mma(vt, dH_T.to(vt.dtype), PRECISION)
+        dk_cross_T += mma(dH.to(vT.dtype), vT, PRECISION)
 
     dZ = load(vector(dhz, state, Dk, keys))  # (BK,)
-    dk_cross += dZ[None, :]
+    dk_cross_T += dZ[:, None]
     if WITH_ROWSUM:  # the row sums: a value column of ones, whose state column is z
         dR = load(vector(dr, i_bh, T, rows))  # (BC,)
         z = load(vector(hz, state, Dk, keys))  # (BK,)
@@ -54,11 +59,12 @@ def chunk_grad_qk_kernel(
         dq_cross += dR[:, None] * z[None, :]
 
     g_in, g_out, D = chunk_decays(lg, length, BC)
-    qt = load(tile(q, i_bh, T, Dk, rows, keys))  # (BC, BK)
+    qT = load(tile(q, i_bh, T, Dk, rows, keys, TRANSPOSED=True))  # (BK, BC)
     kt = load(tile(k, i_bh, T, Dk, rows, keys))  # (BC, BK)
-    d_scores = (d_scores * D).to(qt.dtype)
+    d_scores = (d_scores * D).to(kt.dtype)
     store(tile(dq, i_bh, T, Dk, rows, keys), dq_cross * g_in[:, None] + mma(d_scores, kt, PRECISION))
-    store(tile(dk, i_bh, T, Dk, rows, keys), dk_cross * g_out[:, None] + mma(tl.trans(d_scores), qt, PRECISION))
+    dk_T = dk_cross_T * g_out[None, :] + mma(qT, d_scores, PRECISION)  # (BK, BC)
+    store(tile(dk, i_bh, T, Dk, rows, keys, TRANSPOSED=True), dk_T)
 
 
 @tuned
