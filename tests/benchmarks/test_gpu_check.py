@@ -36,6 +36,10 @@ def test_dry_run_of_every_part(tmp_path):
         failed = [c for c in part["checks"] if not c["ok"]]
         assert not failed, (name, failed)
     assert report["parts"]["correctness"]["checks"], "the correctness part compared nothing"
+    first, second = report["runs"]["correctness"], report["runs"]["kernels"]
+    assert first["box"] == first["own box"] > first["seconds"], "the first part has its own box, and ends early"
+    left = first["own box"] - first["seconds"]
+    assert abs(second["box"] - (second["own box"] + left)) < 5, "what the first part left goes to the second"
     text = (tmp_path / "gpu_check.md").read_text()
     assert "## kernels" in text and "Chunkwise retention" in text
     assert result.stdout.splitlines()[-1].strip(), "the summary table is printed last"
