@@ -5,9 +5,11 @@
     python benchmarks/compile_kernels.py --chunk 128             # 128-token chunks
 
 For each kernel and each launch configuration it is tuned over (warps, stages): registers per thread,
-stack bytes (non-zero means spills to local memory), shared memory, and whether the matrix products became
-Hopper's ``wgmma``. This is what the compiler says, not a timing: it catches spills and slow paths before
-any GPU time is spent.
+stack bytes (non-zero means spills to local memory), shared memory, whether the matrix products became
+Hopper's ``wgmma``, and how many dot results are transposed (``tt.trans`` of a tensor in a dot's output layout,
+``#mma``, in the TTGIR): Triton 3.4 and later on Hopper miscompile such a transpose fed into another dot
+(flash-linear-attention issue 640), so every kernel must have none. This is what the compiler says, not a timing:
+it catches spills, slow paths and that pattern before any GPU time is spent.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def resources(cubin: bytes, triton_dir: Path) -> tuple[int, int]:
     return int(reg), int(stack)
 
 
+def transposed_dot_results(ttgir: str) -> int:
+    """How many ``tt.trans`` in the TTGIR take a tensor in a dot's output layout (``#mma``)."""
+    return len(re.findall(r"tt\.trans [^\n]*: tensor<[^>]*#mma\d*> ->", ttgir))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", nargs="+", default=["256x512", "64x64"], help="head dims to compile for, DKxDV")
@@ -75,6 +82,7 @@ def main() -> None:
     from retentive.ops.triton.recurrent import STEP_BV, decode_step_kernel
 
     header = ["kernel", "dk", "dv", "warps", "stages", "registers", "stack (spill) bytes", "shared KB", "wgmma"]
+    header.append("dot results transposed")
     print(table_row(header), table_rule(len(header)), sep="\n")
     for Dk, Dv in (map(int, dims.split("x")) for dims in args.dims):
         tiles = dict(Dk=Dk, Dv=Dv, BC=args.chunk, BK=block_size(Dk), BV=block_size(Dv), PRECISION="tf32")
@@ -99,7 +107,9 @@ def main() -> None:
                 reg, stack = resources(compiled.asm["cubin"], Path(triton.__file__).parent)
                 wgmma = "wgmma" in compiled.asm["ptx"]
                 shared = compiled.metadata.shared // 1024
-                print(table_row([str(x) for x in (fn.__name__, Dk, Dv, warps, stages, reg, stack, shared, wgmma)]))
+                transposed = transposed_dot_results(compiled.asm["ttgir"])
+                row = (fn.__name__, Dk, Dv, warps, stages, reg, stack, shared, wgmma, transposed)
+                print(table_row([str(x) for x in row]))
 
 
 if __name__ == "__main__":
