@@ -11,8 +11,12 @@ guards against the Hopper miscompile reported in flash-linear-attention issue 64
 another dot, dk wrong at a 64-wide K tile; the dk kernel is written so as not to need one), and runs once more under
 each launch the kernels are tuned over (``LAUNCHES``: warps and pipelining stages), every kernel pinned to it: the
 tuner keeps the fastest, and a launch Triton miscompiles (flash-linear-attention had to drop some on Hopper) would
-be wrong only where it happens to win. The launches the tuner chose are reported. Last, one size whose element
-offsets pass 2^31, its last head against float64 on that head alone (heads are independent).
+be wrong only where it happens to win. The launches the tuner chose are reported. A chunkwise case that fails
+runs once more, in a child process whose Triton compiles with the CUDA toolkit's ptxas where that is of another
+release than Triton's own (Triton 3.6 ships ptxas 12.8, which flash-linear-attention found to assemble some Hopper
+kernels wrongly, and 13.x right): a case wrong under one and right under the other names the assembler, not the
+kernel. Last, one size whose element offsets pass 2^31, its last head against float64 on that head alone (heads are
+independent).
 
 Tolerances, relative to float64 (docs/math.md): 1e-5 in fp32, since ``dot_precision`` multiplies float32 operands
 as "ieee", not tf32; 2e-2 in bf16 and fp16, on inputs already rounded, so the error is the kernels' own.
@@ -35,12 +39,19 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import math
+import os
 import pkgutil
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -56,6 +67,9 @@ from retentive.ops.triton.common import LAUNCHES
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE = {name: dtype for dtype, name in NAME.items()}
+CHECK = Path(__file__).resolve().parents[1] / "gpu_check.py"
+CASES_ENV = "GPUCHECK_CHUNKWISE_CASES"  # set by retry_under for its child: the chunkwise cases it runs, as JSON
 # bf16 rounds the activations at every layer: the logits of a 2-layer model measure 1.2e-2 against float64, its
 # gradients under bf16 autocast 1.7e-2 (on the CPU, the kernels in Triton's interpreter); a wrong form or kernel errs
 # at O(1)
@@ -88,9 +102,22 @@ def run(part: Part) -> None:
     torch.manual_seed(0)
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 
+    failed: list[Case] = []  # the chunkwise cases that failed a check or raised
+
     def kernels(dtype: torch.dtype, dk: int, dv: int, normalize: bool, each_launch: bool = False) -> tuple:
-        check = partial(chunkwise, part, s, dtype, dk, dv, normalize, each_launch)
-        return 15 + 5 * each_launch, f"chunkwise {NAME[dtype]} dk {dk} dv {dv}", check
+        case = Case(NAME[dtype], dk, dv, normalize)
+
+        def check() -> None:
+            before = len(part.checks)
+            try:
+                chunkwise(part, s, dtype, dk, dv, normalize, each_launch)
+            except Exception:
+                failed.append(case)
+                raise
+            if not all(c["ok"] for c in part.checks[before:]):
+                failed.append(case)
+
+        return 15 + 5 * each_launch, f"chunkwise {case.dtype} dk {dk} dv {dv}", check
 
     def decode(dtype: torch.dtype, dk: int, dv: int, normalize: bool) -> tuple:
         return 5, f"decode step {NAME[dtype]} dk {dk} dv {dv}", partial(decode_step, part, s, dtype, dk, dv, normalize)
@@ -119,7 +146,9 @@ def run(part: Part) -> None:
         (60, "model generate, aot decoding, one row", partial(model_generate, part, s, "aot", rows=1)),
         (60, "model generate, aot decoding", partial(model_generate, part, s, "aot")),
     ]
-    if part.dry_run:
+    if CASES_ENV in os.environ:  # a child under another ptxas (retry_under): these chunkwise cases alone
+        items = [kernels(DTYPE[c.dtype], c.dk, c.dv, c.normalize, True) for c in map(Case._make, cases_from_env())]
+    elif part.dry_run:
         part.notes.append("dry run: poisoning does nothing on the CPU, whose allocator hands memory back to the system")
     for reserve, where, check in items:
         if part.out_of_time(reserve):
@@ -130,6 +159,67 @@ def run(part: Part) -> None:
         except Exception as e:  # recorded; the other items still run
             part.error(where, e)
     report_launches(part)
+    ptxas = toolkit_ptxas()
+    if failed and ptxas and CASES_ENV not in os.environ and not part.out_of_time(40):
+        retry_under(part, ptxas, failed)
+
+
+class Case(NamedTuple):
+    """A chunkwise case of the kernel checks."""
+
+    dtype: str  # a key of DTYPE
+    dk: int
+    dv: int
+    normalize: bool
+
+
+def cases_from_env() -> list[list]:
+    return json.loads(os.environ[CASES_ENV])
+
+
+def toolkit_ptxas() -> Path | None:
+    """The CUDA toolkit's ptxas, where there is one of another version than the one Triton compiles for Hopper with
+    (Triton ships its own: 12.8 in Triton 3.6)."""
+    found = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    if not Path(found).is_file():
+        return None
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return None
+    return Path(found) if version_of(Path(found)) != version_of(Path(get_ptxas(90).path)) else None
+
+
+def version_of(ptxas: Path) -> str:
+    """A ptxas's release, e.g. "12.8"."""
+    out = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True).stdout
+    return out.rsplit("release ", 1)[-1].split(",")[0]
+
+
+def retry_under(part: Part, ptxas: Path, cases: list[Case]) -> None:
+    """Run the chunkwise ``cases`` that failed again, in a child process whose Triton compiles with ``ptxas`` (a
+    new compile: Triton's cache keys hold the ptxas version), and add their checks to this part, marked with that
+    ptxas's release: a case right under one ptxas and wrong under the other names the assembler, not the kernel."""
+    version = version_of(ptxas)
+    out = part.out / "ptxas"
+    out.mkdir(exist_ok=True)
+    env = os.environ | {CASES_ENV: json.dumps(cases), "TRITON_PTXAS_PATH": str(ptxas)}
+    env["TRITON_PTXAS_BLACKWELL_PATH"] = str(ptxas)  # the name Triton 3.9 reads for Hopper too
+    seconds = part.time_left() - 15
+    cmd = [sys.executable, str(CHECK), "--part", "correctness", "--seconds", str(seconds), "--out", str(out)]
+    cmd += ["--dry-run"] if part.dry_run else []
+    part.notes.append(f"chunkwise cases failed under Triton's own ptxas; run again under the toolkit's, {version}: "
+                      f"{', '.join(f'{c.dtype} dk {c.dk} dv {c.dv}' for c in cases)}")  # fmt: skip
+    free_cuda()
+    try:
+        subprocess.run(cmd, env=env, timeout=seconds + 10, check=False, stdout=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        part.notes.append(f"ptxas {version}: the run past its {seconds:.0f} s was stopped; what it saved follows")
+    report = out / "part-correctness.json"
+    child = json.loads(report.read_text()) if report.exists() else {"checks": [], "notes": ["it saved nothing"]}
+    part.checks += [c | {"what": f"ptxas {version}: {c['what']}"} for c in child["checks"]]
+    part.notes += [f"ptxas {version}: {note}" for note in child["notes"]]
+    part.save()
 
 
 def tuned_kernels() -> dict[str, Autotuner]:

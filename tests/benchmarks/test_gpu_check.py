@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,28 @@ def test_a_part_past_its_box_is_stopped_and_reported(tmp_path):
     notes = report["parts"]["kernels"].get("notes", [])
     stopped = any("time box" in n for n in notes) or report["runs"]["kernels"]["status"].startswith("killed")
     assert stopped, (report["runs"], notes, result.stdout[-2000:])
+
+
+def test_failed_kernel_cases_run_again_under_another_ptxas(tmp_path, monkeypatch):
+    """A chunkwise case that fails on a GPU runs again in a child whose Triton compiles with the CUDA toolkit's ptxas
+    (correctness.retry_under); here, in the interpreter, with Triton's own ptxas standing in for the toolkit's."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this triton build ships no ptxas")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    from gpucheck import correctness
+    from gpucheck.harness import Part
+    from retentive.ops.triton.common import LAUNCHES
+
+    part = Part("correctness", tmp_path, dry_run=True, deadline=time.monotonic() + 300)
+    correctness.retry_under(part, ptxas, [correctness.Case("bf16", 64, 64, False)])
+    marked = [c for c in part.checks if c["what"].startswith("ptxas ")]
+    assert marked, part.notes
+    assert all(c["ok"] and "bf16 dk 16 dv 16" in c["what"] for c in marked), marked  # the dry run's dk 64 / 4
+    launches = sum("pinned" in c["what"] for c in marked)
+    assert launches == len(LAUNCHES), "and under each launch the kernels are tuned over"
