@@ -44,7 +44,6 @@ CHUNK = 64
 DECODE_HEADS, DECODE_DK, DECODE_DV, DECODE_LAYERS = 8, 256, 512, 24
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DECODE_TARGET = "decode step within 2x of its state-read bound at batch >= 16"
-DECODE_TARGET = "decode step within 2x of its state-read bound at batch >= 16"
 
 
 def run(part: Part) -> None:
