@@ -79,9 +79,9 @@ def run_part(args: argparse.Namespace) -> int:
     return 0
 
 
-def spawn(name: str, seconds: float, args: argparse.Namespace) -> dict:
-    """Run one part in a child process with a hard limit; returns its status and wall time."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def spawn(name: str, seconds: float, args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
+    """Run one part in a child process with a hard limit and ``extra_env``; returns its status and wall time."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"  # the kernels run in Triton's interpreter on CPU tensors
@@ -103,6 +103,13 @@ def spawn(name: str, seconds: float, args: argparse.Namespace) -> dict:
             proc.wait()
             status = f"killed after {seconds + GRACE:.0f} s"
     return {"status": status, "seconds": round(time.monotonic() - started, 1)}
+
+
+def launches_kept(launches: tuple[tuple[int, int], ...], part: dict) -> tuple[tuple[int, int], ...]:
+    """``launches`` less those a part's report names wrong or faulting (``avoid_launches``), in their order; all of
+    them where none would be left (a wrong kernel then stays visible rather than untunable)."""
+    avoid = {tuple(launch) for launch in part.get("avoid_launches", [])}
+    return tuple(launch for launch in launches if launch not in avoid) or launches
 
 
 def environment(args: argparse.Namespace) -> dict:
@@ -138,7 +145,11 @@ def report(env: dict, runs: dict[str, dict], parts: dict[str, dict]) -> tuple[st
         summary.append(
             f"{name:<12} {run['status']:<18} {run['seconds']:>5.0f}  {passed:>3}/{len(checks):<3}  {met}/{len(targets)}"
         )
-        lines += [f"## {name}", "", f"{run['status']} in {run['seconds']:.0f} s", ""]
+        lines += [f"## {name}", "", f"{run['status']} in {run['seconds']:.0f} s of a {run['box']:.0f} s box; the chunk "
+                  f"kernels tuned over the launches (warps x stages) {run['launches']}", ""]  # fmt: skip
+        if data.get("avoid_launches"):
+            avoid = ", ".join(f"{w}x{s}" for w, s in data["avoid_launches"])
+            lines += [f"**Launches wrong or faulting here, so avoided by the parts after this one: {avoid}**", ""]
         for t in data.get("tables", []):
             lines += [f"**{t['title']}**", "", "| " + " | ".join(t["header"]) + " |"]
             lines += ["|" + "---|" * len(t["header"]), *("| " + " | ".join(r) + " |" for r in t["rows"]), ""]
@@ -183,19 +194,25 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(
                 "gpu_check.py: no CUDA device here; run it on a GPU, or pass --dry-run to check it on the CPU"
             )
-    runs, started, planned = {}, time.monotonic(), 0.0
+    from retentive.ops.triton.common import LAUNCHES_ENV, launches_from
+
+    runs, parts, started, planned = {}, {}, time.monotonic(), 0.0
+    launches = launches_from(os.environ.get(LAUNCHES_ENV))  # the chunk kernels', less those a part found wrong
     for name in args.parts:
         # its own box and what the parts before it left unused (less what they overran): the whole check ends
         # within the sum of the boxes and one GRACE, and a part that ends early gives its time to the next
         planned += boxes[name]
         box = max(planned - (time.monotonic() - started), 0.0)
+        tuned_over = ",".join(f"{w}x{s}" for w, s in launches)
         print(f"== {name}: time box {box:.0f} s (its own {boxes[name]:.0f} s)", flush=True)
-        runs[name] = spawn(name, box, args) | {"box": round(box, 1), "own box": boxes[name]}
+        runs[name] = spawn(name, box, args, {LAUNCHES_ENV: tuned_over})
+        runs[name] |= {"box": round(box, 1), "own box": boxes[name], "launches": tuned_over}
         print(f"== {name}: {runs[name]['status']} in {runs[name]['seconds']:.0f} s", flush=True)
-    parts = {}
-    for name in runs:
         path = args.out / f"part-{name}.json"
         parts[name] = json.loads(path.read_text()) if path.exists() else {}
+        if (kept := launches_kept(launches, parts[name])) != launches:
+            print(f"== launches wrong or faulting in {name}: the parts after it are tuned over {kept}", flush=True)
+            launches = kept
     env = environment(args)
     (args.out / "gpu_check.json").write_text(json.dumps({"environment": env, "runs": runs, "parts": parts}, indent=1))
     text, summary = report(env, runs, parts)
@@ -207,5 +224,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(ROOT / "src")]  # the check's modules, and the project from its source tree
     sys.exit(main())

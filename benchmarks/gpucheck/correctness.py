@@ -8,10 +8,13 @@ A covering set of (dtype, dk, dv) rather than their product, since each new one 
 fp32, bf16 and fp16; dk 64, 128 and 256; dv = dk and 2 dk; T not a multiple of the chunk, batch > 1,
 normalizations on and off, a carried state with each row at its own offset. The bf16 backward at dk 64 and 256
 guards against the Hopper miscompile reported in flash-linear-attention issue 640 (a transposed dot result fed into
-another dot, dk wrong at a 64-wide K tile; the dk kernel is written so as not to need one), and runs once more under
-each launch the kernels are tuned over (``LAUNCHES``: warps and pipelining stages), every kernel pinned to it: the
-tuner keeps the fastest, and a launch Triton miscompiles (flash-linear-attention had to drop some on Hopper) would
-be wrong only where it happens to win. The launches the tuner chose are reported. A chunkwise case that fails
+another dot, dk wrong at a 64-wide K tile; the dk kernel is written so as not to need one), and runs first under
+each launch the kernels are tuned over (``LAUNCHES``: warps and pipelining stages), every kernel pinned to it, then
+tuned: the tuner keeps the fastest, and a launch Triton miscompiles (flash-linear-attention had to drop some on
+Hopper) would be wrong only where it happens to win. A launch that is wrong or faults goes into the part's
+``avoid_launches``, and the parts after this one are tuned without it (``RETENTIVE_TRITON_LAUNCHES``); after a fault
+that loses the CUDA context the part ends, leaving its time to them. The launches the tuner chose are reported.
+A chunkwise case that fails
 runs once more, in a child process whose Triton compiles with the CUDA toolkit's ptxas where that is of another
 release than Triton's own (Triton 3.6 ships ptxas 12.8, which flash-linear-attention found to assemble some Hopper
 kernels wrongly, and 13.x right): a case wrong under one and right under the other names the assembler, not the
@@ -59,7 +62,7 @@ from torch import Tensor
 from triton.runtime.autotuner import Autotuner
 
 import retentive.ops.triton
-from gpucheck.harness import Part, free_cuda, rel_err
+from gpucheck.harness import Part, cuda_usable, free_cuda, rel_err
 from retentive import RetNetConfig, RetNetForCausalLM
 from retentive.ops import RetentionState, gamma_schedule, log_gamma, retention
 from retentive.ops.triton import decode_step_
@@ -158,6 +161,10 @@ def run(part: Part) -> None:
             free_cuda()  # inside: after a CUDA error it raises too, and the next item goes on
         except Exception as e:  # recorded; the other items still run
             part.error(where, e)
+            if not cuda_usable():  # nothing after it can run here: the time left goes to the parts after this one
+                part.notes.append(f"the CUDA context was lost in {where}: the items after it did not run")
+                part.save()
+                return
     report_launches(part)
     ptxas = toolkit_ptxas()
     if failed and ptxas and CASES_ENV not in os.environ and not part.out_of_time(40):
@@ -303,21 +310,30 @@ def chunkwise(
         poison(dev)
         return outputs + backward(leaves, outputs)
 
-    backward(*forward(inputs, "triton"))  # compiles and tunes: the tuner's buffers are not poisoned
-    got = poisoned_run()
     leaves, want = forward([t.double() for t in inputs], "torch")
     want += backward(leaves, want)
     names = ("o", "S", "z", "dq", "dk", "dv", "dS0", "dz0")
     label = f"{NAME[dtype]} dk {dk} dv {dv}, B {B} T {T} chunk {s.chunk}, norms {'on' if normalize else 'off'}"
-    for name, a, b in zip(names, got, want, strict=True):
-        part.check(f"chunkwise {name}: {label}", rel_err(a, b), TOL[dtype], dtype=NAME[dtype], dk=dk, dv=dv, T=T)
+    # each launch alone before the tuner tries them all, so that one that faults is known by name
     for warps, stages in LAUNCHES if each_launch else ():
-        with pinned(warps, stages):
-            errors = {name: rel_err(a, b) for name, a, b in zip(names, poisoned_run(), want, strict=True)}
+        what = f"chunkwise pinned to num_warps={warps}, num_stages={stages}, worst of {', '.join(names)}: {label}"
+        try:
+            with pinned(warps, stages):
+                backward(*forward(inputs, "triton"))  # compiles
+                errors = {name: rel_err(a, b) for name, a, b in zip(names, poisoned_run(), want, strict=True)}
+        except triton.runtime.errors.OutOfResources:  # the tuner skips such a launch too
+            part.notes.append(f"{what}: out of resources (shared memory or registers), as the tuner would find")
+            continue
+        except Exception:
+            part.avoid_launches.append([warps, stages])
+            raise
         worst = max(names, key=lambda n: errors[n] if math.isfinite(errors[n]) else math.inf)
-        part.check(f"chunkwise pinned to num_warps={warps}, num_stages={stages}, worst of {', '.join(names)}: {label}",
-                   errors[worst],
-                   TOL[dtype], worst=worst, dtype=NAME[dtype], dk=dk, dv=dv, T=T)  # fmt: skip
+        if not part.check(what, errors[worst], TOL[dtype], worst=worst, dtype=NAME[dtype], dk=dk, dv=dv, T=T):
+            part.avoid_launches.append([warps, stages])
+            part.save()
+    backward(*forward(inputs, "triton"))  # compiles and tunes: the tuner's buffers are not poisoned
+    for name, a, b in zip(names, poisoned_run(), want, strict=True):
+        part.check(f"chunkwise {name}: {label}", rel_err(a, b), TOL[dtype], dtype=NAME[dtype], dk=dk, dv=dv, T=T)
 
 
 def decode_step(part: Part, s: Sizes, dtype: torch.dtype, dk: int, dv: int, normalize: bool, steps: int = 3) -> None:

@@ -36,6 +36,9 @@ class Part:
     checks: list[dict] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # launches (warps, stages) the chunk kernels got wrong or crashed under here: the parts after this one are tuned
+    # without them (gpu_check.py sets RETENTIVE_TRITON_LAUNCHES for them)
+    avoid_launches: list[list[int]] = field(default_factory=list)
 
     @property
     def device(self) -> str:
@@ -100,6 +103,7 @@ class Part:
         """Write everything reported so far to ``part-NAME.json`` (atomically: a kill never leaves half a file)."""
         data = {"part": self.name, "tables": self.tables, "checks": self.checks, "targets": self.targets}
         data["notes"] = self.notes
+        data["avoid_launches"] = self.avoid_launches
         path = self.out / f"part-{self.name}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, default=str))
@@ -207,6 +211,18 @@ def free_cuda() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def cuda_usable() -> bool:
+    """False once a kernel's fault (an illegal address, say) has lost this process's CUDA context, after which every
+    CUDA call fails; True on the CPU."""
+    if not torch.cuda.is_available():
+        return True
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").add_(1).item() == 2
+    except Exception:  # torch.AcceleratorError, or a RuntimeError in older torch
+        return False
 
 
 def gib(nbytes: float) -> float:

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the check needs triton")
 
@@ -84,3 +86,40 @@ def test_failed_kernel_cases_run_again_under_another_ptxas(tmp_path, monkeypatch
     assert all(c["ok"] and "bf16 dk 16 dv 16" in c["what"] for c in marked), marked  # the dry run's dk 64 / 4
     launches = sum("pinned" in c["what"] for c in marked)
     assert launches == len(LAUNCHES), "and under each launch the kernels are tuned over"
+
+
+def test_a_launch_that_faults_is_named_for_the_parts_after(tmp_path, monkeypatch):
+    """correctness.chunkwise(each_launch=True) runs each launch alone before tuning: one whose run raises, as a kernel
+    fault does, goes into the part's avoid_launches by name, and the check stops there."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpucheck import correctness
+    from gpucheck.harness import Part
+    from retentive.ops.triton.common import LAUNCHES
+
+    bad = LAUNCHES[1]
+    real = correctness.pinned
+
+    @contextmanager
+    def faulting(warps: int, stages: int):
+        with real(warps, stages):
+            if (warps, stages) == bad:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            yield
+
+    monkeypatch.setattr(correctness, "pinned", faulting)
+    part = Part("correctness", tmp_path, dry_run=True, deadline=time.monotonic() + 300)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        correctness.chunkwise(part, correctness.DRY, torch.bfloat16, 64, 64, False, each_launch=True)
+    assert part.avoid_launches == [list(bad)]
+    assert [c["ok"] for c in part.checks] == [True], "the launch before it was checked, and passed"
+
+
+def test_the_parts_after_are_tuned_without_the_launches_a_part_avoids():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    launches = ((8, 2), (8, 3), (4, 2), (8, 1))
+    assert gpu_check.launches_kept(launches, {}) == launches
+    assert gpu_check.launches_kept(launches, {"avoid_launches": [[4, 2], [8, 2]]}) == ((8, 3), (8, 1))
+    everything = {"avoid_launches": [list(launch) for launch in launches]}
+    assert gpu_check.launches_kept(launches, everything) == launches, "never none: a wrong kernel stays visible"

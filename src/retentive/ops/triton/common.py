@@ -30,7 +30,29 @@ MAX_TILE = 64  # head-dim tile (Dk or Dv) one program holds; larger heads are lo
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (warps, pipelining stages) the chunk kernels are tuned over on a GPU. With 4 warps they spill at dk 256
 # on sm_90, with 8 they do not (benchmarks/compile_kernels.py), so 8 comes first: the interpreter takes it.
-LAUNCHES = ((8, 2), (8, 3), (4, 2), (8, 1))
+DEFAULT_LAUNCHES = ((8, 2), (8, 3), (4, 2), (8, 1))
+LAUNCHES_ENV = "RETENTIVE_TRITON_LAUNCHES"
+
+
+def launches_from(text: str | None) -> tuple[tuple[int, int], ...]:
+    """The launches the chunk kernels are tuned over: DEFAULT_LAUNCHES, or ``text`` (the environment's
+    RETENTIVE_TRITON_LAUNCHES) as WARPSxSTAGES items separated by commas, e.g. "8x2,8x3": a way round a launch
+    that a compiler gets wrong on some GPU, as Triton has done on Hopper for other kernels."""
+    if not text:
+        return DEFAULT_LAUNCHES
+    try:
+        parsed = tuple((int(w), int(s)) for w, s in (item.strip().split("x") for item in text.split(",")))
+    except ValueError:
+        parsed = ()
+    if not parsed or any(w not in (1, 2, 4, 8, 16, 32) or s < 1 for w, s in parsed):
+        raise ValueError(
+            f"{LAUNCHES_ENV}={text!r}: expected launches as WARPSxSTAGES separated by commas, warps a power of two "
+            "from 1 to 32 and stages at least 1, e.g. 8x2,8x3; unset it for the defaults"
+        )
+    return parsed
+
+
+LAUNCHES = launches_from(os.environ.get(LAUNCHES_ENV))
 
 
 def tuned(kernel):
