@@ -5,21 +5,20 @@ gradient of a carried state, under random upstream gradients of o, S and z), and
 ``decode_step_``, and through ``retention(mode="recurrent")`` on one token), each against ``backend="torch"`` on
 float64 copies of the same inputs (that backend is itself tested against the definition, ``ops/reference.py``).
 A covering set of (dtype, dk, dv) rather than their product, since each new one compiles and tunes five kernels:
-fp32, bf16 and fp16; dk 64, 128 and 256; dv = dk and 2 dk; T not a multiple of the chunk, batch > 1,
-normalizations on and off, a carried state with each row at its own offset. The bf16 backward at dk 64 and 256
-guards against the Hopper miscompile reported in flash-linear-attention issue 640 (a transposed dot result fed into
-another dot, dk wrong at a 64-wide K tile; the dk kernel is written so as not to need one), and runs first under
-each launch the kernels are tuned over (``LAUNCHES``: warps and pipelining stages), every kernel pinned to it, then
-tuned: the tuner keeps the fastest, and a launch Triton miscompiles (flash-linear-attention had to drop some on
-Hopper) would be wrong only where it happens to win. A launch that is wrong or faults goes into the part's
-``avoid_launches``, and the parts after this one are tuned without it (``RETENTIVE_TRITON_LAUNCHES``); after a fault
-that loses the CUDA context the part ends, leaving its time to them. The launches the tuner chose are reported.
-A chunkwise case that fails
-runs once more, in a child process whose Triton compiles with the CUDA toolkit's ptxas where that is of another
-release than Triton's own (Triton 3.6 ships ptxas 12.8, which flash-linear-attention found to assemble some Hopper
-kernels wrongly, and 13.x right): a case wrong under one and right under the other names the assembler, not the
-kernel. Last, one size whose element offsets pass 2^31, its last head against float64 on that head alone (heads are
-independent).
+fp32, bf16 and fp16; dk 64, 128 and 256; dv = dk and 2 dk; T not a multiple of the chunk, batch > 1, normalizations
+on and off, a carried state with each row at its own offset. The bf16 backward at dk 64 and 256 guards against the
+Hopper miscompile reported in flash-linear-attention issue 640 (a transposed dot result fed into another dot, dk
+wrong at a 64-wide K tile; the dk kernel is written so as not to need one). Each case runs first under each launch
+the kernels are tuned over (``LAUNCHES``: warps and pipelining stages), every kernel pinned to it, then tuned (the
+dry run pins the first two cases only): the tuner keeps the fastest, and a launch Triton miscompiles
+(flash-linear-attention had to drop some on Hopper) would be wrong only where it happens to win. A launch that is
+wrong or faults goes into the part's ``avoid_launches``, and the parts after this one are tuned without it
+(``RETENTIVE_TRITON_LAUNCHES``); after a fault that loses the CUDA context the part ends, leaving its time to them.
+The launches the tuner chose are reported. A chunkwise case that fails runs once more, in a child process whose
+Triton compiles with the CUDA toolkit's ptxas where that is of another release than Triton's own (Triton 3.6 ships
+ptxas 12.8, which flash-linear-attention found to assemble some Hopper kernels wrongly, and 13.x right): a case
+wrong under one and right under the other names the assembler, not the kernel. Last, one size whose element offsets
+pass 2^31, its last head against float64 on that head alone (heads are independent).
 
 Tolerances, relative to float64 (docs/math.md): 1e-5 in fp32, since ``dot_precision`` multiplies float32 operands
 as "ieee", not tf32; 2e-2 in bf16 and fp16, on inputs already rounded, so the error is the kernels' own.
@@ -107,8 +106,11 @@ def run(part: Part) -> None:
 
     failed: list[Case] = []  # the chunkwise cases that failed a check or raised
 
-    def kernels(dtype: torch.dtype, dk: int, dv: int, normalize: bool, each_launch: bool = False) -> tuple:
+    def kernels(dtype: torch.dtype, dk: int, dv: int, normalize: bool, dry_each_launch: bool = False) -> tuple:
+        """A chunkwise item. On a GPU each launch runs alone first (it costs no compile the tuner would not do, and
+        a launch that faults in a case tuned first is not known by name); the dry run does so where asked."""
         case = Case(NAME[dtype], dk, dv, normalize)
+        each_launch = dry_each_launch or not part.dry_run
 
         def check() -> None:
             before = len(part.checks)
@@ -129,8 +131,8 @@ def run(part: Part) -> None:
     # the 2^31 case and torch.compile. Each new (dtype, dk, dv) compiles and tunes five kernels (about 15 s); the
     # model's dk 128, dv 256 reuse those of the bf16 and fp32 cases before it, the 2^31 case those of the first.
     items: list[tuple[float, str, Callable[[], None]]] = [
-        kernels(bf16, 64, 64, False, each_launch=True),  # fla issue 640: dk at a 64-wide K tile
-        kernels(bf16, 256, 512, True, each_launch=True),  # retnet-1.3b heads
+        kernels(bf16, 64, 64, False, dry_each_launch=True),  # fla issue 640: dk at a 64-wide K tile
+        kernels(bf16, 256, 512, True, dry_each_launch=True),  # retnet-1.3b heads
         decode(bf16, 256, 512, True),
         kernels(bf16, 128, 256, False),
         (10, "model forms bf16", partial(model_forms, part, s)),
