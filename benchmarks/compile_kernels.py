@@ -3,6 +3,7 @@
     python benchmarks/compile_kernels.py            # bf16, retnet-1.3b head dims (dk 256, dv 512) and dk = 64
     python benchmarks/compile_kernels.py --dims 256x512 --first  # these head dims, the first launch config only
     python benchmarks/compile_kernels.py --chunk 128             # 128-token chunks
+    python benchmarks/compile_kernels.py --dtype float32         # float32 inputs: their tiles and products
 
 For each kernel and each launch configuration it is tuned over (warps, stages): registers per thread,
 stack bytes (non-zero means spills to local memory), shared memory, whether the matrix products became
@@ -27,10 +28,12 @@ from benchkit import table_row, table_rule
 FLOAT32_POINTERS = {"log_g", "S0", "z0", "S_final", "z_final", "dS_final", "dz_final", "dS0", "dz0", "S", "z", "S_out"}
 FLOAT32_POINTERS |= {"z_out", "r", "dr", "hz", "dhz"}
 INTEGERS = {"T", "H", "NT", "CHUNK"}
+DATA_TYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
-def signature(kernel, constexprs: dict) -> dict:
-    """Triton types of every argument, from its name: float32 state, int64 offsets, bf16 data."""
+def signature(kernel, constexprs: dict, data: str) -> dict:
+    """Triton types of every argument, from its name: float32 state, int64 offsets, ``data`` (e.g. "*bf16") for
+    the rest."""
     types = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -42,7 +45,7 @@ def signature(kernel, constexprs: dict) -> dict:
         elif name == "offset":
             types[name] = "*i64"
         else:
-            types[name] = "*fp32" if name in FLOAT32_POINTERS else "*bf16"
+            types[name] = "*fp32" if name in FLOAT32_POINTERS else data
     return types
 
 
@@ -68,8 +71,10 @@ def main() -> None:
     p.add_argument("--dims", nargs="+", default=["256x512", "64x64"], help="head dims to compile for, DKxDV")
     p.add_argument("--first", action="store_true", help="only the first launch configuration of each kernel")
     p.add_argument("--chunk", type=int, default=64, help="tokens per chunk (a power of two)")
+    p.add_argument("--dtype", choices=list(DATA_TYPES), default="bfloat16", help="of q, k, v and the gradients")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -78,14 +83,16 @@ def main() -> None:
     from retentive.ops.triton.chunk_output import chunk_output_kernel
     from retentive.ops.triton.chunk_state import chunk_state_kernel
     from retentive.ops.triton.chunk_state_grad import chunk_state_grad_kernel
-    from retentive.ops.triton.common import LAUNCHES, block_size
+    from retentive.ops.triton.common import LAUNCHES, Tiling
     from retentive.ops.triton.recurrent import STEP_BV, decode_step_kernel
 
     header = ["kernel", "dk", "dv", "warps", "stages", "registers", "stack (spill) bytes", "shared KB", "wgmma"]
     header.append("dot results transposed")
     print(table_row(header), table_rule(len(header)), sep="\n")
     for Dk, Dv in (map(int, dims.split("x")) for dims in args.dims):
-        tiles = dict(Dk=Dk, Dv=Dv, BC=args.chunk, BK=block_size(Dk), BV=block_size(Dv), PRECISION="tf32")
+        # the tiles and dot precision the library picks for this dtype, at the chunk asked for
+        q, v = (torch.empty(1, args.chunk, D, dtype=getattr(torch, args.dtype), device="meta") for D in (Dk, Dv))
+        tiles = {**Tiling.of(q, v, torch.empty(1), args.chunk).meta, "BC": args.chunk}
         step = dict(Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=STEP_BV)
         kernels = [
             (chunk_state_kernel, {**tiles, "HAS_S0": True}),
@@ -101,7 +108,8 @@ def main() -> None:
             launches = LAUNCHES if autotuned else [(4, 1)]  # the decode step is launched as (4, 1)
             launches = launches[:1] if args.first else launches
             for warps, stages in launches:
-                src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+                types = signature(fn, constexprs, DATA_TYPES[args.dtype])
+                src = ASTSource(fn=fn, signature=types, constexprs=constexprs)
                 options = {"num_warps": warps, "num_stages": stages}
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
                 reg, stack = resources(compiled.asm["cubin"], Path(triton.__file__).parent)

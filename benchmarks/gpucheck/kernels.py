@@ -16,7 +16,8 @@ its matrix products over the matmul rate:
 The decode step (``decode_step_``, in place) at batch 1 to 64 for retnet-1.3b's heads (8 x dk 256 x dv 512), one
 call per layer over 24 layers' states so the states do not sit in L2: its floor is reading and writing S and z.
 Then the whole retnet-1.3b backbone's step at batch 1, eager and replayed from a CUDA graph, against reading its
-weights once.
+weights once. Last, with what time is left, float32 forward + backward at the 32-wide head-dim tiles it gets
+against bf16's 64-wide ones (compiled, the latter spill; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ CHUNK = 64
 DECODE_HEADS, DECODE_DK, DECODE_DV, DECODE_LAYERS = 8, 256, 512, 24
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DECODE_TARGET = "decode step within 2x of its state-read bound at batch >= 16"
+FLOAT32_SHAPE = (4, 2048, 16, 128, 128)  # (B, T, H, Dk, Dv)
 
 
 def run(part: Part) -> None:
@@ -56,6 +58,7 @@ def run(part: Part) -> None:
     chunkwise_speed(part, ceilings)
     decode_speed(part, ceilings)
     backbone_step(part, ceilings)
+    float32_tiles(part)
 
 
 def fla_chunk() -> Callable | None:
@@ -245,3 +248,46 @@ def backbone_step(part: Part, ceilings: Ceilings) -> None:
     finally:
         net = state = None
         free_cuda()
+
+
+def float32_tiles(part: Part) -> None:
+    """float32 chunkwise forward + backward at the head-dim tiles float32 gets (MAX_TILE_FLOAT32) and at bf16's
+    (MAX_TILE), each tuned over the same launches: whether the smaller tiles that do not spill are also faster."""
+    from retentive.ops.triton import common
+
+    B, T, H, Dk, Dv = (1, 70, 2, 64, 64) if part.dry_run else FLOAT32_SHAPE
+    bench = timer(part.device)
+    add = part.table(
+        f"Chunkwise retention, float32, forward + backward by head-dim tile: B{B} T{T} H{H} Dk{Dk} Dv{Dv}",
+        ["tile", "ms", "ms / ms at the default tile"],
+    )
+    gen = torch.Generator(device=part.device).manual_seed(32)
+    q, k, v, do = (torch.randn(B, H, T, d, device=part.device, generator=gen) for d in (Dk, Dk, Dv, Dv))
+    x = [t.requires_grad_() for t in (q, k, v)]
+
+    def both() -> torch.Tensor:
+        for t in x:
+            t.grad = None
+        o = retention(*x, mode="chunkwise", chunk_size=CHUNK, backend="triton")[0]
+        o.backward(do)
+        return o.detach()
+
+    default, times, outs = common.MAX_TILE_FLOAT32, {}, {}
+    for tile in (default, common.MAX_TILE):
+        if part.out_of_time(reserve=20):
+            break
+        common.MAX_TILE_FLOAT32 = tile
+        try:
+            outs[tile] = [both(), *(t.grad.clone() for t in x)]  # compiles and tunes outside the timed region
+            times[tile] = bench(both)
+            add([tile, times[tile], times[tile] / times[default] if default in times else None])
+        except Exception as e:
+            part.error(f"float32 chunkwise at {tile}-wide tiles", e)
+        finally:
+            common.MAX_TILE_FLOAT32 = default
+            free_cuda()
+    if len(outs) == 2:  # the same sums in another order: float32's rounding apart
+        for name, ours, wide in zip(("o", "dq", "dk", "dv"), *outs.values(), strict=True):
+            part.check(
+                f"float32 chunkwise {name}, {common.MAX_TILE}-wide tiles vs {default}-wide", rel_err(wide, ours), 1e-5
+            )

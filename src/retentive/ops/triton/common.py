@@ -27,6 +27,10 @@ from torch import Tensor
 
 MAX_CHUNK = 64  # tokens per chunk the kernels use at most: 64 x 64 score tiles suit the tensor cores
 MAX_TILE = 64  # head-dim tile (Dk or Dv) one program holds; larger heads are looped over or split
+# float32 tiles hold twice the bytes and their products run on the CUDA cores ("ieee", see dot_precision), whose
+# operands sit in registers: at 64-wide tiles on sm_90 they spill up to 6 KB a thread, at 32-wide next to none
+# (benchmarks/compile_kernels.py --dtype float32)
+MAX_TILE_FLOAT32 = 32
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (warps, pipelining stages) the chunk kernels are tuned over on a GPU. With 4 warps they spill at dk 256
 # on sm_90, with 8 they do not (benchmarks/compile_kernels.py), so 8 comes first: the interpreter takes it.
@@ -234,7 +238,9 @@ class Tiling(NamedTuple):
         chunk = min(chunk_size, MAX_CHUNK)
         BC = max(16, triton.next_power_of_2(chunk))
         NT = triton.cdiv(T, chunk)
-        return cls(BH, T, log_g.numel(), NT, chunk, Dk, Dv, BC, block_size(Dk), block_size(Dv), dot_precision(q.dtype))
+        limit = MAX_TILE_FLOAT32 if q.dtype == torch.float32 else MAX_TILE
+        BK, BV = block_size(Dk, limit), block_size(Dv, limit)
+        return cls(BH, T, log_g.numel(), NT, chunk, Dk, Dv, BC, BK, BV, dot_precision(q.dtype))
 
     @property
     def sizes(self) -> tuple[int, int, int, int]:
