@@ -16,8 +16,9 @@ its matrix products over the matmul rate:
 The decode step (``decode_step_``, in place) at batch 1 to 64 for retnet-1.3b's heads (8 x dk 256 x dv 512), one
 call per layer over 24 layers' states so the states do not sit in L2: its floor is reading and writing S and z.
 Then the whole retnet-1.3b backbone's step at batch 1, eager and replayed from a CUDA graph, against reading its
-weights once. Last, with what time is left, float32 forward + backward at the 32-wide head-dim tiles it gets
-against bf16's 64-wide ones (compiled, the latter spill; docs/benchmarks.md).
+weights once. Then each kernel of the chunkwise form alone at dk 256, dv 512, against its own floor: where
+forward + backward spend their time. Last, with what time is left, float32 forward + backward at the 32-wide
+head-dim tiles it gets against bf16's 64-wide ones (compiled, the latter spill; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ DECODE_HEADS, DECODE_DK, DECODE_DV, DECODE_LAYERS = 8, 256, 512, 24
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DECODE_TARGET = "decode step within 2x of its state-read bound at batch >= 16"
 FLOAT32_SHAPE = (4, 2048, 16, 128, 128)  # (B, T, H, Dk, Dv)
+BREAKDOWN_SHAPE = SHAPES[-1]  # RetNet's dk 256, dv 512: tuned already by chunkwise_speed
 
 
 def run(part: Part) -> None:
@@ -58,6 +60,7 @@ def run(part: Part) -> None:
     chunkwise_speed(part, ceilings)
     decode_speed(part, ceilings)
     backbone_step(part, ceilings)
+    kernel_breakdown(part, ceilings)
     float32_tiles(part)
 
 
@@ -247,6 +250,109 @@ def backbone_step(part: Part, ceilings: Ceilings) -> None:
         part.error("backbone decode step", e)
     finally:
         net = state = None
+        free_cuda()
+
+
+def kernel_breakdown(part: Part, ceilings: Ceilings) -> None:
+    """Each kernel of the chunkwise form, bf16, launched alone: its time against its floor, the larger of the bytes it
+    must move (each tensor once) over the copy bandwidth and the products it computes, recomputed ones included,
+    over the matmul rate. For N = B H T tokens, C-token chunks, P = B H heads of NT chunks, nK and nV tiles of Dk
+    and Dv (each chunk_output program recomputes the chunk's scores, each chunk_grad_qk program do v^T and each
+    chunk_grad_v program k q^T):
+
+        kernel             bytes (bf16: 2 each)                   FLOPs
+        chunk_state        k, v read; h written                   2 N Dk Dv
+        chunk_output       q, k, v, h read; o written             2 N C (Dk nV + Dv) + 2 N Dk Dv
+        chunk_state_grad   q, do read; dh written                 2 N Dk Dv
+        chunk_grad_qk      q, k, v, do, h, dh read; dq, dk        2 N C (Dv nK + 2 Dk) + 4 N Dk Dv
+        chunk_grad_v       q, k, do, dh read; dv written          2 N C (Dk nV + Dv) + 2 N Dk Dv
+
+    The backward runs chunk_state again (the states are recomputed, not kept), so forward + backward is the sum of
+    all rows with chunk_state twice; the last row times the whole of it through ``retention()``, whose difference
+    from that sum is what runs between the kernels."""
+    from retentive.ops.triton.chunk_grad import chunk_grad_qk_kernel, chunk_grad_v_kernel
+    from retentive.ops.triton.chunk_output import chunk_output
+    from retentive.ops.triton.chunk_state import chunk_states
+    from retentive.ops.triton.chunk_state_grad import chunk_state_grads
+    from retentive.ops.triton.common import Tiling
+
+    if part.out_of_time(reserve=15):
+        return
+    B, T, H, Dk, Dv = DRY_SHAPES[-1] if part.dry_run else BREAKDOWN_SHAPE
+    bench = timer(part.device)
+    add = part.table(
+        f"Chunkwise retention by kernel, bf16, B{B} T{T} H{H} Dk{Dk} Dv{Dv}: each alone, median ms",
+        ["kernel", "ms", "MB moved (each tensor once)", "GFLOP", "floor ms", "ms / floor"],
+    )
+    try:
+        gen = torch.Generator(device=part.device).manual_seed(256)
+        q, k, do = (torch.randn(B * H, T, d, device=part.device, generator=gen).bfloat16() for d in (Dk, Dk, Dv))
+        v = torch.randn(B * H, T, Dv, device=part.device, generator=gen).bfloat16()
+        log_g = log_gamma("retnet", H).to(part.device, torch.float32)
+        t = Tiling.of(q, v, log_g, CHUNK)
+        h, hz, _, _ = chunk_states(k, v, log_g, None, None, t)
+        dS, dz = torch.zeros(t.BH, Dk, Dv, device=part.device), torch.zeros(t.BH, Dk, device=part.device)
+        dh, dhz, _, _ = chunk_state_grads(q, do, do, log_g, dS, dz, t, False)  # without row sums dr is never read
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        N, C, nK, nV = B * H * T, t.chunk, -(-Dk // t.BK), -(-Dv // t.BV)  # tiles: ceil
+        tokens, states = 2 * N, 2 * B * H * t.NT * Dk * Dv  # bytes of one feature of every token; of h or dh
+
+        def grad_qk() -> None:
+            grid = t.chunk_grid(Dk, t.BK)
+            chunk_grad_qk_kernel[grid](
+                q, k, v, h, hz, do, do, dh, dhz, log_g, dq, dk, *t.sizes, WITH_ROWSUM=False, **t.meta
+            )
+
+        def grad_v() -> None:
+            chunk_grad_v_kernel[t.chunk_grid(Dv, t.BV)](q, k, do, dh, log_g, dv, *t.sizes, **t.meta)
+
+        kernels = [  # (name, launch, bytes, FLOPs)
+            (
+                "chunk_state",
+                lambda: chunk_states(k, v, log_g, None, None, t),
+                tokens * (Dk + Dv) + states,
+                2 * N * Dk * Dv,
+            ),
+            (
+                "chunk_output",
+                lambda: chunk_output(q, k, v, h, hz, log_g, t, False),
+                tokens * (2 * Dk + 2 * Dv) + states,
+                2 * N * C * (Dk * nV + Dv) + 2 * N * Dk * Dv,
+            ),
+            (
+                "chunk_state_grad",
+                lambda: chunk_state_grads(q, do, do, log_g, dS, dz, t, False),
+                tokens * (Dk + Dv) + states,
+                2 * N * Dk * Dv,
+            ),
+            (
+                "chunk_grad_qk",
+                grad_qk,
+                tokens * (4 * Dk + 2 * Dv) + 2 * states,
+                2 * N * C * (Dv * nK + 2 * Dk) + 4 * N * Dk * Dv,
+            ),
+            ("chunk_grad_v", grad_v, tokens * (2 * Dk + 2 * Dv) + states, 2 * N * C * (Dk * nV + Dv) + 2 * N * Dk * Dv),
+        ]
+        total = 0.0
+        for name, fn, nbytes, flops in kernels:
+            ms = bench(fn)
+            total += ms * (2 if name == "chunk_state" else 1)
+            floor = max(ceilings.bytes_ms(nbytes), ceilings.flops_ms(flops))
+            add([name, ms, nbytes / 1e6, flops / 1e9, floor, ms / floor])
+        add(["sum, forward + backward (chunk_state twice)", total, None, None, None, None])
+        x = [a.view(B, H, T, -1).detach().requires_grad_() for a in (q, k, v)]
+        g = do.view(B, H, T, Dv)
+
+        def whole() -> None:
+            for a in x:
+                a.grad = None
+            retention(*x, mode="chunkwise", chunk_size=CHUNK, backend="triton")[0].backward(g)
+
+        whole()
+        add(["retention(), forward + backward", bench(whole), None, None, None, None])
+    except Exception as e:
+        part.error(f"chunkwise kernels alone, B{B} T{T} H{H} Dk{Dk} Dv{Dv}", e)
+    finally:
         free_cuda()
 
 

@@ -45,6 +45,10 @@ def test_dry_run_of_every_part(tmp_path):
     assert abs(second["box"] - (second["own box"] + left)) < 5, "what the first part left goes to the second"
     text = (tmp_path / "gpu_check.md").read_text()
     assert "## kernels" in text and "Chunkwise retention" in text
+    by_kernel = [
+        t for t in report["parts"]["kernels"]["tables"] if t["title"].startswith("Chunkwise retention by kernel")
+    ]
+    assert len(by_kernel) == 1 and len(by_kernel[0]["rows"]) == 7, "five kernels alone, their sum, the whole"
     tiles = [c for c in report["parts"]["kernels"]["checks"] if "-wide tiles" in c["what"]]
     assert len(tiles) == 4, "float32 at both head-dim tiles, o and the three gradients compared"
     assert result.stdout.splitlines()[-1].strip(), "the summary table is printed last"
