@@ -380,7 +380,7 @@ def float32_tiles(part: Part) -> None:
 
     default, times, outs = common.MAX_TILE_FLOAT32, {}, {}
     for tile in (default, common.MAX_TILE):
-        if part.out_of_time(reserve=20):
+        if part.out_of_time(reserve=35):  # five kernels to compile and tune at each tile: ~15 s
             break
         common.MAX_TILE_FLOAT32 = tile
         try:
