@@ -15,6 +15,8 @@ its matrix products over the matmul rate:
 
 The decode step (``decode_step_``, in place) at batch 1 to 64 for retnet-1.3b's heads (8 x dk 256 x dv 512), one
 call per layer over 24 layers' states so the states do not sit in L2: its floor is reading and writing S and z.
+Timed eager (the host launching each step) and replayed from a CUDA graph (the kernels alone, as `generate()`'s
+compiled decoding runs them); the target is judged on the graph where there is one.
 Then the whole retnet-1.3b backbone's step at batch 1, eager and replayed from a CUDA graph, against reading its
 weights once. Then each kernel of the chunkwise form alone at dk 256, dv 512, against its own floor: where
 forward + backward spend their time. Last, with what time is left, float32 forward + backward at the 32-wide
@@ -167,32 +169,40 @@ def decode_speed(part: Part, ceilings: Ceilings) -> None:
     add = part.table(
         f"Decode step (decode_step_, in place), bf16 q/k/v, float32 state: {H} heads, dk {Dk}, dv {Dv}; per layer, "
         f"{layers} layers' states in turn",
-        ["batch", "state MB (per layer)", "fused us", "torch backend us", "floor us", "fused / floor"],
-    )
+        [
+            "batch", "state MB (per layer)", "fused us", "fused us, CUDA graph", "torch backend us", "floor us",
+            "fused / floor", "graph / floor",
+        ],
+    )  # fmt: skip
     ratios = []
     for B in batches:
         if part.out_of_time(reserve=8):
             break
         try:
-            row = decode_row(part.device, B, H, Dk, Dv, layers, log_g, bench, ceilings)
-            if B >= 16:
-                ratios.append((row[-1], B))
+            row = decode_row(part, B, H, Dk, Dv, layers, log_g, bench, ceilings)
+            if B >= 16:  # the kernel's own time: from the graph where there is one (no host launch gaps)
+                eager, graph = row[-2:]
+                ratios.append((eager if graph is None else graph, eager, B))
             add(row)
         except Exception as e:
             part.error(f"decode step batch {B}", e)
         finally:
             free_cuda()
     if ratios:
-        worst, B = max(ratios)
-        part.target(DECODE_TARGET, worst <= 2.0, f"{worst:.2f}x at B{B}")
+        worst, eager, B = max(ratios)
+        how = "" if part.device != "cuda" else f" from a CUDA graph (eager {eager:.2f}x)"
+        part.target(DECODE_TARGET, worst <= 2.0, f"{worst:.2f}x at B{B}{how}")
     else:
         part.target(DECODE_TARGET, None, "not measured")
 
 
-def decode_row(device, B, H, Dk, Dv, layers, log_g, bench, ceilings) -> list:
-    """[batch, state MB, fused us, torch us, floor us, fused / floor] for one batch size, per layer."""
+def decode_row(part: Part, B, H, Dk, Dv, layers, log_g, bench, ceilings) -> list:
+    """[batch, state MB, fused us, fused us from a CUDA graph, torch us, floor us, fused / floor, graph / floor] for
+    one batch size, per layer. Eager, the host may launch slower than the GPU runs a small step, and the gaps count;
+    a CUDA graph of the layers' steps replays them without the host (None on the CPU)."""
     from retentive.ops.triton import decode_step_
 
+    device = part.device
     kw = dict(normalize_decay=True, normalize_retention=True)
     gen = torch.Generator(device=device).manual_seed(B)
     states = []
@@ -213,9 +223,16 @@ def decode_row(device, B, H, Dk, Dv, layers, log_g, bench, ceilings) -> list:
 
     with torch.no_grad():
         fused_us = bench(fused) * 1e3 / layers
+        graph_us = None
+        if device == "cuda":
+            try:
+                graph_us = bench(capture(fused).replay) * 1e3 / layers
+            except Exception as e:  # a step that cannot be captured: the eager figures stand
+                part.error(f"decode step batch {B}, CUDA graph", e)
         torch_us = bench(torch_step) * 1e3 / layers
     floor_us = ceilings.bytes_ms(nbytes) * 1e3
-    return [B, nbytes / 2 / 1e6, fused_us, torch_us, floor_us, fused_us / floor_us]
+    graph_ratio = graph_us / floor_us if graph_us is not None else None
+    return [B, nbytes / 2 / 1e6, fused_us, graph_us, torch_us, floor_us, fused_us / floor_us, graph_ratio]
 
 
 def backbone_step(part: Part, ceilings: Ceilings) -> None:
