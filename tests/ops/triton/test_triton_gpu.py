@@ -9,9 +9,17 @@ from retentive.ops import RetentionState, retention
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="full shapes need a CUDA GPU")
 
 
-@pytest.mark.parametrize("T,Dk,Dv", [(2048, 64, 128), (32768, 256, 512)])
-def test_long_sequences_bf16(T, Dk, Dv):
-    """Output, gradients and the carried state in bf16 against float64, normalizations on."""
+@pytest.mark.parametrize(
+    "dtype,T,Dk,Dv",
+    [
+        (torch.bfloat16, 2048, 64, 128),
+        (torch.bfloat16, 32768, 256, 512),
+        (torch.float32, 2048, 64, 128),  # float32: 32-wide head-dim tiles, products on the CUDA cores
+        (torch.float32, 8192, 256, 512),
+    ],
+)
+def test_long_sequences(dtype, T, Dk, Dv):
+    """Output, gradients and the carried state against float64, normalizations on."""
     B, H = 1, 2
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, T, d, device="cuda", generator=gen) for d in (Dk, Dk, Dv))
@@ -20,7 +28,7 @@ def test_long_sequences_bf16(T, Dk, Dv):
     kw = dict(mode="chunkwise", chunk_size=64, normalize_decay=True, normalize_retention=True, output_state=True)
     w = torch.randn(B, H, T, Dv, device="cuda", generator=gen)
 
-    ours = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    ours = [x.to(dtype, copy=True).requires_grad_() for x in (q, k, v)]  # a copy even in float32
     o, new_state = retention(*ours, state=state, backend="triton", **kw)
     (o.float() * w).sum().backward()
     truth = [x.double().requires_grad_() for x in (q, k, v)]
@@ -28,11 +36,11 @@ def test_long_sequences_bf16(T, Dk, Dv):
     o64, state64 = retention(*truth, state=state64, backend="torch", **kw)
     (o64 * w.double()).sum().backward()
 
-    assert rel_err(o, o64) <= TOL[torch.bfloat16]
-    assert rel_err(new_state.S, state64.S) <= TOL[torch.bfloat16]
-    assert rel_err(new_state.z, state64.z) <= TOL[torch.bfloat16]
+    assert rel_err(o, o64) <= TOL[dtype]
+    assert rel_err(new_state.S, state64.S) <= TOL[dtype]
+    assert rel_err(new_state.z, state64.z) <= TOL[dtype]
     for a, b in zip(ours, truth, strict=True):
-        assert rel_err(a.grad, b.grad) <= TOL[torch.bfloat16]
+        assert rel_err(a.grad, b.grad) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("T,chunk_size", [(65536, 64), (4096, 1)])
