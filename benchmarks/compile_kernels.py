@@ -4,6 +4,7 @@
     python benchmarks/compile_kernels.py --dims 256x512 --first  # these head dims, the first launch config only
     python benchmarks/compile_kernels.py --chunk 128             # 128-token chunks
     python benchmarks/compile_kernels.py --dtype float32         # float32 inputs: their tiles and products
+    python benchmarks/compile_kernels.py --odd-length            # T not a multiple of 16 (a prompt of any length)
 
 For each kernel and each launch configuration it is tuned over (warps, stages): registers per thread,
 stack bytes (non-zero means spills to local memory), shared memory, whether the matrix products became
@@ -11,6 +12,11 @@ Hopper's ``wgmma``, and how many dot results are transposed (``tt.trans`` of a t
 ``#mma``, in the TTGIR): Triton 3.4 and later on Hopper miscompile such a transpose fed into another dot
 (flash-linear-attention issue 640), so every kernel must have none. This is what the compiler says, not a timing:
 it catches spills, slow paths and that pattern before any GPU time is spent.
+
+Each kernel is compiled as a launch would compile it: Triton's JIT tells the compiler which arguments are multiples
+of 16 (pointers 16-byte aligned, as fresh tensors are; integers divisible by 16), which lets it vectorize loads
+and stores. Here every pointer is aligned, and T and CHUNK are multiples of 16 (8,192 tokens in 64-token chunks)
+unless ``--odd-length``; H and NT are not assumed to be.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from benchkit import table_row, table_rule
 FLOAT32_POINTERS = {"log_g", "S0", "z0", "S_final", "z_final", "dS_final", "dz_final", "dS0", "dz0", "S", "z", "S_out"}
 FLOAT32_POINTERS |= {"z_out", "r", "dr", "hz", "dhz"}
 INTEGERS = {"T", "H", "NT", "CHUNK"}
+LENGTHS = {"T", "CHUNK"}  # multiples of 16 at the usual lengths, unless --odd-length
 DATA_TYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -47,6 +54,12 @@ def signature(kernel, constexprs: dict, data: str) -> dict:
         else:
             types[name] = "*fp32" if name in FLOAT32_POINTERS else data
     return types
+
+
+def divisible(kernel, types: dict, lengths: set[str]) -> dict:
+    """The arguments a launch would mark ``tt.divisibility`` 16: every pointer, and the integers in ``lengths``."""
+    marked = [i for i, name in enumerate(kernel.arg_names) if types[name].startswith("*") or name in lengths]
+    return {(i,): [["tt.divisibility", 16]] for i in marked}
 
 
 def resources(cubin: bytes, triton_dir: Path) -> tuple[int, int]:
@@ -72,6 +85,7 @@ def main() -> None:
     p.add_argument("--first", action="store_true", help="only the first launch configuration of each kernel")
     p.add_argument("--chunk", type=int, default=64, help="tokens per chunk (a power of two)")
     p.add_argument("--dtype", choices=list(DATA_TYPES), default="bfloat16", help="of q, k, v and the gradients")
+    p.add_argument("--odd-length", action="store_true", help="T not a multiple of 16: its loads along T unaligned")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
     import torch
@@ -109,7 +123,8 @@ def main() -> None:
             launches = launches[:1] if args.first else launches
             for warps, stages in launches:
                 types = signature(fn, constexprs, DATA_TYPES[args.dtype])
-                src = ASTSource(fn=fn, signature=types, constexprs=constexprs)
+                attrs = divisible(fn, types, set() if args.odd_length else LENGTHS)
+                src = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
                 options = {"num_warps": warps, "num_stages": stages}
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
                 reg, stack = resources(compiled.asm["cubin"], Path(triton.__file__).parent)

@@ -19,8 +19,9 @@ Timed eager (the host launching each step) and replayed from a CUDA graph (the k
 compiled decoding runs them); the target is judged on the graph where there is one.
 Then the whole retnet-1.3b backbone's step at batch 1, eager and replayed from a CUDA graph, against reading its
 weights once. Then each kernel of the chunkwise form alone at dk 256, dv 512, against its own floor: where
-forward + backward spend their time. Last, with what time is left, float32 forward + backward at the 32-wide
-head-dim tiles it gets against bf16's 64-wide ones (compiled, the latter spill; docs/benchmarks.md).
+forward + backward spend their time. Last, with what time is left, two settings the compiler alone cannot decide
+(docs/benchmarks.md), each timed against the library's choice: 128-token chunks at dk 256 (half the chunk states'
+traffic, and no spills at 8 warps), and float32's 32-wide head-dim tiles against bf16's 64-wide ones.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DECODE_TARGET = "decode step within 2x of its state-read bound at batch >= 16"
 FLOAT32_SHAPE = (4, 2048, 16, 128, 128)  # (B, T, H, Dk, Dv)
 BREAKDOWN_SHAPE = SHAPES[-1]  # RetNet's dk 256, dv 512: tuned already by chunkwise_speed
+VARIANT_RESERVE = 35  # seconds a variant needs left: five kernels to compile and tune (~15 s), then its timing
 
 
 def run(part: Part) -> None:
@@ -63,7 +65,7 @@ def run(part: Part) -> None:
     decode_speed(part, ceilings)
     backbone_step(part, ceilings)
     kernel_breakdown(part, ceilings)
-    float32_tiles(part)
+    settings(part)
 
 
 def fla_chunk() -> Callable | None:
@@ -373,44 +375,60 @@ def kernel_breakdown(part: Part, ceilings: Ceilings) -> None:
         free_cuda()
 
 
-def float32_tiles(part: Part) -> None:
-    """float32 chunkwise forward + backward at the head-dim tiles float32 gets (MAX_TILE_FLOAT32) and at bf16's
-    (MAX_TILE), each tuned over the same launches: whether the smaller tiles that do not spill are also faster."""
+def settings(part: Part) -> None:
+    """Chunks of 128 tokens against 64 at dk 256 (bf16), and float32's head-dim tiles against bf16's."""
     from retentive.ops.triton import common
 
-    B, T, H, Dk, Dv = (1, 70, 2, 64, 64) if part.dry_run else FLOAT32_SHAPE
+    chunk_shape = (1, 300, 2, 64, 128) if part.dry_run else BREAKDOWN_SHAPE
+    compare(part, "MAX_CHUNK", (common.MAX_CHUNK, 128), chunk_shape, torch.bfloat16, tol=2e-2)
+    tile_shape = (1, 70, 2, 64, 64) if part.dry_run else FLOAT32_SHAPE
+    compare(part, "MAX_TILE_FLOAT32", (common.MAX_TILE_FLOAT32, common.MAX_TILE), tile_shape, torch.float32, tol=1e-5)
+
+
+def compare(part: Part, name: str, values: tuple, shape: tuple, dtype: torch.dtype, tol: float) -> None:
+    """retention() forward and forward + backward at ``shape`` (B, T, H, Dk, Dv) in ``dtype``, chunks of
+    ``common.MAX_CHUNK`` tokens, under each value of ``common.<name>``, the library's own first: median ms, the
+    ratio to the first, and o, dq, dk, dv checked against the first's (the same sums in another order)."""
+    from retentive.ops.triton import common
+
+    B, T, H, Dk, Dv = shape
+    kind = str(dtype).removeprefix("torch.")
     bench = timer(part.device)
     add = part.table(
-        f"Chunkwise retention, float32, forward + backward by head-dim tile: B{B} T{T} H{H} Dk{Dk} Dv{Dv}",
-        ["tile", "ms", "ms / ms at the default tile"],
+        f"Chunkwise retention, {kind}, by {name}: B{B} T{T} H{H} Dk{Dk} Dv{Dv}, median ms",
+        [name, "fwd ms", "f+b ms", "fwd / the library's", "f+b / the library's"],
     )
-    gen = torch.Generator(device=part.device).manual_seed(32)
-    q, k, v, do = (torch.randn(B, H, T, d, device=part.device, generator=gen) for d in (Dk, Dk, Dv, Dv))
+    gen = torch.Generator(device=part.device).manual_seed(T)
+    q, k, v, do = (torch.randn(B, H, T, d, device=part.device, generator=gen).to(dtype) for d in (Dk, Dk, Dv, Dv))
     x = [t.requires_grad_() for t in (q, k, v)]
 
-    def both() -> torch.Tensor:
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return retention(*x, mode="chunkwise", chunk_size=common.MAX_CHUNK, backend="triton")[0]
+
+    def both() -> None:
         for t in x:
             t.grad = None
-        o = retention(*x, mode="chunkwise", chunk_size=CHUNK, backend="triton")[0]
-        o.backward(do)
-        return o.detach()
+        retention(*x, mode="chunkwise", chunk_size=common.MAX_CHUNK, backend="triton")[0].backward(do)
 
-    default, times, outs = common.MAX_TILE_FLOAT32, {}, {}
-    for tile in (default, common.MAX_TILE):
-        if part.out_of_time(reserve=35):  # five kernels to compile and tune at each tile: ~15 s
+    default, times, outs = getattr(common, name), [], []
+    for value in values:
+        if part.out_of_time(reserve=VARIANT_RESERVE):
             break
-        common.MAX_TILE_FLOAT32 = tile
+        setattr(common, name, value)
         try:
-            outs[tile] = [both(), *(t.grad.clone() for t in x)]  # compiles and tunes outside the timed region
-            times[tile] = bench(both)
-            add([tile, times[tile], times[tile] / times[default] if default in times else None])
+            o = forward()  # compiles and tunes outside the timed region
+            both()
+            outs.append([o, *(t.grad.clone() for t in x)])
+            times.append((bench(forward), bench(both)))
+            ratios = [ms / first for ms, first in zip(times[-1], times[0], strict=True)]
+            add([value, *times[-1], *ratios])
         except Exception as e:
-            part.error(f"float32 chunkwise at {tile}-wide tiles", e)
+            part.error(f"{kind} chunkwise with {name} = {value}", e)
+            break
         finally:
-            common.MAX_TILE_FLOAT32 = default
+            setattr(common, name, default)
             free_cuda()
-    if len(outs) == 2:  # the same sums in another order: float32's rounding apart
-        for name, ours, wide in zip(("o", "dq", "dk", "dv"), *outs.values(), strict=True):
-            part.check(
-                f"float32 chunkwise {name}, {common.MAX_TILE}-wide tiles vs {default}-wide", rel_err(wide, ours), 1e-5
-            )
+    if len(outs) == 2:
+        for label, first, other in zip(("o", "dq", "dk", "dv"), *outs, strict=True):
+            part.check(f"{kind} chunkwise {label}, {name} = {values[1]} vs {values[0]}", rel_err(other, first), tol)

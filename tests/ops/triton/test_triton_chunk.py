@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from triton_checks import DEVICE, TOL, rel_err
 
 from retentive.ops import log_gamma, reference
-from retentive.ops.triton import chunkwise
+from retentive.ops.triton import chunkwise, common
 
 
 def check_chunkwise(B, H, T, Dk, Dv, chunk_size, with_rowsum, with_state, dtype, seed=0):
@@ -66,6 +66,13 @@ def test_float32(T, Dk, Dv, chunk_size, with_rowsum, with_state):
 def test_head_dims_of_retnet():
     """dk 256 and dv 512 (retnet-1.3b) loop over several Dk tiles and split Dv over programs."""
     check_chunkwise(1, 1, 5, 256, 512, 4, True, True, torch.float32)
+
+
+def test_128_token_chunks(monkeypatch):
+    """Chunks of 128 tokens (a 128-row score tile), which the GPU check times against the library's 64: right
+    too, the last chunk short, every normalization and a carried state on."""
+    monkeypatch.setattr(common, "MAX_CHUNK", 128)
+    check_chunkwise(1, 2, 300, 32, 40, 128, True, True, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

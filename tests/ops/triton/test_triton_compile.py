@@ -14,11 +14,6 @@ ROOT = Path(__file__).resolve().parents[3]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
-# float32 products run on the CUDA cores, operands in registers: at 64-wide tiles they spilled up to 6,480 bytes a
-# thread, at the 32-wide tiles float32 gets now at most 64 (Triton 3.9; common.MAX_TILE_FLOAT32)
-MAX_FLOAT32_SPILL = 256
-
-
 def compiled(dtype: str) -> dict[str, list[str]]:
     """compile_kernels.py's row of each kernel at retnet-1.3b's head dims (dk 256, dv 512), its first launch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT / "src")}
@@ -39,7 +34,7 @@ def test_kernels_compile_for_sm90(dtype):
         # in bf16 the chunk kernels multiply on Hopper's tensor cores (wgmma); float32 is multiplied exactly
         if name.startswith("chunk"):
             assert wgmma == str(dtype == "bfloat16"), (name, wgmma)
-        if dtype == "float32":
-            assert int(stack) <= MAX_FLOAT32_SPILL, (name, stack)
+        # no spills: float32 at bf16's 64-wide head-dim tiles spilled 8 to 176 bytes a thread here, at 32 none
+        assert stack == "0", (name, stack)
         # no dot result transposed into another dot: Triton >= 3.4 miscompiles that on Hopper (fla issue 640)
         assert transposed == "0", (name, transposed)

@@ -28,12 +28,12 @@ from torch import Tensor
 MAX_CHUNK = 64  # tokens per chunk the kernels use at most: 64 x 64 score tiles suit the tensor cores
 MAX_TILE = 64  # head-dim tile (Dk or Dv) one program holds; larger heads are looped over or split
 # float32 tiles hold twice the bytes and their products run on the CUDA cores ("ieee", see dot_precision), whose
-# operands sit in registers: at 64-wide tiles on sm_90 they spill up to 6 KB a thread, at 32-wide next to none
-# (benchmarks/compile_kernels.py --dtype float32)
+# operands sit in registers: compiled for sm_90 at 8 warps, 64-wide tiles spill up to 1.5 KB a thread, 32-wide
+# none (benchmarks/compile_kernels.py --dtype float32)
 MAX_TILE_FLOAT32 = 32
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# (warps, pipelining stages) the chunk kernels are tuned over on a GPU. With 4 warps they spill at dk 256
-# on sm_90, with 8 they do not (benchmarks/compile_kernels.py), so 8 comes first: the interpreter takes it.
+# (warps, pipelining stages) the chunk kernels are tuned over on a GPU. Compiled for sm_90, none spills at 8 warps;
+# in float32 some spill at 4 (benchmarks/compile_kernels.py), so 8 comes first: the interpreter takes it.
 DEFAULT_LAUNCHES = ((8, 2), (8, 3), (4, 2), (8, 1))
 LAUNCHES_ENV = "RETENTIVE_TRITON_LAUNCHES"
 
