@@ -31,7 +31,7 @@ ROOT = HERE.parent
 PARTS = ("correctness", "kernels", "claims", "stack")  # in order of priority
 # seconds on one H200 from a cold Triton cache: correctness compiles most kernels (5 per dtype and head shape, each
 # autotuned over 4 launches); claims took 50 s of its box on 2026-12-04
-BUDGET = {"correctness": 170, "kernels": 120, "claims": 80, "stack": 100}  # 470 s in all
+BUDGET = {"correctness": 170, "kernels": 135, "claims": 70, "stack": 95}  # 470 s in all: the issue asks under 8 minutes
 DRY_BUDGET = {"correctness": 240, "kernels": 120, "claims": 120, "stack": 240}  # the CPU is slower, sizes tiny
 GRACE = 25  # seconds past its box before a part is killed: time to save, free the GPU and exit
 
