@@ -289,7 +289,7 @@ def kernel_breakdown(part: Part, ceilings: Ceilings) -> None:
     The backward runs chunk_state again (the states are recomputed, not kept), so forward + backward is the sum of
     all rows with chunk_state twice; the last row times the whole of it through ``retention()``, whose difference
     from that sum is what runs between the kernels."""
-    from retentive.ops.triton.chunk_grad import chunk_grad_qk_kernel, chunk_grad_v_kernel
+    from retentive.ops.triton.chunk_grad import chunk_grad_qk, chunk_grad_v
     from retentive.ops.triton.chunk_output import chunk_output
     from retentive.ops.triton.chunk_state import chunk_states
     from retentive.ops.triton.chunk_state_grad import chunk_state_grads
@@ -312,18 +312,8 @@ def kernel_breakdown(part: Part, ceilings: Ceilings) -> None:
         h, hz, _, _ = chunk_states(k, v, log_g, None, None, t)
         dS, dz = torch.zeros(t.BH, Dk, Dv, device=part.device), torch.zeros(t.BH, Dk, device=part.device)
         dh, dhz, _, _ = chunk_state_grads(q, do, do, log_g, dS, dz, t, False)  # without row sums dr is never read
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         N, C, nK, nV = B * H * T, t.chunk, -(-Dk // t.BK), -(-Dv // t.BV)  # tiles: ceil
         tokens, states = 2 * N, 2 * B * H * t.NT * Dk * Dv  # bytes of one feature of every token; of h or dh
-
-        def grad_qk() -> None:
-            grid = t.chunk_grid(Dk, t.BK)
-            chunk_grad_qk_kernel[grid](
-                q, k, v, h, hz, do, do, dh, dhz, log_g, dq, dk, *t.sizes, WITH_ROWSUM=False, **t.meta
-            )
-
-        def grad_v() -> None:
-            chunk_grad_v_kernel[t.chunk_grid(Dv, t.BV)](q, k, do, dh, log_g, dv, *t.sizes, **t.meta)
 
         kernels = [  # (name, launch, bytes, FLOPs)
             (
@@ -346,11 +336,16 @@ def kernel_breakdown(part: Part, ceilings: Ceilings) -> None:
             ),
             (
                 "chunk_grad_qk",
-                grad_qk,
+                lambda: chunk_grad_qk(q, k, v, h, hz, do, do, dh, dhz, log_g, t, False),
                 tokens * (4 * Dk + 2 * Dv) + 2 * states,
                 2 * N * C * (Dv * nK + 2 * Dk) + 4 * N * Dk * Dv,
             ),
-            ("chunk_grad_v", grad_v, tokens * (2 * Dk + 2 * Dv) + states, 2 * N * C * (Dk * nV + Dv) + 2 * N * Dk * Dv),
+            (
+                "chunk_grad_v",
+                lambda: chunk_grad_v(q, k, v, do, dh, log_g, t),
+                tokens * (2 * Dk + 2 * Dv) + states,
+                2 * N * C * (Dk * nV + Dv) + 2 * N * Dk * Dv,
+            ),
         ]
         total = 0.0
         for name, fn, nbytes, flops in kernels:

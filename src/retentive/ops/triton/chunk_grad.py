@@ -94,6 +94,35 @@ def chunk_grad_v_kernel(
     store(tile(dv, i_bh, T, Dv, rows, values), dv_t)
 
 
+def chunk_grad_qk(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    h: Tensor,
+    hz: Tensor,
+    do: Tensor,
+    dr: Tensor,
+    dh: Tensor,
+    dhz: Tensor,
+    log_g: Tensor,
+    t: Tiling,
+    with_rowsum: bool,
+) -> tuple[Tensor, Tensor]:
+    """dq, dk (BH, T, Dk) in the dtypes of q and k."""
+    dq, dk = q.new_empty(q.shape), k.new_empty(k.shape)
+    chunk_grad_qk_kernel[t.chunk_grid(t.Dk, t.BK)](
+        q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
+    )
+    return dq, dk
+
+
+def chunk_grad_v(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dh: Tensor, log_g: Tensor, t: Tiling) -> Tensor:
+    """dv (BH, T, Dv) in v's dtype (v gives its shape and dtype; the kernel does not read it)."""
+    dv = v.new_empty(v.shape)
+    chunk_grad_v_kernel[t.chunk_grid(t.Dv, t.BV)](q, k, do, dh, log_g, dv, *t.sizes, **t.meta)
+    return dv
+
+
 def chunk_grads(
     q: Tensor,
     k: Tensor,
@@ -108,10 +137,6 @@ def chunk_grads(
     t: Tiling,
     with_rowsum: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk (BH, T, Dk) and dv (BH, T, Dv), in the dtypes of q, k and v."""
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    chunk_grad_qk_kernel[t.chunk_grid(t.Dk, t.BK)](
-        q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
-    )
-    chunk_grad_v_kernel[t.chunk_grid(t.Dv, t.BV)](q, k, do, dh, log_g, dv, *t.sizes, **t.meta)
-    return dq, dk, dv
+    """dq, dk (BH, T, Dk) and dv (BH, T, Dv), in the dtypes of q, k and v: the two kernels in turn."""
+    dq, dk = chunk_grad_qk(q, k, v, h, hz, do, dr, dh, dhz, log_g, t, with_rowsum)
+    return dq, dk, chunk_grad_v(q, k, v, do, dh, log_g, t)
