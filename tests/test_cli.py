@@ -127,10 +127,11 @@ def test_readme_resume_continues_the_run_as_configured(run_dir: Path, corpus: Pa
 
     # options that keep it the same run change only themselves
     main(["train", "--data", str(corpus), "--out", str(copy), "--resume", "--steps", "8", "--device", "cpu",
-          "--eval-interval", "4"])  # fmt: skip
+          "--eval-interval", "4", "--activation-checkpointing"])  # fmt: skip
     assert (copy / "checkpoints" / "step-00000008").is_dir()
     run = json.loads((copy / "run.json").read_text())
     assert (run["train"]["steps"], run["train"]["device"], run["train"]["eval_interval"]) == (8, "cpu", 4)
+    assert run["train"]["activation_checkpointing"] is True
     assert run["lm"] == json.loads(stored)["lm"]
 
 

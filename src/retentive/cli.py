@@ -39,6 +39,11 @@ def _suffixes(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+ACTIVATION_CHECKPOINTING_HELP = (
+    "recompute each block's activations in the backward pass instead of keeping them: less memory, about one more "
+    "forward pass of time"
+)
+
 # The fields of run.json that options of other names set; every other field is set by the option of its name.
 _FIELD_OPTIONS = {
     "model_config": ("config",),
@@ -107,7 +112,8 @@ def train(args: argparse.Namespace) -> None:
             warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
             eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, keep_last=args.keep_last,
             log_interval=args.log_interval, precision=args.precision, compile=args.compile, device=args.device,
-            parallel=args.parallel, progress=not args.no_progress,
+            parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
+            progress=not args.no_progress,
         ),
     })  # fmt: skip
     lm, config = LMConfig(**run_config["lm"]), TrainConfig(**run_config["train"])
@@ -275,6 +281,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU")  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--activation-checkpointing", action="store_true", help=ACTIVATION_CHECKPOINTING_HELP)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: ddp replicates the model, fsdp shards it per block (FSDP2)")  # fmt: skip
@@ -456,7 +463,7 @@ def train_vision(args: argparse.Namespace) -> None:
             steps=args.steps or 1, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip, ema_decay=args.ema_decay, eval_interval=args.eval_interval,
             ckpt_interval=args.ckpt_interval, log_interval=args.log_interval, device=args.device, perplexity=False,
-            progress=not args.no_progress,
+            activation_checkpointing=args.activation_checkpointing, progress=not args.no_progress,
         ),
     })  # fmt: skip
     vision, config = VisionConfig(**run_config["vision"]), TrainConfig(**run_config["train"])
@@ -499,6 +506,7 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt-interval", type=int, default=200)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--device", default="auto")
+    p.add_argument("--activation-checkpointing", action="store_true", help=ACTIVATION_CHECKPOINTING_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",

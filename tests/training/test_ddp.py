@@ -29,6 +29,7 @@ def train_tiny(
     model_fn: Callable[[], nn.Module] = TinyLM,
     ckpt_interval: int = 0,
     resume: bool | Path = False,
+    activation_checkpointing: bool = False,
 ) -> list[float]:
     """Train ``model_fn()`` for STEPS steps on random tokens (alone, or as one process of a group); the losses."""
     info = init_distributed("cpu")
@@ -36,7 +37,14 @@ def train_tiny(
     tokens = np.random.default_rng(0).integers(0, 64, 5000).astype(np.uint16)
     data = TokenWindows(tokens, SEQ_LEN, batch_size, seed=3, rank=info.rank, world_size=info.world_size)
     config = TrainConfig(
-        steps=STEPS, lr=1e-2, warmup=1, grad_accum=2, ckpt_interval=ckpt_interval, progress=False, parallel=parallel
+        steps=STEPS,
+        lr=1e-2,
+        warmup=1,
+        grad_accum=2,
+        ckpt_interval=ckpt_interval,
+        progress=False,
+        parallel=parallel,
+        activation_checkpointing=activation_checkpointing,
     )
     return Trainer(model_fn(), data, config, run_dir, resume=resume, dist=info).fit().losses
 

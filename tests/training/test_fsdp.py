@@ -1,5 +1,5 @@
 """FSDP2 with gloo on CPU: two sharded processes take the same steps as one process with the doubled batch, write
-the same (full) checkpoints, and resume exactly."""
+the same (full) checkpoints, resume exactly, and recompute checkpointed blocks' activations."""
 
 from __future__ import annotations
 
@@ -48,3 +48,14 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path: Path) -> None:
     for i, state in opt_single["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(opt_fsdp["state"][i][key], value, rtol=1e-4, atol=1e-6)
+
+
+def _fsdp_checkpointed(run_dir: Path) -> list[float]:
+    return train_tiny(run_dir, BATCH, "fsdp", _tiny_retnet, activation_checkpointing=True)
+
+
+def test_fsdp_with_activation_checkpointing_takes_the_steps_of_one_process(tmp_path: Path) -> None:
+    """Each sharded block checkpointed: the recomputation gathers its weights again, and the steps stay the same."""
+    fsdp = run_gloo(tmp_path / "losses.json", _fsdp_checkpointed, tmp_path / "fsdp")
+    single = train_tiny(tmp_path / "single", 2 * BATCH, model_fn=_tiny_retnet)
+    np.testing.assert_allclose(fsdp, single, rtol=0, atol=1e-5)

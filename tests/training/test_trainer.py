@@ -227,3 +227,27 @@ def test_time_budget_fits_the_step_count_and_the_schedule(tmp_path: Path, monkey
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * 0.1)  # the cosine ended on the fitted step
     with pytest.raises(ValueError, match="time_budget"):
         TrainConfig(time_budget=0)
+
+
+def test_activation_checkpointing_takes_the_same_steps(tmp_path: Path) -> None:
+    """A RetNet with dropout, its blocks recomputed in every backward: the losses of the plain run, exactly."""
+    from retentive import RetNetConfig, RetNetForCausalLM
+
+    def run(name: str, **cfg) -> tuple[Trainer, list[float]]:
+        seed_everything(0)
+        model = RetNetForCausalLM(RetNetConfig(vocab_size=64, dim_model=16, num_layers=2, num_heads=2, dropout=0.1))
+        config = TrainConfig(steps=5, lr=1e-2, warmup=1, ckpt_interval=0, progress=False, **cfg)
+        trainer = Trainer(model, TokenWindows(_tokens(), seq_len=16, batch_size=4, seed=1), config, tmp_path / name)
+        return trainer, trainer.fit().losses
+
+    _, plain = run("plain")
+    trainer, losses = run("checkpointed", activation_checkpointing=True)
+    assert trainer.model.model.retnet.gradient_checkpointing
+    np.testing.assert_array_equal(losses, plain)
+    assert "activation_checkpointing" not in TrainConfig().to_dict()  # run.json as before the option existed
+
+
+def test_activation_checkpointing_of_a_model_without_blocks_is_refused_naming_the_option(tmp_path: Path) -> None:
+    config = TrainConfig(steps=1, activation_checkpointing=True, progress=False)
+    with pytest.raises(ValueError, match=r"activation_checkpointing: TinyLM has neither .* train it with"):
+        Trainer(TinyLM(), TokenWindows(_tokens(), seq_len=16, batch_size=4, seed=1), config, tmp_path)

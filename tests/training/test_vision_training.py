@@ -70,18 +70,20 @@ def test_command_line(tmp_path, capsys):
 
 
 def test_command_line_resume_continues_the_run_as_configured(tmp_path, capsys):
-    """`train-vision --out DIR --resume` takes the run's own options (not the defaults) and continues it exactly."""
+    """`train-vision --out DIR --resume` takes the run's own options (not the defaults) and continues it exactly,
+    its blocks' activations recomputed or not."""
     main(["train-vision", "--model", "rmt-tiny", "--data", "digits", "--steps", "4", "--batch-size", "16",
           "--warmup", "1", "--ckpt-interval", "2", "--eval-interval", "2", "--out", str(tmp_path / "a"),
           "--no-progress"])  # fmt: skip
     crashed = tmp_path / "b"  # as a crash after the step-2 checkpoint leaves the run
     shutil.copytree(tmp_path / "a", crashed)
     shutil.rmtree(crashed / "checkpoints" / "step-00000004")
-    main(["train-vision", "--out", str(crashed), "--resume"])
+    main(["train-vision", "--out", str(crashed), "--resume", "--activation-checkpointing"])
     assert "rmt-tiny (" in capsys.readouterr().out.splitlines()[-2]
     final = "checkpoints/step-00000004/model.safetensors"
     straight, resumed = load_file(tmp_path / "a" / final), load_file(crashed / final)
     assert all(torch.equal(resumed[name], w) for name, w in straight.items())
+    assert json.loads((crashed / "run.json").read_text())["train"]["activation_checkpointing"] is True
     with pytest.raises(SystemExit, match=r"cannot resume: .* \(vision.batch_size: 16 -> 32\), which"):
         main(["train-vision", "--out", str(crashed), "--resume", "--batch-size", "32", "--steps", "6"])
     main(["train-vision", "--out", str(crashed), "--resume", "--steps", "6", "--eval-batch-size", "100"])

@@ -3,6 +3,7 @@ included; PreTrainedImageClassifier: the same model as transformers' Auto classe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from ..layers.checkpointing import set_grad_checkpointing
 from .image_processing import ResizeCropImageProcessor
 from .remote_code import REMOTE_CODE, REMOTE_CODE_FILE, remote_code_map
 
@@ -68,6 +70,11 @@ class ImageClassifier(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block's activations in the backward pass instead of keeping them (timm's name; see
+        :class:`~retentive.layers.checkpointing.CheckpointedBlocks`)."""
+        set_grad_checkpointing(self, enable)
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialized classifier for ``num_classes`` classes (0: none, logits are the pooled
@@ -171,12 +178,19 @@ class PreTrainedImageClassifier(PreTrainedModel):
     """
 
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
     classifier_class: ClassVar[type[ImageClassifier]]  # set by each subclass, with config_class
 
     def __init__(self, config: PretrainedConfig, classifier: ImageClassifier | None = None) -> None:
         super().__init__(config)
         self.classifier = classifier if classifier is not None else self.classifier_class(config)
         self.post_init()
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable | None = None, every_n_layers: int = 1
+    ) -> None:
+        """What transformers' ``activation_checkpointing_enable()`` and ``..._disable()`` call."""
+        set_grad_checkpointing(self, enable, every_n_layers, gradient_checkpointing_func)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing: the classifier initialized its weights when it was built (or holds loaded ones), and

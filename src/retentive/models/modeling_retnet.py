@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,6 +27,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
+from ..layers.checkpointing import set_grad_checkpointing
 from ..layers.feedforward import make_norm
 from ..layers.retention import left_padding
 from ..ops import RetentionState, check_chunk_size, linear_cross_entropy
@@ -50,6 +51,7 @@ class RetNetPreTrainedModel(PreTrainedModel):
     config: RetNetConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True  # the backbone's blocks (CheckpointedBlocks)
     _no_split_modules: ClassVar[list[str]] = [RetNetBlock.__name__]
     _is_stateful = True  # the cache cannot be rolled back: no assisted decoding
 
@@ -117,6 +119,14 @@ class RetNetPreTrainedModel(PreTrainedModel):
             (Path(save_directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
 
     @torch.no_grad()
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable | None = None, every_n_layers: int = 1
+    ) -> None:
+        """What transformers' ``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before
+        5.25) and ``..._disable()`` call: the backbone's blocks recomputed in the backward pass, every
+        ``every_n_layers``-th of them."""
+        set_grad_checkpointing(self, enable, every_n_layers, gradient_checkpointing_func)
+
     def _init_weights(self, module: nn.Module) -> None:
         """The token embedding and an untied output head ~ N(0, d^-1/2): unit-variance logits at the start, and
         an embedding as large as what the first block adds to it (with 0.02 the blocks' outputs drown the token

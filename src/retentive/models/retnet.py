@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import Form, RetNetBlock, positions_of
+from ..layers.checkpointing import CheckpointedBlocks
 from ..layers.feedforward import make_norm
 from ..ops import RetentionState
 
@@ -15,8 +16,11 @@ from ..ops import RetentionState
 SEED_NAMES = {"normalize_attn": "normalize_decay", "normalize_retn": "normalize_retention"}
 
 
-class RetNet(nn.Module):
+class RetNet(CheckpointedBlocks, nn.Module):
     """A stack of :class:`RetNetBlock` s and a final norm: (B, T, d) embeddings -> (B, T, d).
+
+    ``set_grad_checkpointing()`` recomputes the blocks' activations in the backward pass instead of keeping them
+    (:class:`~retentive.layers.checkpointing.CheckpointedBlocks`).
 
     The constructor takes the seed repository's arguments, in its order (myscience/retnet-pytorch); the library
     builds it in its config's names with :meth:`from_options`.
@@ -128,7 +132,9 @@ class RetNet(nn.Module):
             rotary = first.rotary_phase(positions_of(x, state and state[0], padding_mask), x.dtype)
         new_state = []
         for i, block in enumerate(self.blocks):
-            x = block(
+            x = self.run_block(
+                i,
+                block,
                 x,
                 form=form,
                 state=None if state is None else state[i],

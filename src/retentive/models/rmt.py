@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from ..layers.checkpointing import CheckpointedBlocks
 from ..layers.conv import ConvStem, PatchMerging
 from ..layers.rmt_block import RMTBlock
 from .image_classifier import ImageClassifier, PreTrainedImageClassifier
@@ -128,8 +129,9 @@ class RMTConfig(PresetConfig):
             raise ValueError(f"layer_scale_init must be > 0, got {self.layer_scale_init!r}")
 
 
-class RMTStage(nn.Module):
-    """The blocks of one stage, then patch merging to the next stage's width (none after the last)."""
+class RMTStage(CheckpointedBlocks, nn.Module):
+    """The blocks of one stage, then patch merging to the next stage's width (none after the last); its blocks'
+    activations recomputed in the backward pass after ``set_grad_checkpointing()``."""
 
     def __init__(self, config: RMTConfig, index: int, **kw) -> None:
         super().__init__()
@@ -157,8 +159,8 @@ class RMTStage(nn.Module):
 
     def forward_blocks(self, x: Tensor) -> Tensor:
         """The blocks alone, before the merging: (B, height, width, C) -> the same shape."""
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = self.run_block(i, block, x)
         return x
 
 

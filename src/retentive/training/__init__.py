@@ -12,7 +12,7 @@ from .checkpoint import (
 from .distributed import DistInfo, init_distributed
 from .ema import ModelEMA
 from .optim import build_optimizer, build_scheduler, warmup_cosine
-from .trainer import TrainConfig, Trainer, TrainResult, seed_everything
+from .trainer import TrainConfig, Trainer, TrainResult, enable_activation_checkpointing, seed_everything
 
 __all__ = [
     "CheckpointError",
@@ -24,6 +24,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "checkpoint_dirs",
+    "enable_activation_checkpointing",
     "init_distributed",
     "load_weights",
     "prepare_run_dir",

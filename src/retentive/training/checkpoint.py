@@ -238,6 +238,7 @@ RESUMABLE_CHANGES: dict[str, str] = {
     "device": "where the same steps run (a GPU run may continue on another GPU, or on the CPU)",
     "precision": "the arithmetic of the same steps (auto follows the device)",
     "compile": "torch.compile runs the same model",
+    "activation_checkpointing": "the backward recomputes the same activations instead of keeping them",
     "parallel": "checkpoints have the same format under DDP, FSDP and alone",
 }
 

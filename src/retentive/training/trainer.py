@@ -1,10 +1,10 @@
 """A model-agnostic trainer: any ``nn.Module`` whose ``forward(**batch)`` returns an object with ``.loss``.
 
 It gives AdamW (decay on matrices) with warm-up + cosine, gradient clipping and accumulation, bf16 autocast on CUDA
-(float32 on CPU unless asked), optional ``torch.compile``, an optional moving average of the weights (EMA),
-evaluation, a tqdm bar, ``metrics.jsonl`` + ``loss.png``, atomic checkpoints (weights, EMA weights, optimizer,
-scheduler, RNG, data position, step) and an exact resume, under ``torchrun`` with DistributedDataParallel or FSDP2
-(``parallel="fsdp"``) as well as alone.
+(float32 on CPU unless asked), optional ``torch.compile`` and activation checkpointing, an optional moving average
+of the weights (EMA), evaluation, a tqdm bar, ``metrics.jsonl`` + ``loss.png``, atomic checkpoints (weights, EMA
+weights, optimizer, scheduler, RNG, data position, step) and an exact resume, under ``torchrun`` with
+DistributedDataParallel or FSDP2 (``parallel="fsdp"``) as well as alone.
 
 The training data is any object with ``next_batch() -> dict[str, Tensor]``, ``state_dict()`` and
 ``load_state_dict()`` (e.g. :class:`retentive.data.TokenWindows`, :class:`retentive.data.TensorBatches`); the
@@ -81,6 +81,7 @@ class TrainConfig:
     log_interval: int = 10  # steps between metrics.jsonl records
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward instead of keeping them
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     parallel: str = "ddp"  # under torchrun: "ddp" (replicate the model) or "fsdp" (shard it with FSDP2)
     perplexity: bool = True  # report exp(val_loss) (language models)
@@ -114,8 +115,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if not d["ema_decay"]:  # the default: run.json as before the option existed, so older runs resume
-            del d["ema_decay"]
+        for name in ("ema_decay", "activation_checkpointing"):  # at their defaults: run.json as before they existed,
+            if not d[name]:  # so older runs resume
+                del d[name]
         return d
 
 
@@ -170,6 +172,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Have ``model`` recompute its blocks' activations in the backward pass instead of keeping them:
+    transformers' ``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before 5.25), or timm's
+    ``set_grad_checkpointing()``; non-reentrant, as ``torch.utils.checkpoint`` recommends."""
+    hf = getattr(model, "activation_checkpointing_enable", None)
+    hf = hf or getattr(model, "gradient_checkpointing_enable", None)
+    if hf is None and not hasattr(model, "set_grad_checkpointing"):
+        raise ValueError(
+            f"activation_checkpointing: {type(model).__name__} has neither transformers' "
+            "activation_checkpointing_enable nor timm's set_grad_checkpointing: train it with "
+            "activation_checkpointing=False"
+        )
+    try:
+        hf({"use_reentrant": False}) if hf is not None else model.set_grad_checkpointing(True)
+    except ValueError as e:  # a PreTrainedModel that does not support it
+        raise ValueError(f"activation_checkpointing: {e} Train it with activation_checkpointing=False") from e
+
+
 class Trainer:
     """Train ``model`` on ``train_data``, evaluate on ``val_data``, checkpoint into ``run_dir``.
 
@@ -202,6 +222,8 @@ class Trainer:
         self.dist = dist or init_distributed(config.device)
         self.device = self.dist.device
         self.model = model.to(self.device)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.train_data, self.val_data = train_data, val_data
         self.metrics_fn, self.save_extra = metrics_fn, save_extra
         self.fsdp = config.parallel == "fsdp" and self.dist.distributed
