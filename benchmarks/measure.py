@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy
 import torch
@@ -225,16 +226,25 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def train(spec: dict) -> dict:
-    """Forward+backward tokens/s on one sequence of ``tokens`` tokens (best of ``repeats`` after a warm-up step).
-
-    ``mode``, ``chunk_size`` and ``loss`` apply to ``retentive``; peers train in their own chunkwise form.
-    Memory: the process's peak RSS, and that peak minus the RSS before the first step (the step's own).
-    """
+def _trainee(spec: dict) -> tuple[Any, torch.Tensor]:
+    """The adapter of ``spec["model"]`` in training mode and its input (``batch``, ``tokens``). ``mode``,
+    ``chunk_size`` and ``loss`` apply to ``retentive`` (peers train in their own chunkwise form);
+    ``activation_checkpointing`` recomputes each block in the backward (transformers' models: retentive, the
+    Transformer)."""
     kwargs = {k: spec[k] for k in ("mode", "chunk_size", "loss") if k in spec}
     adapter = peers.build(spec["model"], _dims(spec), **kwargs)
     adapter.model.train()
-    tokens = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
+    if spec.get("activation_checkpointing"):
+        from retentive.training import enable_activation_checkpointing
+
+        enable_activation_checkpointing(adapter.model)
+    return adapter, torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
+
+
+def train(spec: dict) -> dict:
+    """Forward+backward tokens/s on one sequence of ``tokens`` tokens (best of ``repeats`` after a warm-up step),
+    and the process's peak RSS; the options of :func:`_trainee`."""
+    adapter, tokens = _trainee(spec)
 
     def step() -> None:
         adapter.model.zero_grad(set_to_none=True)
@@ -247,7 +257,8 @@ def train(spec: dict) -> dict:
 
 
 def train_memory(spec: dict) -> dict:
-    """The extra resident memory of one forward+backward on ``tokens`` tokens (model and inputs excluded).
+    """The extra resident memory of one forward+backward on ``tokens`` tokens (model and inputs excluded); the
+    options of :func:`_trainee`.
 
     Run it in a process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``run.py`` does): every buffer above
     64 KiB is then its own mapping, returned to the system when freed, so the resident set follows the live
@@ -255,10 +266,7 @@ def train_memory(spec: dict) -> dict:
     that retentive compiles at this size), the kernel's high-water mark is reset
     (``/proc/self/clear_refs``); the peak is ``VmHWM - VmRSS`` around the measured step. Linux only.
     """
-    kwargs = {k: spec[k] for k in ("mode", "chunk_size", "loss") if k in spec}
-    adapter = peers.build(spec["model"], _dims(spec), **kwargs)
-    adapter.model.train()
-    tokens = torch.randint(0, adapter.dims.vocab_size, (spec.get("batch", 1), spec["tokens"]))
+    adapter, tokens = _trainee(spec)
     adapter.train_loss(tokens).backward()
     adapter.model.zero_grad(set_to_none=False)  # gradients stay allocated: the measured step only fills them
     reset_peak_rss()

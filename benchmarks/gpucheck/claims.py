@@ -111,6 +111,8 @@ def run(part: Part) -> None:
     for label, config in (("RetNet", retnet_config), ("Llama", llama_config)):
         training[label] = train_side(part, label, config, tokens, add)
     training_target(part, training["RetNet"], training["Llama"], retnet_config.vocab_size, ceilings)
+    if not part.out_of_time(reserve=20):  # after the target: what recomputing the blocks costs and saves here
+        train_side(part, "RetNet, activation checkpointing", retnet_config, tokens, add, recompute=True)
 
 
 @dataclass
@@ -508,14 +510,20 @@ class Trained:
         return 6 * self.params * self.tokens_per_s
 
 
-def train_side(part: Part, label: str, config, tokens: int, add: Callable[[list], None]) -> Trained | None:
+def train_side(
+    part: Part, label: str, config, tokens: int, add: Callable[[list], None], recompute: bool = False
+) -> Trained | None:
     """Forward + backward + AdamW step on 1 x ``tokens`` tokens: time per step and peak memory; then the token mixer
-    and the loss alone at the same shape, to place the time."""
+    and the loss alone at the same shape, to place the time. With ``recompute``, every block's activations are
+    recomputed in the backward (activation checkpointing), and the pieces, which it leaves as they are, are not
+    timed again."""
     if part.out_of_time(reserve=25 if label == "RetNet" else 12):
         return None
     model = optimizer = None
     try:
         model = build(config, part.device, torch.bfloat16).train()
+        if recompute:
+            model.activation_checkpointing_enable()
         optimizer = build_optimizer(model, lr=1e-4)  # fused AdamW on the GPU, its states in bf16 as the parameters
         ids = torch.randint(0, config.vocab_size, (1, tokens), device=part.device)  # (1, T)
 
@@ -535,12 +543,13 @@ def train_side(part: Part, label: str, config, tokens: int, add: Callable[[list]
         model = optimizer = None
         free_cuda()
     try:
-        result.mixer_ms = backward_ms(*mixer_inputs(part, config, tokens)) * config.num_hidden_layers
-        result.loss_ms = backward_ms(*loss_inputs(part, config, tokens))
+        if not recompute:
+            result.mixer_ms = backward_ms(*mixer_inputs(part, config, tokens)) * config.num_hidden_layers
+            result.loss_ms = backward_ms(*loss_inputs(part, config, tokens))
     except Exception as e:
         part.error(f"{label} token mixer and loss alone", e)
     cells = [label, result.params / 1e9, ms, result.tokens_per_s, gib(result.peak), result.flops_rate() / 1e12]
-    add([*cells, result.mixer_ms, result.loss_ms, result.rest_ms()])
+    add([*cells, *([None] * 3 if recompute else [result.mixer_ms, result.loss_ms, result.rest_ms()])])
     return result
 
 

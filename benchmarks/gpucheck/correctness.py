@@ -77,6 +77,7 @@ CASES_ENV = "GPUCHECK_CHUNKWISE_CASES"  # set by retry_under for its child: the 
 # at O(1)
 FORMS_TOL = 3e-2
 AUTOCAST_TOL = 5e-2  # also a compiled step against eager, both under bf16 autocast: their rounding points differ
+RECOMPUTE_TOL = 1e-4  # the same step with its blocks recomputed: the same operations again, but for atomics' order
 GENERATE_TOL = 1e-4  # float32 decoding steps against the float32 parallel forward
 POISON_BYTES = 8 << 30
 
@@ -463,8 +464,9 @@ def train_step(model: torch.nn.Module, ids: Tensor, autocast: bool) -> tuple[Ten
 
 
 def model_step(part: Part, s: Sizes, compiled: bool) -> None:
-    """A training step under bf16 autocast: finite, and close to float64; or ``compiled``, torch.compile's step
-    against eager's, both under bf16 autocast. The dry run steps in float32 (bf16 autocast on the CPU is tested in
+    """A training step under bf16 autocast: finite, close to float64, and the same with its blocks' activations
+    recomputed (activation checkpointing); or ``compiled``, torch.compile's step against eager's, both under bf16
+    autocast. The dry run steps in float32 (bf16 autocast on the CPU is tested in
     tests/training/test_autocast.py) and compiles with the ``aot_eager`` backend (graph capture and autograd, no
     code generation: inductor takes a minute on the CPU)."""
     autocast = not part.dry_run
@@ -482,6 +484,13 @@ def model_step(part: Part, s: Sizes, compiled: bool) -> None:
     else:
         finite = bool(loss.isfinite() & grad.isfinite().all())
         part.check_true(f"training step ({kind}): loss and gradients finite", finite)
+        model.activation_checkpointing_enable()
+        recomputed, recomputed_grad = train_step(model, ids, autocast)
+        model.activation_checkpointing_disable()
+        part.check(f"training step ({kind}), activation checkpointing vs without: loss", rel_err(recomputed, loss),
+                   RECOMPUTE_TOL)  # fmt: skip
+        part.check(f"training step ({kind}), activation checkpointing vs without: gradients",
+                   rel_err(recomputed_grad, grad), RECOMPUTE_TOL)  # fmt: skip
         want_loss, want_grad = train_step(copy.deepcopy(model).double(), ids, autocast=False)
         label = f"training step ({kind}) vs float64"
     part.check(f"{label}: loss", rel_err(loss, want_loss), AUTOCAST_TOL)
