@@ -118,7 +118,6 @@ class RetNetPreTrainedModel(PreTrainedModel):
         if remote_code and is_main_process:
             (Path(save_directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
 
-    @torch.no_grad()
     def _set_gradient_checkpointing(
         self, enable: bool = True, gradient_checkpointing_func: Callable | None = None, every_n_layers: int = 1
     ) -> None:
@@ -127,6 +126,7 @@ class RetNetPreTrainedModel(PreTrainedModel):
         ``every_n_layers``-th of them."""
         set_grad_checkpointing(self, enable, every_n_layers, gradient_checkpointing_func)
 
+    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The token embedding and an untied output head ~ N(0, d^-1/2): unit-variance logits at the start, and
         an embedding as large as what the first block adds to it (with 0.02 the blocks' outputs drown the token
