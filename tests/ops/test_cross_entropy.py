@@ -96,3 +96,20 @@ def test_bad_arguments_are_named():
         linear_cross_entropy(leaves[0], leaves[1], targets.int())
     with pytest.raises(ValueError, match="block_size must be"):
         linear_cross_entropy(leaves[0], leaves[1], targets, block_size=0)
+
+
+def test_compiles_into_one_graph_and_matches_eager():
+    """No branch on the data (a language model's targets always end in an ignored position): torch.compile traces
+    the loss and its gradients whole, so a compiled training step does not break its graph at the loss."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(37, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (37,))
+    targets[-1] = -100
+    loss = lambda h, w: linear_cross_entropy(h, w, targets, block_size=5)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for targets_now in (targets, torch.randint(0, 11, (37,))):  # some ignored, then none
+        targets.copy_(targets_now)
+        want = torch.autograd.grad(loss(hidden, weight), (hidden, weight))
+        got = torch.autograd.grad(compiled(hidden, weight), (hidden, weight))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)

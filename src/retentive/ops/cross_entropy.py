@@ -31,7 +31,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, ignore_index, block_size):
         valid = targets != ignore_index  # (N,)
         safe = torch.where(valid, targets, 0)[:, None]  # (N, 1): any class for ignored rows, zeroed below
-        all_valid = bool(valid.all())
         needs = ctx.needs_input_grad
         # sums over rows; backward scales them by grad_loss / count. Softmax and sums in at least float32
         acc = torch.promote_types(hidden.dtype, torch.float32)
@@ -52,13 +51,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             torch.mm(h, weight.T, out=logits) if bias is None else torch.addmm(bias, h, weight.T, out=logits)
             logp = torch.log_softmax(logits, dim=-1, dtype=acc, out=logp_buffer[: h.shape[0]])
             nll = -logp.gather(1, safe[rows]).squeeze(1)  # (n,)
-            total += (nll if all_valid else torch.where(valid[rows], nll, 0)).sum()
+            total += torch.where(valid[rows], nll, 0).sum()
             if dh is None and dw is None and db is None:  # no gradient wanted: the loss alone
                 continue
             p = logp.exp_()  # softmax, in place of the log-probabilities
             p.scatter_add_(1, safe[rows], p.new_full((p.shape[0], 1), -1.0))  # dloss/dlogits = softmax - onehot
-            if not all_valid:
-                p.mul_(valid[rows, None])
+            p.mul_(valid[rows, None])  # always: a language model's last position is ignored, and no branch on data
             if p.dtype != hidden.dtype:  # half precision: the products run in the model's dtype
                 p = logits.copy_(p)
             if dh is not None:
