@@ -549,3 +549,30 @@ def test_training_after_inference_mode_generation():
     model.train()
     model(ids, labels=ids, mode="chunkwise").loss.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("skip_logits", [True, False])
+def test_num_items_in_batch_weighs_every_token_of_an_accumulated_step_alike(skip_logits: bool) -> None:
+    """transformers' Trainer passes the targets of the whole optimizer step (``num_items_in_batch``): micro-batches
+    with different shares of ignored labels, each loss summed over that count, add up to the loss and gradients of
+    the whole batch's mean; a micro-batch with every label ignored adds nothing (not NaN)."""
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(RetNetConfig(vocab_size=V, dim_model=16, num_layers=2, num_heads=2)).double().train()
+    ids = torch.randint(0, V, (6, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :9] = labels[2, 4:] = -100
+    labels[4:] = -100  # the last micro-batch: nothing to score
+    params = list(model.parameters())
+    whole = model(input_ids=ids, labels=labels, skip_logits=skip_logits).loss
+    want = torch.autograd.grad(whole, params)
+    count = (labels[:, 1:] != -100).sum()
+    losses, got = [], [torch.zeros_like(p) for p in params]
+    for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
+        loss = model(input_ids=ids[rows], labels=labels[rows], skip_logits=skip_logits, num_items_in_batch=count).loss
+        losses.append(loss)
+        for total, g in zip(got, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
+            total += 0 if g is None else g
+    assert losses[-1] == 0
+    torch.testing.assert_close(sum(losses), whole, rtol=1e-12, atol=0)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

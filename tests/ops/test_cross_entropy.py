@@ -28,15 +28,15 @@ def loss_and_grads(fn, leaves, targets):
     return [loss, *torch.autograd.grad(3 * loss, leaves)]  # a grad_output other than 1
 
 
-def fused(leaves, targets, block_size=None):
+def fused(leaves, targets, block_size=None, reduction="mean"):
     h, w, *b = leaves
-    return linear_cross_entropy(h, w, targets, *b, block_size=block_size)
+    return linear_cross_entropy(h, w, targets, *b, block_size=block_size, reduction=reduction)
 
 
-def reference(leaves, targets):
+def reference(leaves, targets, reduction="mean"):
     h, w, *b = leaves
     logits = F.linear(h, w, *b)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction=reduction)
 
 
 @settings(max_examples=40, deadline=None)
@@ -96,6 +96,20 @@ def test_bad_arguments_are_named():
         linear_cross_entropy(leaves[0], leaves[1], targets.int())
     with pytest.raises(ValueError, match="block_size must be"):
         linear_cross_entropy(leaves[0], leaves[1], targets, block_size=0)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        linear_cross_entropy(leaves[0], leaves[1], targets, reduction="none")
+
+
+@pytest.mark.parametrize("ignored", [0.0, 0.4, 1.0])
+def test_the_sum_reduction_matches_autograd_and_is_zero_when_all_is_ignored(ignored):
+    """``reduction="sum"`` (what a loss divided by the targets of a whole accumulated step needs): loss and
+    gradients as F.cross_entropy's sum, in float64; every row ignored gives 0 and zero gradients, not NaN."""
+    leaves, targets = make(23, 9, 5, True, ignored, F64, seed=5)
+    got = loss_and_grads(lambda x, t: fused(x, t, 4, reduction="sum"), leaves, targets)
+    for g, w in zip(got, loss_and_grads(lambda x, t: reference(x, t, "sum"), leaves, targets), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    if ignored == 1.0:
+        assert all(torch.count_nonzero(g) == 0 for g in got)
 
 
 def test_compiles_into_one_graph_and_matches_eager():

@@ -353,6 +353,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         skip_logits: bool | None = None,
         return_dict: bool | None = None,
+        num_items_in_batch: Tensor | int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits, and the loss if ``labels`` are given.
@@ -368,6 +369,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 (B, T, V) logits and their gradient would be the largest tensors of the step. Only for a plain
                 ``nn.Linear`` head: a wrapped one (an adapter) runs as a module, on logits.
             return_dict: a ModelOutput (True) or a tuple (False); None follows ``config.return_dict``.
+            num_items_in_batch: the targets of the whole optimizer step, as transformers' ``Trainer`` passes it:
+                the loss is then this batch's summed over that count rather than its mean, so that gradient
+                accumulation weighs every token alike whatever each micro-batch's share of ignored ones.
         Returns:
             CausalLMOutputWithPast with loss (scalar, float32 or wider, or None), logits (B, T', vocab_size) or
             None, and the cache (see :meth:`RetNetModel.forward`).
@@ -406,11 +410,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True leaves only the loss: pass labels, or skip_logits=False for logits")
         targets = None if labels is None else next_token_targets(labels, h.shape[:2]).to(h.device)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        logits = loss = None
         if skip_logits:  # (B * T, d) against (B * T,): the output layer and the loss as one op
-            logits, loss = None, linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets, self.lm_head.bias)
+            w, b = self.lm_head.weight, self.lm_head.bias
+            loss = linear_cross_entropy(h.flatten(0, 1), w, targets, b, reduction=reduction)
         else:
             logits = self.lm_head(h)  # (B, T', V)
-            loss = None if labels is None else F.cross_entropy(upcast(logits).flatten(0, 1), targets)
+            if labels is not None:
+                loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets, reduction=reduction)
+        if loss is not None and num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
         result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache[0] if cache else None})
         return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 

@@ -25,10 +25,11 @@ BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``targets``; the gradients are made in forward."""
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, the mean or the sum over the rows not
+    ignored; the gradients are made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, block_size):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, block_size, reduction):
         valid = targets != ignore_index  # (N,)
         safe = torch.where(valid, targets, 0)[:, None]  # (N, 1): any class for ignored rows, zeroed below
         needs = ctx.needs_input_grad
@@ -65,18 +66,18 @@ class LinearCrossEntropy(torch.autograd.Function):
                 dw.addmm_(p.T, h) if dw.dtype == p.dtype else dw.add_(p.T @ h)
             if db is not None:
                 db += p.sum(0, dtype=acc)
-        count = valid.sum()
+        divisor = valid.sum() if reduction == "mean" else total.new_ones(())
         ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
-        ctx.save_for_backward(dh, dw, db, count)
-        return total / count
+        ctx.save_for_backward(dh, dw, db, divisor)
+        return total / divisor
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        *sums, count = ctx.saved_tensors
-        scale = grad_loss / count
+        *sums, divisor = ctx.saved_tensors
+        scale = grad_loss / divisor
         dh, dw, db = (None if g is None else (g * scale).to(dtype) for g, dtype in zip(sums, ctx.dtypes, strict=True))
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -87,14 +88,17 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     block_size: int | None = None,
+    reduction: str = "mean",
 ) -> Tensor:
-    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index)``, in float32 or wider,
-    without the (N, V) logits: memory O(block_size * V) instead of O(N * V).
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index, reduction=reduction)``,
+    in float32 or wider, without the (N, V) logits: memory O(block_size * V) instead of O(N * V).
 
     Args:
         hidden: (N, d); weight: (V, d); bias: (V,) or None; targets: (N,) class indices, ``ignore_index`` skipped.
         block_size: rows per block; by default about 2M logits (8 MiB in float32) per block on a CPU, 128M on a GPU.
-    Returns the mean over the rows not ignored (NaN if every row is ignored, as ``F.cross_entropy``).
+        reduction: ``"mean"`` over the rows not ignored (NaN if every row is ignored, as ``F.cross_entropy``) or
+            their ``"sum"`` (0 if every row is ignored).
+    Returns the loss, a scalar.
     While gradients are recorded, the forward pass also computes them (saving dL/dhidden and dL/dweight,
     not activations): calling it without a backward pass to follow costs the backward's products.
     """
@@ -111,4 +115,6 @@ def linear_cross_entropy(
         block_size = max(1, BLOCK_ELEMENTS.get(hidden.device.type, BLOCK_ELEMENTS["cuda"]) // weight.shape[0])
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, block_size)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, block_size, reduction)
