@@ -33,7 +33,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index  # (N,)
         safe = torch.where(valid, targets, 0)[:, None]  # (N, 1): any class for ignored rows, zeroed below
         needs = ctx.needs_input_grad
-        # sums over rows; backward scales them by grad_loss / count. Softmax and sums in at least float32
+        # sums over rows; backward scales them by grad_loss / divisor (the count for a mean, 1 for a sum). Softmax
+        # and sums in at least float32
         acc = torch.promote_types(hidden.dtype, torch.float32)
         dh = torch.empty_like(hidden) if needs[0] else None
         dw = torch.zeros_like(weight, dtype=acc) if needs[1] else None

@@ -184,8 +184,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             "activation_checkpointing_enable nor timm's set_grad_checkpointing: train it with "
             "activation_checkpointing=False"
         )
+    if hf is None:
+        model.set_grad_checkpointing(True)
+        return
     try:
-        hf({"use_reentrant": False}) if hf is not None else model.set_grad_checkpointing(True)
+        hf({"use_reentrant": False})
     except ValueError as e:  # a PreTrainedModel that does not support it
         raise ValueError(f"activation_checkpointing: {e} Train it with activation_checkpointing=False") from e
 

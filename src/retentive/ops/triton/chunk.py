@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..backend import Pieces
-from .chunk_grad import chunk_grads
+from .chunk_grad import chunk_grad_qk, chunk_grad_v
 from .chunk_output import chunk_output
 from .chunk_state import chunk_states
 from .chunk_state_grad import chunk_state_grads
@@ -45,7 +45,8 @@ class TritonChunkRetention(torch.autograd.Function):
         dr = dr.contiguous() if with_rowsum else do  # without row sums the kernels never read dr
         h, hz, _, _ = chunk_states(k, v, log_g, S0, z0, tiling)  # recomputed, not kept
         dh, dhz, dS0, dz0 = chunk_state_grads(q, do, dr, log_g, dS, dz, tiling, with_rowsum)
-        dq, dk, dv = chunk_grads(q, k, v, h, hz, do, dr, dh, dhz, log_g, tiling, with_rowsum)
+        dq, dk = chunk_grad_qk(q, k, v, h, hz, do, dr, dh, dhz, log_g, tiling, with_rowsum)
+        dv = chunk_grad_v(q, k, v, do, dh, log_g, tiling)
         has_state = S0 is not None
         return dq, dk, dv, None, dS0 if has_state else None, dz0 if has_state else None, None, None
 

@@ -121,22 +121,3 @@ def chunk_grad_v(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dh: Tensor, log_g:
     dv = v.new_empty(v.shape)
     chunk_grad_v_kernel[t.chunk_grid(t.Dv, t.BV)](q, k, do, dh, log_g, dv, *t.sizes, **t.meta)
     return dv
-
-
-def chunk_grads(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    h: Tensor,
-    hz: Tensor,
-    do: Tensor,
-    dr: Tensor,
-    dh: Tensor,
-    dhz: Tensor,
-    log_g: Tensor,
-    t: Tiling,
-    with_rowsum: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk (BH, T, Dk) and dv (BH, T, Dv), in the dtypes of q, k and v: the two kernels in turn."""
-    dq, dk = chunk_grad_qk(q, k, v, h, hz, do, dr, dh, dhz, log_g, t, with_rowsum)
-    return dq, dk, chunk_grad_v(q, k, v, do, dh, log_g, t)
