@@ -28,9 +28,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # under the peers' environment (.venv plus the peers, see below): the conversion tests compare with torchscale and
-# flash-linear-attention themselves; under $(PY) alone they skip, saying why
+# flash-linear-attention themselves; under $(PY) alone they skip, saying why. One pytest-xdist worker per core
+# (PYTEST_XDIST_AUTO_NUM_WORKERS=N for another count), each with its share of torch's threads (tests/conftest.py).
 test: setup lint bench-env
-	$(PEERS)/bin/python -m pytest -q
+	$(PEERS)/bin/python -m pytest -q -n logical
 
 # lm-evaluation-harness against `retentive serve` (tests/serving/test_lm_eval.py) in its own environment, which
 # sees .venv's packages (as the peers' does) and adds lm_eval with the locked versions of what they share; only

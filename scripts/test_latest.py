@@ -44,7 +44,7 @@ def installed_versions(python: Path) -> dict[str, str]:
 
 def pytest(python: Path, venv: Path, *args: str) -> int:
     cache = f"cache_dir={venv / '.pytest_cache'}"  # --last-failed reads it
-    return run([str(python), "-m", "pytest", "-q", "-o", cache, *args]).returncode
+    return run([str(python), "-m", "pytest", "-q", "-n", "logical", "-o", cache, *args]).returncode  # as make test
 
 
 def main(argv: list[str] | None = None) -> int:
