@@ -133,6 +133,11 @@ def test_readme_resume_continues_the_run_as_configured(run_dir: Path, corpus: Pa
     assert (run["train"]["steps"], run["train"]["device"], run["train"]["eval_interval"]) == (8, "cpu", 4)
     assert run["train"]["activation_checkpointing"] is True
     assert run["lm"] == json.loads(stored)["lm"]
+    # and a switch the run stored turns off again
+    main(["train", "--data", str(corpus), "--out", str(copy), "--resume", "--steps", "9",
+          "--no-activation-checkpointing", "--no-progress"])  # fmt: skip
+    run = json.loads((copy / "run.json").read_text())
+    assert not run["train"].get("activation_checkpointing") and run["train"]["progress"] is False
 
 
 @pytest.mark.parametrize(

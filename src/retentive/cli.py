@@ -48,7 +48,6 @@ ACTIVATION_CHECKPOINTING_HELP = (
 _FIELD_OPTIONS = {
     "model_config": ("config",),
     "model_overrides": ("set",),
-    "progress": ("no_progress",),
     "epochs": ("epochs", "steps"),  # train-vision: --steps replaces the epochs
 }
 
@@ -113,7 +112,7 @@ def train(args: argparse.Namespace) -> None:
             eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, keep_last=args.keep_last,
             log_interval=args.log_interval, precision=args.precision, compile=args.compile, device=args.device,
             parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
-            progress=not args.no_progress,
+            progress=args.progress,
         ),
     })  # fmt: skip
     lm, config = LMConfig(**run_config["lm"]), TrainConfig(**run_config["train"])
@@ -280,8 +279,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on CUDA, float32 on CPU")  # fmt: skip
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--activation-checkpointing", action="store_true", help=ACTIVATION_CHECKPOINTING_HELP)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help=ACTIVATION_CHECKPOINTING_HELP)  # fmt: skip
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: ddp replicates the model, fsdp shards it per block (FSDP2)")  # fmt: skip
@@ -297,7 +297,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ckpt-interval", type=int, default=500)
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
     g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
     p.set_defaults(func=train)
 
 
@@ -463,7 +463,7 @@ def train_vision(args: argparse.Namespace) -> None:
             steps=args.steps or 1, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip, ema_decay=args.ema_decay, eval_interval=args.eval_interval,
             ckpt_interval=args.ckpt_interval, log_interval=args.log_interval, device=args.device, perplexity=False,
-            activation_checkpointing=args.activation_checkpointing, progress=not args.no_progress,
+            activation_checkpointing=args.activation_checkpointing, progress=args.progress,
         ),
     })  # fmt: skip
     vision, config = VisionConfig(**run_config["vision"]), TrainConfig(**run_config["train"])
@@ -506,13 +506,14 @@ def _add_train_vision(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt-interval", type=int, default=200)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--device", default="auto")
-    p.add_argument("--activation-checkpointing", action="store_true", help=ACTIVATION_CHECKPOINTING_HELP)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help=ACTIVATION_CHECKPOINTING_HELP)  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the options it stored")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
     g = p.add_argument_group("image folder (timm's recipe; needs pip install 'retentive[vision]')")
     g.add_argument(
         "--image-size",

@@ -86,8 +86,10 @@ def test_command_line_resume_continues_the_run_as_configured(tmp_path, capsys):
     assert json.loads((crashed / "run.json").read_text())["train"]["activation_checkpointing"] is True
     with pytest.raises(SystemExit, match=r"cannot resume: .* \(vision.batch_size: 16 -> 32\), which"):
         main(["train-vision", "--out", str(crashed), "--resume", "--batch-size", "32", "--steps", "6"])
-    main(["train-vision", "--out", str(crashed), "--resume", "--steps", "6", "--eval-batch-size", "100"])
+    main(["train-vision", "--out", str(crashed), "--resume", "--steps", "6", "--eval-batch-size", "100",
+          "--no-activation-checkpointing"])  # fmt: skip
     assert (crashed / "checkpoints" / "step-00000006").is_dir()
+    assert not json.loads((crashed / "run.json").read_text())["train"].get("activation_checkpointing")
 
 
 def test_epochs_set_the_steps(digits, tmp_path):
