@@ -7,6 +7,7 @@ language functions are built), so it is set here, before any test module is coll
 import os
 import tempfile
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -23,3 +24,13 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     threads = max(1, (os.cpu_count() or 1) // workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.native_kernels`` tests skip where retentive's C++ CPU kernels cannot be built. Asked here, at
+    the first such test, not at collection: a build takes half a minute, and each xdist worker collects."""
+    if item.get_closest_marker("native_kernels"):
+        from retentive.ops import cpu_kernels
+
+        if not cpu_kernels.available():
+            pytest.skip("no C++ compiler to build retentive's CPU kernels (the warning says why)")

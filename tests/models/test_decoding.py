@@ -74,7 +74,6 @@ def greedy(model: RetNetForCausalLM, implementation: str, tokens: int, rows: int
 
 
 COMPILED = ("compiled", "aot", "native")
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the kernels")
 
 
 def assert_steps_agree(model: RetNetForCausalLM, implementation: str, steps: int = 12, rows: int = 3) -> None:
@@ -226,7 +225,7 @@ def test_native_step_reads_the_weights_of_the_model_at_every_call() -> None:
     assert_steps_agree(model, "native", steps=2)
 
 
-@needs_kernels
+@pytest.mark.native_kernels
 @pytest.mark.parametrize("rows", [1, 2, 4, 7, 8, 9, 16, 17, 24, 41])
 def test_native_step_at_every_batch_size(rows: int) -> None:
     """Rows go through the products in passes of 8 up to 16 rows and through ATen's GEMM past them, and through the
@@ -262,7 +261,7 @@ NATIVE_CONFIGS = {
 }
 
 
-@needs_kernels
+@pytest.mark.native_kernels
 @pytest.mark.parametrize("name", NATIVE_CONFIGS)
 def test_native_step_equals_eager_step_for_the_other_options(name: str) -> None:
     model = small_model(**NATIVE_CONFIGS[name])
@@ -271,7 +270,7 @@ def test_native_step_equals_eager_step_for_the_other_options(name: str) -> None:
     assert native_step._NATIVE[model].reason is None
 
 
-@needs_kernels
+@pytest.mark.native_kernels
 @settings(max_examples=25, deadline=None)
 @given(
     heads=st.integers(1, 3),
@@ -309,7 +308,7 @@ def test_native_step_equals_eager_step_at_any_shape(
     assert native_step._NATIVE[model].reason is None
 
 
-@needs_kernels
+@pytest.mark.native_kernels
 def test_native_step_reads_states_of_any_layout() -> None:
     """States given as strided views (every other element of a wider buffer) step as their contiguous copies; asked
     to write over them, the step writes new tensors instead and leaves them as they were."""
@@ -332,7 +331,7 @@ def test_native_step_reads_states_of_any_layout() -> None:
             assert all(torch.equal(s.S, k) for s, k in zip(strided, kept, strict=True))
 
 
-@needs_kernels
+@pytest.mark.native_kernels
 @pytest.mark.parametrize("rows", [3, 20])
 def test_native_step_writes_over_the_given_states_only_when_asked(rows: int) -> None:
     """With overwrite, the new S, z and offset go over the given ones (a cache made with ``overwrite=True`` asks
@@ -366,7 +365,7 @@ def test_native_step_hands_over_to_aot_where_the_kernel_does_not_apply(monkeypat
     assert "no C++ compiler" in native_step.unsupported(small_model())
 
 
-@needs_kernels
+@pytest.mark.native_kernels
 def test_native_kernel_refuses_what_it_cannot_compute_by_name() -> None:
     model = small_model()
     weights, options, scalars = native_step._arguments(model)
@@ -524,7 +523,7 @@ def test_greedy_step_returns_the_argmax_of_the_step_logits(implementation: str, 
                 torch.testing.assert_close(g.S, w.S, rtol=1e-5, atol=1e-5)
 
 
-@needs_kernels
+@pytest.mark.native_kernels
 def test_native_greedy_choice_breaks_ties_and_takes_nan_as_torch_argmax_does() -> None:
     """Ties across the threads' shares of the vocabulary go to the first index, and a NaN logit wins (the first)."""
     model = small_model(decode_implementation="native")

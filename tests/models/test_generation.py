@@ -9,7 +9,6 @@ from transformers import GenerationConfig, GenerationMixin
 from transformers.generation.streamers import BaseStreamer
 
 from retentive import RetNetConfig, RetNetForCausalLM
-from retentive.ops import cpu_kernels
 
 V = 64
 
@@ -53,7 +52,7 @@ def both(model: RetNetForCausalLM, monkeypatch, *args, **kwargs) -> tuple[torch.
     return ours, transformers_loop(model, *args, **kwargs)
 
 
-IMPLEMENTATIONS = ["eager", "native"] if cpu_kernels.available() else ["eager"]
+IMPLEMENTATIONS = ["eager", pytest.param("native", marks=pytest.mark.native_kernels)]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -12,7 +12,7 @@ import torch
 from retentive.models.decoding import greedy
 from retentive.ops import cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the kernels")
+pytestmark = pytest.mark.native_kernels
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 1, 7), (5, 64), (17,)])

@@ -1,11 +1,15 @@
 """The few-rows product kernel (ops/cpu/linear_rows.cpp, ops/cpu/rows.h) against its reference, x @ weight.t():
 every row count through one pass of 8 rows and past the 16 where it hands over to a GEMM, weight rows not a
-multiple of the thread chunk, K not a multiple of the vector width, non-contiguous inputs; clear errors; and a build
-that cannot happen falls back with a warning."""
+multiple of the thread chunk, K not a multiple of the vector width, non-contiguous inputs; clear errors; a build
+that cannot happen falls back with a warning; processes that start together build once."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from hypothesis import strategies as st
 
 from retentive.ops import cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the kernel")
+pytestmark = pytest.mark.native_kernels
 
 
 def assert_equals_reference(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -52,3 +56,34 @@ def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch
     with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
         assert cpu_kernels._module.__wrapped__() is None
     assert "could not be built" in caplog.text
+
+
+def test_processes_that_start_together_build_the_kernels_once(tmp_path) -> None:
+    """Two processes reach the build at once (a barrier), with an empty cache and a stand-in compiler that takes 2 s
+    and logs its calls: one compiles, the other waits for the lock and finds the library built."""
+    compiler = tmp_path / "cxx"
+    compiler.write_text(  # the build writes its -o argument; inductor's probes of the compiler go to the real one
+        f'#!/bin/sh\ncase "$*" in *.partial.so) ;; *) exec c++ "$@" ;; esac\necho "$$" >> {tmp_path / "calls"}\n'
+        'sleep 2\nwhile [ "$#" -gt 1 ]; do [ "$1" = -o ] && echo built > "$2"; shift; done\n'
+    )
+    compiler.chmod(0o755)
+    script = (
+        "import os, sys, time\n"
+        "from retentive.ops import cpu_kernels\n"
+        "print('ready', flush=True)\n"
+        "while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+        "print(cpu_kernels._build())\n"
+    )
+    env = {**os.environ, "CXX": str(compiler), "RETENTIVE_CACHE_DIR": str(tmp_path / "cache")}
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(go)], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    go.touch()
+    paths = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len((tmp_path / "calls").read_text().split()) == 1, "the compiler ran once"
+    (path,) = paths
+    assert Path(path).read_text() == "built\n"

@@ -10,7 +10,6 @@ import torch
 
 from retentive import RetNetConfig, RetNetForCausalLM, cache_of
 from retentive.models import native_step
-from retentive.ops import cpu_kernels
 from retentive.serving import backend_for, compile_decoding
 
 
@@ -78,7 +77,7 @@ def test_the_engines_decoding_steps_compile_nothing_after_the_warm_up(implementa
                 backend.prefill(slot, prompts[slot])
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the kernels")
+@pytest.mark.native_kernels
 def test_the_native_step_writes_each_slots_new_state_over_its_old_one():
     """The engine's native step writes the new states into the pool itself (no buffer of its own, no copy back),
     for a contiguous run of slots and for gathered ones; step after step, the pool holds what the eager step's

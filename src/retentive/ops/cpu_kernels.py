@@ -17,6 +17,7 @@ the OpenMP runtime torch itself uses, and kept under :func:`cache_root`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -25,11 +26,17 @@ import os
 import platform
 import subprocess
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 SOURCES = sorted(Path(__file__).with_name("cpu").glob("*.cpp"))
 HEADERS = sorted(Path(__file__).with_name("cpu").glob("*.h"))
@@ -124,13 +131,32 @@ def _build() -> Path:
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     path = cache_root() / "kernels" / f"retentive_cpu_{digest.hexdigest()[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.so")  # another process may build it too
-        command = [
-            os.environ.get("CXX", "c++"), *flags, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
-            *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch_python", "-o", str(partial),
-        ]  # fmt: skip
-        subprocess.run(command, check=True, capture_output=True)
-        os.replace(partial, path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_suffix(".lock")):  # processes that start together (torchrun's ranks) build it once
+        if not path.exists():  # unless the process that held the lock before built it
+            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.so")  # a killed build leaves no library
+            command = [
+                os.environ.get("CXX", "c++"), *flags, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
+                *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch_python", "-o", str(partial),
+            ]  # fmt: skip
+            subprocess.run(command, check=True, capture_output=True)
+            os.replace(partial, path)
     return path
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (POSIX ``flock``, which the system releases when the process
+    dies, so a killed build never blocks the next). Without ``fcntl`` (Windows), no lock: each process then builds
+    its own copy, and the rename keeps whichever lands last."""
+    if fcntl is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
