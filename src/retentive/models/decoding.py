@@ -41,7 +41,6 @@ program is itself a compiled artifact.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 import types
@@ -345,12 +344,12 @@ def _compile_aot(lm: RetNetForCausalLM, step: AotStep, state_dtype: torch.dtype,
     with torch.no_grad():
         program = torch.export.export(_ExportedStep(lm, step.names), args, dynamic_shapes=dynamic)
         program = program.run_decompositions({torch.ops.aten.linear.default: linear})
-    path = aot_cache_dir() / f"{_program_digest(program)}.pt2"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")  # another process may compile it too
-        torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=_INDUCTOR)
-        os.replace(partial, path)
+    path = cpu_kernels.build_once(
+        aot_cache_dir() / f"{_program_digest(program)}.pt2",
+        lambda partial: torch._inductor.aoti_compile_and_package(
+            program, package_path=str(partial), inductor_configs=_INDUCTOR
+        ),
+    )
     return torch._inductor.aoti_load_package(str(path)).loader
 
 

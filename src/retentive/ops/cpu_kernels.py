@@ -26,7 +26,7 @@ import os
 import platform
 import subprocess
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -131,17 +131,29 @@ def _build() -> Path:
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     path = cache_root() / "kernels" / f"retentive_cpu_{digest.hexdigest()[:16]}.so"
+
+    def compile_to(partial: Path) -> None:
+        command = [
+            os.environ.get("CXX", "c++"), *flags, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
+            *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch_python", "-o", str(partial),
+        ]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+
+    return build_once(path, compile_to)
+
+
+def build_once(path: Path, build: Callable[[Path], None]) -> Path:
+    """``path``, made by ``build(partial)`` unless it exists already (what retentive compiles and keeps under
+    :func:`cache_root`). ``build`` writes a file of its own, renamed into place, so a killed build leaves nothing at
+    ``path``; it runs under a file lock, so processes that start together (``torchrun``'s ranks) build once and the
+    others wait for its result."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_suffix(".lock")):  # processes that start together (torchrun's ranks) build it once
+    with _exclusive(path.with_name(path.name + ".lock")):
         if not path.exists():  # unless the process that held the lock before built it
-            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.so")  # a killed build leaves no library
-            command = [
-                os.environ.get("CXX", "c++"), *flags, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
-                *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch_python", "-o", str(partial),
-            ]  # fmt: skip
-            subprocess.run(command, check=True, capture_output=True)
+            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial{path.suffix}")
+            build(partial)
             os.replace(partial, path)
     return path
 
