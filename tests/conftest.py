@@ -14,11 +14,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # the "aot" decoding step keeps its compiled libraries here: a fresh folder per session, so that the tests compile
-# what they test and leave nothing in the user's cache (pytest-xdist's workers inherit the controller's folder, whose
-# writes are atomic, so each library is compiled once)
+# what they test and leave nothing in the user's cache (pytest-xdist's workers inherit the controller's folder, and
+# cpu_kernels.build_once builds under a lock, so each library is compiled once)
 os.environ.setdefault("RETENTIVE_CACHE_DIR", tempfile.mkdtemp(prefix="retentive-tests-"))
 
-# Under pytest-xdist (make test: -n auto), each worker takes its share of the cores, and so do the processes it
+# Under pytest-xdist (make test: -n logical), each worker takes its share of the cores, and so do the processes it
 # starts (OMP_NUM_THREADS): workers with all the cores each would oversubscribe them and run slower than one.
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     threads = max(1, (os.cpu_count() or 1) // workers)

@@ -166,9 +166,6 @@ def _exclusive(lock: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    with open(lock, "a") as f:
+    with open(lock, "a") as f:  # closing the file releases the lock
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
