@@ -91,3 +91,28 @@ def test_every_saved_tokenizer_loads_in_transformers_with_the_same_ids(tmp_path:
         assert loaded(text)["input_ids"] == tokenizer.encode(text), name
         assert loaded.decode(tokenizer.encode(text)) == text
         assert loaded.eos_token_id == loaded.pad_token_id == tokenizer.eos_id
+
+
+def test_a_text_classification_pipeline_loads_the_language_models_folder(saved: Path, tmp_path: Path) -> None:
+    """The fine-tuning route: the language model's folder loads as a classifier (the backbone kept, a new head) where
+    retentive was never imported, and the pipeline scores padded batches as it scores each text alone."""
+    result = run_fresh(
+        f"""
+        import json, sys
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+        assert "retentive" not in sys.modules
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained({str(saved)!r}, trust_remote_code=True, num_labels=3)
+        tokenizer = AutoTokenizer.from_pretrained({str(saved)!r})
+        pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None, batch_size=2)
+        texts = ["the quick brown fox jumps over", "hello", "good night to", "the lazy dog; hello world, and"]
+        scores = lambda results: [[d["score"] for d in sorted(r, key=lambda d: d["label"])] for r in results]
+        print("RESULT", json.dumps({{"class": type(model).__name__, "batched": scores(pipe(texts)),
+                                     "alone": [scores(pipe([t]))[0] for t in texts]}}))
+        """,
+        tmp_path,
+    )
+    assert result["class"] == "RetNetForSequenceClassification"
+    torch.testing.assert_close(torch.tensor(result["batched"]), torch.tensor(result["alone"]), rtol=1e-5, atol=1e-6)
+    assert all(len(r) == 3 and abs(sum(r) - 1) < 1e-4 for r in result["batched"])

@@ -183,6 +183,31 @@ def test_prefill_then_cached_steps_equal_the_full_forward_with_left_padding(mode
         torch.testing.assert_close(torch.stack([s[b] for s in steps]), full, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_right_padding_changes_no_real_token_and_fills_no_cache(model: RetNetForCausalLM, mode: str) -> None:
+    """Right padding, as transformers' collators and TRL's trainers pad by default: no real token's logits change,
+    the loss over labels that ignore the padding is the rows' own, and no cache continues from the padding."""
+    rows = prompts([6, 11, 3])
+    ids = torch.stack([F.pad(r[0], (0, 11 - r.shape[1]), value=0) for r in rows])
+    mask = (torch.arange(11) < torch.tensor([[6], [11], [3]])).long()  # (B, T) ones, then zeros
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, attention_mask=mask, labels=labels, mode=mode)
+    assert cache_of(out) is None
+    for b, row in enumerate(rows):
+        n = row.shape[1]
+        torch.testing.assert_close(out.logits[b, :n], model(row).logits[0], rtol=1e-9, atol=1e-9)
+    own = [F.cross_entropy(model(r).logits[0, :-1], r[0, 1:], reduction="sum") for r in rows]
+    torch.testing.assert_close(out.loss, sum(own) / sum(r.shape[1] - 1 for r in rows))
+    with torch.no_grad():
+        assert cache_of(model(ids, attention_mask=mask)) is None  # eval: use_cache defaults to False here
+        for call in (
+            lambda: model(ids, attention_mask=mask, use_cache=True),
+            lambda: model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False),
+        ):
+            with pytest.raises(ValueError, match=r"pads on the right.*padding_side = 'left'"):
+                call()
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_long_prompts_are_prefilled_piece_by_piece_with_the_same_result(normalize: bool) -> None:
     """A cache is filled prefill_chunk tokens at a time (whole chunks), padding longer than a piece included: the

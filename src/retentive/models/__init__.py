@@ -1,10 +1,22 @@
 """Models built on :mod:`retentive.layers`; they know nothing of how retention is computed."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .cache_retnet import CACHE_NAME, RetNetCache, cache_of, export_decode_step
 from .configuration_retnet import PRESETS, RetNetConfig
-from .modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
+from .modeling_retnet import (
+    RetNetForCausalLM,
+    RetNetForSequenceClassification,
+    RetNetForTokenClassification,
+    RetNetModel,
+    RetNetPreTrainedModel,
+)
 from .retnet import RetNet
 from .rmt import RMT_PRESETS, PreTrainedRMT, RMTConfig, RMTForImageClassification
 from .timm_models import register_timm_models
@@ -15,6 +27,8 @@ AutoConfig.register(ViRConfig.model_type, ViRConfig, exist_ok=True)
 AutoConfig.register(RMTConfig.model_type, RMTConfig, exist_ok=True)
 AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)
 AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(RetNetConfig, RetNetForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(RetNetConfig, RetNetForTokenClassification, exist_ok=True)
 register_timm_models()  # timm.create_model("rmt_t"), where timm is installed
 
 __all__ = [
@@ -30,6 +44,8 @@ __all__ = [
     "RetNetCache",
     "RetNetConfig",
     "RetNetForCausalLM",
+    "RetNetForSequenceClassification",
+    "RetNetForTokenClassification",
     "RetNetModel",
     "RetNetPreTrainedModel",
     "ViRConfig",

@@ -24,7 +24,12 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
 from ..layers.checkpointing import set_grad_checkpointing
@@ -109,7 +114,11 @@ class RetNetPreTrainedModel(PreTrainedModel):
         from the installed package (transformers names the package to install when it is missing)."""
         self.config.auto_map = (
             remote_code_map(
-                AutoConfig="RetNetConfig", AutoModel="RetNetModel", AutoModelForCausalLM="RetNetForCausalLM"
+                AutoConfig="RetNetConfig",
+                AutoModel="RetNetModel",
+                AutoModelForCausalLM="RetNetForCausalLM",
+                AutoModelForSequenceClassification="RetNetForSequenceClassification",
+                AutoModelForTokenClassification="RetNetForTokenClassification",
             )
             if remote_code
             else None
@@ -183,9 +192,11 @@ class RetNetModel(RetNetPreTrainedModel):
         Args:
             input_ids: (B, T) token ids in [0, vocab_size); others raise ValueError (on accelerators, only
                 without a filled cache: checking every decoded token would cost a host sync per token).
-            attention_mask: (B, T) 1 on real tokens, 0 on LEFT padding. Padding belongs to the first call of
-                a stream: padded tokens add nothing to the state and each row's positions start at its first
-                real token. With a cache that already holds a state, the mask is ignored.
+            attention_mask: (B, T) 1 on real tokens, 0 on padding. Padding belongs to the first call of a stream:
+                left-padded tokens add nothing to the state and each row's positions start at its first real token.
+                Right padding (after a row's last real token) changes no real token's output, so it is allowed
+                where no cache is filled (a loss, a classifier); use_cache then defaults to False, and True raises.
+                A 0 between real tokens raises. With a cache that already holds a state, the mask is ignored.
             cache: the cache a previous call returned (it is updated in place), or None; ``past_key_values``
                 is accepted as the same argument (its name before transformers 5.24).
             use_cache: return the cache; defaults to ``config.use_cache`` in eval mode and False in training.
@@ -207,14 +218,19 @@ class RetNetModel(RetNetPreTrainedModel):
         check_range = input_ids.device.type == "cpu" or cache is None or cache.states is None
         self._check_input_ids(input_ids, check_range)
         B, T = input_ids.shape
-        if use_cache is None:
-            use_cache = cache is not None or (self.config.use_cache and not self.training)
         states = None if cache is None else cache.states
         if states is not None and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {B}")
+        padding_mask, right_padded = (None, False) if states is not None else self._padding_mask(attention_mask, T)
+        if use_cache is None:  # a state after right padding would continue from the padding: none by default
+            use_cache = cache is not None or (self.config.use_cache and not self.training and not right_padded)
+        if use_cache and right_padded:
+            raise ValueError(
+                "attention_mask pads on the right, and a cache filled from it would continue after the padding: "
+                "pad on the left to fill a cache or generate (tokenizer.padding_side = 'left'), or pass use_cache=False"
+            )
         if mode is None:
             mode = ("recurrent" if T == 1 else "chunkwise") if states is not None or use_cache else self.config.mode
-        padding_mask = None if states is not None else self._padding_mask(attention_mask, T)
 
         chunk_size = self.config.chunk_size if chunk_size is None else check_chunk_size(chunk_size)
         keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
@@ -301,16 +317,19 @@ class RetNetModel(RetNetPreTrainedModel):
             )
 
     @staticmethod
-    def _padding_mask(attention_mask: Tensor | None, length: int) -> Tensor | None:
-        """(B, T) bool, True on real tokens, for the backbone's left padding; None without a mask."""
+    def _padding_mask(attention_mask: Tensor | None, length: int) -> tuple[Tensor | None, bool]:
+        """The backbone's left padding, (B, T) bool, True on real tokens (None without a mask), and whether any row
+        is also padded on the right. Right padding is marked real: in a causal model no token before it reads it."""
         if attention_mask is None:
-            return None
+            return None, False
         if attention_mask.dim() != 2 or attention_mask.shape[1] != length:
             raise ValueError(
                 f"attention_mask must be (batch, {length}) like input_ids on the first call of a stream, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        return attention_mask.bool()
+        mask = attention_mask.bool()
+        right = (mask.flip(-1).cumsum(-1).flip(-1) == 0) & mask.any(-1, keepdim=True)  # after a row's last real token
+        return mask | right, bool(right.any())
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
@@ -488,6 +507,102 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         """Compile the decoding step now (``config.decode_implementation`` ``"compiled"`` or ``"aot"``) rather than
         at the first token: one step at each batch size; returns the seconds it took (see :func:`.decoding.warm_up`)."""
         return warm_up(self, batch_sizes)
+
+
+class RetNetForClassification(RetNetPreTrainedModel):
+    """The backbone and a linear head ``score`` (d -> ``config.num_labels``, Llama's name, which peft's SEQ_CLS and
+    TOKEN_CLS train whole): what the two classifiers share. Loaded from a language model's checkpoint, the backbone
+    is kept and the head is new."""
+
+    accepts_loss_kwargs = False  # a loss per row or token: transformers' Trainer must not pass num_items_in_batch
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.score = nn.Linear(config.dim_model, config.num_labels, bias=False)
+        self.post_init()
+
+    def _hidden(self, input_ids: Tensor, attention_mask: Tensor | None, keep: int, **options) -> Tensor:
+        """The backbone's last hidden states without a cache: (B, T, d), or (B, keep, d) with ``keep`` > 0."""
+        out = self.model(
+            input_ids, attention_mask=attention_mask, use_cache=False, return_dict=False, hidden_to_keep=keep, **options
+        )
+        return out[0]
+
+    def _output(self, output_class: type, loss: Tensor | None, logits: Tensor, return_dict: bool | None):
+        result = output_class(loss=loss, logits=logits)
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
+
+
+class RetNetForSequenceClassification(RetNetForClassification):
+    """RetNet with a classification (or regression) head on each row's last real token, where the causal model has
+    read the whole text: ``AutoModelForSequenceClassification``, peft's ``SEQ_CLS``, the text-classification
+    pipeline."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        return_dict: bool | None = None,
+        **options,
+    ) -> SequenceClassifierOutput | tuple:
+        """Logits (B, num_labels) of each row's last real token, and the loss if ``labels`` are given.
+
+        Args:
+            input_ids, attention_mask, and ``mode`` and ``chunk_size`` among ``options``: see
+                :meth:`RetNetModel.forward`; padding on either side.
+            labels: (B,) class ids (cross-entropy), (B,) or (B, 1) floats with ``num_labels == 1`` (mean squared
+                error), or (B, num_labels) floats in [0, 1] (multi-label, binary cross-entropy): transformers'
+                ``problem_type`` rules, through its ``loss_function``.
+        The last real token of a row is the last 1 of ``attention_mask``; without a mask, the last token that is
+        not ``config.pad_token_id``; without either, the last position. Left padding also needs the mask: without
+        it, the pad tokens are read as text.
+        """
+        last = self._last_real_tokens(input_ids, attention_mask)  # (B,), or None: the last position of every row
+        h = self._hidden(input_ids, attention_mask, 1 if last is None else 0, **options)  # (B, 1 or T, d)
+        pooled = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]  # (B, d)
+        logits = self.score(pooled)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=upcast(logits), config=self.config)
+        return self._output(SequenceClassifierOutput, loss, logits, return_dict)
+
+    def _last_real_tokens(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | None:
+        """The position of each row's last real token (B,), or None where that is the last position of every row."""
+        if attention_mask is not None:
+            real = attention_mask.bool()
+        elif self.config.pad_token_id is not None and isinstance(input_ids, Tensor):
+            real = input_ids != self.config.pad_token_id
+        else:
+            return None
+        if not isinstance(input_ids, Tensor) or real.shape != input_ids.shape:
+            return None  # RetNetModel.forward names what is wrong with the shapes
+        positions = torch.arange(real.shape[-1], device=real.device)
+        last = torch.where(real, positions, -1).amax(-1).clamp(min=0)  # a row without a real token: its first
+        return None if bool((last == real.shape[-1] - 1).all()) else last
+
+
+class RetNetForTokenClassification(RetNetForClassification):
+    """RetNet with a classification head on every token (``AutoModelForTokenClassification``, peft's
+    ``TOKEN_CLS``); each token's label is read from the text up to it, as in any causal model."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        return_dict: bool | None = None,
+        **options,
+    ) -> TokenClassifierOutput | tuple:
+        """Logits (B, T, num_labels), and the cross-entropy loss over ``labels`` (B, T) if given (-100 ignored).
+        input_ids, attention_mask, and ``mode`` and ``chunk_size`` among ``options``: see
+        :meth:`RetNetModel.forward`; padding on either side."""
+        logits = self.score(self._hidden(input_ids, attention_mask, 0, **options))  # (B, T, num_labels)
+        loss = None
+        if labels is not None:  # in float32 or wider (transformers' token loss would round float64 to float32)
+            loss = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten().to(logits.device))
+        return self._output(TokenClassifierOutput, loss, logits, return_dict)
 
 
 def _is_hub_id(name: str) -> bool:

@@ -13,6 +13,8 @@ from retentive.models import (
     PreTrainedViR,
     RetNetConfig,
     RetNetForCausalLM,
+    RetNetForSequenceClassification,
+    RetNetForTokenClassification,
     RetNetModel,
     RMTConfig,
     ViRConfig,
@@ -26,6 +28,8 @@ __all__ = [
     "ResizeCropImageProcessor",
     "RetNetConfig",
     "RetNetForCausalLM",
+    "RetNetForSequenceClassification",
+    "RetNetForTokenClassification",
     "RetNetModel",
     "ViRConfig",
 ]
