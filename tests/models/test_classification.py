@@ -107,6 +107,18 @@ def test_the_losses_follow_transformers_problem_types() -> None:
     torch.testing.assert_close((loss, logits), (out.loss, out.logits))
 
 
+@torch.no_grad()
+def test_both_classifiers_return_the_backbones_hidden_states() -> None:
+    ids, mask = padded(rows((4, 9)), "left")
+    for cls in (RetNetForSequenceClassification, RetNetForTokenClassification):
+        model = classifier(cls)
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        want = model.model(ids, attention_mask=mask, use_cache=False, output_hidden_states=True).hidden_states
+        assert len(out.hidden_states) == model.config.num_layers + 1
+        torch.testing.assert_close(out.hidden_states, want)
+        assert model(ids, attention_mask=mask).hidden_states is None
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_token_classification_labels_every_token_from_the_text_before_it(side: str) -> None:
     model = classifier(RetNetForTokenClassification)

@@ -208,6 +208,42 @@ def test_right_padding_changes_no_real_token_and_fills_no_cache(model: RetNetFor
                 call()
 
 
+@torch.no_grad()
+def test_hidden_states_are_every_blocks_input_and_the_final_output_in_every_form() -> None:
+    """transformers' convention: num_layers + 1 tensors, the embeddings first, each block's output, the normalized
+    output last (what the head reads); the same in every form, filled into a cache piece by piece, and step by step
+    through generate()."""
+    model = small_model(num_layers=3, prefill_chunk=8)  # a cache fills 8 tokens at a time
+    ids = torch.cat(prompts([19, 19]))
+    blocks = []
+    hooks = [b.register_forward_hook(lambda _m, _a, out: blocks.append(out)) for b in model.model.retnet.blocks]
+    out = model(ids, output_hidden_states=True, use_cache=False, mode="parallel")
+    for hook in hooks:
+        hook.remove()
+    hidden = out.hidden_states
+    assert len(hidden) == 4 and all(h.shape == (2, 19, 32) for h in hidden)
+    torch.testing.assert_close(hidden[0], model.model.embed_tokens(ids))
+    for h, block_output in zip(hidden[1:-1], blocks[:-1], strict=True):
+        torch.testing.assert_close(h, block_output)
+    torch.testing.assert_close(model.lm_head(hidden[-1]), out.logits)
+    for mode, use_cache in (("chunkwise", False), ("recurrent", False), (None, True)):
+        other = model(ids, output_hidden_states=True, use_cache=use_cache, mode=mode)
+        torch.testing.assert_close(other.hidden_states, hidden, rtol=1e-9, atol=1e-9)
+    logits, cache, as_tuple = model(ids, output_hidden_states=True, use_cache=True, return_dict=False)
+    assert logits.shape == (2, 19, V) and isinstance(cache, RetNetCache)
+    torch.testing.assert_close(as_tuple, hidden, rtol=1e-9, atol=1e-9)
+    assert model(ids).hidden_states is None  # config.output_hidden_states (False) by default
+
+    prompt, new = ids[:, :12], 7
+    gen = model.generate(
+        prompt, max_new_tokens=new, do_sample=False, output_hidden_states=True, return_dict_in_generate=True
+    )
+    assert torch.equal(gen.sequences, model.generate(prompt, max_new_tokens=new, do_sample=False))
+    whole = model(gen.sequences[:, :-1], output_hidden_states=True, use_cache=False).hidden_states
+    steps = [torch.cat(layer, dim=1) for layer in zip(*gen.hidden_states, strict=True)]  # per layer (B, T - 1, d)
+    torch.testing.assert_close(steps, list(whole), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_long_prompts_are_prefilled_piece_by_piece_with_the_same_result(normalize: bool) -> None:
     """A cache is filled prefill_chunk tokens at a time (whole chunks), padding longer than a piece included: the

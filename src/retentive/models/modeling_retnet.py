@@ -185,6 +185,7 @@ class RetNetModel(RetNetPreTrainedModel):
         chunk_size: int | None = None,
         return_dict: bool | None = None,
         hidden_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Hidden states of ``input_ids`` (B, T), continuing ``past_key_values`` if given.
@@ -205,9 +206,13 @@ class RetNetModel(RetNetPreTrainedModel):
             chunk_size: tokens per chunk of the chunkwise form; defaults to ``config.chunk_size``.
             return_dict: a ModelOutput (True) or a tuple (False); None follows ``config.return_dict``.
             hidden_to_keep: if > 0, the hidden states of the last ``hidden_to_keep`` positions only.
+            output_hidden_states: also return every block's input and the final output, each (B, T, d);
+                None follows ``config.output_hidden_states``.
         Returns:
-            BaseModelOutputWithPast with last_hidden_state (B, T, d) (or (B, hidden_to_keep, d)) and the cache (or
-            None), under the name the installed transformers uses (``cache``, or ``past_key_values`` before 5.24).
+            BaseModelOutputWithPast with last_hidden_state (B, T, d) (or (B, hidden_to_keep, d)), the cache (or
+            None), under the name the installed transformers uses (``cache``, or ``past_key_values`` before 5.24),
+            and hidden_states (or None): num_layers + 1 tensors (B, T, d), the embeddings first and the final
+            (normalized) output last, as transformers' models give them.
 
         A cache is filled ``config.prefill_chunk`` tokens at a time (rounded down to whole chunks), each piece through
         every layer before the next, so that with ``hidden_to_keep`` memory does not grow with the prompt.
@@ -234,7 +239,11 @@ class RetNetModel(RetNetPreTrainedModel):
 
         chunk_size = self.config.chunk_size if chunk_size is None else check_chunk_size(chunk_size)
         keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
-        x, states = self._run(input_ids, states, padding_mask, mode, chunk_size, use_cache, keep)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        x, states, hidden = self._run(
+            input_ids, states, padding_mask, mode, chunk_size, use_cache, keep, output_hidden_states
+        )
         if use_cache:
             cache = RetNetCache() if cache is None else cache
             cache.update_states(states, T)
@@ -243,8 +252,8 @@ class RetNetModel(RetNetPreTrainedModel):
         if return_dict is None:
             return_dict = self.config.return_dict
         if not return_dict:  # as ModelOutput.to_tuple(), without building one: this runs per decoded token
-            return (x,) if cache is None else (x, cache)
-        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache})
+            return tuple(value for value in (x, cache, hidden) if value is not None)
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden, **{CACHE_NAME: cache})
 
     def _run(
         self,
@@ -255,9 +264,11 @@ class RetNetModel(RetNetPreTrainedModel):
         chunk_size: int,
         use_cache: bool,
         keep: int,
-    ) -> tuple[Tensor, list[RetentionState] | None]:
-        """The backbone over ``input_ids`` (B, T): the last ``keep`` hidden states (B, keep, d) and the new states
-        (None without ``use_cache``). A cache is filled ``config.prefill_chunk`` tokens at a time."""
+        output_hidden_states: bool = False,
+    ) -> tuple[Tensor, list[RetentionState] | None, tuple[Tensor, ...] | None]:
+        """The backbone over ``input_ids`` (B, T): the last ``keep`` hidden states (B, keep, d), the new states
+        (None without ``use_cache``) and, with ``output_hidden_states``, every block's input and the final output
+        (each (B, T, d)). A cache is filled ``config.prefill_chunk`` tokens at a time."""
         B, T = input_ids.shape
         piece = T  # tokens per call of the backbone
         if use_cache and mode != "parallel":  # the state carries everything between pieces
@@ -266,9 +277,10 @@ class RetNetModel(RetNetPreTrainedModel):
             (dk, dv), offset = self.config.head_dims, -left_padding(padding_mask, T)
             empty = RetentionState.zeros(B, self.config.num_heads, dk, dv, offset=offset, device=input_ids.device)
             states = [empty] * self.config.num_layers  # states are never modified in place: one serves every layer
-        outputs = []
+        outputs, layers = [], []  # layers: per piece, each block's input and the final output
         for start in range(0, T, piece):
             end = min(start + piece, T)
+            inputs = [] if output_hidden_states else None
             x = self.retnet(
                 self._embed(input_ids[:, start:end]),  # (B, T_piece, d)
                 mode=mode,
@@ -276,13 +288,17 @@ class RetNetModel(RetNetPreTrainedModel):
                 state=states,
                 padding_mask=None if padding_mask is None else padding_mask[:, start:end],
                 return_state=use_cache,
+                hidden_states=inputs,
             )
             if use_cache:
                 x, states = x
+            if output_hidden_states:
+                layers.append([*inputs, x])
             if end > T - keep:
                 outputs.append(x[:, max(T - keep - start, 0) :])
         x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, keep, d)
-        return x, states if use_cache else None
+        hidden = tuple(p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in zip(*layers, strict=True)) or None
+        return x, states if use_cache else None, hidden
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, d): the embedding, scaled by sqrt(d) and normalized where the config says."""
@@ -373,13 +389,14 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         skip_logits: bool | None = None,
         return_dict: bool | None = None,
         num_items_in_batch: Tensor | int | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits, and the loss if ``labels`` are given.
 
         Args:
-            input_ids, attention_mask, cache (or past_key_values), use_cache, mode, chunk_size: see
-                :meth:`RetNetModel.forward`.
+            input_ids, attention_mask, cache (or past_key_values), use_cache, mode, chunk_size,
+                output_hidden_states: see :meth:`RetNetModel.forward`.
             labels: (B, T) targets aligned with ``input_ids`` (the shift happens here: position t predicts
                 labels[t + 1]); -100 is ignored. With labels and no cache, use_cache defaults to False.
             logits_to_keep: if > 0, logits of the last ``logits_to_keep`` positions only (generate() uses 1).
@@ -393,10 +410,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 accumulation weighs every token alike whatever each micro-batch's share of ignored ones.
         Returns:
             CausalLMOutputWithPast with loss (scalar, float32 or wider, or None), logits (B, T', vocab_size) or
-            None, and the cache (see :meth:`RetNetModel.forward`).
+            None, the cache and hidden_states (see :meth:`RetNetModel.forward`).
         """
         cache = take_cache(cache, kwargs)
-        if self._decoding(input_ids, labels, cache, use_cache, mode):  # one token after a cache: the short way
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if not output_hidden_states and self._decoding(input_ids, labels, cache, use_cache, mode):  # the short way
             if kwargs:
                 _reject_unused(kwargs)
             logits = self._decode(input_ids, cache)
@@ -407,17 +426,19 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
         if use_cache is None and labels is not None and cache is None:
             use_cache = False  # a loss needs no state: score in config.mode, as in training
-        h, *cache = self.model(
+        out = self.model(
             input_ids,
             attention_mask=attention_mask,
             cache=cache,
             use_cache=use_cache,
             mode=mode,
             chunk_size=chunk_size,
-            return_dict=False,
             hidden_to_keep=logits_to_keep,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
-        )  # h: (B, T, d), or (B, logits_to_keep, d)
+        )
+        h = out.last_hidden_state  # (B, T, d), or (B, logits_to_keep, d)
         plain_head = type(self.lm_head) is nn.Linear  # the blockwise loss reads lm_head.weight, not the module
         if skip_logits is None:
             skip_logits = self.training and labels is not None and plain_head
@@ -440,7 +461,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets, reduction=reduction)
         if loss is not None and num_items_in_batch is not None:
             loss = loss / num_items_in_batch
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache[0] if cache else None})
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_NAME: getattr(out, CACHE_NAME)}
+        )
         return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
     def generate(
@@ -522,15 +545,23 @@ class RetNetForClassification(RetNetPreTrainedModel):
         self.score = nn.Linear(config.dim_model, config.num_labels, bias=False)
         self.post_init()
 
-    def _hidden(self, input_ids: Tensor, attention_mask: Tensor | None, keep: int, **options) -> Tensor:
-        """The backbone's last hidden states without a cache: (B, T, d), or (B, keep, d) with ``keep`` > 0."""
-        out = self.model(
-            input_ids, attention_mask=attention_mask, use_cache=False, return_dict=False, hidden_to_keep=keep, **options
+    def _hidden(
+        self, input_ids: Tensor, attention_mask: Tensor | None, keep: int, **options
+    ) -> BaseModelOutputWithPast:
+        """The backbone without a cache: last_hidden_state (B, T, d), or (B, keep, d) with ``keep`` > 0."""
+        return self.model(
+            input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, hidden_to_keep=keep, **options
         )
-        return out[0]
 
-    def _output(self, output_class: type, loss: Tensor | None, logits: Tensor, return_dict: bool | None):
-        result = output_class(loss=loss, logits=logits)
+    def _output(
+        self,
+        output_class: type,
+        loss: Tensor | None,
+        logits: Tensor,
+        out: BaseModelOutputWithPast,
+        return_dict: bool | None,
+    ):
+        result = output_class(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
 
@@ -560,13 +591,14 @@ class RetNetForSequenceClassification(RetNetForClassification):
         it, the pad tokens are read as text.
         """
         last = self._last_real_tokens(input_ids, attention_mask)  # (B,), or None: the last position of every row
-        h = self._hidden(input_ids, attention_mask, 1 if last is None else 0, **options)  # (B, 1 or T, d)
+        out = self._hidden(input_ids, attention_mask, 1 if last is None else 0, **options)
+        h = out.last_hidden_state  # (B, 1 or T, d)
         pooled = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]  # (B, d)
         logits = self.score(pooled)  # (B, num_labels)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=upcast(logits), config=self.config)
-        return self._output(SequenceClassifierOutput, loss, logits, return_dict)
+        return self._output(SequenceClassifierOutput, loss, logits, out, return_dict)
 
     def _last_real_tokens(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | None:
         """The position of each row's last real token (B,), or None where that is the last position of every row."""
@@ -598,11 +630,12 @@ class RetNetForTokenClassification(RetNetForClassification):
         """Logits (B, T, num_labels), and the cross-entropy loss over ``labels`` (B, T) if given (-100 ignored).
         input_ids, attention_mask, and ``mode`` and ``chunk_size`` among ``options``: see
         :meth:`RetNetModel.forward`; padding on either side."""
-        logits = self.score(self._hidden(input_ids, attention_mask, 0, **options))  # (B, T, num_labels)
+        out = self._hidden(input_ids, attention_mask, 0, **options)
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         loss = None
         if labels is not None:  # in float32 or wider (transformers' token loss would round float64 to float32)
             loss = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten().to(logits.device))
-        return self._output(TokenClassifierOutput, loss, logits, return_dict)
+        return self._output(TokenClassifierOutput, loss, logits, out, return_dict)
 
 
 def _is_hub_id(name: str) -> bool:

@@ -111,9 +111,12 @@ class RetNet(CheckpointedBlocks, nn.Module):
         state: list[RetentionState] | None = None,
         padding_mask: Tensor | None = None,
         return_state: bool = False,
+        hidden_states: list[Tensor] | None = None,
         **form_kwargs: Any,
     ) -> Tensor | tuple[Tensor, list[RetentionState]]:
-        """x: (B, T, d) embeddings -> (B, T, d), and each block's state if ``return_state``.
+        """x: (B, T, d) embeddings -> (B, T, d), and each block's state if ``return_state``. Each block's input
+        (B, T, d) is appended to ``hidden_states`` if it is a list: the embeddings first, the output of the last
+        block but one last.
 
         The form is resolved here, once for every block, by :meth:`Form.resolve` from ``form_args`` and
         ``form_kwargs``: the seed repository's ``attn_mask, num_chunks, normalize_attn, normalize_retn`` (in this
@@ -124,6 +127,7 @@ class RetNet(CheckpointedBlocks, nn.Module):
         if state is not None and len(state) != self.num_layers:
             raise ValueError(f"state must hold one RetentionState per block ({self.num_layers}), got {len(state)}")
         decoding = form.steps_one_token(x) and state is not None and return_state and padding_mask is None
+        decoding = decoding and hidden_states is None
         if decoding and not (self.training or torch.is_grad_enabled()):
             return self.decode_step(x, state)
         first = self.blocks[0].retention
@@ -132,6 +136,8 @@ class RetNet(CheckpointedBlocks, nn.Module):
             rotary = first.rotary_phase(positions_of(x, state and state[0], padding_mask), x.dtype)
         new_state = []
         for i, block in enumerate(self.blocks):
+            if hidden_states is not None:
+                hidden_states.append(x)
             x = self.run_block(
                 i,
                 block,
