@@ -30,6 +30,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from transformers.utils import ModelOutput
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
 from ..layers.checkpointing import set_grad_checkpointing
@@ -560,7 +561,8 @@ class RetNetForClassification(RetNetPreTrainedModel):
         logits: Tensor,
         out: BaseModelOutputWithPast,
         return_dict: bool | None,
-    ):
+    ) -> ModelOutput | tuple:
+        """``output_class`` with the loss, the logits and the backbone's hidden states, or its tuple."""
         result = output_class(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
