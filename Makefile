@@ -28,10 +28,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # under the peers' environment (.venv plus the peers, see below): the conversion tests compare with torchscale and
-# flash-linear-attention themselves; under $(PY) alone they skip, saying why. One pytest-xdist worker per core
-# (PYTEST_XDIST_AUTO_NUM_WORKERS=N for another count), each with its share of torch's threads (tests/conftest.py).
+# flash-linear-attention themselves; under $(PY) alone they skip, saying why. One pytest-xdist worker per core, 8 at
+# most (each imports torch and transformers: ~0.5 GB; PYTEST_XDIST_AUTO_NUM_WORKERS=N for fewer), each with
+# its share of torch's threads (tests/conftest.py).
 test: setup lint bench-env
-	$(PEERS)/bin/python -m pytest -q -n logical
+	$(PEERS)/bin/python -m pytest -q -n logical --maxprocesses 8
 
 # lm-evaluation-harness against `retentive serve` (tests/serving/test_lm_eval.py) in its own environment, which
 # sees .venv's packages (as the peers' does) and adds lm_eval with the locked versions of what they share; only

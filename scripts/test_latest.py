@@ -44,7 +44,8 @@ def installed_versions(python: Path) -> dict[str, str]:
 
 def pytest(python: Path, venv: Path, *args: str) -> int:
     cache = f"cache_dir={venv / '.pytest_cache'}"  # --last-failed reads it
-    return run([str(python), "-m", "pytest", "-q", "-n", "logical", "-o", cache, *args]).returncode  # as make test
+    workers = ["-n", "logical", "--maxprocesses", "8"]  # as make test
+    return run([str(python), "-m", "pytest", "-q", *workers, "-o", cache, *args]).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
