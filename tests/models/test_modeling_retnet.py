@@ -208,6 +208,65 @@ def test_right_padding_changes_no_real_token_and_fills_no_cache(model: RetNetFor
                 call()
 
 
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_documents_packed_into_a_row_are_each_read_on_their_own(mode: str) -> None:
+    """transformers' DataCollatorWithFlattening packs documents into one row, position_ids restarting at 0 at each:
+    every document's logits, loss and gradients are those it has alone, in every form; without the position_ids
+    the same row reads one document into the next."""
+    from transformers import DataCollatorWithFlattening
+
+    model = small_model().train()
+    docs = [row[0].tolist() for row in prompts([5, 9, 3, 7, 1], seed=4)]
+    batch = DataCollatorWithFlattening()([{"input_ids": d, "labels": d} for d in docs])
+    assert batch["position_ids"].shape == (1, 25) and "attention_mask" not in batch
+    packed = model(**batch, mode=mode).loss
+    packed.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    own = sum(model(torch.tensor([d]), labels=torch.tensor([d]), mode=mode).loss * (len(d) - 1) for d in docs[:-1])
+    own = own / sum(len(d) - 1 for d in docs)  # the 1-token document has no target
+    own.backward()
+    torch.testing.assert_close(packed, own, rtol=1e-12, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], mode=mode).logits[0]
+        alone = torch.cat([model(torch.tensor([d]), mode=mode).logits[0] for d in docs])
+        torch.testing.assert_close(logits, alone, rtol=1e-9, atol=1e-9)
+        read_on = model(batch["input_ids"], mode=mode).logits[0]
+        assert not torch.allclose(read_on[5:], alone[5:])  # the second document onwards read the first
+
+
+@torch.no_grad()
+def test_position_ids_that_say_anything_but_where_documents_start_are_refused(model: RetNetForCausalLM) -> None:
+    ids = torch.cat(prompts([6, 6]))
+    torch.testing.assert_close(model(ids, position_ids=torch.arange(6).expand(2, 6)).logits, model(ids).logits)
+    left, mask = left_pad(prompts([3, 6]))  # transformers' positions with left padding: the pads' are anything
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    torch.testing.assert_close(
+        model(left, attention_mask=mask, position_ids=positions).logits, model(left, attention_mask=mask).logits
+    )
+    for bad, match in (
+        (torch.arange(1, 7).expand(2, 6), "count 0, 1, 2"),  # shifted
+        (torch.tensor([[0, 1, 3, 4, 5, 6]] * 2), "count 0, 1, 2"),  # a skip
+        (torch.zeros(2, 6), "integer positions"),
+        (torch.arange(5).expand(2, 5), "shaped like input_ids"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model(ids, position_ids=bad)
+    with pytest.raises(ValueError, match="take no padding"):
+        model(left, attention_mask=mask, position_ids=torch.tensor([[0, 0, 0, 1, 0, 1], [0, 1, 2, 0, 1, 2]]))
+    packing = torch.tensor([[0, 1, 2, 0, 1, 2]] * 2)
+    with pytest.raises(ValueError, match="a cache holds one stream per row"):
+        model(ids, position_ids=packing, use_cache=True)
+    assert cache_of(model(ids, position_ids=packing)) is None  # eval: use_cache defaults to False here
+    cache = cache_of(model(ids, use_cache=True))
+    with pytest.raises(ValueError, match="continue from the cache"):
+        model(ids, cache=cache, position_ids=torch.arange(6).expand(2, 6))
+
+
 @torch.no_grad()
 def test_hidden_states_are_every_blocks_input_and_the_final_output_in_every_form() -> None:
     """transformers' convention: num_layers + 1 tensors, the embeddings first, each block's output, the normalized

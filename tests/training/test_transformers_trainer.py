@@ -1,5 +1,7 @@
 """RetNetForCausalLM under transformers' own ``Trainer``, as its users train it: gradient accumulation weighs every
-token alike (the model takes ``num_items_in_batch``), and ``activation_checkpointing=True`` takes the same steps."""
+token alike (the model takes ``num_items_in_batch``), ``activation_checkpointing=True`` takes the same steps, and
+documents packed into rows (``DataCollatorWithFlattening``) take the steps of the same documents padded on the
+right."""
 
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ def rows() -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def trained(out: Path, dropout: float = 0.0, **args) -> dict[str, torch.Tensor]:
+def trained(
+    out: Path, dropout: float = 0.0, train_dataset: list | None = None, data_collator=None, **args
+) -> dict[str, torch.Tensor]:
     """The weights after 2 optimizer steps of transformers' Trainer (no shuffling: every run sees the same rows)."""
     torch.manual_seed(0)
     model = RetNetForCausalLM(RetNetConfig(vocab_size=V, dim_model=32, num_layers=2, num_heads=4, dropout=dropout))
@@ -34,7 +38,8 @@ def trained(out: Path, dropout: float = 0.0, **args) -> dict[str, torch.Tensor]:
         out, max_steps=2, learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", seed=3,
         disable_tqdm=True, train_sampling_strategy="sequential", **args,
     )  # fmt: skip
-    transformers.Trainer(model=model, args=arguments, train_dataset=rows()).train()
+    data = rows() if train_dataset is None else train_dataset
+    transformers.Trainer(model=model, args=arguments, train_dataset=data, data_collator=data_collator).train()
     assert model.is_activation_checkpointing == args.get("activation_checkpointing", False)
     return model.state_dict()
 
@@ -55,3 +60,28 @@ def test_activation_checkpointing_takes_the_same_steps(tmp_path: Path) -> None:
     checkpointed = trained(tmp_path / "ac", dropout=0.1, per_device_train_batch_size=8, activation_checkpointing=True)
     for name, weight in plain.items():
         torch.testing.assert_close(checkpointed[name], weight, rtol=0, atol=0, msg=name)
+
+
+def test_packed_documents_take_the_steps_of_the_same_documents_padded(tmp_path: Path) -> None:
+    """Documents of 2 to 15 tokens, 8 a step: packed into one row by ``DataCollatorWithFlattening`` (position_ids
+    restarting at each) or padded on the right (transformers' collators' side, the padding's labels ignored), the
+    Trainer takes the same steps: no document reads another, and no padding counts."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 16, (16,), generator=gen).tolist()
+    docs = [torch.randint(0, V, (n,), generator=gen).tolist() for n in lengths]
+    docs = [{"input_ids": d, "labels": d} for d in docs]
+
+    def padded(batch: list[dict]) -> dict[str, torch.Tensor]:
+        T = max(len(b["input_ids"]) for b in batch)
+        right = [[0] * (T - len(b["input_ids"])) for b in batch]
+        return {
+            "input_ids": torch.tensor([b["input_ids"] + p for b, p in zip(batch, right, strict=True)]),
+            "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + p for b, p in zip(batch, right, strict=True)]),
+            "labels": torch.tensor([b["labels"] + [-100] * len(p) for b, p in zip(batch, right, strict=True)]),
+        }
+
+    args = dict(per_device_train_batch_size=8, train_dataset=docs)
+    flat = trained(tmp_path / "flat", data_collator=transformers.DataCollatorWithFlattening(), **args)
+    right = trained(tmp_path / "right", data_collator=padded, **args)
+    for name, weight in right.items():
+        torch.testing.assert_close(flat[name], weight, rtol=1e-5, atol=1e-6, msg=name)

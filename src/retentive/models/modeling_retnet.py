@@ -209,6 +209,9 @@ class RetNetModel(RetNetPreTrainedModel):
             hidden_to_keep: if > 0, the hidden states of the last ``hidden_to_keep`` positions only.
             output_hidden_states: also return every block's input and the final output, each (B, T, d);
                 None follows ``config.output_hidden_states``.
+            position_ids (keyword): (B, T) positions that restart at 0 where a packed document starts (transformers'
+                ``DataCollatorWithFlattening``): each document is read as if it had a row of its own, no state
+                crossing into the next; without a cache only (:func:`packed_documents`).
         Returns:
             BaseModelOutputWithPast with last_hidden_state (B, T, d) (or (B, hidden_to_keep, d)), the cache (or
             None), under the name the installed transformers uses (``cache``, or ``past_key_values`` before 5.24),
@@ -219,6 +222,7 @@ class RetNetModel(RetNetPreTrainedModel):
         every layer before the next, so that with ``hidden_to_keep`` memory does not grow with the prompt.
         """
         cache = take_cache(cache, kwargs)
+        position_ids = kwargs.pop("position_ids", None)
         _reject_unused(kwargs)
         # reading ids back is a host sync; on accelerators the decoding steps after a cache skip it
         check_range = input_ids.device.type == "cpu" or cache is None or cache.states is None
@@ -228,12 +232,16 @@ class RetNetModel(RetNetPreTrainedModel):
         if states is not None and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {B}")
         padding_mask, right_padded = (None, False) if states is not None else self._padding_mask(attention_mask, T)
-        if use_cache is None:  # a state after right padding would continue from the padding: none by default
-            use_cache = cache is not None or (self.config.use_cache and not self.training and not right_padded)
-        if use_cache and right_padded:
+        packed = position_ids is not None and packed_documents(position_ids, attention_mask, input_ids.shape, states)
+        if use_cache is None:  # a state after right padding or a packed row would continue from the wrong text
+            use_cache = cache is not None or (self.config.use_cache and not (self.training or right_padded or packed))
+        if use_cache and (right_padded or packed):
             raise ValueError(
                 "attention_mask pads on the right, and a cache filled from it would continue after the padding: "
                 "pad on the left to fill a cache or generate (tokenizer.padding_side = 'left'), or pass use_cache=False"
+                if right_padded
+                else "position_ids pack several documents into a row, and a cache holds one stream per row: give "
+                "each document a row of its own to fill a cache, or pass use_cache=False"
             )
         if mode is None:
             mode = ("recurrent" if T == 1 else "chunkwise") if states is not None or use_cache else self.config.mode
@@ -242,9 +250,12 @@ class RetNetModel(RetNetPreTrainedModel):
         keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        x, states, hidden = self._run(
-            input_ids, states, padding_mask, mode, chunk_size, use_cache, keep, output_hidden_states
-        )
+        if packed:  # use_cache is False: no states
+            x, hidden = self._run_documents(input_ids, position_ids, mode, chunk_size, keep, output_hidden_states)
+        else:
+            x, states, hidden = self._run(
+                input_ids, states, padding_mask, mode, chunk_size, use_cache, keep, output_hidden_states
+            )
         if use_cache:
             cache = RetNetCache() if cache is None else cache
             cache.update_states(states, T)
@@ -300,6 +311,25 @@ class RetNetModel(RetNetPreTrainedModel):
         x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, keep, d)
         hidden = tuple(p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in zip(*layers, strict=True)) or None
         return x, states if use_cache else None, hidden
+
+    def _run_documents(
+        self, input_ids: Tensor, position_ids: Tensor, mode: str, chunk_size: int, keep: int, output_hidden_states: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """The backbone over rows that pack several documents (:func:`packed_documents`): each document runs as a
+        row of its own, right-padded to the longest, so that no state crosses from one document into the next.
+        Returns the last ``keep`` hidden states (B, keep, d) and, with ``output_hidden_states``, every block's input
+        and the final output (each (B, T, d))."""
+        B, T = input_ids.shape
+        positions = position_ids.flatten().long()  # (B * T,)
+        document = (positions == 0).cumsum(0) - 1  # (B * T,): the document of each token, in reading order
+        rows = input_ids.new_zeros(int(document[-1]) + 1, int(positions.max()) + 1)  # (documents, longest)
+        rows[document, positions] = input_ids.flatten()  # no token of a document reads the padding after it
+        x, _, hidden = self._run(rows, None, None, mode, chunk_size, False, rows.shape[1], output_hidden_states)
+
+        def packed(h: Tensor) -> Tensor:  # (documents, longest, d) -> (B, T, d)
+            return h[document, positions].view(B, T, -1)
+
+        return packed(x)[:, T - keep :], None if hidden is None else tuple(map(packed, hidden))
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, d): the embedding, scaled by sqrt(d) and normalized where the config says."""
@@ -695,6 +725,40 @@ def next_token_targets(labels: Tensor, shape: torch.Size) -> Tensor:
     if labels.shape != shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
     return F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+
+
+def packed_documents(
+    position_ids: Tensor, attention_mask: Tensor | None, shape: torch.Size, states: list[RetentionState] | None
+) -> bool:
+    """Whether ``position_ids`` (B, T) pack several documents into a row, as transformers'
+    ``DataCollatorWithFlattening`` does: they count 0, 1, 2, ... and restart at 0 where a document starts.
+
+    RetNet takes its positions from the order of the tokens (and the cache), so position_ids can only say where
+    documents start: positions that repeat what the model computes anyway (0, 1, 2, ... from each row's first real
+    token) change nothing, and any others raise ValueError, as do position_ids after a filled cache.
+    """
+    if states is not None:
+        raise ValueError("position_ids after a filled cache: positions continue from the cache, leave them out")
+    if not isinstance(position_ids, Tensor) or position_ids.shape != shape or position_ids.is_floating_point():
+        got = f"{position_ids.dtype} {tuple(position_ids.shape)}" if isinstance(position_ids, Tensor) else position_ids
+        raise ValueError(f"position_ids must be integer positions shaped like input_ids {tuple(shape)}, got {got}")
+    positions = position_ids.long()
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        real = attention_mask.bool()
+        if bool(((positions != real.long().cumsum(-1) - 1) & real).any()):
+            raise ValueError(
+                "with padding, position_ids must count 0, 1, 2, ... from each row's first real token (what RetNet "
+                "computes anyway); rows that pack documents (position_ids restarting at 0) take no padding"
+            )
+        return False
+    restarts = positions[:, 1:] == 0
+    if bool((positions[:, 0] != 0).any() or (~restarts & (positions[:, 1:] != positions[:, :-1] + 1)).any()):
+        raise ValueError(
+            "position_ids must count 0, 1, 2, ... in each row, restarting at 0 where a packed document starts "
+            "(transformers' DataCollatorWithFlattening): RetNet takes its positions from the order of the tokens, "
+            "so they cannot be shifted or skipped"
+        )
+    return bool(restarts.any())
 
 
 def upcast(x: Tensor) -> Tensor:
