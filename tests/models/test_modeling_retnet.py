@@ -369,7 +369,7 @@ def test_cache_rejects_rollback_and_other_caches(model: RetNetForCausalLM) -> No
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
 def test_forward_takes_the_cache_under_its_current_and_its_older_name(model: RetNetForCausalLM, name: str) -> None:
-    """transformers 5.24 renamed past_key_values to cache; generate() of every release passes one of the two."""
+    """transformers 5.24 renamed past_key_values to cache; users and older code still pass the old name."""
     ids = prompts([9])[0]
     full = model(ids, use_cache=False).logits[:, -1]
     prefix = cache_of(model(ids[:, :-1], use_cache=True))

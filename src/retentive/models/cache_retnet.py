@@ -12,14 +12,13 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from transformers import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..ops import RetentionState
 
 # transformers 5.24 renamed the cache of generate() and of the model outputs from ``past_key_values`` to ``cache``
-# (the old name still works there, with a deprecation warning). The models accept both names and fill the output
-# field under the installed release's name, so one code path serves every release pyproject.toml admits.
-CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+# (the old name still works, with a deprecation warning). pyproject.toml admits 5.24 and later: the outputs carry
+# ``cache``, and the models take the cache under either name (5.23's generate() refused the new one).
+CACHE_NAME = "cache"
 LEGACY_CACHE_NAME = "past_key_values"
 
 
@@ -39,7 +38,7 @@ def take_cache(cache: Any, kwargs: dict[str, Any]) -> RetNetCache | None:
 
 
 def cache_of(output: Any) -> RetNetCache | None:
-    """The cache of a model output, whichever name the installed transformers gives it (``out.cache`` from 5.24)."""
+    """The cache of a model output (``out.cache``; ``out.past_key_values`` before transformers 5.24)."""
     return getattr(output, CACHE_NAME)
 
 

@@ -214,8 +214,7 @@ class RetNetModel(RetNetPreTrainedModel):
                 crossing into the next; without a cache only (:func:`packed_documents`).
         Returns:
             BaseModelOutputWithPast with last_hidden_state (B, T, d) (or (B, hidden_to_keep, d)), the cache (or
-            None), under the name the installed transformers uses (``cache``, or ``past_key_values`` before 5.24),
-            and hidden_states (or None): num_layers + 1 tensors (B, T, d), the embeddings first and the final
+            None) and hidden_states (or None): num_layers + 1 tensors (B, T, d), the embeddings first and the final
             (normalized) output last, as transformers' models give them.
 
         A cache is filled ``config.prefill_chunk`` tokens at a time (rounded down to whole chunks), each piece through
