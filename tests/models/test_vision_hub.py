@@ -179,3 +179,45 @@ def test_timm_entrypoints_build_every_preset(monkeypatch: pytest.MonkeyPatch) ->
         registry["rmt_t"](pretrained=True)
     with pytest.raises(ValueError, match="drop_rate"):
         registry["rmt_t"](drop_rate=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_transformers_trainer_accumulates_gradients_as_for_the_whole_batch(name: str, tmp_path: Path) -> None:
+    """The Auto class model under transformers' Trainer: 2 accumulated micro-batches of 4 step as batches of 8 (the
+    model's loss is a mean per image, so the Trainer must scale it for the accumulation itself; it logged twice the
+    loss when the model took num_items_in_batch and ignored it). ViR's steps are the same to rounding; RMT's batch
+    norms see batches of 4, so only its loss is compared, loosely."""
+    from transformers import Trainer, TrainingArguments
+
+    from retentive.models import PreTrainedRMT, PreTrainedViR
+
+    wrapper = {"rmt": PreTrainedRMT, "vir": PreTrainedViR}[name]
+    config = MODELS[name][1]
+    gen = torch.Generator().manual_seed(0)
+    size = config.image_size
+    rows = [
+        {"pixel_values": torch.randn(3, size, size, generator=gen), "labels": int(label)}
+        for label in torch.randint(0, config.num_classes, (16,), generator=gen)
+    ]
+
+    def trained(out: Path, **batching) -> tuple[dict[str, torch.Tensor], float]:
+        torch.manual_seed(0)
+        model = wrapper(config)
+        args = TrainingArguments(
+            out, max_steps=2, learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no", seed=3,
+            disable_tqdm=True, train_sampling_strategy="sequential", logging_steps=1, **batching,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        return model.state_dict(), trainer.state.log_history[0]["loss"]
+
+    whole, whole_loss = trained(tmp_path / "whole", per_device_train_batch_size=8)
+    accumulated, accumulated_loss = trained(
+        tmp_path / "accumulated", per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    if name == "rmt":  # batch statistics: micro-batches are not the batch
+        assert accumulated_loss == pytest.approx(whole_loss, rel=0.05)
+        return
+    assert accumulated_loss == pytest.approx(whole_loss, rel=1e-4)
+    for key, weight in whole.items():
+        torch.testing.assert_close(accumulated[key], weight, rtol=1e-4, atol=1e-5, msg=key)

@@ -179,6 +179,9 @@ class PreTrainedImageClassifier(PreTrainedModel):
 
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
+    # the loss is a mean over the images: transformers' Trainer must scale it for gradient accumulation itself rather
+    # than pass num_items_in_batch (which forward's **kwargs would take and ignore, doubling the loss at 2 steps)
+    accepts_loss_kwargs = False
     classifier_class: ClassVar[type[ImageClassifier]]  # set by each subclass, with config_class
 
     def __init__(self, config: PretrainedConfig, classifier: ImageClassifier | None = None) -> None:
