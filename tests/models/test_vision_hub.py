@@ -221,3 +221,20 @@ def test_transformers_trainer_accumulates_gradients_as_for_the_whole_batch(name:
     assert accumulated_loss == pytest.approx(whole_loss, rel=1e-4)
     for key, weight in whole.items():
         torch.testing.assert_close(accumulated[key], weight, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_auto_class_model_refuses_what_it_would_silently_ignore(name: str) -> None:
+    from retentive.models import PreTrainedRMT, PreTrainedViR
+
+    torch.manual_seed(0)
+    model = {"rmt": PreTrainedRMT, "vir": PreTrainedViR}[name](MODELS[name][1]).eval()
+    size = model.config.image_size
+    images, labels = torch.randn(2, 3, size, size), torch.tensor([1, 4])
+    with torch.no_grad():
+        out = model(images, labels=labels, output_hidden_states=False, output_attentions=None)
+        loss, logits = model(images, labels=labels, return_dict=False)
+    torch.testing.assert_close((loss, logits), (out.loss, out.logits))
+    for asked in ({"output_hidden_states": True}, {"num_items_in_batch": 16}):
+        with pytest.raises(TypeError, match=f"not \\['{next(iter(asked))}'\\].*feature_maps"):
+            model(images, labels=labels, **asked)

@@ -209,6 +209,16 @@ class PreTrainedImageClassifier(PreTrainedModel):
             classifier.to(dtype)
         return cls(classifier.config, classifier).eval()
 
-    def forward(self, pixel_values: Tensor, labels: Tensor | None = None, **kwargs: Any) -> ImageClassifierOutput:
-        """Images (B, C, H, W) -> the classifier's output (logits; loss if ``labels``)."""
-        return self.classifier(pixel_values, labels)
+    def forward(
+        self, pixel_values: Tensor, labels: Tensor | None = None, return_dict: bool | None = None, **kwargs: Any
+    ) -> ImageClassifierOutput | tuple:
+        """Images (B, C, H, W) -> the classifier's output (logits; loss if ``labels``), or its tuple with
+        ``return_dict=False``. transformers' other arguments are taken where they ask for nothing (None, False) and
+        refused where they would: hidden states come from ``model.classifier.feature_maps`` (timm's features_only)."""
+        if asked := sorted(name for name, value in kwargs.items() if value is not None and value is not False):
+            raise TypeError(
+                f"{type(self).__name__}.forward takes pixel_values, labels and return_dict, not {asked}: for every "
+                "block's or stage's output, use model.classifier.feature_maps(pixel_values, out_indices)"
+            )
+        out = self.classifier(pixel_values, labels)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
