@@ -63,3 +63,14 @@ def set_grad_checkpointing(
         raise ValueError(f"{type(model).__name__} holds no stack of blocks to checkpoint (CheckpointedBlocks)")
     for stack in stacks:
         stack.set_grad_checkpointing(enable, every, checkpoint_fn)
+
+
+class TransformersCheckpointing:
+    """Mixin of a transformers ``PreTrainedModel`` that holds :class:`CheckpointedBlocks`: the hook that its
+    ``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before transformers 5.25) and
+    ``..._disable()`` call, switching every stack inside, every ``every_n_layers``-th block."""
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable | None = None, every_n_layers: int = 1
+    ) -> None:
+        set_grad_checkpointing(self, enable, every_n_layers, gradient_checkpointing_func)

@@ -3,7 +3,6 @@ included; PreTrainedImageClassifier: the same model as transformers' Auto classe
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..layers.checkpointing import set_grad_checkpointing
+from ..layers.checkpointing import TransformersCheckpointing, set_grad_checkpointing
 from .image_processing import ResizeCropImageProcessor
 from .remote_code import REMOTE_CODE, REMOTE_CODE_FILE, remote_code_map
 
@@ -168,7 +167,7 @@ class ImageClassifier(nn.Module):
         return model
 
 
-class PreTrainedImageClassifier(PreTrainedModel):
+class PreTrainedImageClassifier(TransformersCheckpointing, PreTrainedModel):
     """An :class:`ImageClassifier` as transformers' Auto classes and image-classification pipeline load it: a
     ``PreTrainedModel`` holding the model as ``classifier`` and passing its calls on (one definition of the model).
 
@@ -188,12 +187,6 @@ class PreTrainedImageClassifier(PreTrainedModel):
         super().__init__(config)
         self.classifier = classifier if classifier is not None else self.classifier_class(config)
         self.post_init()
-
-    def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func: Callable | None = None, every_n_layers: int = 1
-    ) -> None:
-        """What transformers' ``activation_checkpointing_enable()`` and ``..._disable()`` call."""
-        set_grad_checkpointing(self, enable, every_n_layers, gradient_checkpointing_func)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing: the classifier initialized its weights when it was built (or holds loaded ones), and

@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -33,7 +33,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput
 
 from ..layers import HeadNorm, MultiScaleRetention, RetNetBlock
-from ..layers.checkpointing import set_grad_checkpointing
+from ..layers.checkpointing import TransformersCheckpointing
 from ..layers.feedforward import make_norm
 from ..layers.retention import left_padding
 from ..ops import RetentionState, check_chunk_size, linear_cross_entropy
@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 _STEP_INPUTS = frozenset({CACHE_NAME, "attention_mask", "use_cache", "logits_to_keep"})
 
 
-class RetNetPreTrainedModel(PreTrainedModel):
+class RetNetPreTrainedModel(TransformersCheckpointing, PreTrainedModel):
     """Weight init and the Hugging Face plumbing shared by the RetNet models."""
 
     config_class = RetNetConfig
@@ -127,14 +127,6 @@ class RetNetPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if remote_code and is_main_process:
             (Path(save_directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
-
-    def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func: Callable | None = None, every_n_layers: int = 1
-    ) -> None:
-        """What transformers' ``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before
-        5.25) and ``..._disable()`` call: the backbone's blocks recomputed in the backward pass, every
-        ``every_n_layers``-th of them."""
-        set_grad_checkpointing(self, enable, every_n_layers, gradient_checkpointing_func)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
