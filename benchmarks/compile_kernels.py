@@ -5,6 +5,7 @@
     python benchmarks/compile_kernels.py --chunk 128             # 128-token chunks
     python benchmarks/compile_kernels.py --dtype float32         # float32 inputs: their tiles and products
     python benchmarks/compile_kernels.py --odd-length            # T not a multiple of 16 (a prompt of any length)
+    python benchmarks/compile_kernels.py --documents             # rows that pack documents (retention's starts)
 
 For each kernel and each launch configuration it is tuned over (warps, stages): registers per thread,
 stack bytes (non-zero means spills to local memory), shared memory, whether the matrix products became
@@ -51,6 +52,8 @@ def signature(kernel, constexprs: dict, data: str) -> dict:
             types[name] = "fp32"
         elif name == "offset":
             types[name] = "*i64"
+        elif name == "docs":
+            types[name] = "*i32"
         else:
             types[name] = "*fp32" if name in FLOAT32_POINTERS else data
     return types
@@ -86,6 +89,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=64, help="tokens per chunk (a power of two)")
     p.add_argument("--dtype", choices=list(DATA_TYPES), default="bfloat16", help="of q, k, v and the gradients")
     p.add_argument("--odd-length", action="store_true", help="T not a multiple of 16: its loads along T unaligned")
+    p.add_argument("--documents", action="store_true", help="rows that pack documents (the kernels read docs)")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
     import torch
@@ -106,7 +110,7 @@ def main() -> None:
     for Dk, Dv in (map(int, dims.split("x")) for dims in args.dims):
         # the tiles and dot precision the library picks for this dtype, at the chunk asked for
         q, v = (torch.empty(1, args.chunk, D, dtype=getattr(torch, args.dtype), device="meta") for D in (Dk, Dv))
-        tiles = {**Tiling.of(q, v, torch.empty(1), args.chunk).meta, "BC": args.chunk}
+        tiles = {**Tiling.of(q, v, torch.empty(1), args.chunk, args.documents).meta, "BC": args.chunk}
         step = dict(Dk=Dk, Dv=Dv, BK=triton.next_power_of_2(Dk), BV=STEP_BV)
         kernels = [
             (chunk_state_kernel, {**tiles, "HAS_S0": True}),

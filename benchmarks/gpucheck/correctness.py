@@ -107,23 +107,25 @@ def run(part: Part) -> None:
 
     failed: list[Case] = []  # the chunkwise cases that failed a check or raised
 
-    def kernels(dtype: torch.dtype, dk: int, dv: int, normalize: bool, dry_each_launch: bool = False) -> tuple:
+    def kernels(
+        dtype: torch.dtype, dk: int, dv: int, normalize: bool, dry_each_launch: bool = False, documents: bool = False
+    ) -> tuple:
         """A chunkwise item. On a GPU each launch runs alone first (it costs no compile the tuner would not do, and
         a launch that faults in a case tuned first is not known by name); the dry run does so where asked."""
-        case = Case(NAME[dtype], dk, dv, normalize)
+        case = Case(NAME[dtype], dk, dv, normalize, documents)
         each_launch = dry_each_launch or not part.dry_run
 
         def check() -> None:
             before = len(part.checks)
             try:
-                chunkwise(part, s, dtype, dk, dv, normalize, each_launch)
+                chunkwise(part, s, dtype, dk, dv, normalize, each_launch, documents)
             except Exception:
                 failed.append(case)
                 raise
             if not all(c["ok"] for c in part.checks[before:]):
                 failed.append(case)
 
-        return 15 + 5 * each_launch, f"chunkwise {case.dtype} dk {dk} dv {dv}", check
+        return 15 + 5 * each_launch, f"chunkwise {case.dtype} dk {dk} dv {dv}{', packed' * documents}", check
 
     def decode(dtype: torch.dtype, dk: int, dv: int, normalize: bool) -> tuple:
         return 5, f"decode step {NAME[dtype]} dk {dk} dv {dv}", partial(decode_step, part, s, dtype, dk, dv, normalize)
@@ -139,6 +141,7 @@ def run(part: Part) -> None:
         (10, "model forms bf16", partial(model_forms, part, s)),
         (10, "model training step, bf16 autocast", partial(model_step, part, s, compiled=False)),
         kernels(fp32, 128, 256, True),
+        kernels(bf16, 128, 256, True, documents=True),  # packed documents: the kernels compiled with HAS_DOCS
         (10, "model generate", partial(model_generate, part, s)),
         (30, "model generate, compiled decoding", partial(model_generate, part, s, "compiled")),
         decode(fp32, 128, 256, True),
@@ -153,7 +156,8 @@ def run(part: Part) -> None:
         (60, "model generate, aot decoding", partial(model_generate, part, s, "aot")),
     ]
     if CASES_ENV in os.environ:  # a child under another ptxas (retry_under): these chunkwise cases alone
-        items = [kernels(DTYPE[c.dtype], c.dk, c.dv, c.normalize, True) for c in map(Case._make, cases_from_env())]
+        cases = map(Case._make, cases_from_env())
+        items = [kernels(DTYPE[c.dtype], c.dk, c.dv, c.normalize, True, c.documents) for c in cases]
     elif part.dry_run:
         part.notes.append("dry run: poisoning does nothing on the CPU, whose allocator hands memory back to the system")
     for reserve, where, check in items:
@@ -181,6 +185,7 @@ class Case(NamedTuple):
     dk: int
     dv: int
     normalize: bool
+    documents: bool  # rows that pack documents (retention's starts)
 
 
 def cases_from_env() -> list[list]:
@@ -218,8 +223,10 @@ def retry_under(part: Part, ptxas: Path, cases: list[Case]) -> None:
     seconds = part.time_left() - 15
     cmd = [sys.executable, str(CHECK), "--part", "correctness", "--seconds", str(seconds), "--out", str(out)]
     cmd += ["--dry-run"] if part.dry_run else []
-    part.notes.append(f"chunkwise cases failed under Triton's own ptxas; run again under the toolkit's, {version}: "
-                      f"{', '.join(f'{c.dtype} dk {c.dk} dv {c.dv}' for c in cases)}")  # fmt: skip
+    names = ", ".join(f"{c.dtype} dk {c.dk} dv {c.dv}" + " packed" * c.documents for c in cases)
+    part.notes.append(
+        f"chunkwise cases failed under Triton's own ptxas; run again under the toolkit's, {version}: {names}"
+    )
     free_cuda()
     try:
         subprocess.run(cmd, env=env, timeout=seconds + 10, check=False, stdout=subprocess.DEVNULL)
@@ -281,11 +288,24 @@ def poison(device: str, limit: int = POISON_BYTES) -> None:
 
 
 def chunkwise(
-    part: Part, s: Sizes, dtype: torch.dtype, dk: int, dv: int, normalize: bool, each_launch: bool = False
+    part: Part,
+    s: Sizes,
+    dtype: torch.dtype,
+    dk: int,
+    dv: int,
+    normalize: bool,
+    each_launch: bool = False,
+    documents: bool = False,
 ) -> None:
     """The chunkwise kernels forward and backward through a carried state, against float64; ``each_launch``: also
-    under each launch of LAUNCHES, every kernel pinned to it (one check each: the worst of the eight outputs)."""
+    under each launch of LAUNCHES, every kernel pinned to it (one check each: the worst of the eight outputs);
+    ``documents``: rows that pack documents, starting at random (about one token in 40), on a chunk's first token,
+    and one of a single token."""
     dev, B, H, T = part.device, s.batch, s.heads, s.tokens
+    starts = None
+    if documents:
+        starts = torch.rand(B, T, device=dev) < 1 / 40
+        starts[0, [s.chunk, s.chunk + 5, s.chunk + 6]] = True
     dk, dv = dk // s.shrink, dv // s.shrink
     inputs = [torch.randn(B, H, T, d, device=dev).to(dtype) for d in (dk, dk, dv)]  # q, k (B, H, T, dk), v
     inputs += [torch.randn(B, H, dk, dv, device=dev), torch.randn(B, H, dk, device=dev)]  # S0, z0 float32
@@ -298,7 +318,8 @@ def chunkwise(
     def forward(tensors: list[Tensor], backend: str) -> tuple[list[Tensor], list[Tensor]]:
         """Leaves (q, k, v, S0, z0) and outputs (o, S, z)."""
         q, k, v, S0, z0 = leaves = [t.detach().requires_grad_() for t in tensors]
-        o, state = retention(q, k, v, "retnet", state=RetentionState(S0, z0, offset), backend=backend, **kw)
+        state = RetentionState(S0, z0, offset)
+        o, state = retention(q, k, v, "retnet", state=state, starts=starts, backend=backend, **kw)
         return leaves, [o, state.S, state.z]
 
     def backward(leaves: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
@@ -317,6 +338,7 @@ def chunkwise(
     want += backward(leaves, want)
     names = ("o", "S", "z", "dq", "dk", "dv", "dS0", "dz0")
     label = f"{NAME[dtype]} dk {dk} dv {dv}, B {B} T {T} chunk {s.chunk}, norms {'on' if normalize else 'off'}"
+    label += ", packed documents" * documents
     # each launch alone before the tuner tries them all, so that one that faults is known by name
     for warps, stages in LAUNCHES if each_launch else ():
         what = f"chunkwise pinned to num_warps={warps}, num_stages={stages}, worst of {', '.join(names)}: {label}"

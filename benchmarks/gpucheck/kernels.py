@@ -309,40 +309,40 @@ def kernel_breakdown(part: Part, ceilings: Ceilings) -> None:
         v = torch.randn(B * H, T, Dv, device=part.device, generator=gen).bfloat16()
         log_g = log_gamma("retnet", H).to(part.device, torch.float32)
         t = Tiling.of(q, v, log_g, CHUNK)
-        h, hz, _, _ = chunk_states(k, v, log_g, None, None, t)
+        h, hz, _, _ = chunk_states(k, v, log_g, None, None, log_g, t)  # no documents: docs never read
         dS, dz = torch.zeros(t.BH, Dk, Dv, device=part.device), torch.zeros(t.BH, Dk, device=part.device)
-        dh, dhz, _, _ = chunk_state_grads(q, do, do, log_g, dS, dz, t, False)  # without row sums dr is never read
+        dh, dhz, _, _ = chunk_state_grads(q, do, do, log_g, dS, dz, log_g, t, False)  # without row sums: dr unread
         N, C, nK, nV = B * H * T, t.chunk, -(-Dk // t.BK), -(-Dv // t.BV)  # tiles: ceil
         tokens, states = 2 * N, 2 * B * H * t.NT * Dk * Dv  # bytes of one feature of every token; of h or dh
 
         kernels = [  # (name, launch, bytes, FLOPs)
             (
                 "chunk_state",
-                lambda: chunk_states(k, v, log_g, None, None, t),
+                lambda: chunk_states(k, v, log_g, None, None, log_g, t),
                 tokens * (Dk + Dv) + states,
                 2 * N * Dk * Dv,
             ),
             (
                 "chunk_output",
-                lambda: chunk_output(q, k, v, h, hz, log_g, t, False),
+                lambda: chunk_output(q, k, v, h, hz, log_g, log_g, t, False),
                 tokens * (2 * Dk + 2 * Dv) + states,
                 2 * N * C * (Dk * nV + Dv) + 2 * N * Dk * Dv,
             ),
             (
                 "chunk_state_grad",
-                lambda: chunk_state_grads(q, do, do, log_g, dS, dz, t, False),
+                lambda: chunk_state_grads(q, do, do, log_g, dS, dz, log_g, t, False),
                 tokens * (Dk + Dv) + states,
                 2 * N * Dk * Dv,
             ),
             (
                 "chunk_grad_qk",
-                lambda: chunk_grad_qk(q, k, v, h, hz, do, do, dh, dhz, log_g, t, False),
+                lambda: chunk_grad_qk(q, k, v, h, hz, do, do, dh, dhz, log_g, log_g, t, False),
                 tokens * (4 * Dk + 2 * Dv) + 2 * states,
                 2 * N * C * (Dv * nK + 2 * Dk) + 4 * N * Dk * Dv,
             ),
             (
                 "chunk_grad_v",
-                lambda: chunk_grad_v(q, k, v, do, dh, log_g, t),
+                lambda: chunk_grad_v(q, k, v, do, dh, log_g, log_g, t),
                 tokens * (2 * Dk + 2 * Dv) + states,
                 2 * N * C * (Dk * nV + Dv) + 2 * N * Dk * Dv,
             ),

@@ -86,7 +86,7 @@ def test_failed_kernel_cases_run_again_under_another_ptxas(tmp_path, monkeypatch
     from retentive.ops.triton.common import LAUNCHES
 
     part = Part("correctness", tmp_path, dry_run=True, deadline=time.monotonic() + 300)
-    correctness.retry_under(part, ptxas, [correctness.Case("bf16", 64, 64, False)])
+    correctness.retry_under(part, ptxas, [correctness.Case("bf16", 64, 64, False, False)])
     marked = [c for c in part.checks if c["what"].startswith("ptxas ")]
     assert marked, part.notes
     assert all(c["ok"] and "bf16 dk 16 dv 16" in c["what"] for c in marked), marked  # the dry run's dk 64 / 4

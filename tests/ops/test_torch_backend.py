@@ -86,14 +86,17 @@ def test_scan_states_is_the_reference_scan_both_ways(N, H, reverse):
     g = torch.Generator().manual_seed(N * 7 + H)
     kv, ks = torch.randn(2, H, N, 3, 4, generator=g, dtype=F64), torch.randn(2, H, N, 3, generator=g, dtype=F64)
     S, z = torch.randn(2, H, 3, 4, generator=g, dtype=F64), torch.randn(2, H, 3, generator=g, dtype=F64)
-    g_chunk = torch.rand(H, 1, generator=g, dtype=F64)
     flip = (lambda x: x.flip(2)) if reverse else (lambda x: x)
-    S_in, z_in, S_end, z_end = reference.scan_chunks(flip(kv), flip(ks), g_chunk, S, z)
-    for got, want in (
-        (torch_backend.scan_states(kv, S, g_chunk[..., None], reverse=reverse), (flip(S_in), S_end)),
-        (torch_backend.scan_states(ks, z, g_chunk, reverse=reverse), (flip(z_in), z_end)),
-    ):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    per_head = torch.rand(H, 1, generator=g, dtype=F64)  # gamma^C
+    per_chunk = torch.rand(2, H, N, generator=g, dtype=F64) * (torch.rand(2, 1, N, generator=g) < 0.7)  # documents
+    for g_chunk in (per_head, per_chunk):
+        in_order = flip(g_chunk) if g_chunk.dim() == 3 else g_chunk
+        S_in, z_in, S_end, z_end = reference.scan_chunks(flip(kv), flip(ks), in_order, S, z)
+        for got, want in (
+            (torch_backend.scan_states(kv, S, g_chunk, reverse=reverse), (flip(S_in), S_end)),
+            (torch_backend.scan_states(ks, z, g_chunk, reverse=reverse), (flip(z_in), z_end)),
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_output_alone_skips_the_key_sum_and_agrees():

@@ -14,6 +14,7 @@ from ..ops import (
     RetentionState,
     apply_rotary,
     decode_step,
+    document_positions,
     log_gamma,
     retention,
     rotary_phase,
@@ -201,6 +202,7 @@ class MultiScaleRetention(nn.Module):
         form: Form | None = None,
         state: RetentionState | None = None,
         padding_mask: Tensor | None = None,
+        starts: Tensor | None = None,
         rotary: Tensor | None = None,
         return_state: bool = False,
         **form_kwargs: Any,
@@ -211,9 +213,10 @@ class MultiScaleRetention(nn.Module):
         ``form_args`` and ``form_kwargs``: the seed repository's ``attn_mask, num_chunks, normalize_attn,
         normalize_retn`` (in this order) and ``mode``, ``chunk_size``. ``padding_mask`` (B, T), True on real
         tokens, marks left padding: padded tokens add nothing to the state and each row's first real token sits
-        at position 0. ``rotary`` (B, 1, T, Dk/2): the rotation e^(i n theta) of these positions, when a caller
-        shares it across layers (see :func:`positions_of`). Returns y (B, T, d), and the new state if
-        ``return_state``.
+        at position 0. ``starts`` (B, T) bool marks the first token of each document packed into a row: a
+        document reads nothing from before its start, and its positions count from 0 there (causal forms only).
+        ``rotary`` (B, 1, T, Dk/2): the rotation e^(i n theta) of these positions, when a caller shares it across
+        layers (see :func:`positions_of`). Returns y (B, T, d), and the new state if ``return_state``.
         """
         form = Form.resolve(x, *form_args, **form_kwargs) if form is None else form
         B, T, _ = x.shape
@@ -226,8 +229,9 @@ class MultiScaleRetention(nn.Module):
         q, k = (t.view(B, T, H, Dk).transpose(1, 2) for t in (q, k))  # (B, H, T, Dk)
         v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, Dv)
         if self.rotary:
-            phase = self.rotary_phase(positions_of(x, state, padding_mask), x.dtype) if rotary is None else rotary
-            q, k = (apply_rotary(t, phase, self.rotary_layout) for t in (q, k))  # phase: (B, 1, T, Dk/2)
+            if rotary is None:
+                rotary = self.rotary_phase(positions_of(x, state, padding_mask, starts), x.dtype)
+            q, k = (apply_rotary(t, rotary, self.rotary_layout) for t in (q, k))  # rotary: (B, 1, T, Dk/2)
         if padding_mask is not None:
             keep = padding_mask[:, None, :, None].to(x.dtype)  # (B, 1, T, 1)
             k, v = k * keep, v * keep
@@ -243,6 +247,7 @@ class MultiScaleRetention(nn.Module):
             causal=form.causal,
             **form.normalizations(self.normalize_decay, self.normalize_retention),
             output_state=return_state,
+            starts=starts,
         )
         y = self.head_norm.gated(o, g, self.gate_fn)  # (B, T, H * Dv)
         y = self.out_proj(y)  # (B, T, d)
@@ -279,16 +284,21 @@ class MultiScaleRetention(nn.Module):
         return self.out_proj(y), state
 
 
-def positions_of(x: Tensor, state: RetentionState | None, padding_mask: Tensor | None) -> Tensor:
-    """Absolute positions (B, T) of the tokens of ``x`` (B, T, d): after the state, or after the left padding."""
+def positions_of(
+    x: Tensor, state: RetentionState | None, padding_mask: Tensor | None, starts: Tensor | None = None
+) -> Tensor:
+    """Absolute positions (B, T) of the tokens of ``x`` (B, T, d): after the state, or after the left padding; with
+    ``starts`` (B, T) bool, from 0 at each packed document's first token."""
     B, T, _ = x.shape
     if state is not None:
-        offset = state.offset[:, None]
+        offset = state.offset
     elif padding_mask is not None:
-        offset = -left_padding(padding_mask, T)[:, None]
+        offset = -left_padding(padding_mask, T)
     else:
-        offset = 0
-    return (offset + torch.arange(T, device=x.device)).expand(B, T)
+        offset = torch.zeros(B, dtype=torch.long, device=x.device)
+    if starts is not None:
+        return document_positions(starts, offset)
+    return (offset[:, None] + torch.arange(T, device=x.device)).expand(B, T)
 
 
 def left_padding(padding_mask: Tensor, length: int) -> Tensor:

@@ -203,7 +203,8 @@ class RetNetModel(RetNetPreTrainedModel):
                 None follows ``config.output_hidden_states``.
             position_ids (keyword): (B, T) positions that restart at 0 where a packed document starts (transformers'
                 ``DataCollatorWithFlattening``): each document is read as if it had a row of its own, no state
-                crossing into the next; without a cache only (:func:`packed_documents`).
+                crossing into the next, at the cost of its own tokens (retention's ``starts``); without a cache
+                only (:func:`packed_documents`).
         Returns:
             BaseModelOutputWithPast with last_hidden_state (B, T, d) (or (B, hidden_to_keep, d)), the cache (or
             None) and hidden_states (or None): num_layers + 1 tensors (B, T, d), the embeddings first and the final
@@ -241,12 +242,10 @@ class RetNetModel(RetNetPreTrainedModel):
         keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if packed:  # use_cache is False: no states
-            x, hidden = self._run_documents(input_ids, position_ids, mode, chunk_size, keep, output_hidden_states)
-        else:
-            x, states, hidden = self._run(
-                input_ids, states, padding_mask, mode, chunk_size, use_cache, keep, output_hidden_states
-            )
+        starts = position_ids == 0 if packed else None  # (B, T): where each packed document starts
+        x, states, hidden = self._run(
+            input_ids, states, padding_mask, mode, chunk_size, use_cache, keep, output_hidden_states, starts
+        )
         if use_cache:
             cache = RetNetCache() if cache is None else cache
             cache.update_states(states, T)
@@ -268,10 +267,12 @@ class RetNetModel(RetNetPreTrainedModel):
         use_cache: bool,
         keep: int,
         output_hidden_states: bool = False,
+        starts: Tensor | None = None,
     ) -> tuple[Tensor, list[RetentionState] | None, tuple[Tensor, ...] | None]:
         """The backbone over ``input_ids`` (B, T): the last ``keep`` hidden states (B, keep, d), the new states
         (None without ``use_cache``) and, with ``output_hidden_states``, every block's input and the final output
-        (each (B, T, d)). A cache is filled ``config.prefill_chunk`` tokens at a time."""
+        (each (B, T, d)). ``starts`` (B, T) bool marks the first token of each packed document. A cache is filled
+        ``config.prefill_chunk`` tokens at a time."""
         B, T = input_ids.shape
         piece = T  # tokens per call of the backbone
         if use_cache and mode != "parallel":  # the state carries everything between pieces
@@ -290,6 +291,7 @@ class RetNetModel(RetNetPreTrainedModel):
                 chunk_size=chunk_size,
                 state=states,
                 padding_mask=None if padding_mask is None else padding_mask[:, start:end],
+                starts=None if starts is None else starts[:, start:end],
                 return_state=use_cache,
                 hidden_states=inputs,
             )
@@ -302,25 +304,6 @@ class RetNetModel(RetNetPreTrainedModel):
         x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, keep, d)
         hidden = tuple(p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in zip(*layers, strict=True)) or None
         return x, states if use_cache else None, hidden
-
-    def _run_documents(
-        self, input_ids: Tensor, position_ids: Tensor, mode: str, chunk_size: int, keep: int, output_hidden_states: bool
-    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        """The backbone over rows that pack several documents (:func:`packed_documents`): each document runs as a
-        row of its own, right-padded to the longest, so that no state crosses from one document into the next.
-        Returns the last ``keep`` hidden states (B, keep, d) and, with ``output_hidden_states``, every block's input
-        and the final output (each (B, T, d))."""
-        B, T = input_ids.shape
-        positions = position_ids.flatten().long()  # (B * T,)
-        document = (positions == 0).cumsum(0) - 1  # (B * T,): the document of each token, in reading order
-        rows = input_ids.new_zeros(int(document[-1]) + 1, int(positions.max()) + 1)  # (documents, longest)
-        rows[document, positions] = input_ids.flatten()  # no token of a document reads the padding after it
-        x, _, hidden = self._run(rows, None, None, mode, chunk_size, False, rows.shape[1], output_hidden_states)
-
-        def packed(h: Tensor) -> Tensor:  # (documents, longest, d) -> (B, T, d)
-            return h[document, positions].view(B, T, -1)
-
-        return packed(x)[:, T - keep :], None if hidden is None else tuple(map(packed, hidden))
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, d): the embedding, scaled by sqrt(d) and normalized where the config says."""

@@ -110,6 +110,7 @@ class RetNet(CheckpointedBlocks, nn.Module):
         *form_args: Any,
         state: list[RetentionState] | None = None,
         padding_mask: Tensor | None = None,
+        starts: Tensor | None = None,
         return_state: bool = False,
         hidden_states: list[Tensor] | None = None,
         **form_kwargs: Any,
@@ -121,19 +122,20 @@ class RetNet(CheckpointedBlocks, nn.Module):
         The form is resolved here, once for every block, by :meth:`Form.resolve` from ``form_args`` and
         ``form_kwargs``: the seed repository's ``attn_mask, num_chunks, normalize_attn, normalize_retn`` (in this
         order; ``num_chunks=k`` is the chunkwise form) and ``mode``, ``chunk_size``. ``state`` continues a stream,
-        one entry per block. One token after a state, without gradients, takes :meth:`decode_step`.
+        one entry per block. ``starts`` (B, T) bool marks the first token of each document packed into a row
+        (:meth:`MultiScaleRetention.forward`). One token after a state, without gradients, takes :meth:`decode_step`.
         """
         form = Form.resolve(x, *form_args, **form_kwargs)
         if state is not None and len(state) != self.num_layers:
             raise ValueError(f"state must hold one RetentionState per block ({self.num_layers}), got {len(state)}")
         decoding = form.steps_one_token(x) and state is not None and return_state and padding_mask is None
-        decoding = decoding and hidden_states is None
+        decoding = decoding and hidden_states is None and starts is None
         if decoding and not (self.training or torch.is_grad_enabled()):
             return self.decode_step(x, state)
         first = self.blocks[0].retention
         rotary = None
         if first.rotary:  # every layer rotates the same positions: form the phases once
-            rotary = first.rotary_phase(positions_of(x, state and state[0], padding_mask), x.dtype)
+            rotary = first.rotary_phase(positions_of(x, state and state[0], padding_mask, starts), x.dtype)
         new_state = []
         for i, block in enumerate(self.blocks):
             if hidden_states is not None:
@@ -145,6 +147,7 @@ class RetNet(CheckpointedBlocks, nn.Module):
                 form=form,
                 state=None if state is None else state[i],
                 padding_mask=padding_mask,
+                starts=starts,
                 rotary=rotary,
                 return_state=return_state,
             )

@@ -10,7 +10,7 @@ from .decay2d import log_decay_1d, manhattan_log_decay, rmt_log_gamma
 from .masa import decomposed_manhattan_attention, manhattan_attention
 from .retention import BACKENDS, CHUNK_SIZE, MODES, check_chunk_size, decode_step, retention
 from .rotary import ROTARY_ANGLES, ROTARY_LAYOUTS, apply_rotary, rotary_angles, rotary_phase
-from .state import RetentionState
+from .state import RetentionState, document_positions
 
 __all__ = [
     "BACKENDS",
@@ -25,6 +25,7 @@ __all__ = [
     "decay_sum",
     "decode_step",
     "decomposed_manhattan_attention",
+    "document_positions",
     "gamma_schedule",
     "linear_cross_entropy",
     "log_decay_1d",

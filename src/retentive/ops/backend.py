@@ -33,7 +33,9 @@ class RetentionBackend(Protocol):
     """The forms of retention a backend provides (a module: :mod:`.torch_backend`, :mod:`.triton`).
 
     Common arguments: q, k (B, H, T, Dk) rotated; v (B, H, T, Dv), one dtype; log_g (H,) log gamma in the
-    state's dtype; S (B, H, Dk, Dv) and z (B, H, Dk) the incoming state, or both None to start from zeros.
+    state's dtype; S (B, H, Dk, Dv) and z (B, H, Dk) the incoming state, or both None to start from zeros;
+    ``starts`` (B, T) bool, True on the first token of each packed document (docs/math.md, Packed documents): no
+    token reads a token, or the incoming state, from before the start of its document. None: one document.
     """
 
     def chunkwise(
@@ -48,6 +50,7 @@ class RetentionBackend(Protocol):
         chunk_size: int,
         with_rowsum: bool,
         scale: float = 1.0,
+        starts: Tensor | None = None,
     ) -> Pieces:
         """Chunks of ``chunk_size`` tokens (>= 1, need not divide T); the parallel form is chunk_size >= T.
 
@@ -67,6 +70,7 @@ class RetentionBackend(Protocol):
         *,
         with_rowsum: bool,
         scale: float = 1.0,
+        starts: Tensor | None = None,
     ) -> Pieces:
         """The recurrence S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n, z_n = gamma z_{n-1} + k_n, r_n = q_n . z_n,
         differentiable; arguments and return as :meth:`chunkwise`."""
@@ -100,10 +104,10 @@ class RetentionBackend(Protocol):
 def chunkwise_from(pieces: Callable[..., tuple]) -> Callable[..., Pieces]:
     """:meth:`RetentionBackend.chunkwise` from ``pieces``, which computes N equal chunks at once.
 
-    ``pieces(q, k, v, log_g, S, z, with_rowsum, scale)`` takes q, k (B, H, N, C, Dk), v (B, H, N, C, Dv) and
-    returns (o (B, H, N, C, Dv), r (B, H, N, C) or None, S, z): the PyTorch forms, with autograd or a hand-written
-    backward. The chunkwise form runs the full chunks in one call, then the shorter last one (no padding), the
-    state carried from one to the other.
+    ``pieces(q, k, v, log_g, S, z, with_rowsum, scale, starts)`` takes q, k (B, H, N, C, Dk), v (B, H, N, C, Dv),
+    starts (B, N, C) or None, and returns (o (B, H, N, C, Dv), r (B, H, N, C) or None, S, z): the PyTorch forms,
+    with autograd or a hand-written backward. The chunkwise form runs the full chunks in one call, then the shorter
+    last one (no padding), the state carried from one to the other.
     """
 
     def chunkwise(
@@ -117,6 +121,7 @@ def chunkwise_from(pieces: Callable[..., tuple]) -> Callable[..., Pieces]:
         chunk_size: int,
         with_rowsum: bool,
         scale: float = 1.0,
+        starts: Tensor | None = None,
     ) -> Pieces:
         """See :meth:`RetentionBackend.chunkwise`."""
         T = q.shape[-2]
@@ -127,7 +132,8 @@ def chunkwise_from(pieces: Callable[..., tuple]) -> Callable[..., Pieces]:
             if end == start:
                 continue
             q_, k_, v_ = (x[:, :, start:end].unflatten(2, (n, -1)) for x in (q, k, v))  # (B, H, n, C', D)
-            p = Pieces(*pieces(q_, k_, v_, log_g, S, z, with_rowsum, scale))
+            starts_ = None if starts is None else starts[:, start:end].unflatten(1, (n, -1))  # (B, n, C')
+            p = Pieces(*pieces(q_, k_, v_, log_g, S, z, with_rowsum, scale, starts_))
             S, z = p.S, p.z
             outs.append(p)
         o = _concat_time([p.o.flatten(2, 3) for p in outs])

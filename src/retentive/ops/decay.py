@@ -100,12 +100,13 @@ def causal_decay_matrix(log_g: Tensor, length: int) -> Tensor:
 
 
 class ChunkDecay(NamedTuple):
-    """The decay factors of one chunk of C tokens, per head."""
+    """The decay factors of chunks of C tokens: per head, or per row, head and chunk where documents start inside
+    the chunks (:func:`split_documents`)."""
 
-    D: Tensor  # (H, 1, C, C) scale gamma^(j-l) for j >= l, else 0: inside the chunk
-    g_in: Tensor  # (H, 1, C, 1) scale gamma^(j+1): the incoming state -> token j
-    g_out: Tensor  # (H, 1, C, 1) gamma^(C-1-l): token l -> the end of the chunk
-    g_chunk: Tensor  # (H, 1) gamma^C: across one chunk
+    D: Tensor  # (H, 1, C, C) or (B, H, N, C, C) scale gamma^(j-l) for j >= l, else 0: inside the chunk
+    g_in: Tensor  # (H, 1, C, 1) or (B, H, N, C, 1) scale gamma^(j+1): the incoming state -> token j
+    g_out: Tensor  # (H, 1, C, 1) or (B, H, N, C, 1) gamma^(C-1-l): token l -> the end of the chunk
+    g_chunk: Tensor  # (H, 1) or (B, H, N) gamma^C: across one chunk
 
 
 def chunk_decay(log_g: Tensor, C: int, scale: float = 1.0) -> ChunkDecay:
@@ -121,6 +122,26 @@ def chunk_decay(log_g: Tensor, C: int, scale: float = 1.0) -> ChunkDecay:
         decay_powers(log_g, j + 1)[:, None, :, None] * scale,
         decay_powers(log_g, C - 1 - j)[:, None, :, None],
         torch.exp(log_g * C)[:, None],
+    )
+
+
+def split_documents(decay: ChunkDecay, starts: Tensor) -> ChunkDecay:
+    """``decay`` for chunks in which documents may start (docs/math.md, Packed documents): every factor that would
+    carry a token, or the state entering the chunk, across the first token of a document is 0.
+
+    Args:
+        decay: the factors of :func:`chunk_decay`, per head.
+        starts: (B, N, C) bool, True on each token that starts a document.
+    Returns:
+        The factors per row, head and chunk: D (B, H, N, C, C), g_in and g_out (B, H, N, C, 1), g_chunk (B, H, N).
+    """
+    doc = starts.cumsum(-1)[:, None]  # (B, 1, N, C): documents started in the chunk up to each token
+    last = doc[..., -1:]  # (B, 1, N, 1): the chunk's last token's
+    return ChunkDecay(
+        decay.D * (doc[..., :, None] == doc[..., None, :]),  # token l -> token j within one document
+        decay.g_in * (doc == 0)[..., None],  # the state -> tokens before the chunk's first start
+        decay.g_out * (doc == last)[..., None],  # tokens of the document still open at the chunk's end -> the state
+        decay.g_chunk * (last[..., 0] == 0),  # the state -> past a chunk in which no document starts
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backend import Pieces, chunkwise_from
-from .decay import chunk_decay, decay_powers
+from .decay import chunk_decay, decay_powers, split_documents
 
 
 def naive(
@@ -25,14 +25,19 @@ def naive(
     causal: bool = True,
     normalize_decay: bool = False,
     normalize_retention: bool = False,
+    starts: Tensor | None = None,
 ) -> Tensor:
-    """O = (Q K^T ⊙ D̃) V / max(|row sum|, 1), by definition, with no state. Returns (B, H, T, Dv)."""
+    """O = (Q K^T ⊙ D̃) V / max(|row sum|, 1), by definition, with no state. ``starts`` (B, T) bool marks the first
+    token of each packed document: D̃ is 0 between tokens of different documents. Returns (B, H, T, Dv)."""
     T = q.shape[-2]
     idx = torch.arange(T, device=q.device, dtype=q.dtype)
     delta = idx[:, None] - idx[None, :]
     D = decay_powers(log_g, delta.abs())  # (H, T, T)
     if causal:
         D = D * (delta >= 0)
+    if starts is not None:
+        doc = starts.cumsum(-1)  # (B, T): the document of each token
+        D = D * (doc[:, None, :, None] == doc[:, None, None, :])  # (B, H, T, T)
     if normalize_decay:
         D = D / D.sum(-1, keepdim=True).sqrt()
     R = (q @ k.transpose(-1, -2)) * D  # (B, H, T, T)
@@ -42,17 +47,19 @@ def naive(
 
 
 def scan_chunks(kv: Tensor, ks: Tensor, g_chunk: Tensor, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The state entering each chunk: S_(n+1) = gamma^C S_n + kv_n, z_(n+1) = gamma^C z_n + ks_n.
+    """The state entering each chunk: S_(n+1) = g_n S_n + kv_n, z_(n+1) = g_n z_n + ks_n, g_n = gamma^C or 0.
 
-    Args: kv (B, H, N, Dk, Dv), ks (B, H, N, Dk): what each chunk adds; S (B, H, Dk, Dv), z (B, H, Dk): the start.
+    Args: kv (B, H, N, Dk, Dv), ks (B, H, N, Dk): what each chunk adds; g_chunk: the decay across each chunk,
+        broadcastable to (B, H, N); S (B, H, Dk, Dv), z (B, H, Dk): the start.
     Returns: S_in (B, H, N, Dk, Dv), z_in (B, H, N, Dk), and the state after the last chunk.
     """
     S_in, z_in = [], []
-    for kv_i, ks_i in zip(kv.unbind(2), ks.unbind(2), strict=True):  # unbind, not kv[:, :, i]: one backward, not N
+    g = g_chunk.expand(kv.shape[:3]).unbind(2)  # N of (B, H)
+    for kv_i, ks_i, g_i in zip(kv.unbind(2), ks.unbind(2), g, strict=True):  # unbind: one backward, not N
         S_in.append(S)
         z_in.append(z)
-        S = torch.addcmul(kv_i, g_chunk[..., None], S)  # (B, H, Dk, Dv)
-        z = torch.addcmul(ks_i, g_chunk, z)
+        S = torch.addcmul(kv_i, g_i[..., None, None], S)  # (B, H, Dk, Dv)
+        z = torch.addcmul(ks_i, g_i[..., None], z)
     return torch.stack(S_in, dim=2), torch.stack(z_in, dim=2), S, z
 
 
@@ -65,6 +72,7 @@ def chunk_pieces(
     z: Tensor | None,
     with_rowsum: bool,
     scale: float = 1.0,
+    starts: Tensor | None = None,
 ) -> Pieces:
     """Chunkwise recurrent form over N equal chunks at once (the mamba ``ssd_minimal`` way).
 
@@ -72,11 +80,14 @@ def chunk_pieces(
         q, k: (B, H, N, C, Dk); v: (B, H, N, C, Dv): N chunks of C tokens.
         log_g: (H,); S: (B, H, Dk, Dv) and z: (B, H, Dk) the state before the first chunk, or None.
         scale: multiplies every q . k.
+        starts: (B, N, C) bool, True on the first token of each packed document, or None.
     Returns:
         Pieces with o: (B, H, N, C, Dv), r: (B, H, N, C).
     """
     B, H, _, C, Dk = q.shape
     decay = chunk_decay(log_g, C, scale)
+    if starts is not None:
+        decay = split_documents(decay, starts)
 
     # 1. inside each chunk: the parallel form
     A = (q @ k.transpose(-1, -2)) * decay.D  # (B, H, N, C, C)

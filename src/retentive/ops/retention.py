@@ -12,7 +12,7 @@ from torch import Tensor
 from . import torch_backend
 from .backend import Pieces, RetentionBackend
 from .decay import DecaySpec, decay_sum, log_gamma_on
-from .state import RetentionState
+from .state import RetentionState, document_positions
 
 Mode = Literal["parallel", "chunkwise", "recurrent"]
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -42,6 +42,7 @@ def retention(
     normalize_decay: bool = False,
     normalize_retention: bool = False,
     output_state: bool = False,
+    starts: Tensor | None = None,
     backend: Backend = "auto",
 ) -> tuple[Tensor, RetentionState | None]:
     """Multi-scale retention of every head, in any of its three forms; they agree up to rounding.
@@ -60,6 +61,9 @@ def retention(
         causal: False gives bidirectional retention, D_nm = gamma^|n-m| (docs/math.md, Retention, one head); no state.
         scale: multiplies q . k; defaults to Dk^-1/2.
         output_state: also return the state after the last token.
+        starts: (B, T) bool, True on the first token of each document packed into a row (docs/math.md, Packed
+            documents): each document reads nothing from before its start, as if it were a row of its own (its
+            positions count from 0 there), at the cost of one row of its length. Causal only.
         backend: ``"torch"`` (plain PyTorch, :mod:`.torch_backend`, with a hand-written chunkwise backward that
             stores only q, k, v and the chunk states), ``"triton"`` (fused kernels, CUDA tensors or
             TRITON_INTERPRET=1) or ``"auto"``: the kernels for CUDA tensors when triton imports, PyTorch elsewhere.
@@ -67,10 +71,10 @@ def retention(
         o: (B, H, T, Dv) in the dtype of v.
         state: the new :class:`RetentionState` (S, z in float32, or float64 for float64 inputs), or None.
     """
-    _check(q, k, v, mode, chunk_size, state, causal)
+    _check(q, k, v, mode, chunk_size, state, causal, starts)
     B, H, T, Dk = q.shape
     scale = Dk**-0.5 if scale is None else scale
-    if _is_decode_token(mode, causal, q, k, v, state):
+    if starts is None and _is_decode_token(mode, causal, q, k, v, state):
         kw = dict(normalize_decay=normalize_decay, normalize_retention=normalize_retention, output_state=output_state)
         return decode_step(q, k, v, decay, state, scale=scale, backend=backend, **kw)
     forms = _forms(backend, q)
@@ -80,17 +84,21 @@ def retention(
     q, k, v = q.to(work), k.to(work), v.to(work)  # no copies when they are already there
     S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
     offset = q.new_zeros(B, dtype=torch.long) if state is None else state.offset  # (B,)
+    if starts is None:
+        positions = offset[:, None] + torch.arange(T, device=q.device)  # (B, T)
+    else:
+        positions = document_positions(starts, offset)
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> Pieces:
+        kw = dict(with_rowsum=normalize_retention, scale=scale, starts=starts)
         if mode == "recurrent":
-            return forms.recurrent(q, k, v, log_g, S, z, with_rowsum=normalize_retention, scale=scale)
-        size = T if mode == "parallel" else chunk_size
-        return forms.chunkwise(q, k, v, log_g, S, z, chunk_size=size, with_rowsum=normalize_retention, scale=scale)
+            return forms.recurrent(q, k, v, log_g, S, z, **kw)
+        return forms.chunkwise(q, k, v, log_g, S, z, chunk_size=T if mode == "parallel" else chunk_size, **kw)
 
     p = run(q, k, v)
     o, r, c = p.o, p.r, None
     if normalize_decay:
-        c = decay_sum(log_g, offset[:, None] + torch.arange(T, device=q.device))  # (B, H, T)
+        c = decay_sum(log_g, positions)  # (B, H, T)
     if not causal:  # forward pass + backward pass - the diagonal counted twice
         back = run(q.flip(2), k.flip(2), v.flip(2))
         qk = (q * k).sum(-1) * scale  # (B, H, T)
@@ -103,7 +111,7 @@ def retention(
         r = r / c.sqrt() if normalize_retention else None
     if normalize_retention:
         o = o / r.abs().clamp(min=1)[..., None]
-    new_state = RetentionState(p.S, p.z, offset + T) if output_state and causal else None
+    new_state = RetentionState(p.S, p.z, positions[:, -1] + 1) if output_state and causal else None
     return o.to(out_dtype), new_state
 
 
@@ -174,7 +182,14 @@ def _kernels() -> RetentionBackend | None:
 
 
 def _check(
-    q: Tensor, k: Tensor, v: Tensor, mode: str, chunk_size: int, state: RetentionState | None, causal: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mode: str,
+    chunk_size: int,
+    state: RetentionState | None,
+    causal: bool,
+    starts: Tensor | None,
 ) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -195,3 +210,12 @@ def _check(
         if not causal:
             raise ValueError("bidirectional retention (causal=False) carries no state: pass state=None")
         state.check(q.shape[0], q.shape[1], q.shape[3], v.shape[3])
+    if starts is not None:
+        B, _, T, _ = q.shape
+        if not isinstance(starts, Tensor) or starts.dtype != torch.bool or starts.shape != (B, T):
+            got = f"{starts.dtype} {tuple(starts.shape)}" if isinstance(starts, Tensor) else type(starts).__name__
+            raise ValueError(f"starts must be a (batch, length) = ({B}, {T}) bool tensor, got {got}")
+        if not causal:
+            raise ValueError("starts (packed documents) needs causal retention: pass causal=True or starts=None")
+        if starts.device != q.device:
+            raise ValueError(f"starts must be on q's device ({q.device}), got {starts.device}")

@@ -67,5 +67,14 @@ class RetentionState:
             raise TypeError(f"state S and z must share one floating dtype, got {self.S.dtype} and {self.z.dtype}")
 
 
+def document_positions(starts: Tensor, offset: Tensor) -> Tensor:
+    """The position of every token in its document, (B, T), for ``starts`` (B, T) bool, True on each token that
+    starts a document: counted from 0 at the last start at or before it, and for the tokens before a row's first
+    start (which continue the document of the state) from the row's ``offset`` (B,)."""
+    idx = torch.arange(starts.shape[-1], device=starts.device)
+    last_start = torch.where(starts, idx, -1).cummax(-1).values  # (B, T), -1 before the first start
+    return torch.where(last_start >= 0, idx - last_start, offset[:, None] + idx)
+
+
 # a pytree of its three tensors: torch.export, torch.compile and tree_map see through it (state in, state out)
 torch.export.register_dataclass(RetentionState, serialized_type_name=f"{__name__}.RetentionState")

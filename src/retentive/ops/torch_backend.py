@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .backend import Pieces, chunkwise_from
-from .decay import chunk_decay, decay_sum
+from .decay import ChunkDecay, chunk_decay, decay_sum, split_documents
 from .state import RetentionState
 
 __all__ = ["chunkwise", "decode_step", "recurrent"]
@@ -62,18 +62,19 @@ def without_autocast(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def scan_states(x: Tensor, s: Tensor, g: Tensor, *, reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """s_(n+1) = g s_n + x_n from s_0 = ``s``: the states entering each step (B, H, N, ...) and the one after
+    """s_(n+1) = g_n s_n + x_n from s_0 = ``s``: the states entering each step (B, H, N, ...) and the one after
     the last; ``reverse`` runs from n = N-1 down to 0. :func:`~retentive.ops.reference.scan_chunks` without
     autograd: each state is written in place into one buffer (no list to stack), and the backward scan needs no
     flips.
-    Args: x (B, H, N, *F); s (B, H, *F); g (H, 1, ...) broadcasting over F.
+    Args: x (B, H, N, *F); s (B, H, *F); g the decay across each step, broadcastable to (B, H, N).
     """
+    g = g.expand(x.shape[:3])[(...,) + (None,) * (x.dim() - 3)]  # (B, H, N, 1, ...): broadcasts over F
     states = torch.empty_like(x)
     order = range(x.shape[2] - 1, -1, -1) if reverse else range(x.shape[2])
     states[:, :, order[0]] = s
     for n, after in itertools.pairwise(order):
-        torch.addcmul(x[:, :, n], g, states[:, :, n], out=states[:, :, after])
-    return states, torch.addcmul(x[:, :, order[-1]], g, states[:, :, order[-1]])
+        torch.addcmul(x[:, :, n], g[:, :, n], states[:, :, n], out=states[:, :, after])
+    return states, torch.addcmul(x[:, :, order[-1]], g[:, :, order[-1]], states[:, :, order[-1]])
 
 
 def _add_product(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -91,12 +92,12 @@ class TorchChunkRetention(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, q, k, v, log_g, S, z, with_rowsum, scale):
+    def forward(ctx, q, k, v, log_g, S, z, with_rowsum, scale, starts):
         # every product below is batched over (B, H, N): with each head's rows contiguous it runs on views; the
         # projections hand over token-major views, which matmul would copy again at each of the ten products
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, _, C, Dk = q.shape
-        decay = chunk_decay(log_g, C, scale)  # D and g_in carry the scale
+        decay = _decay(log_g, C, scale, starts)
 
         A = (q @ k.transpose(-1, -2)).mul_(decay.D)  # (B, H, N, C, C): inside each chunk, the parallel form
         o = A @ v  # (B, H, N, C, Dv)
@@ -106,7 +107,7 @@ class TorchChunkRetention(torch.autograd.Function):
         k_out = k * decay.g_out  # (B, H, N, C, Dk): each token decayed to its chunk's end
         S = q.new_zeros(B, H, Dk, v.shape[-1]) if S is None else S
         z = q.new_zeros(B, H, Dk) if z is None else z
-        S_in, S = scan_states(k_out.transpose(-1, -2) @ v, S, decay.g_chunk[..., None])  # (B, H, N, Dk, Dv)
+        S_in, S = scan_states(k_out.transpose(-1, -2) @ v, S, decay.g_chunk)  # (B, H, N, Dk, Dv)
         z_in, z = scan_states(k_out.sum(-2), z, decay.g_chunk)  # (B, H, N, Dk)
         del k_out
 
@@ -115,16 +116,16 @@ class TorchChunkRetention(torch.autograd.Function):
         if with_rowsum:
             _add_product(r[..., None], q_in, z_in[..., None])
         ctx.scale = scale
-        ctx.save_for_backward(q, k, v, log_g, S_in, z_in)
+        ctx.save_for_backward(q, k, v, log_g, S_in, z_in, starts)
         return o, r, S, z
 
     @staticmethod
     @once_differentiable
     @without_autocast  # a backward called inside an autocast region would run under it
     def backward(ctx, do, dr, dS, dz):
-        q, k, v, log_g, S_in, z_in = ctx.saved_tensors
+        q, k, v, log_g, S_in, z_in, starts = ctx.saved_tensors
         do = do.contiguous()  # the gradient arrives token-major too
-        decay = chunk_decay(log_g, q.shape[-2], ctx.scale)
+        decay = _decay(log_g, q.shape[-2], ctx.scale, starts)
         with_z = dr is not None or dz is not None  # else z_in and the gradient of z play no part
 
         # inside each chunk, one C x C matrix alive at a time: they are the largest tensors here
@@ -143,7 +144,7 @@ class TorchChunkRetention(torch.autograd.Function):
         q_in = q * decay.g_in  # (B, H, N, C, Dk)
         dS_in = q_in.transpose(-1, -2) @ do  # (B, H, N, Dk, Dv): what chunk n's tokens ask of S_in
         G = torch.zeros_like(S_in[:, :, 0]) if dS is None else dS
-        G_out, dS0 = scan_states(dS_in, G, decay.g_chunk[..., None], reverse=True)  # (B, H, N, Dk, Dv)
+        G_out, dS0 = scan_states(dS_in, G, decay.g_chunk, reverse=True)  # (B, H, N, Dk, Dv)
         del dS_in
         Gz_out = dz0 = None
         if with_z:
@@ -164,7 +165,13 @@ class TorchChunkRetention(torch.autograd.Function):
         del cross_k
         _add_product(dv, k * decay.g_out, G_out)
         needs = ctx.needs_input_grad
-        return dq, dk, dv, None, dS0 if needs[4] else None, dz0 if needs[5] else None, None, None
+        return dq, dk, dv, None, dS0 if needs[4] else None, dz0 if needs[5] else None, None, None, None
+
+
+def _decay(log_g: Tensor, C: int, scale: float, starts: Tensor | None) -> ChunkDecay:
+    """The chunk's decay factors, split at the documents' starts (B, N, C) where there are any."""
+    decay = chunk_decay(log_g, C, scale)  # D and g_in carry the scale
+    return decay if starts is None else split_documents(decay, starts)
 
 
 chunkwise = chunkwise_from(TorchChunkRetention.apply)  # its backward keeps only q, k, v and the chunk states
@@ -181,17 +188,20 @@ def recurrent(
     *,
     with_rowsum: bool,
     scale: float = 1.0,
+    starts: Tensor | None = None,
 ) -> Pieces:
     """See :meth:`~retentive.ops.backend.RetentionBackend.recurrent`: one token at a time, through autograd."""
     q = q * scale
-    B, H, _, Dk = q.shape
-    gamma = log_g.exp()[:, None]  # (H, 1)
+    B, H, T, Dk = q.shape
+    gamma = log_g.exp()[:, None].expand(B, H, T)  # (B, H, T): the decay before each token
+    if starts is not None:  # a document's first token reads nothing of the state
+        gamma = gamma * ~starts[:, None]
     S = q.new_zeros(B, H, Dk, v.shape[-1]) if S is None else S
     z = q.new_zeros(B, H, Dk) if z is None else z
     outs, rows = [], []
-    for q_t, k_t, v_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), strict=True):  # unbind: one backward, not T
-        S = gamma[..., None] * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, Dk, Dv)
-        z = gamma * z + k_t
+    for q_t, k_t, v_t, g_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), gamma.unbind(2), strict=True):
+        S = g_t[..., None, None] * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, Dk, Dv)
+        z = g_t[..., None] * z + k_t
         outs.append((q_t[..., None, :] @ S).squeeze(-2))  # (B, H, Dv)
         if with_rowsum:
             rows.append((q_t * z).sum(-1))  # (B, H)

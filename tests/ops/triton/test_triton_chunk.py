@@ -10,9 +10,11 @@ from retentive.ops import log_gamma, reference
 from retentive.ops.triton import chunkwise, common
 
 
-def check_chunkwise(B, H, T, Dk, Dv, chunk_size, with_rowsum, with_state, dtype, seed=0):
-    """Forward and backward of the kernel against reference.chunkwise in float64, on the same inputs."""
+def check_chunkwise(B, H, T, Dk, Dv, chunk_size, with_rowsum, with_state, dtype, seed=0, starts=None):
+    """Forward and backward of the kernel against reference.chunkwise in float64, on the same inputs; ``starts``
+    (B, T) bool packs documents into the rows."""
     gen = torch.Generator().manual_seed(seed)
+    starts = None if starts is None else starts.to(DEVICE)
     q, k, v = (torch.randn(B, H, T, d, generator=gen) for d in (Dk, Dk, Dv))
     q = q * Dk**-0.5
     S, z = torch.randn(B, H, Dk, Dv, generator=gen), torch.randn(B, H, Dk, generator=gen)
@@ -21,10 +23,9 @@ def check_chunkwise(B, H, T, Dk, Dv, chunk_size, with_rowsum, with_state, dtype,
     ours = [x.detach().requires_grad_(with_state or i < 3) for i, x in enumerate(inputs)]
     truth = [x.double().detach().requires_grad_(with_state or i < 3) for i, x in enumerate(inputs)]
     state = (lambda xs: (xs[3], xs[4])) if with_state else (lambda xs: (None, None))
-    got = chunkwise(*ours[:3], log_g.to(DEVICE).float(), *state(ours), chunk_size=chunk_size, with_rowsum=with_rowsum)
-    want = reference.chunkwise(
-        *truth[:3], log_g.to(DEVICE), *state(truth), chunk_size=chunk_size, with_rowsum=with_rowsum
-    )
+    kw = dict(chunk_size=chunk_size, with_rowsum=with_rowsum, starts=starts)
+    got = chunkwise(*ours[:3], log_g.to(DEVICE).float(), *state(ours), **kw)
+    want = reference.chunkwise(*truth[:3], log_g.to(DEVICE), *state(truth), **kw)
 
     tol = TOL[dtype]
     for name, a, b in zip(("o", "r", "S", "z"), got, want, strict=True):
@@ -80,6 +81,28 @@ def test_half_precision(dtype):
     check_chunkwise(2, 2, 45, 32, 48, 16, True, True, dtype)
 
 
+def document_starts(B: int, T: int, at: list[int], seed: int = 0) -> torch.Tensor:
+    """(B, T) bool: starts at the positions ``at`` in row 0, at random (1 in 6) in the others."""
+    starts = torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) < 1 / 6
+    starts[0] = False
+    starts[0, at] = True
+    return starts
+
+
+@pytest.mark.parametrize(
+    "B,T,chunk_size,at,dtype",
+    [
+        (2, 37, 5, [0, 3, 4, 15, 36], torch.float32),  # a one-token document; a start on a chunk's first; the last
+        (2, 130, 64, [64, 100, 101, 127], torch.float32),  # starts at 64 and inside the short last chunk
+        (3, 45, 16, [1, 2, 30], torch.bfloat16),
+    ],
+)
+def test_packed_documents(B, T, chunk_size, at, dtype):
+    """Rows that pack documents: every factor that would cross a start is 0, in all five kernels (outputs, row
+    sums, the state after the last document, and every gradient, that of the carried state included)."""
+    check_chunkwise(B, 2, T, 16, 24, chunk_size, True, True, dtype, starts=document_starts(B, T, at))
+
+
 @settings(max_examples=4, deadline=None)
 @given(
     T=st.integers(1, 60),
@@ -88,10 +111,12 @@ def test_half_precision(dtype):
     chunk_size=st.integers(3, 70),
     with_rowsum=st.booleans(),
     with_state=st.booleans(),
+    documents=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_random_shapes(T, Dk, Dv, chunk_size, with_rowsum, with_state, seed):
-    check_chunkwise(1, 2, T, Dk, Dv, chunk_size, with_rowsum, with_state, torch.float32, seed)
+def test_random_shapes(T, Dk, Dv, chunk_size, with_rowsum, with_state, documents, seed):
+    starts = torch.rand(2, T, generator=torch.Generator().manual_seed(seed)) < 0.1 if documents else None
+    check_chunkwise(2, 2, T, Dk, Dv, chunk_size, with_rowsum, with_state, torch.float32, seed, starts)
 
 
 def test_causal():

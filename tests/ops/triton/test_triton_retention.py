@@ -43,6 +43,25 @@ def test_forms_match_reference(mode, chunk_size, causal, normalize):
         assert torch.equal(got_state.offset, want_state.offset)
 
 
+@pytest.mark.parametrize("mode,chunk_size", [("parallel", 64), ("chunkwise", 6), ("recurrent", 1)])
+def test_packed_documents_match_reference(mode, chunk_size):
+    """retention(..., starts=...) through the kernels, a carried state and both normalizations on: the outputs, the
+    state and offset after the last document, against the PyTorch backend in float64."""
+    B, H, T, Dk, Dv = 2, 3, 29, 16, 24
+    q, k, v = inputs(B, H, T, Dk, Dv, torch.float32, seed=3)
+    starts = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    starts[0, [5, 6, 18]] = True  # row 0 reads the state until token 5; row 1 is one document, continuing it
+    state = RetentionState.zeros(B, H, Dk, Dv, offset=torch.tensor([3, 7]), device=DEVICE)
+    state.S.normal_(), state.z.normal_()
+    kw = dict(mode=mode, chunk_size=chunk_size, normalize_decay=True, normalize_retention=True, state=state)
+    kw.update(starts=starts, output_state=True)
+    got, got_state = retention(q, k, v, backend="triton", **kw)
+    want, want_state = retention(q.double(), k.double(), v.double(), backend="torch", **kw)
+    assert rel_err(got, want) <= TOL[torch.float32]
+    assert rel_err(got_state.S, want_state.S) <= TOL[torch.float32]
+    assert got_state.offset.tolist() == want_state.offset.tolist() == [11, 7 + T]
+
+
 def test_streaming_in_pieces_equals_whole():
     """Prefill in chunks, then decode token by token (the step kernel), equals one pass (SPEC §7)."""
     q, k, v = inputs(1, 2, 23, 16, 16, torch.bfloat16)

@@ -21,15 +21,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Tiling, chunk_decays, chunk_program, features, load, mma, store, tile, tuned, vector
+from .common import (
+    Tiling,
+    chunk_decays,
+    chunk_documents,
+    chunk_program,
+    features,
+    load,
+    mma,
+    store,
+    tile,
+    tuned,
+    vector,
+)
 
 
 @tuned
 @triton.jit
 def chunk_grad_qk_kernel(
-    q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk,
+    q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk, docs,
     T, H, NT, CHUNK, Dk: tl.constexpr, Dv: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    WITH_ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_ROWSUM: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """q, k (BH, T, Dk), v (BH, T, Dv), the state entering each chunk h (BH, NT, Dk, Dv), hz (BH, NT, Dk) float32,
     do (BH, T, Dv), dr (BH, T) float32 (hz and dr read WITH_ROWSUM), the gradient of the state leaving each chunk
@@ -58,7 +70,8 @@ def chunk_grad_qk_kernel(
         d_scores += dR[:, None]
         dq_cross += dR[:, None] * z[None, :]
 
-    g_in, g_out, D = chunk_decays(lg, length, BC)
+    doc, last = chunk_documents(docs, i_bh, H, T, i_c, CHUNK, BC, HAS_DOCS)
+    g_in, g_out, D = chunk_decays(lg, length, BC, doc, last, HAS_DOCS)
     qT = load(tile(q, i_bh, T, Dk, rows, keys, TRANSPOSED=True))  # (BK, BC)
     kt = load(tile(k, i_bh, T, Dk, rows, keys))  # (BC, BK)
     d_scores = (d_scores * D).to(kt.dtype)
@@ -70,9 +83,9 @@ def chunk_grad_qk_kernel(
 @tuned
 @triton.jit
 def chunk_grad_v_kernel(
-    q, k, do, dh, log_g, dv,
+    q, k, do, dh, log_g, dv, docs,
     T, H, NT, CHUNK, Dk: tl.constexpr, Dv: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """q, k (BH, T, Dk), do (BH, T, Dv), the gradient of the state leaving each chunk dh (BH, NT, Dk, Dv), log_g
     (H,) float32 -> dv (BH, T, Dv)."""
@@ -88,7 +101,8 @@ def chunk_grad_v_kernel(
         scores_T += mma(kt, qT, PRECISION)
         dv_cross += mma(kt, dH.to(kt.dtype), PRECISION)
 
-    _, g_out, D = chunk_decays(lg, length, BC)
+    doc, last = chunk_documents(docs, i_bh, H, T, i_c, CHUNK, BC, HAS_DOCS)
+    _, g_out, D = chunk_decays(lg, length, BC, doc, last, HAS_DOCS)
     dO = load(tile(do, i_bh, T, Dv, rows, values))  # (BC, BV)
     dv_t = dv_cross * g_out[:, None] + mma((scores_T * tl.trans(D)).to(dO.dtype), dO, PRECISION)
     store(tile(dv, i_bh, T, Dv, rows, values), dv_t)
@@ -105,19 +119,22 @@ def chunk_grad_qk(
     dh: Tensor,
     dhz: Tensor,
     log_g: Tensor,
+    docs: Tensor,
     t: Tiling,
     with_rowsum: bool,
 ) -> tuple[Tensor, Tensor]:
     """dq, dk (BH, T, Dk) in the dtypes of q and k."""
     dq, dk = q.new_empty(q.shape), k.new_empty(k.shape)
     chunk_grad_qk_kernel[t.chunk_grid(t.Dk, t.BK)](
-        q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
+        q, k, v, h, hz, do, dr, dh, dhz, log_g, dq, dk, docs, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
     )
     return dq, dk
 
 
-def chunk_grad_v(q: Tensor, k: Tensor, v: Tensor, do: Tensor, dh: Tensor, log_g: Tensor, t: Tiling) -> Tensor:
+def chunk_grad_v(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, dh: Tensor, log_g: Tensor, docs: Tensor, t: Tiling
+) -> Tensor:
     """dv (BH, T, Dv) in v's dtype (v gives its shape and dtype; the kernel does not read it)."""
     dv = v.new_empty(v.shape)
-    chunk_grad_v_kernel[t.chunk_grid(t.Dv, t.BV)](q, k, do, dh, log_g, dv, *t.sizes, **t.meta)
+    chunk_grad_v_kernel[t.chunk_grid(t.Dv, t.BV)](q, k, do, dh, log_g, dv, docs, *t.sizes, **t.meta)
     return dv

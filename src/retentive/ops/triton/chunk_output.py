@@ -16,15 +16,28 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Tiling, chunk_decays, chunk_program, features, load, mma, store, tile, tuned, vector, written_once
+from .common import (
+    Tiling,
+    chunk_decays,
+    chunk_documents,
+    chunk_program,
+    features,
+    load,
+    mma,
+    store,
+    tile,
+    tuned,
+    vector,
+    written_once,
+)
 
 
 @tuned
 @triton.jit
 def chunk_output_kernel(
-    q, k, v, h, hz, log_g, o, r,
+    q, k, v, h, hz, log_g, o, r, docs,
     T, H, NT, CHUNK, Dk: tl.constexpr, Dv: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    WITH_ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_ROWSUM: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """q, k (BH, T, Dk), v (BH, T, Dv), the state entering each chunk h (BH, NT, Dk, Dv) and hz (BH, NT, Dk)
     float32 (read WITH_ROWSUM), log_g (H,) float32 -> o (BH, T, Dv) and, WITH_ROWSUM, r (BH, T) float32."""
@@ -45,7 +58,8 @@ def chunk_output_kernel(
             z = load(vector(hz, state, Dk, keys))  # (BK,)
             cross_z += tl.sum(qt.to(tl.float32) * z[None, :], axis=1)
 
-    g_in, _, D = chunk_decays(lg, length, BC)
+    doc, last = chunk_documents(docs, i_bh, H, T, i_c, CHUNK, BC, HAS_DOCS)
+    g_in, _, D = chunk_decays(lg, length, BC, doc, last, HAS_DOCS)
     vt = load(tile(v, i_bh, T, Dv, rows, values))  # (BC, BV)
     scores = scores * D
     store(tile(o, i_bh, T, Dv, rows, values), cross * g_in[:, None] + mma(scores.to(vt.dtype), vt, PRECISION))
@@ -54,13 +68,13 @@ def chunk_output_kernel(
 
 
 def chunk_output(
-    q: Tensor, k: Tensor, v: Tensor, h: Tensor, hz: Tensor, log_g: Tensor, t: Tiling, with_rowsum: bool
+    q: Tensor, k: Tensor, v: Tensor, h: Tensor, hz: Tensor, log_g: Tensor, docs: Tensor, t: Tiling, with_rowsum: bool
 ) -> tuple[Tensor, Tensor]:
     """o (BH, T, Dv) in v's dtype and r (BH, T) float32 (left unwritten unless ``with_rowsum``),
     from q, k (BH, T, Dk), v (BH, T, Dv) and the chunk states h, hz."""
     o = v.new_empty(t.BH, t.T, t.Dv)
     r = torch.empty(t.BH, t.T, device=q.device, dtype=torch.float32)
     chunk_output_kernel[t.chunk_grid(t.Dv, t.BV)](
-        q, k, v, h, hz, log_g, o, r, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
+        q, k, v, h, hz, log_g, o, r, docs, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
     )
     return o, r

@@ -18,15 +18,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Tiling, chunk_rows, load, scan_program, scan_step, store_state, tile, tuned, vector
+from .common import Tiling, chunk_documents, chunk_rows, load, scan_program, scan_step, store_state, tile, tuned, vector
 
 
 @tuned
 @triton.jit
 def chunk_state_grad_kernel(
-    q, do, dr, log_g, dS_final, dz_final, dh, dhz, dS0, dz0,
+    q, do, dr, log_g, dS_final, dz_final, dh, dhz, dS0, dz0, docs,
     T, H, NT, CHUNK, Dk: tl.constexpr, Dv: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    WITH_ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_ROWSUM: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):  # fmt: skip
     """q (BH, T, Dk), do (BH, T, Dv), dr (BH, T) float32 (read WITH_ROWSUM), log_g (H,) float32 and the gradient
     of the final state dS_final (BH, Dk, Dv), dz_final (BH, Dk) float32 -> dh (BH, NT, Dk, Dv) in q's dtype and
@@ -42,7 +42,9 @@ def chunk_state_grad_kernel(
         rows, length = chunk_rows(i, CHUNK, T, BC)
         qT = load(tile(q, i_bh, T, Dk, rows, keys, TRANSPOSED=True))  # (BK, BC)
         dO = load(tile(do, i_bh, T, Dv, rows, values))  # (BC, BV)
-        dH, q_in, g_chunk = scan_step(dH, qT, dO, lg, length, BC, False, PRECISION)  # queries decayed from the start
+        doc, last = chunk_documents(docs, i_bh, H, T, i, CHUNK, BC, HAS_DOCS)
+        # the queries decayed from the chunk's start
+        dH, q_in, g_chunk = scan_step(dH, qT, dO, lg, length, doc, last, BC, False, PRECISION, HAS_DOCS)
         dZ = dZ * g_chunk
         if WITH_ROWSUM:
             dR = load(vector(dr, i_bh, T, rows))  # (BC,)
@@ -51,7 +53,7 @@ def chunk_state_grad_kernel(
 
 
 def chunk_state_grads(
-    q: Tensor, do: Tensor, dr: Tensor, log_g: Tensor, dS: Tensor, dz: Tensor, t: Tiling, with_rowsum: bool
+    q: Tensor, do: Tensor, dr: Tensor, log_g: Tensor, dS: Tensor, dz: Tensor, docs: Tensor, t: Tiling, with_rowsum: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the reverse scan.
 
@@ -64,6 +66,6 @@ def chunk_state_grads(
     dS0 = torch.empty(t.BH, t.Dk, t.Dv, device=q.device, dtype=torch.float32)
     dz0 = torch.empty(t.BH, t.Dk, device=q.device, dtype=torch.float32)
     chunk_state_grad_kernel[t.scan_grid()](
-        q, do, dr, log_g, dS, dz, dh, dhz, dS0, dz0, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
+        q, do, dr, log_g, dS, dz, dh, dhz, dS0, dz0, docs, *t.sizes, WITH_ROWSUM=with_rowsum, **t.meta
     )
     return dh, dhz, dS0, dz0

@@ -3,9 +3,11 @@ launch checks.
 
 Kernel arguments follow one layout: token-major tensors (BH, T, D) with the batch and heads flattened (q, k, v,
 do, ...), stacks of states (BH, NT, Dk, Dv) and of key sums (BH, NT, Dk), one entry per chunk. After the tensors,
-every chunk kernel takes the sizes of :class:`Tiling` in one order: T tokens, H heads, NT chunks, CHUNK tokens per
-chunk (the last chunk may be shorter), then at compile time Dk, Dv, BC (a power-of-two tile >= CHUNK), BK and BV
-(tiles of Dk and Dv), the kernel's flags, and PRECISION (of tl.dot: see :func:`dot_precision`).
+every chunk kernel takes the documents ``docs`` (B, T) int32 of packed rows (read when HAS_DOCS: each token's count
+of document starts at or before it in its row), then the sizes of :class:`Tiling` in one order: T tokens, H heads, NT
+chunks, CHUNK tokens per chunk (the last chunk may be shorter), then at compile time Dk, Dv, BC (a power-of-two tile
+>= CHUNK), BK and BV (tiles of Dk and Dv), the kernel's flags, PRECISION (of tl.dot: see :func:`dot_precision`) and
+HAS_DOCS.
 
 A tile is a pair (pointers, mask) made by :func:`tile` or :func:`vector` from index ranges, each a pair (indices,
 mask), and read or written by :func:`load` and :func:`store`: no kernel computes an offset itself.
@@ -64,7 +66,7 @@ def tuned(kernel):
     their outputs, so trial runs are harmless. In the interpreter, where timing means nothing, no trials."""
     launches = LAUNCHES[:1] if interpreted() else LAUNCHES
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in launches]
-    return triton.autotune(configs=configs, key=["Dk", "Dv", "BC", "BK", "BV", "PRECISION"])(kernel)
+    return triton.autotune(configs=configs, key=["Dk", "Dv", "BC", "BK", "BV", "PRECISION", "HAS_DOCS"])(kernel)
 
 
 @triton.jit
@@ -159,11 +161,29 @@ def store(t, value):
 
 
 @triton.jit
-def chunk_decays(log_g, length, BC: tl.constexpr):
-    """For the local indices j of a chunk tile with ``length`` valid tokens (j past the end give 0).
+def chunk_documents(docs, i_bh, H, T, i_c, CHUNK, BC: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """The documents of chunk i_c's tokens, counted from the one open where the chunk starts (the document of the
+    incoming state): (BC,) int32, and the same count for the chunk's last token. All 0 unless HAS_DOCS."""
+    doc = tl.zeros([BC], dtype=tl.int32)
+    last = tl.sum(doc, axis=0)
+    if HAS_DOCS:
+        rows, length = chunk_rows(i_c, CHUNK, T, BC)
+        i_b = i_bh // H  # the batch row of this batch-head
+        start = i_c * CHUNK
+        row = docs + i_b * T
+        before = tl.load(row + start - 1, mask=start > 0, other=0)  # the document open before the chunk
+        doc = load(vector(docs, i_b, T, rows)) - before
+        last = tl.load(row + start + length - 1) - before
+    return doc, last
+
+
+@triton.jit
+def chunk_decays(log_g, length, BC: tl.constexpr, doc, last, HAS_DOCS: tl.constexpr):
+    """For the local indices j of a chunk tile with ``length`` valid tokens (j past the end give 0), and the
+    documents ``doc``, ``last`` of its tokens (:func:`chunk_documents`, read when HAS_DOCS).
 
     Returns gamma^(j+1) (state -> token j), gamma^(length-1-j) (token j -> chunk end), and
-    the causal decay matrix D_jl = gamma^(j-l) for j >= l, else 0.
+    the causal decay matrix D_jl = gamma^(j-l) for j >= l, else 0; each 0 where it would cross a document's start.
     """
     j = tl.arange(0, BC)
     valid = j < length
@@ -172,21 +192,30 @@ def chunk_decays(log_g, length, BC: tl.constexpr):
     g_out = tl.where(valid, tl.exp((length - 1 - jf) * log_g), 0.0)
     delta = jf[:, None] - jf[None, :]
     causal = (delta >= 0) & valid[:, None] & valid[None, :]
+    if HAS_DOCS:
+        g_in = tl.where(doc == 0, g_in, 0.0)  # tokens after a start in the chunk read nothing of the state
+        g_out = tl.where(doc == last, g_out, 0.0)  # only the document open at the chunk's end enters the state
+        causal = causal & (doc[:, None] == doc[None, :])
     D = tl.where(causal, tl.exp(tl.where(causal, delta, 0.0) * log_g), 0.0)
     return g_in, g_out, D
 
 
 @triton.jit
-def scan_step(S, xT, y, log_g, length, BC: tl.constexpr, TO_END: tl.constexpr, PRECISION: tl.constexpr):
+def scan_step(
+    S, xT, y, log_g, length, doc, last,
+    BC: tl.constexpr, TO_END: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
+):  # fmt: skip
     """One chunk of a scan over chunks: gamma^length S + (xT ⊙ g) y, with xT (BK, BC), y (BC, BV) and g the decay of
     each token to the chunk's end, gamma^(length-1-j) (TO_END: the state scan), or from its start, gamma^(j+1) (the
-    gradient scan).
+    gradient scan); with documents (``doc``, ``last``: :func:`chunk_documents`), 0 across a start.
 
-    Returns the new S (BK, BV) float32, xT ⊙ g in float32 and gamma^length.
+    Returns the new S (BK, BV) float32, xT ⊙ g in float32 and gamma^length (0 if a document starts in the chunk).
     """
-    g_in, g_out, _ = chunk_decays(log_g, length, BC)
+    g_in, g_out, _ = chunk_decays(log_g, length, BC, doc, last, HAS_DOCS)
     x_g = xT.to(tl.float32) * (g_out if TO_END else g_in)[None, :]
     g_chunk = tl.exp(length.to(tl.float32) * log_g)
+    if HAS_DOCS:
+        g_chunk = tl.where(last == 0, g_chunk, 0.0)
     return S * g_chunk + mma(x_g.to(y.dtype), y, PRECISION), x_g, g_chunk
 
 
@@ -226,9 +255,10 @@ class Tiling(NamedTuple):
     BK: int  # tile of Dk
     BV: int  # tile of Dv
     precision: str  # of tl.dot: see dot_precision
+    has_docs: bool  # rows pack documents: the kernels read docs
 
     @classmethod
-    def of(cls, q: Tensor, v: Tensor, log_g: Tensor, chunk_size: int) -> Tiling:
+    def of(cls, q: Tensor, v: Tensor, log_g: Tensor, chunk_size: int, has_docs: bool = False) -> Tiling:
         """Tiles for q (BH, T, Dk), v (BH, T, Dv) and log_g (H,); chunks longer than MAX_CHUNK are cut to MAX_CHUNK.
 
         Any chunking gives the same retention up to rounding, so the cut changes no result.
@@ -240,7 +270,7 @@ class Tiling(NamedTuple):
         NT = triton.cdiv(T, chunk)
         limit = MAX_TILE_FLOAT32 if q.dtype == torch.float32 else MAX_TILE
         BK, BV = block_size(Dk, limit), block_size(Dv, limit)
-        return cls(BH, T, log_g.numel(), NT, chunk, Dk, Dv, BC, BK, BV, dot_precision(q.dtype))
+        return cls(BH, T, log_g.numel(), NT, chunk, Dk, Dv, BC, BK, BV, dot_precision(q.dtype), has_docs)
 
     @property
     def sizes(self) -> tuple[int, int, int, int]:
@@ -249,8 +279,9 @@ class Tiling(NamedTuple):
 
     @property
     def meta(self) -> dict[str, int | str]:
-        """The kernels' compile-time arguments Dk, Dv, BC, BK, BV, PRECISION."""
-        return dict(Dk=self.Dk, Dv=self.Dv, BC=self.BC, BK=self.BK, BV=self.BV, PRECISION=self.precision)
+        """The kernels' compile-time arguments Dk, Dv, BC, BK, BV, PRECISION, HAS_DOCS."""
+        meta = dict(Dk=self.Dk, Dv=self.Dv, BC=self.BC, BK=self.BK, BV=self.BV, PRECISION=self.precision)
+        return meta | dict(HAS_DOCS=self.has_docs)
 
     def scan_grid(self) -> tuple[int, int, int]:
         """The grid of a scan over chunks: (tiles of Dk, tiles of Dv, batch-heads), see :func:`scan_program`."""
