@@ -104,7 +104,7 @@ def train(args: argparse.Namespace) -> None:
             preset=args.preset, model_config=args.config, model_overrides=dict(args.set), data=args.data,
             suffixes=args.suffixes, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
             batch_size=args.batch_size, val_fraction=args.val_fraction, eval_batches=args.eval_batches,
-            seed=args.seed,
+            seed=args.seed, documents=args.documents,
         ),
         "train": dict(
             steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
@@ -269,6 +269,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default 128)")
     g.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch per process (default 16)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of each document held out")
+    g.add_argument("--documents", action="store_true",
+                   help="read each document of a window on its own: no state (or, for a Transformer, attention) "
+                        "crosses an end-of-text token")  # fmt: skip
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--lr", type=float, default=2e-3)

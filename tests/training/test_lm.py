@@ -7,8 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from retentive import baselines
 from retentive.data import ByteTokenizer, read_corpus
+from retentive.data.tokens import window_batch
 from retentive.models import RetNetConfig
 from retentive.training import TrainConfig
 from retentive.training.lm import LMConfig, build_model_config, train_language_model, unigram_perplexity
@@ -27,6 +30,44 @@ def test_retnet_resume_is_exact(tmp_path: Path) -> None:
     rest = train_language_model(lm, train, tmp_path / "b", resume=True, cache_dir=cache).result.losses
     assert len(rest) == 3
     np.testing.assert_array_equal(first[:3] + rest, straight)
+
+
+@pytest.mark.parametrize("preset", ["retnet-tiny", "transformer-tiny"])
+def test_documents_option_reads_each_document_as_if_alone(preset: str) -> None:
+    """What --documents feeds the model (window_batch with the end-of-text id): the logits of a window's second
+    document equal those of that document alone, for RetNet and for its Transformer twin (transformers' masks
+    read packed position_ids as documents); without the option the first document changes them."""
+    eos = 0
+    torch.manual_seed(0)
+    options = {**TINY, "dropout": 0.0, "vocab_size": 64, "eos_token_id": eos}
+    model = baselines.model_from_preset(preset, **options).eval()
+    first, second = torch.randint(1, 64, (7,)), torch.randint(1, 64, (9,))
+    window = torch.cat([first, torch.tensor([eos]), second])[None].numpy()
+    with torch.no_grad():
+        alone = model(input_ids=second[None]).logits[0]
+        packed = model(**window_batch(window, eos)).logits[0, 8:]
+        streamed = model(**window_batch(window)).logits[0, 8:]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+    assert (streamed - alone).abs().max() > 1e-2
+
+
+def test_documents_option_is_stored_with_the_run_and_trains(tmp_path: Path) -> None:
+    """documents=True on a folder of short documents: the training windows restart their positions after each
+    end-of-text, the run trains and stores the option in run.json; a run stored without it reads as False."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    paragraphs = read_corpus("shakespeare")[0][:20_000].split("\n\n")
+    for i, paragraph in enumerate(paragraphs):
+        (folder / f"{i:03d}.txt").write_text(paragraph)
+    lm = LMConfig(data=str(folder), tokenizer="bytes", model_overrides=TINY, seq_len=32, batch_size=4, eval_batches=1)
+    lm.documents = True
+    train = TrainConfig(steps=3, lr=3e-3, warmup=1, eval_interval=0, ckpt_interval=3, progress=False, device="cpu")
+    run = train_language_model(lm, train, tmp_path / "a", cache_dir=tmp_path / "cache")
+    assert len(run.result.losses) == 3 and all(np.isfinite(run.result.losses))
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["lm"]["documents"] is True
+    batch = run.trainer.train_data.next_batch()
+    assert (batch["position_ids"][:, 1:] == 0).any()  # documents start inside the windows
+    assert "documents" not in LMConfig().to_dict()
 
 
 def test_model_config_from_file_with_overrides(tmp_path: Path) -> None:

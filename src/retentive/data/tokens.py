@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .._fsync import fsync_path
+from ..ops import document_positions
 from .sampler import IndexSampler
 from .tokenizer import Tokenizer
 
@@ -138,6 +139,25 @@ def _window(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
     return tokens[start : start + seq_len + 1].astype(np.int64)  # (T+1,)
 
 
+def window_batch(windows: np.ndarray, eos_id: int | None = None) -> dict[str, Any]:
+    """(B, T+1) token windows as the model's keyword arguments: input_ids, and labels that the model shifts.
+
+    With ``eos_id``, also ``position_ids`` that restart at 0 after every end-of-text token, as transformers'
+    ``DataCollatorWithFlattening`` marks packed documents: each document in a window is then read on its own, no
+    state (or attention) crossing from the one before. The end-of-text token closes its document, so the token
+    after it is predicted from its document alone. And ``use_cache=False``: transformers' Transformers read
+    position_ids as documents only where no cache is built, which they otherwise do even in training.
+    """
+    ids = torch.from_numpy(windows)
+    batch = {"input_ids": ids, "labels": ids}
+    if eos_id is not None:
+        starts = torch.zeros_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, :-1] == eos_id
+        batch["position_ids"] = document_positions(starts, torch.zeros(len(ids), dtype=torch.long))
+        batch["use_cache"] = False
+    return batch
+
+
 class TokenWindows:
     """Shuffled training batches of (B, T+1) token windows; the model shifts them into inputs and labels.
 
@@ -149,19 +169,26 @@ class TokenWindows:
         seq_len: T.
         batch_size: B on this rank.
         seed, rank, world_size: as :class:`IndexSampler`.
+        eos_id: mark the documents in each window (see :func:`window_batch`); None: a window is one stream.
     """
 
     def __init__(
-        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        eos_id: int | None = None,
     ) -> None:
-        self.tokens, self.seq_len = tokens, seq_len
+        self.tokens, self.seq_len, self.eos_id = tokens, seq_len, eos_id
         n = _windows(tokens, seq_len, "training")
         self.sampler = IndexSampler(n, batch_size, seed, rank, world_size)
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> dict[str, Any]:
         ids = np.stack([_window(self.tokens, int(i), self.seq_len) for i in self.sampler.next_indices()])
-        batch = torch.from_numpy(ids)  # (B, T+1)
-        return {"input_ids": batch, "labels": batch}
+        return window_batch(ids, self.eos_id)  # (B, T+1) each
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -177,6 +204,7 @@ class EvalWindows:
         tokens: the held-out token array (N,).
         seq_len, batch_size, rank, world_size: as :class:`TokenWindows`.
         max_batches: at most this many batches per rank (None: all full batches).
+        eos_id: as :class:`TokenWindows`.
     """
 
     def __init__(
@@ -187,8 +215,9 @@ class EvalWindows:
         max_batches: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        eos_id: int | None = None,
     ) -> None:
-        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.tokens, self.seq_len, self.batch_size, self.eos_id = tokens, seq_len, batch_size, eos_id
         self.rank, self.world_size = rank, world_size
         n = _windows(tokens, seq_len, "validation")
         global_batch = batch_size * world_size
@@ -197,15 +226,14 @@ class EvalWindows:
             self.num_batches = min(self.num_batches, max_batches)
         self.num_windows = min(n, self.num_batches * global_batch)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         global_batch = self.batch_size * self.world_size
         for b in range(self.num_batches):
             start = b * global_batch + self.rank * self.batch_size
             idx = range(start, min(start + self.batch_size, self.num_windows))
             if len(idx) == 0:
                 continue
-            batch = torch.from_numpy(np.stack([_window(self.tokens, i, self.seq_len) for i in idx]))
-            yield {"input_ids": batch, "labels": batch}
+            yield window_batch(np.stack([_window(self.tokens, i, self.seq_len) for i in idx]), self.eos_id)
 
     def __len__(self) -> int:
         return self.num_batches

@@ -60,6 +60,7 @@ class LMConfig:
     seq_len: int = 128  # T: tokens per training window
     batch_size: int = 16  # windows per micro-batch on each process
     val_fraction: float = 0.05  # share of every document held out
+    documents: bool = False  # read each document of a window on its own: positions restart after end-of-text
     eval_batches: int = 20  # validation batches per evaluation (per process)
     seed: int = 0
 
@@ -84,8 +85,9 @@ class LMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        if d["suffixes"] is None:  # the default: run.json as before the option existed, so older runs resume
-            del d["suffixes"]
+        for name, default in (("suffixes", None), ("documents", False)):
+            if d[name] == default:  # run.json as before the option existed, so older runs resume
+                del d[name]
         if d["data"] != "shakespeare" and not d["data"].startswith("datasets:"):
             d["data"] = str(Path(d["data"]).expanduser().resolve())
         return d
@@ -184,10 +186,11 @@ def train_language_model(
     seed_everything(lm.seed)
     model = _build_model(lm, tokenizer)
     logger.info("%s: %s parameters", type(model).__name__, f"{baselines.count_parameters(model):,}")
-    train_data = TokenWindows(splits.train, lm.seq_len, lm.batch_size, lm.seed, dist.rank, dist.world_size)
+    ranks = {"rank": dist.rank, "world_size": dist.world_size, "eos_id": tokenizer.eos_id if lm.documents else None}
+    train_data = TokenWindows(splits.train, lm.seq_len, lm.batch_size, lm.seed, **ranks)
     val_data = None
     if len(splits.val) > lm.seq_len:
-        val_data = EvalWindows(splits.val, lm.seq_len, lm.batch_size, lm.eval_batches, dist.rank, dist.world_size)
+        val_data = EvalWindows(splits.val, lm.seq_len, lm.batch_size, lm.eval_batches, **ranks)
     trainer = Trainer(model, train_data, train, run_dir, val_data, save_extra=tokenizer.save, resume=resume, dist=dist)
     result = trainer.fit(stop_at=stop_at)
     return LMRun(model, tokenizer, splits, result, trainer)

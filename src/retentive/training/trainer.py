@@ -51,7 +51,7 @@ from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
-Batch = dict[str, Tensor]
+Batch = dict[str, Any]  # the model's keyword arguments: tensors (moved to the device), options such as use_cache
 MetricsFn = Callable[[Any, Batch], dict[str, float]]
 
 
