@@ -86,12 +86,12 @@ def test_eval_windows_are_fixed_and_shared_between_ranks() -> None:
 
 
 def test_documents_restart_their_positions_after_each_end_of_text() -> None:
-    """With an end-of-text id, each window's position_ids restart at 0 on the token after every end-of-text (which
-    closes its document), in training and evaluation windows alike; without one, no position_ids."""
+    """With an end-of-text id, each window's position_ids restart at 0 on every end-of-text (which opens the next
+    document), in training and evaluation windows alike; without one, no position_ids."""
     eos = 9
     windows = np.array([[1, 2, eos, 3, 4, eos, eos, 5], [eos, 6, 7, 8, 1, 2, 3, 4]])
     batch = window_batch(windows, eos)
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 0], [0, 0, 1, 2, 3, 4, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
     assert batch["input_ids"] is batch["labels"] and "position_ids" not in window_batch(windows)
 
     tokens = np.tile(np.array([1, 2, 3, eos], dtype=np.uint16), 50)  # documents of 3 tokens and their end
@@ -100,10 +100,9 @@ def test_documents_restart_their_positions_after_each_end_of_text() -> None:
         next(iter(EvalWindows(tokens, 10, 4, eos_id=eos))),
     ):
         ids, positions = data["input_ids"], data["position_ids"]
-        after_eos = torch.zeros_like(ids, dtype=torch.bool)
-        after_eos[:, 1:] = ids[:, :-1] == eos
-        assert (positions[after_eos] == 0).all() and (positions[:, 0] == 0).all()
-        assert (positions[:, 1:][~after_eos[:, 1:]] == positions[:, :-1][~after_eos[:, 1:]] + 1).all()
+        at_eos = ids == eos
+        assert (positions[at_eos] == 0).all() and (positions[:, 0] == 0).all()
+        assert (positions[:, 1:][~at_eos[:, 1:]] == positions[:, :-1][~at_eos[:, 1:]] + 1).all()
 
 
 def test_too_little_data_is_refused() -> None:

@@ -35,18 +35,19 @@ def test_retnet_resume_is_exact(tmp_path: Path) -> None:
 @pytest.mark.parametrize("preset", ["retnet-tiny", "transformer-tiny"])
 def test_documents_option_reads_each_document_as_if_alone(preset: str) -> None:
     """What --documents feeds the model (window_batch with the end-of-text id): the logits of a window's second
-    document equal those of that document alone, for RetNet and for its Transformer twin (transformers' masks
-    read packed position_ids as documents); without the option the first document changes them."""
+    document (opened by the end-of-text) equal those of that document alone, for RetNet and for its Transformer twin
+    (transformers' masks read packed position_ids as documents); without the option the first document changes
+    them."""
     eos = 0
     torch.manual_seed(0)
     options = {**TINY, "dropout": 0.0, "vocab_size": 64, "eos_token_id": eos}
     model = baselines.model_from_preset(preset, **options).eval()
-    first, second = torch.randint(1, 64, (7,)), torch.randint(1, 64, (9,))
-    window = torch.cat([first, torch.tensor([eos]), second])[None].numpy()
+    first, second = torch.randint(1, 64, (7,)), torch.cat([torch.tensor([eos]), torch.randint(1, 64, (9,))])
+    window = torch.cat([first, second])[None].numpy()
     with torch.no_grad():
         alone = model(input_ids=second[None]).logits[0]
-        packed = model(**window_batch(window, eos)).logits[0, 8:]
-        streamed = model(**window_batch(window)).logits[0, 8:]
+        packed = model(**window_batch(window, eos)).logits[0, 7:]
+        streamed = model(**window_batch(window)).logits[0, 7:]
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
     assert (streamed - alone).abs().max() > 1e-2
 
@@ -66,7 +67,7 @@ def test_documents_option_is_stored_with_the_run_and_trains(tmp_path: Path) -> N
     assert len(run.result.losses) == 3 and all(np.isfinite(run.result.losses))
     assert json.loads((tmp_path / "a" / "run.json").read_text())["lm"]["documents"] is True
     batch = run.trainer.train_data.next_batch()
-    assert (batch["position_ids"][:, 1:] == 0).any()  # documents start inside the windows
+    assert (batch["position_ids"][:, 1:] == 0).any()  # documents open inside the windows
     assert "documents" not in LMConfig().to_dict()
 
 

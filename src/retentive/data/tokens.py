@@ -142,18 +142,17 @@ def _window(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
 def window_batch(windows: np.ndarray, eos_id: int | None = None) -> dict[str, Any]:
     """(B, T+1) token windows as the model's keyword arguments: input_ids, and labels that the model shifts.
 
-    With ``eos_id``, also ``position_ids`` that restart at 0 after every end-of-text token, as transformers'
+    With ``eos_id``, also ``position_ids`` that restart at 0 on every end-of-text token, as transformers'
     ``DataCollatorWithFlattening`` marks packed documents: each document in a window is then read on its own, no
-    state (or attention) crossing from the one before. The end-of-text token closes its document, so the token
-    after it is predicted from its document alone. And ``use_cache=False``: transformers' Transformers read
+    state (or attention) crossing from the one before. The end-of-text token opens the next document, as a BOS
+    would: a document's last token predicts the end-of-text from its own document, and the end-of-text predicts the
+    next document's first token from itself alone. And ``use_cache=False``: transformers' Transformers read
     position_ids as documents only where no cache is built, which they otherwise do even in training.
     """
     ids = torch.from_numpy(windows)
     batch = {"input_ids": ids, "labels": ids}
     if eos_id is not None:
-        starts = torch.zeros_like(ids, dtype=torch.bool)
-        starts[:, 1:] = ids[:, :-1] == eos_id
-        batch["position_ids"] = document_positions(starts, torch.zeros(len(ids), dtype=torch.long))
+        batch["position_ids"] = document_positions(ids == eos_id, torch.zeros(len(ids), dtype=torch.long))
         batch["use_cache"] = False
     return batch
 
