@@ -240,6 +240,49 @@ def test_documents_packed_into_a_row_are_each_read_on_their_own(mode: str) -> No
 
 
 @torch.no_grad()
+def test_the_collators_other_document_markers_read_as_position_ids(model: RetNetForCausalLM) -> None:
+    """DataCollatorWithFlattening's seq_idx (return_seq_idx) and FlashAttention's cu_seq_lens_q/k and max_length_q/k
+    (return_flash_attn_kwargs) mark the same documents as its position_ids: each alone, or all together, gives the
+    logits of the documents alone."""
+    from transformers import DataCollatorWithFlattening
+
+    docs = [row[0].tolist() for row in prompts([5, 9, 3, 7, 1], seed=4)]
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)
+    batch = collate([{"input_ids": d} for d in docs])
+    assert {"position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"} <= set(batch)
+    alone = torch.cat([model(torch.tensor([d])).logits[0] for d in docs])
+    flash = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    for markers in ({k: v for k, v in batch.items() if k != "input_ids"}, {"seq_idx": batch["seq_idx"]}, flash):
+        torch.testing.assert_close(model(batch["input_ids"], **markers).logits[0], alone, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(model(batch["input_ids"]).logits[0], alone)
+
+
+@torch.no_grad()
+def test_document_markers_that_disagree_or_cannot_be_read_are_refused(model: RetNetForCausalLM) -> None:
+    ids = torch.cat(prompts([6, 6]))  # (2, 6)
+    cu = torch.tensor([0, 3, 6, 12], dtype=torch.int32)  # rows of 3 + 3 and 6 tokens
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, 2]])
+    for flash in ({"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}, {"cu_seq_lens_q": cu}):
+        torch.testing.assert_close(model(ids, **flash).logits, model(ids, seq_idx=seq_idx).logits, rtol=0, atol=0)
+    left, mask = left_pad(prompts([3, 6]))
+    for kwargs, match in (
+        ({"seq_idx": seq_idx, "position_ids": torch.arange(6).expand(2, 6)}, "position_ids and seq_idx mark different"),
+        ({"seq_idx": seq_idx[:, :5]}, r"seq_idx must be a \(2, 6\) tensor of each token's document"),
+        ({"seq_idx": seq_idx.float()}, "seq_idx must be"),
+        ({"cu_seq_lens_k": cu}, "cu_seq_lens_k needs cu_seq_lens_q, and must equal it"),
+        ({"cu_seq_lens_q": cu, "cu_seq_lens_k": torch.tensor([0, 6, 12])}, "cu_seq_lens_k needs cu_seq_lens_q"),
+        ({"cu_seq_lens_q": cu[:-1], "cu_seq_lens_k": cu[:-1]}, "rise from 0 to batch x length = 12"),
+        ({"cu_seq_lens_q": torch.tensor([0, 4, 12]), "cu_seq_lens_k": torch.tensor([0, 4, 12])}, "across two rows"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model(ids, **kwargs)
+    with pytest.raises(ValueError, match="take no cache and no padding"):
+        model(left, attention_mask=mask, seq_idx=seq_idx)
+    with pytest.raises(ValueError, match=r"seq_idx pack several documents .* use_cache=False"):
+        model(ids, seq_idx=seq_idx, use_cache=True)
+
+
+@torch.no_grad()
 def test_position_ids_that_say_anything_but_where_documents_start_are_refused(model: RetNetForCausalLM) -> None:
     ids = torch.cat(prompts([6, 6]))
     torch.testing.assert_close(model(ids, position_ids=torch.arange(6).expand(2, 6)).logits, model(ids).logits)

@@ -62,10 +62,12 @@ def test_activation_checkpointing_takes_the_same_steps(tmp_path: Path) -> None:
         torch.testing.assert_close(checkpointed[name], weight, rtol=0, atol=0, msg=name)
 
 
-def test_packed_documents_take_the_steps_of_the_same_documents_padded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("markers", [{}, {"return_flash_attn_kwargs": True, "return_seq_idx": True}])
+def test_packed_documents_take_the_steps_of_the_same_documents_padded(tmp_path: Path, markers: dict) -> None:
     """Documents of 2 to 15 tokens, 8 a step: packed into one row by ``DataCollatorWithFlattening`` (position_ids
-    restarting at each) or padded on the right (transformers' collators' side, the padding's labels ignored), the
-    Trainer takes the same steps: no document reads another, and no padding counts."""
+    restarting at each; with ``markers``, also seq_idx and FlashAttention's cu_seq_lens) or padded on the right
+    (transformers' collators' side, the padding's labels ignored), the Trainer takes the same steps: no document
+    reads another, and no padding counts."""
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(2, 16, (16,), generator=gen).tolist()
     docs = [torch.randint(0, V, (n,), generator=gen).tolist() for n in lengths]
@@ -81,7 +83,7 @@ def test_packed_documents_take_the_steps_of_the_same_documents_padded(tmp_path: 
         }
 
     args = dict(per_device_train_batch_size=8, train_dataset=docs)
-    flat = trained(tmp_path / "flat", data_collator=transformers.DataCollatorWithFlattening(), **args)
+    flat = trained(tmp_path / "flat", data_collator=transformers.DataCollatorWithFlattening(**markers), **args)
     right = trained(tmp_path / "right", data_collator=padded, **args)
     for name, weight in right.items():
         torch.testing.assert_close(flat[name], weight, rtol=1e-5, atol=1e-6, msg=name)

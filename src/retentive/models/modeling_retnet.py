@@ -16,7 +16,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +204,8 @@ class RetNetModel(RetNetPreTrainedModel):
             position_ids (keyword): (B, T) positions that restart at 0 where a packed document starts (transformers'
                 ``DataCollatorWithFlattening``): each document is read as if it had a row of its own, no state
                 crossing into the next, at the cost of its own tokens (retention's ``starts``); without a cache
-                only (:func:`packed_documents`).
+                only. ``seq_idx``, or ``cu_seq_lens_q`` and ``cu_seq_lens_k`` (with ``max_length_q``,
+                ``max_length_k``), mark the same documents the collator's other ways (:func:`document_starts`).
         Returns:
             BaseModelOutputWithPast with last_hidden_state (B, T, d) (or (B, hidden_to_keep, d)), the cache (or
             None) and hidden_states (or None): num_layers + 1 tensors (B, T, d), the embeddings first and the final
@@ -214,7 +215,7 @@ class RetNetModel(RetNetPreTrainedModel):
         every layer before the next, so that with ``hidden_to_keep`` memory does not grow with the prompt.
         """
         cache = take_cache(cache, kwargs)
-        position_ids = kwargs.pop("position_ids", None)
+        markers = {name: kwargs.pop(name) for name in DOCUMENT_MARKERS if kwargs.get(name) is not None}
         _reject_unused(kwargs)
         # reading ids back is a host sync; on accelerators the decoding steps after a cache skip it
         check_range = input_ids.device.type == "cpu" or cache is None or cache.states is None
@@ -224,7 +225,8 @@ class RetNetModel(RetNetPreTrainedModel):
         if states is not None and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {B}")
         padding_mask, right_padded = (None, False) if states is not None else self._padding_mask(attention_mask, T)
-        packed = position_ids is not None and packed_documents(position_ids, attention_mask, input_ids.shape, states)
+        starts = document_starts(markers, attention_mask, input_ids.shape, states) if markers else None  # (B, T)
+        packed = starts is not None
         if use_cache is None:  # a state after right padding or a packed row would continue from the wrong text
             use_cache = cache is not None or (self.config.use_cache and not (self.training or right_padded or packed))
         if use_cache and (right_padded or packed):
@@ -232,8 +234,8 @@ class RetNetModel(RetNetPreTrainedModel):
                 "attention_mask pads on the right, and a cache filled from it would continue after the padding: "
                 "pad on the left to fill a cache or generate (tokenizer.padding_side = 'left'), or pass use_cache=False"
                 if right_padded
-                else "position_ids pack several documents into a row, and a cache holds one stream per row: give "
-                "each document a row of its own to fill a cache, or pass use_cache=False"
+                else f"{' and '.join(markers)} pack several documents into a row, and a cache holds one stream per "
+                "row: give each document a row of its own to fill a cache, or pass use_cache=False"
             )
         if mode is None:
             mode = ("recurrent" if T == 1 else "chunkwise") if states is not None or use_cache else self.config.mode
@@ -242,7 +244,6 @@ class RetNetModel(RetNetPreTrainedModel):
         keep = T if hidden_to_keep <= 0 else min(hidden_to_keep, T)  # the last `keep` positions are returned
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        starts = position_ids == 0 if packed else None  # (B, T): where each packed document starts
         x, states, hidden = self._run(
             input_ids, states, padding_mask, mode, chunk_size, use_cache, keep, output_hidden_states, starts
         )
@@ -701,38 +702,93 @@ def next_token_targets(labels: Tensor, shape: torch.Size) -> Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
 
 
-def packed_documents(
-    position_ids: Tensor, attention_mask: Tensor | None, shape: torch.Size, states: list[RetentionState] | None
-) -> bool:
-    """Whether ``position_ids`` (B, T) pack several documents into a row, as transformers'
-    ``DataCollatorWithFlattening`` does: they count 0, 1, 2, ... and restart at 0 where a document starts.
+DOCUMENT_MARKERS = ("position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def document_starts(
+    markers: dict[str, Any], attention_mask: Tensor | None, shape: torch.Size, states: list[RetentionState] | None
+) -> Tensor | None:
+    """Where the documents packed into each row start, (B, T) bool, or None if no row packs several.
+
+    ``markers`` holds what of :data:`DOCUMENT_MARKERS` a call carries, as transformers' ``DataCollatorWithFlattening``
+    gives them: ``position_ids`` (B, T) counting 0, 1, 2, ... and restarting at 0 where a document starts (its
+    default); ``seq_idx`` (B, T), each token's document (``return_seq_idx``, Mamba-2's convention);
+    ``cu_seq_lens_q`` and ``cu_seq_lens_k``, the documents' cumulative lengths over the flattened batch, and
+    ``max_length_q``, ``max_length_k`` (``return_flash_attn_kwargs``, FlashAttention's varlen arguments; the lengths
+    are implied). Markers given together must agree.
 
     RetNet takes its positions from the order of the tokens (and the cache), so position_ids can only say where
     documents start: positions that repeat what the model computes anyway (0, 1, 2, ... from each row's first real
-    token) change nothing, and any others raise ValueError, as do position_ids after a filled cache.
+    token, as transformers builds them with left padding) change nothing. Anything else raises ValueError: shifted
+    or skipping positions, markers after a filled cache, documents packed into padded rows, markers that disagree.
     """
-    if states is not None:
-        raise ValueError("position_ids after a filled cache: positions continue from the cache, leave them out")
-    if not isinstance(position_ids, Tensor) or position_ids.shape != shape or position_ids.is_floating_point():
-        got = f"{position_ids.dtype} {tuple(position_ids.shape)}" if isinstance(position_ids, Tensor) else position_ids
-        raise ValueError(f"position_ids must be integer positions shaped like input_ids {tuple(shape)}, got {got}")
-    positions = position_ids.long()
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        real = attention_mask.bool()
+    B, T = shape
+    found: dict[str, Tensor] = {}  # marker -> the starts it marks
+    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    if markers.keys() - {"position_ids"} and (states is not None or padded):
+        raise ValueError(f"{sorted(markers)} mark packed documents, which take no cache and no padding")
+    if "position_ids" in markers:
+        if states is not None:
+            raise ValueError("position_ids after a filled cache: positions continue from the cache, leave them out")
+        found["position_ids"] = _position_starts(markers["position_ids"], attention_mask if padded else None, shape)
+    if "seq_idx" in markers:
+        seq_idx = _integers(markers["seq_idx"], "seq_idx", (B, T), "each token's document")
+        found["seq_idx"] = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
+    if "cu_seq_lens_q" in markers or "cu_seq_lens_k" in markers:
+        cu_q, cu_k = markers.get("cu_seq_lens_q"), markers.get("cu_seq_lens_k", markers.get("cu_seq_lens_q"))
+        if not (isinstance(cu_q, Tensor) and isinstance(cu_k, Tensor) and torch.equal(cu_q, cu_k)):
+            raise ValueError(
+                "cu_seq_lens_k needs cu_seq_lens_q, and must equal it (self-attention: one set of documents)"
+            )
+        cu = _integers(cu_q, "cu_seq_lens_q", None, "the documents' cumulative lengths").flatten()
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != B * T or bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seq_lens_q must rise from 0 to batch x length = {B * T} (the documents' cumulative lengths "
+                f"over the flattened batch), got {cu.tolist()}"
+            )
+        flat = torch.zeros(B * T, dtype=torch.bool, device=cu.device)
+        flat[cu[:-1]] = True
+        if bool((~flat.view(B, T)[:, 0]).any()):
+            raise ValueError("cu_seq_lens_q puts a document across two rows: each row must start one")
+        found["cu_seq_lens_q"] = flat.view(B, T)
+    if not found:
+        return None
+    (first, starts), *others = found.items()
+    for name, other in others:
+        if starts is None or other is None or not torch.equal(starts, other.to(starts.device)):
+            raise ValueError(f"{first} and {name} mark different documents: give one, or make them agree")
+    return starts if starts is not None and bool(starts[:, 1:].any()) else None
+
+
+def _position_starts(position_ids: Any, padding: Tensor | None, shape: torch.Size) -> Tensor | None:
+    """The starts ``position_ids`` mark, (B, T) bool; None with ``padding`` (the attention mask of padded rows),
+    where they may only repeat the positions RetNet computes. See :func:`document_starts`."""
+    positions = _integers(position_ids, "position_ids", tuple(shape), "integer positions shaped like input_ids")
+    if padding is not None:
+        real = padding.bool()
         if bool(((positions != real.long().cumsum(-1) - 1) & real).any()):
             raise ValueError(
                 "with padding, position_ids must count 0, 1, 2, ... from each row's first real token (what RetNet "
                 "computes anyway); rows that pack documents (position_ids restarting at 0) take no padding"
             )
-        return False
-    restarts = positions[:, 1:] == 0
-    if bool((positions[:, 0] != 0).any() or (~restarts & (positions[:, 1:] != positions[:, :-1] + 1)).any()):
+        return None
+    starts = positions == 0
+    if bool((~starts[:, 0]).any() or (~starts[:, 1:] & (positions[:, 1:] != positions[:, :-1] + 1)).any()):
         raise ValueError(
             "position_ids must count 0, 1, 2, ... in each row, restarting at 0 where a packed document starts "
             "(transformers' DataCollatorWithFlattening): RetNet takes its positions from the order of the tokens, "
             "so they cannot be shifted or skipped"
         )
-    return bool(restarts.any())
+    return starts
+
+
+def _integers(value: Any, name: str, shape: tuple[int, ...] | None, what: str) -> Tensor:
+    """``value`` as an int64 tensor if it is an integer tensor (of ``shape``, unless None), else ValueError."""
+    if not isinstance(value, Tensor) or value.is_floating_point() or (shape is not None and value.shape != shape):
+        got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        want = f"a {shape} tensor of " if shape is not None else "a tensor of "
+        raise ValueError(f"{name} must be {want}{what}, got {got}")
+    return value.long()
 
 
 def upcast(x: Tensor) -> Tensor:
