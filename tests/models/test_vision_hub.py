@@ -235,6 +235,56 @@ def test_the_auto_class_model_refuses_what_it_would_silently_ignore(name: str) -
         out = model(images, labels=labels, output_hidden_states=False, output_attentions=None)
         loss, logits = model(images, labels=labels, return_dict=False)
     torch.testing.assert_close((loss, logits), (out.loss, out.logits))
-    for asked in ({"output_hidden_states": True}, {"num_items_in_batch": 16}):
+    for asked in ({"output_attentions": True}, {"num_items_in_batch": 16}):
         with pytest.raises(TypeError, match=f"not \\['{next(iter(asked))}'\\].*feature_maps"):
             model(images, labels=labels, **asked)
+
+
+@torch.no_grad()
+def test_vir_hidden_states_are_each_blocks_input_and_the_normalized_output_in_every_form() -> None:
+    """output_hidden_states: the embedded tokens, each block's output (forward hooks), and the normalized output,
+    the same in the parallel, chunkwise and recurrent forms; through the Auto class, and by the config's default."""
+    from retentive.models import PreTrainedViR
+
+    config = ViRConfig(image_size=48, patch_size=16, dim_model=32, num_layers=3, num_heads=4, num_classes=5)
+    model = ViRForImageClassification(config).eval()
+    images = torch.randn(2, 3, 48, 48)
+    outputs = []
+    hooks = [block.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for block in model.backbone.blocks]
+    plain = model(images)
+    for hook in hooks:
+        hook.remove()
+    want = (model.embed(images), *outputs[:-1], model.forward_features(images))
+    assert plain.hidden_states is None
+    for form in ({"mode": "parallel"}, {"mode": "chunkwise", "chunk_size": 4}, {"mode": "recurrent"}):
+        out = model(images, output_hidden_states=True, **form)
+        assert len(out.hidden_states) == 4 and all(h.shape == (2, 10, 32) for h in out.hidden_states)
+        for got, expected in zip(out.hidden_states, want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    wrapped = PreTrainedViR(config, model).eval()
+    for got, expected in zip(wrapped(images, output_hidden_states=True).hidden_states, want, strict=True):
+        torch.testing.assert_close(got, expected)
+    wrapped.config.output_hidden_states = True
+    assert len(wrapped(images).hidden_states) == 4 and len(wrapped(images, return_dict=False)) == 2  # logits, hidden
+
+
+@torch.no_grad()
+def test_rmt_hidden_states_are_the_stems_map_and_each_stages() -> None:
+    """output_hidden_states: the stem's map at stride 4, then the stages' maps (forward_stages), the last one the
+    features the head reads; through the Auto class too."""
+    from retentive.models import PreTrainedRMT
+
+    cls, config = MODELS["rmt"]
+    model = cls(config).eval()
+    images = torch.randn(2, 3, 48, 48)
+    out = model(images, output_hidden_states=True)
+    stem, *stages = out.hidden_states
+    torch.testing.assert_close(stem, model.stem(images).permute(0, 3, 1, 2))
+    for got, expected in zip(stages, model.forward_stages(images), strict=True):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(stages[-1], model.forward_features(images))
+    assert [h.shape[1] for h in out.hidden_states] == [config.dim_model[0], *config.dim_model]
+    torch.testing.assert_close(out.logits, model(images).logits)
+    wrapped = PreTrainedRMT(config, model).eval()
+    assert len(wrapped(images, output_hidden_states=True).hidden_states) == len(config.dim_model) + 1

@@ -22,9 +22,10 @@ class ImageClassifier(nn.Module):
     """An image classifier: its config, logits and loss in Hugging Face's output, its parameter count.
 
     A subclass builds its layers after ``super().__init__(config)``, the classifier as ``self.head``; it defines
-    ``forward_features`` (images -> the backbone's output), ``forward_head`` (that output -> pooled features ->
-    logits), ``feature_info`` and ``feature_maps`` (timm's names), and its ``forward`` returns
-    ``self.classify(logits, labels)``.
+    ``forward_features`` (images -> the backbone's output; what the model computes on the way, in transformers'
+    ``hidden_states``, appended to a list it is given), ``forward_head`` (that output -> pooled features -> logits),
+    ``feature_info`` and ``feature_maps`` (timm's names), and its ``forward`` returns
+    ``self.classify(logits, labels, hidden_states)``.
 
     Args:
         config: the model's config, kept as ``self.config``.
@@ -39,11 +40,15 @@ class ImageClassifier(nn.Module):
         self.config = config
 
     @staticmethod
-    def classify(logits: Tensor, labels: Tensor | None) -> ImageClassifierOutput:
+    def classify(
+        logits: Tensor, labels: Tensor | None, hidden_states: list[Tensor] | None = None
+    ) -> ImageClassifierOutput:
         """logits (B, num_classes) and labels -> the output, with the cross-entropy loss if labels: class indices
-        (B,), or class probabilities (B, num_classes) (soft targets: label smoothing, MixUp, CutMix)."""
+        (B,), or class probabilities (B, num_classes) (soft targets: label smoothing, MixUp, CutMix); and the
+        ``hidden_states`` that ``forward_features`` collected, as a tuple, if any."""
         loss = None if labels is None else F.cross_entropy(logits, labels)
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        hidden = None if hidden_states is None else tuple(hidden_states)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -203,15 +208,23 @@ class PreTrainedImageClassifier(TransformersCheckpointing, PreTrainedModel):
         return cls(classifier.config, classifier).eval()
 
     def forward(
-        self, pixel_values: Tensor, labels: Tensor | None = None, return_dict: bool | None = None, **kwargs: Any
+        self,
+        pixel_values: Tensor,
+        labels: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
     ) -> ImageClassifierOutput | tuple:
-        """Images (B, C, H, W) -> the classifier's output (logits; loss if ``labels``), or its tuple with
-        ``return_dict=False``. transformers' other arguments are taken where they ask for nothing (None, False) and
-        refused where they would: hidden states come from ``model.classifier.feature_maps`` (timm's features_only)."""
+        """Images (B, C, H, W) -> the classifier's output (logits; loss if ``labels``; with ``output_hidden_states``,
+        None following ``config.output_hidden_states``, what the model computes on the way: see each classifier's
+        ``forward``), or its tuple with ``return_dict=False``. transformers' other arguments are taken where they ask
+        for nothing (None, False) and refused where they would (``output_attentions``: no attention weights here)."""
         if asked := sorted(name for name, value in kwargs.items() if value is not None and value is not False):
             raise TypeError(
-                f"{type(self).__name__}.forward takes pixel_values, labels and return_dict, not {asked}: for every "
-                "block's or stage's output, use model.classifier.feature_maps(pixel_values, out_indices)"
+                f"{type(self).__name__}.forward takes pixel_values, labels, output_hidden_states and return_dict, "
+                f"not {asked}; timm's feature maps: model.classifier.feature_maps(pixel_values, out_indices)"
             )
-        out = self.classifier(pixel_values, labels)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        out = self.classifier(pixel_values, labels, output_hidden_states=output_hidden_states)
         return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()

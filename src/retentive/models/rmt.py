@@ -188,12 +188,23 @@ class RMTForImageClassification(ImageClassifier):
         if device is None or torch.device(device).type != "meta":
             self.apply(_init_linear)
 
-    def forward_features(self, pixel_values: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> the last stage's feature map (B, C_last, H / 32, W / 32) for four stages."""
+    def forward_features(self, pixel_values: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
+        """Images (B, C, H, W) -> the last stage's feature map (B, C_last, H / 32, W / 32) for four stages.
+
+        ``hidden_states``, a list, gets num_stages + 1 maps (B, C_i, H_i, W_i), as transformers' hierarchical models
+        (ConvNeXt) give them: the stem's output at stride 4, then each stage's before its merging (the maps of
+        :meth:`forward_stages`), the last one what this returns.
+        """
         self._check(pixel_values)
         x = self.stem(pixel_values)  # (B, H/4, W/4, C0)
+        if hidden_states is not None:
+            hidden_states.append(x.permute(0, 3, 1, 2))
         for stage in self.stages:
-            x = stage(x)
+            x = stage.forward_blocks(x)
+            if hidden_states is not None:
+                hidden_states.append(x.permute(0, 3, 1, 2))
+            if stage.downsample is not None:
+                x = stage.downsample(x)
         return x.permute(0, 3, 1, 2)
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
@@ -234,18 +245,17 @@ class RMTForImageClassification(ImageClassifier):
     def forward_stages(self, pixel_values: Tensor) -> list[Tensor]:
         """Images (B, C, H, W) -> each stage's feature map before its merging, (B, C_i, H_i, W_i), at strides 4, 8,
         16, 32 for four stages (``ceil`` of the size at each step): the inputs of a detection or segmentation neck."""
-        self._check(pixel_values)
-        x, maps = self.stem(pixel_values), []
-        for stage in self.stages:
-            x = stage.forward_blocks(x)
-            maps.append(x.permute(0, 3, 1, 2))
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        return maps
+        maps: list[Tensor] = []
+        self.forward_features(pixel_values, maps)
+        return maps[1:]  # the stem's map first
 
-    def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> ImageClassifierOutput:
-        """Images (B, C, H, W), any H and W -> logits (B, num_classes); loss if ``labels``."""
-        return self.classify(self.forward_head(self.forward_features(pixel_values)), labels)
+    def forward(
+        self, pixel_values: Tensor, labels: Tensor | None = None, output_hidden_states: bool = False
+    ) -> ImageClassifierOutput:
+        """Images (B, C, H, W), any H and W -> logits (B, num_classes); loss if ``labels``; with
+        ``output_hidden_states``, the stem's map and each stage's (see :meth:`forward_features`)."""
+        hidden = [] if output_hidden_states else None
+        return self.classify(self.forward_head(self.forward_features(pixel_values, hidden)), labels, hidden)
 
 
 class PreTrainedRMT(PreTrainedImageClassifier):

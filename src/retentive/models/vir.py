@@ -163,26 +163,46 @@ class ViRForImageClassification(ImageClassifier):
         x = x + self.pos_embed
         return torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)  # (B, N + 1, d)
 
-    def forward_features(self, pixel_values: Tensor, *, mode: str = "parallel", chunk_size: int = 16) -> Tensor:
+    def forward_features(
+        self,
+        pixel_values: Tensor,
+        *,
+        mode: str = "parallel",
+        chunk_size: int = 16,
+        hidden_states: list[Tensor] | None = None,
+    ) -> Tensor:
         """Images -> the normalized tokens of the backbone, (B, num_patches + 1, d).
 
         ``mode="parallel"`` runs the whole sequence at once; ``"chunkwise"`` feeds ``chunk_size`` tokens at a
         time and ``"recurrent"`` one token at a time through the whole stack, carrying every layer's state.
+        ``hidden_states``, a list, gets num_layers + 1 tensors (B, num_patches + 1, d), as the language model gives
+        them: the embedded tokens, each block's output, and the normalized output last (what this returns).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_chunk_size(chunk_size)
         x = self.embed(pixel_values)
-        if mode == "parallel":
-            return self.backbone(x, mode="parallel")
-        step = 1 if mode == "recurrent" else chunk_size
-        state, outputs = None, []
-        for start in range(0, x.shape[1], step):
-            y, state = self.backbone(
-                x[:, start : start + step], mode=mode, chunk_size=step, state=state, return_state=True
+        T = x.shape[1]
+        step = {"parallel": T, "chunkwise": chunk_size, "recurrent": 1}[mode]
+        state, outputs, layers = None, [], []  # layers: per piece, each block's input and the output
+        for start in range(0, T, step):
+            inputs = None if hidden_states is None else []
+            y = self.backbone(
+                x[:, start : start + step],
+                mode=mode,
+                chunk_size=step,
+                state=state,
+                return_state=step < T,  # a state to carry into the next piece
+                hidden_states=inputs,
             )
+            if step < T:
+                y, state = y
             outputs.append(y)
-        return torch.cat(outputs, dim=1)
+            if inputs is not None:
+                layers.append([*inputs, y])
+        if hidden_states is not None:
+            hidden_states.extend(torch.cat(piece, dim=1) for piece in zip(*layers, strict=True))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def forward(
         self,
@@ -191,10 +211,14 @@ class ViRForImageClassification(ImageClassifier):
         *,
         mode: str = "parallel",
         chunk_size: int = 16,
+        output_hidden_states: bool = False,
     ) -> ImageClassifierOutput:
-        """Images (B, C, S, S) -> logits (B, num_classes) from the last (class) token; loss if ``labels``."""
-        logits = self.forward_head(self.forward_features(pixel_values, mode=mode, chunk_size=chunk_size))
-        return self.classify(logits, labels)
+        """Images (B, C, S, S) -> logits (B, num_classes) from the last (class) token; loss if ``labels``; with
+        ``output_hidden_states``, the tokens entering each block and the normalized output, num_layers + 1 tensors
+        (B, num_patches + 1, d) (see :meth:`forward_features`)."""
+        hidden = [] if output_hidden_states else None
+        features = self.forward_features(pixel_values, mode=mode, chunk_size=chunk_size, hidden_states=hidden)
+        return self.classify(self.forward_head(features), labels, hidden)
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, num_patches + 1, d) -> logits (B, num_classes) from the last (class) token, or with
