@@ -19,7 +19,9 @@ Timed eager (the host launching each step) and replayed from a CUDA graph (the k
 compiled decoding runs them); the target is judged on the graph where there is one.
 Then the whole retnet-1.3b backbone's step at batch 1, eager and replayed from a CUDA graph, against reading its
 weights once. Then each kernel of the chunkwise form alone at dk 256, dv 512, against its own floor: where
-forward + backward spend their time. Last, with what time is left, two settings the compiler alone cannot decide
+forward + backward spend their time. Then rows that pack documents: forward + backward with retention's ``starts``
+(the kernels compiled with HAS_DOCS) against the same rows without, and against fla's varlen path (``cu_seqlens``)
+on the same documents. Last, with what time is left, two settings the compiler alone cannot decide
 (docs/benchmarks.md), each timed against the library's choice: 128-token chunks at dk 256 (half the chunk states'
 traffic, and no spills at 8 warps), and float32's 32-wide head-dim tiles against bf16's 64-wide ones.
 """
@@ -50,6 +52,7 @@ DECODE_HEADS, DECODE_DK, DECODE_DV, DECODE_LAYERS = 8, 256, 512, 24
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DECODE_TARGET = "decode step within 2x of its state-read bound at batch >= 16"
 FLOAT32_SHAPE = (4, 2048, 16, 128, 128)  # (B, T, H, Dk, Dv)
+PACKED_SHAPE = (4, 4096, 16, 128, 128)  # documents of random lengths, 512 tokens on average
 BREAKDOWN_SHAPE = SHAPES[-1]  # RetNet's dk 256, dv 512: tuned already by chunkwise_speed
 VARIANT_RESERVE = 35  # seconds a variant needs left: five kernels to compile and tune (~15 s), then its timing
 
@@ -65,16 +68,18 @@ def run(part: Part) -> None:
     decode_speed(part, ceilings)
     backbone_step(part, ceilings)
     kernel_breakdown(part, ceilings)
+    packed_speed(part)
     settings(part)
 
 
-def fla_chunk() -> Callable | None:
-    """fla's chunk_retention on (B, T, H, D) tensors, or None where flash-linear-attention is absent."""
+def fla_chunk(**kwargs: object) -> Callable | None:
+    """fla's chunk_retention on (B, T, H, D) tensors (with ``kwargs``, e.g. its varlen ``cu_seqlens``), or None
+    where flash-linear-attention is absent."""
     try:
         from fla.ops.retention import chunk_retention
     except ImportError:
         return None
-    return lambda q, k, v: chunk_retention(q, k, v)[0]
+    return lambda q, k, v: chunk_retention(q, k, v, **kwargs)[0]
 
 
 def chunkwise_speed(part: Part, ceilings: Ceilings) -> None:
@@ -368,6 +373,53 @@ def kernel_breakdown(part: Part, ceilings: Ceilings) -> None:
         part.error(f"chunkwise kernels alone, B{B} T{T} H{H} Dk{Dk} Dv{Dv}", e)
     finally:
         free_cuda()
+
+
+def packed_speed(part: Part) -> None:
+    """Forward + backward of rows that pack documents (starts at random, one token in 512 on average, or in T / 4 at
+    the dry run's lengths): ours with
+    ``starts`` against ours on the same rows read as one document each (what HAS_DOCS costs), and fla's
+    chunk_retention on the same documents through its varlen ``cu_seqlens`` (the rows flattened into one)."""
+    if part.out_of_time(reserve=VARIANT_RESERVE):
+        part.notes.append("packed documents: not timed (out of time)")
+        return
+    B, T, H, Dk, Dv = DRY_SHAPES[0] if part.dry_run else PACKED_SHAPE
+    bench = timer(part.device)
+    gen = torch.Generator(device=part.device).manual_seed(512)
+    q, k, v, do = (torch.randn(B, H, T, d, device=part.device, generator=gen).bfloat16() for d in (Dk, Dk, Dv, Dv))
+    starts = torch.rand(B, T, device=part.device, generator=gen) < 1 / min(512, T // 4)
+    starts[:, 0] = True
+    cu_seqlens = F.pad(starts.flatten().nonzero().flatten(), (0, 1), value=B * T)  # documents of the flattened rows
+    ours = lambda *x, **kw: retention(*x, mode="chunkwise", chunk_size=CHUNK, backend="triton", **kw)[0]
+    fla = None if part.dry_run else fla_chunk(cu_seqlens=cu_seqlens)
+    cases = {  # name: (fn, q, k, v and do in the layout it takes)
+        "ours, each row one document": (ours, [q, k, v, do]),
+        "ours, packed (starts)": (lambda *x: ours(*x, starts=starts), [q, k, v, do]),
+    }
+    if fla is not None:  # (1, B T, H, D): one row holding every document
+        cases["fla, packed (cu_seqlens)"] = (fla, [t.transpose(1, 2).reshape(1, B * T, H, -1) for t in (q, k, v, do)])
+    add = part.table(
+        f"Packed documents, bf16 forward + backward: B{B} T{T} H{H} Dk{Dk} Dv{Dv}, {int(starts.sum())} documents",
+        ["rows", "f+b ms", "/ ours without documents"],
+    )
+    first = None
+    for name, (fn, (*x, g)) in cases.items():
+        x = [t.detach().requires_grad_() for t in x]
+
+        def both(fn=fn, x=x, g=g) -> None:
+            for t in x:
+                t.grad = None
+            fn(*x).backward(g)
+
+        try:
+            both()  # compiles and tunes outside the timed region
+            ms = bench(both)
+            first = ms if first is None else first
+            add([name, ms, ms / first])
+        except Exception as e:
+            part.error(f"packed documents, {name}", e)
+        finally:
+            free_cuda()
 
 
 def settings(part: Part) -> None:
