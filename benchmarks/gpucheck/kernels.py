@@ -19,11 +19,11 @@ Timed eager (the host launching each step) and replayed from a CUDA graph (the k
 compiled decoding runs them); the target is judged on the graph where there is one.
 Then the whole retnet-1.3b backbone's step at batch 1, eager and replayed from a CUDA graph, against reading its
 weights once. Then each kernel of the chunkwise form alone at dk 256, dv 512, against its own floor: where
-forward + backward spend their time. Then rows that pack documents: forward + backward with retention's ``starts``
-(the kernels compiled with HAS_DOCS) against the same rows without, and against fla's varlen path (``cu_seqlens``)
-on the same documents. Last, with what time is left, two settings the compiler alone cannot decide
+forward + backward spend their time. Then, with what time is left, two settings the compiler alone cannot decide
 (docs/benchmarks.md), each timed against the library's choice: 128-token chunks at dk 256 (half the chunk states'
-traffic, and no spills at 8 warps), and float32's 32-wide head-dim tiles against bf16's 64-wide ones.
+traffic, and no spills at 8 warps), and float32's 32-wide head-dim tiles against bf16's 64-wide ones. Last, rows
+that pack documents: forward + backward with retention's ``starts`` (the kernels compiled with HAS_DOCS) against the
+same rows without, and against fla's varlen path (``cu_seqlens``) on the same documents.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def run(part: Part) -> None:
     decode_speed(part, ceilings)
     backbone_step(part, ceilings)
     kernel_breakdown(part, ceilings)
-    packed_speed(part)
     settings(part)
+    packed_speed(part)
 
 
 def fla_chunk(**kwargs: object) -> Callable | None:
