@@ -163,18 +163,18 @@ def store(t, value):
 @triton.jit
 def chunk_documents(docs, i_bh, H, T, i_c, CHUNK, BC: tl.constexpr, HAS_DOCS: tl.constexpr):
     """The documents of chunk i_c's tokens, counted from the one open where the chunk starts (the document of the
-    incoming state): (BC,) int32, and the same count for the chunk's last token. All 0 unless HAS_DOCS."""
-    doc = tl.zeros([BC], dtype=tl.int32)
-    last = tl.sum(doc, axis=0)
-    if HAS_DOCS:
+    incoming state): (BC,) int32, and the same count for the chunk's last token. Without HAS_DOCS, 0 and 0, which
+    nothing reads: no work, not even in the interpreter, where every op costs."""
+    if HAS_DOCS:  # if/else: the two returns differ in shape, and only the one compiled is kept
         rows, length = chunk_rows(i_c, CHUNK, T, BC)
         i_b = i_bh // H  # the batch row of this batch-head
         start = i_c * CHUNK
         row = docs + i_b * T
         before = tl.load(row + start - 1, mask=start > 0, other=0)  # the document open before the chunk
         doc = load(vector(docs, i_b, T, rows)) - before
-        last = tl.load(row + start + length - 1) - before
-    return doc, last
+        return doc, tl.load(row + start + length - 1) - before
+    else:
+        return 0, 0
 
 
 @triton.jit
