@@ -72,6 +72,17 @@ def run(part: Part) -> None:
     packed_speed(part)
 
 
+def forward_backward(fn: Callable, x: list[torch.Tensor], g: torch.Tensor) -> Callable[[], None]:
+    """A call of ``fn(*x).backward(g)``, the gradients of ``x`` (leaves) cleared first: one forward + backward."""
+
+    def both() -> None:
+        for t in x:
+            t.grad = None
+        fn(*x).backward(g)
+
+    return both
+
+
 def fla_chunk(**kwargs: object) -> Callable | None:
     """fla's chunk_retention on (B, T, H, D) tensors (with ``kwargs``, e.g. its varlen ``cu_seqlens``), or None
     where flash-linear-attention is absent."""
@@ -121,11 +132,7 @@ def chunkwise_speed(part: Part, ceilings: Ceilings) -> None:
                 with torch.no_grad():
                     return fn(*x)
 
-            def both(fn=fn, x=x, g=g):
-                for t in x:
-                    t.grad = None
-                fn(*x).backward(g)
-
+            both = forward_backward(fn, x, g)
             try:
                 out = forward()  # compiles and autotunes outside the timed region
                 both()
@@ -404,13 +411,7 @@ def packed_speed(part: Part) -> None:
     )
     first = None
     for name, (fn, (*x, g)) in cases.items():
-        x = [t.detach().requires_grad_() for t in x]
-
-        def both(fn=fn, x=x, g=g) -> None:
-            for t in x:
-                t.grad = None
-            fn(*x).backward(g)
-
+        both = forward_backward(fn, [t.detach().requires_grad_() for t in x], g)
         try:
             both()  # compiles and tunes outside the timed region
             ms = bench(both)
@@ -453,10 +454,9 @@ def compare(part: Part, name: str, values: tuple, shape: tuple, dtype: torch.dty
         with torch.no_grad():
             return retention(*x, mode="chunkwise", chunk_size=common.MAX_CHUNK, backend="triton")[0]
 
-    def both() -> None:
-        for t in x:
-            t.grad = None
-        retention(*x, mode="chunkwise", chunk_size=common.MAX_CHUNK, backend="triton")[0].backward(do)
+    both = forward_backward(
+        lambda *x: retention(*x, mode="chunkwise", chunk_size=common.MAX_CHUNK, backend="triton")[0], x, do
+    )
 
     default, times, outs = getattr(common, name), [], []
     for value in values:

@@ -84,10 +84,7 @@ def retention(
     q, k, v = q.to(work), k.to(work), v.to(work)  # no copies when they are already there
     S, z = (None, None) if state is None else (state.S.to(dtype), state.z.to(dtype))
     offset = q.new_zeros(B, dtype=torch.long) if state is None else state.offset  # (B,)
-    if starts is None:
-        positions = offset[:, None] + torch.arange(T, device=q.device)  # (B, T)
-    else:
-        positions = document_positions(starts, offset)
+    positions = None if starts is None else document_positions(starts, offset)  # (B, T) where documents restart
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> Pieces:
         kw = dict(with_rowsum=normalize_retention, scale=scale, starts=starts)
@@ -98,7 +95,8 @@ def retention(
     p = run(q, k, v)
     o, r, c = p.o, p.r, None
     if normalize_decay:
-        c = decay_sum(log_g, positions)  # (B, H, T)
+        at = offset[:, None] + torch.arange(T, device=q.device) if positions is None else positions  # (B, T)
+        c = decay_sum(log_g, at)  # (B, H, T)
     if not causal:  # forward pass + backward pass - the diagonal counted twice
         back = run(q.flip(2), k.flip(2), v.flip(2))
         qk = (q * k).sum(-1) * scale  # (B, H, T)
@@ -111,7 +109,8 @@ def retention(
         r = r / c.sqrt() if normalize_retention else None
     if normalize_retention:
         o = o / r.abs().clamp(min=1)[..., None]
-    new_state = RetentionState(p.S, p.z, positions[:, -1] + 1) if output_state and causal else None
+    end = offset + T if positions is None else positions[:, -1] + 1  # the position after the last token
+    new_state = RetentionState(p.S, p.z, end) if output_state and causal else None
     return o.to(out_dtype), new_state
 
 
