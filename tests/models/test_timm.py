@@ -64,3 +64,30 @@ def test_features_only_vir_gives_block_outputs_at_stride_16() -> None:
     with torch.no_grad():
         maps = net(torch.randn(1, 3, 224, 224))
     assert [tuple(m.shape) for m in maps] == [(1, 384, 14, 14)] * 2
+
+
+@torch.no_grad()
+def test_timms_own_feature_getter_takes_our_models() -> None:
+    """timm's FeatureGetterNet (what features_only builds for models with forward_intermediates) prunes our models
+    through prune_intermediate_layers and reads them through forward_intermediates; features_only prunes them too."""
+    from timm.models._features import FeatureGetterNet
+
+    def create(name: str, **fields: object) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(name, **fields).eval()
+
+    images = torch.randn(1, 3, 64, 96)
+    want = create("rmt_t", num_layers=(1, 1, 1, 1)).forward_stages(images)
+    getter = FeatureGetterNet(create("rmt_t", num_layers=(1, 1, 1, 1)), out_indices=(0, -3))
+    assert getter.feature_info.channels() == [64, 128] and len(getter.model.stages) == 2
+    for got, expected in zip(getter(images), want[:2], strict=True):
+        torch.testing.assert_close(got, expected)
+    net = timm.create_model("rmt_t", features_only=True, out_indices=(1,), num_layers=(1, 1, 1, 1))
+    assert len(net.model.stages) == 2 and net.model.num_classes == 0
+    images = torch.randn(1, 3, 224, 224)
+    want = create("vir_small_patch16", num_layers=3).forward_intermediates(images, output_fmt="NLC")[1]
+    getter = FeatureGetterNet(create("vir_small_patch16", num_layers=3), out_indices=2, output_fmt="NLC")
+    assert getter.feature_info.channels() == [384, 384] and getter.model.backbone.num_layers == 3
+    for got, expected in zip(getter(images), want[1:], strict=True):
+        assert got.shape == (1, 196, 384)
+        torch.testing.assert_close(got, expected)

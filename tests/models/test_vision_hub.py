@@ -125,38 +125,6 @@ def test_reset_classifier(name: str) -> None:
         model.reset_classifier(-1)
 
 
-def test_rmt_feature_maps_are_the_stages_at_strides_4_to_32() -> None:
-    config = RMTConfig.from_preset("rmt-t", num_layers=(1, 1, 1, 1))
-    model = RMTForImageClassification(config).eval()
-    images = torch.randn(1, 3, 64, 96)
-    info = model.feature_info
-    assert [(i["num_chs"], i["reduction"]) for i in info] == [(64, 4), (128, 8), (256, 16), (512, 32)]
-    with torch.no_grad():
-        maps = model.feature_maps(images)
-        assert [tuple(m.shape) for m in maps] == [(1, i["num_chs"], 64 // i["reduction"], 96 // i["reduction"])
-                                                  for i in info]  # fmt: skip
-        torch.testing.assert_close(maps[-1], model.forward_features(images))
-        for got, want in zip(model.feature_maps(images, (1, 3)), (maps[1], maps[3]), strict=True):
-            torch.testing.assert_close(got, want)
-
-
-def test_vir_feature_maps_are_the_blocks_patch_tokens_at_stride_16() -> None:
-    """Each block's output, recomputed block by block from the embedded tokens, its patch tokens as a map."""
-    config = ViRConfig(image_size=48, patch_size=16, dim_model=32, num_layers=3, num_heads=4, num_classes=5)
-    model = ViRForImageClassification(config).eval()
-    images = torch.randn(2, 3, 48, 48)
-    assert [(i["num_chs"], i["reduction"]) for i in model.feature_info] == [(32, 16)] * 3
-    with torch.no_grad():
-        maps = model.feature_maps(images)
-        x, want = model.embed(images), []
-        for block in model.backbone.blocks:
-            x = block(x, mode="parallel")
-            want.append(x[:, :-1].mT.reshape(2, 32, 3, 3))
-        for got, expected in zip(maps, want, strict=True):
-            torch.testing.assert_close(got, expected)
-        assert [m.shape for m in model.feature_maps(images, (2,))] == [want[2].shape]
-
-
 def test_timm_entrypoints_build_every_preset(monkeypatch: pytest.MonkeyPatch) -> None:
     """register_timm_models against a stand-in for timm's registry (timm itself: test_timm.py): one entry point per
     preset, named as timm names models, that builds that preset with the fields and timm arguments create_model
@@ -236,7 +204,7 @@ def test_the_auto_class_model_refuses_what_it_would_silently_ignore(name: str) -
         loss, logits = model(images, labels=labels, return_dict=False)
     torch.testing.assert_close((loss, logits), (out.loss, out.logits))
     for asked in ({"output_attentions": True}, {"num_items_in_batch": 16}):
-        with pytest.raises(TypeError, match=f"not \\['{next(iter(asked))}'\\].*feature_maps"):
+        with pytest.raises(TypeError, match=f"not \\['{next(iter(asked))}'\\].*forward_intermediates"):
             model(images, labels=labels, **asked)
 
 

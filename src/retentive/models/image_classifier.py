@@ -3,6 +3,7 @@ included; PreTrainedImageClassifier: the same model as transformers' Auto classe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -18,14 +19,36 @@ from .image_processing import ResizeCropImageProcessor
 from .remote_code import REMOTE_CODE, REMOTE_CODE_FILE, remote_code_map
 
 
+def take_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's choice of ``count`` maps: all (None), the last n (an int n) or those listed (negative from the end)
+    -> their indices counted from the start, in the order asked."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int):
+        if not 1 <= indices <= count:
+            raise ValueError(f"indices: the last {indices} maps asked, but the model has {count}: ask for 1 to {count}")
+        return list(range(count - indices, count))
+    taken = [i + count if isinstance(i, int) and i < 0 else i for i in indices]
+    if not taken or not all(isinstance(i, int) and 0 <= i < count for i in taken):
+        raise ValueError(
+            f"indices must list maps from {-count} to {count - 1} (the model has {count}), got {list(indices)}"
+        )
+    return taken
+
+
+def check_output_fmt(output_fmt: str, formats: tuple[str, ...]) -> None:
+    if output_fmt not in formats:
+        raise ValueError(f"output_fmt must be one of {formats} for this model, got {output_fmt!r}")
+
+
 class ImageClassifier(nn.Module):
     """An image classifier: its config, logits and loss in Hugging Face's output, its parameter count.
 
     A subclass builds its layers after ``super().__init__(config)``, the classifier as ``self.head``; it defines
     ``forward_features`` (images -> the backbone's output; what the model computes on the way, in transformers'
     ``hidden_states``, appended to a list it is given), ``forward_head`` (that output -> pooled features -> logits),
-    ``feature_info`` and ``feature_maps`` (timm's names), and its ``forward`` returns
-    ``self.classify(logits, labels, hidden_states)``.
+    timm's ``feature_info``, ``forward_intermediates`` and ``prune_intermediate_layers``, and its ``forward``
+    returns ``self.classify(logits, labels, hidden_states)``.
 
     Args:
         config: the model's config, kept as ``self.config``.
@@ -59,13 +82,40 @@ class ImageClassifier(nn.Module):
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
-        """timm's description of :meth:`feature_maps`: per map, ``num_chs`` (channels), ``reduction`` (stride in
-        pixels) and ``module`` (the module whose output it is)."""
+        """timm's description of the maps :meth:`forward_intermediates` gives: per map, ``num_chs`` (channels),
+        ``reduction`` (stride in pixels) and ``module`` (the module whose output it is)."""
         raise NotImplementedError
 
-    def feature_maps(self, pixel_values: Tensor, out_indices: tuple[int, ...] | None = None) -> list[Tensor]:
-        """Images (B, C, H, W) -> the maps ``feature_info`` lists (all of them, or those of ``out_indices``), each
-        (B, num_chs, H / reduction, W / reduction)."""
+    def forward_intermediates(
+        self,
+        pixel_values: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature extraction: images (B, C, H, W) -> the maps that ``feature_info`` lists (ViR: each block's
+        output; RMT: each stage's before its merging), each (B, num_chs, H / reduction, W / reduction).
+
+        Args:
+            indices: which maps: all (None), the last n (an int n), or those of a sequence (negative from the end).
+            norm: the backbone's final norm on each map, where it has one (ViR; RMT ends in none).
+            stop_early: run nothing past the last map taken; the features returned are then that block's or
+                stage's output (ViR: normalized).
+            output_fmt: ``"NCHW"``, or ``"NLC"`` (B, h * w, num_chs) where the model has tokens (ViR).
+            intermediates_only: return the maps alone, not ``(features, maps)`` with the features of
+                ``forward_features``.
+        """
+        raise NotImplementedError
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what :meth:`forward_intermediates` no longer needs for the maps ``indices`` (as there): the blocks or
+        stages past the last, the final norm if ``prune_norm``, the classifier if ``prune_head`` (then
+        ``num_classes`` is 0) or if the stages it reads are gone. Returns the maps' indices, counted from the start
+        (what timm's ``features_only`` models keep). The config still describes the model before pruning."""
         raise NotImplementedError
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
@@ -222,7 +272,7 @@ class PreTrainedImageClassifier(TransformersCheckpointing, PreTrainedModel):
         if asked := sorted(name for name, value in kwargs.items() if value is not None and value is not False):
             raise TypeError(
                 f"{type(self).__name__}.forward takes pixel_values, labels, output_hidden_states and return_dict, "
-                f"not {asked}; timm's feature maps: model.classifier.feature_maps(pixel_values, out_indices)"
+                f"not {asked}; timm's feature maps: model.classifier.forward_intermediates(pixel_values)"
             )
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states

@@ -98,11 +98,14 @@ class RetNet(CheckpointedBlocks, nn.Module):
     ) -> None:
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        self.num_layers = num_layers
         kw = {"norm": norm, "norm_eps": norm_eps, "device": device, "dtype": dtype}
         block = dict(dropout=dropout, **kw, **options)
         self.blocks = nn.ModuleList(RetNetBlock(dim_model, num_heads, ffn_dim, **block) for _ in range(num_layers))
         self.norm = make_norm(norm, dim_model, norm_eps, device=device, dtype=dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
 
     def forward(
         self,
@@ -113,11 +116,14 @@ class RetNet(CheckpointedBlocks, nn.Module):
         starts: Tensor | None = None,
         return_state: bool = False,
         hidden_states: list[Tensor] | None = None,
+        depth: int | None = None,
         **form_kwargs: Any,
     ) -> Tensor | tuple[Tensor, list[RetentionState]]:
         """x: (B, T, d) embeddings -> (B, T, d), and each block's state if ``return_state``. Each block's input
         (B, T, d) is appended to ``hidden_states`` if it is a list: the embeddings first, the output of the last
-        block but one last.
+        block but one last. ``depth`` runs only the first ``depth`` blocks (``state`` then holds as many) and
+        returns the last one's output as it is, without the final norm: the taps of timm's
+        ``forward_intermediates``.
 
         The form is resolved here, once for every block, by :meth:`Form.resolve` from ``form_args`` and
         ``form_kwargs``: the seed repository's ``attn_mask, num_chunks, normalize_attn, normalize_retn`` (in this
@@ -126,10 +132,13 @@ class RetNet(CheckpointedBlocks, nn.Module):
         (:meth:`MultiScaleRetention.forward`). One token after a state, without gradients, takes :meth:`decode_step`.
         """
         form = Form.resolve(x, *form_args, **form_kwargs)
-        if state is not None and len(state) != self.num_layers:
-            raise ValueError(f"state must hold one RetentionState per block ({self.num_layers}), got {len(state)}")
+        if depth is not None and not (isinstance(depth, int) and 1 <= depth <= self.num_layers):
+            raise ValueError(f"depth must be an integer from 1 to num_layers ({self.num_layers}), got {depth!r}")
+        blocks = self.blocks if depth is None else self.blocks[:depth]
+        if state is not None and len(state) != len(blocks):
+            raise ValueError(f"state must hold one RetentionState per block run ({len(blocks)}), got {len(state)}")
         decoding = form.steps_one_token(x) and state is not None and return_state and padding_mask is None
-        decoding = decoding and hidden_states is None and starts is None
+        decoding = decoding and hidden_states is None and starts is None and depth is None
         if decoding and not (self.training or torch.is_grad_enabled()):
             return self.decode_step(x, state)
         first = self.blocks[0].retention
@@ -137,7 +146,7 @@ class RetNet(CheckpointedBlocks, nn.Module):
         if first.rotary:  # every layer rotates the same positions: form the phases once
             rotary = first.rotary_phase(positions_of(x, state and state[0], padding_mask, starts), x.dtype)
         new_state = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(blocks):
             if hidden_states is not None:
                 hidden_states.append(x)
             x = self.run_block(
@@ -154,7 +163,8 @@ class RetNet(CheckpointedBlocks, nn.Module):
             if return_state:
                 x, s = x
                 new_state.append(s)
-        x = self.norm(x)
+        if depth is None:
+            x = self.norm(x)
         return (x, new_state) if return_state else x
 
     def decode_step(

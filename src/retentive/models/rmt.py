@@ -8,6 +8,7 @@ The layout follows the official classification code, so the named sizes have its
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +19,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from ..layers.checkpointing import CheckpointedBlocks
 from ..layers.conv import ConvStem, PatchMerging
 from ..layers.rmt_block import RMTBlock
-from .image_classifier import ImageClassifier, PreTrainedImageClassifier
+from .image_classifier import ImageClassifier, PreTrainedImageClassifier, check_output_fmt, take_indices
 from .preset_config import PresetConfig, check_positive_int
 
 # name -> the fields that differ from the defaults (the defaults are RMT-T)
@@ -182,41 +183,53 @@ class RMTForImageClassification(ImageClassifier):
         c, kw = config, {"device": device, "dtype": dtype}
         self.stem = ConvStem(c.in_channels, c.dim_model[0], **kw)
         self.stages = nn.ModuleList(RMTStage(c, i, **kw) for i in range(c.num_stages))
-        self.proj = nn.Linear(c.dim_model[-1], c.projection, **kw)
-        self.norm = nn.BatchNorm1d(c.projection, **kw)
+        # the classifier: None once prune_intermediate_layers removes the stage it reads
+        self.proj: nn.Linear | None = nn.Linear(c.dim_model[-1], c.projection, **kw)
+        self.norm: nn.BatchNorm1d | None = nn.BatchNorm1d(c.projection, **kw)
         self.head = nn.Linear(c.projection, c.num_classes, **kw)
         if device is None or torch.device(device).type != "meta":
             self.apply(_init_linear)
 
-    def forward_features(self, pixel_values: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
+    def forward_features(
+        self, pixel_values: Tensor, hidden_states: list[Tensor] | None = None, depth: int | None = None
+    ) -> Tensor:
         """Images (B, C, H, W) -> the last stage's feature map (B, C_last, H / 32, W / 32) for four stages.
 
         ``hidden_states``, a list, gets num_stages + 1 maps (B, C_i, H_i, W_i), as transformers' hierarchical models
         (ConvNeXt) give them: the stem's output at stride 4, then each stage's before its merging (the maps of
-        :meth:`forward_stages`), the last one what this returns.
+        :meth:`forward_stages`), the last one what this returns. ``depth`` runs the first ``depth`` stages alone,
+        the last of them without its merging.
         """
         self._check(pixel_values)
+        if depth is not None and not (isinstance(depth, int) and 1 <= depth <= len(self.stages)):
+            raise ValueError(f"depth must be an integer from 1 to num_stages ({len(self.stages)}), got {depth!r}")
+        stages = self.stages if depth is None else self.stages[:depth]
         x = self.stem(pixel_values)  # (B, H/4, W/4, C0)
         if hidden_states is not None:
             hidden_states.append(x.permute(0, 3, 1, 2))
-        for stage in self.stages:
+        for i, stage in enumerate(stages):
             x = stage.forward_blocks(x)
             if hidden_states is not None:
                 hidden_states.append(x.permute(0, 3, 1, 2))
-            if stage.downsample is not None:
+            if stage.downsample is not None and i + 1 < len(stages):
                 x = stage.downsample(x)
         return x.permute(0, 3, 1, 2)
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         """The last feature map (B, C_last, h, w) -> logits (B, num_classes), or with ``pre_logits`` the pooled
         features (B, projection): projection, BatchNorm over (B, projection, h * w), swish, mean."""
+        if self.proj is None:
+            raise RuntimeError(
+                "the stages the classifier reads were pruned (prune_intermediate_layers): this model gives "
+                "feature maps alone, through forward_intermediates"
+            )
         x = self.proj(features.flatten(2).transpose(1, 2))  # (B, h * w, projection)
         x = F.silu(self.norm(x.transpose(1, 2))).mean(-1)  # (B, projection)
         return x if pre_logits else self.head(x)
 
     @property
     def num_features(self) -> int:
-        return self.config.dim_model[-1]
+        return self.config.dim_model[len(self.stages) - 1]
 
     @property
     def head_hidden_size(self) -> int:
@@ -226,14 +239,41 @@ class RMTForImageClassification(ImageClassifier):
     def feature_info(self) -> list[dict[str, Any]]:
         """The stages' maps: ``dim_model[i]`` channels at stride 4 * 2^i."""
         return [
-            {"num_chs": dim, "reduction": 4 * 2**i, "module": f"stages.{i}"}
-            for i, dim in enumerate(self.config.dim_model)
+            {"num_chs": self.config.dim_model[i], "reduction": 4 * 2**i, "module": f"stages.{i}"}
+            for i in range(len(self.stages))
         ]
 
-    def feature_maps(self, pixel_values: Tensor, out_indices: tuple[int, ...] | None = None) -> list[Tensor]:
-        """:meth:`forward_stages`, all stages or those of ``out_indices``."""
-        maps = self.forward_stages(pixel_values)
-        return maps if out_indices is None else [maps[i] for i in out_indices]
+    def forward_intermediates(
+        self,
+        pixel_values: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Images (B, C, H, W), any H and W -> the stages' maps before their merging, (B, dim_model[i], H_i, W_i) at
+        strides 4, 8, 16, 32 (``ceil`` of the size at each step). ``norm`` changes nothing: RMT ends in no norm.
+        The rest as :meth:`ImageClassifier.forward_intermediates`."""
+        check_output_fmt(output_fmt, ("NCHW",))
+        take = take_indices(len(self.stages), indices)
+        hidden: list[Tensor] = []
+        x = self.forward_features(pixel_values, hidden, depth=max(take) + 1 if stop_early else None)
+        maps = [hidden[1 + i] for i in take]  # the stem's map first
+        return maps if intermediates_only else (x, maps)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take = take_indices(len(self.stages), indices)
+        pruned_end = max(take) + 1 < len(self.stages)
+        if pruned_end:  # the classifier reads the last stage: it goes with it
+            self.stages = self.stages[: max(take) + 1]
+            self.stages[-1].downsample = None
+            self.proj = self.norm = None
+        if prune_head or pruned_end:
+            self.reset_classifier(0)
+        return take
 
     def _check(self, pixel_values: Tensor) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
@@ -244,10 +284,8 @@ class RMTForImageClassification(ImageClassifier):
 
     def forward_stages(self, pixel_values: Tensor) -> list[Tensor]:
         """Images (B, C, H, W) -> each stage's feature map before its merging, (B, C_i, H_i, W_i), at strides 4, 8,
-        16, 32 for four stages (``ceil`` of the size at each step): the inputs of a detection or segmentation neck."""
-        maps: list[Tensor] = []
-        self.forward_features(pixel_values, maps)
-        return maps[1:]  # the stem's map first
+        16, 32 for four stages: the inputs of a detection or segmentation neck (:meth:`forward_intermediates`)."""
+        return self.forward_intermediates(pixel_values, intermediates_only=True)
 
     def forward(
         self, pixel_values: Tensor, labels: Tensor | None = None, output_hidden_states: bool = False

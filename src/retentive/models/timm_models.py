@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -35,31 +35,33 @@ def timm_name(preset: str) -> str:
 
 
 class FeatureMaps(nn.Module):
-    """timm's ``features_only`` model: images (B, C, H, W) -> the feature maps of ``out_indices`` (all by default),
-    with timm's ``feature_info`` (``.channels()``, ``.reduction()``) describing them.
+    """timm's ``features_only`` model (as its ``FeatureGetterNet``): images (B, C, H, W) -> the feature maps of
+    ``out_indices`` (all by default), with timm's ``feature_info`` (``.channels()``, ``.reduction()``) describing
+    them. The model is pruned first (``prune_intermediate_layers``): what the maps do not need, the classifier
+    included, is gone.
 
     Args:
-        model: the classifier whose maps these are (kept whole: its head is unused).
-        out_indices: which of ``model.feature_info``'s maps (RMT: stages; ViR: blocks).
+        model: the classifier whose maps these are.
+        out_indices: which of ``model.feature_info``'s maps (RMT: stages; ViR: blocks), negative from the end.
     """
 
-    def __init__(self, model: ImageClassifier, out_indices: tuple[int, ...] | None = None) -> None:
+    def __init__(self, model: ImageClassifier, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
         from timm.models._features import FeatureInfo
 
+        self.out_indices = model.prune_intermediate_layers(out_indices, prune_norm=True)  # maps unnormalized
         self.model = model
-        self.out_indices = tuple(range(len(model.feature_info)) if out_indices is None else out_indices)
         self.feature_info = FeatureInfo(model.feature_info, self.out_indices)
 
     def forward(self, pixel_values: Tensor) -> list[Tensor]:
-        return self.model.feature_maps(pixel_values, self.out_indices)
+        return self.model.forward_intermediates(pixel_values, self.out_indices, intermediates_only=True)
 
 
 def entrypoint(cls: type[ImageClassifier], preset: str) -> Callable[..., nn.Module]:
     """The function timm's ``create_model`` calls for ``preset`` of ``cls``, named as timm names it."""
 
     def create(
-        pretrained: bool = False, features_only: bool = False, out_indices: tuple[int, ...] | None = None, **fields: Any
+        pretrained: bool = False, features_only: bool = False, out_indices: Sequence[int] | None = None, **fields: Any
     ) -> nn.Module:
         if pretrained:
             raise ValueError(

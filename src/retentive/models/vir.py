@@ -9,6 +9,7 @@ the same logits; the last two stream the tokens through the whole stack, carryin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..ops import MODES, check_chunk_size
-from .image_classifier import ImageClassifier, PreTrainedImageClassifier
+from .image_classifier import ImageClassifier, PreTrainedImageClassifier, check_output_fmt, take_indices
 from .preset_config import PresetConfig, check_heads, check_positive_int
 from .retnet import RetNet
 
@@ -170,6 +171,7 @@ class ViRForImageClassification(ImageClassifier):
         mode: str = "parallel",
         chunk_size: int = 16,
         hidden_states: list[Tensor] | None = None,
+        depth: int | None = None,
     ) -> Tensor:
         """Images -> the normalized tokens of the backbone, (B, num_patches + 1, d).
 
@@ -177,6 +179,8 @@ class ViRForImageClassification(ImageClassifier):
         time and ``"recurrent"`` one token at a time through the whole stack, carrying every layer's state.
         ``hidden_states``, a list, gets num_layers + 1 tensors (B, num_patches + 1, d), as the language model gives
         them: the embedded tokens, each block's output, and the normalized output last (what this returns).
+        ``depth`` runs the first ``depth`` blocks alone and returns the last one's output without the final norm
+        (``hidden_states`` then gets depth + 1 tensors).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -194,6 +198,7 @@ class ViRForImageClassification(ImageClassifier):
                 state=state,
                 return_state=step < T,  # a state to carry into the next piece
                 hidden_states=inputs,
+                depth=depth,
             )
             if step < T:
                 y, state = y
@@ -240,26 +245,47 @@ class ViRForImageClassification(ImageClassifier):
         c = self.config
         return [
             {"num_chs": c.dim_model, "reduction": c.patch_size, "module": f"backbone.blocks.{i}"}
-            for i in range(c.num_layers)
+            for i in range(self.backbone.num_layers)
         ]
 
-    def feature_maps(self, pixel_values: Tensor, out_indices: tuple[int, ...] | None = None) -> list[Tensor]:
-        """Images (B, C, S, S) -> the outputs of the blocks ``out_indices`` (default: all), in the parallel form,
-        their patch tokens as maps (B, d, S / patch_size, S / patch_size) (the class token is left out)."""
-        blocks = self.backbone.blocks
-        indices = range(len(blocks)) if out_indices is None else out_indices
-        outputs: dict[int, Tensor] = {}
-        hooks = [
-            blocks[i].register_forward_hook(lambda _module, _args, out, i=i: outputs.__setitem__(i, out))
-            for i in indices
-        ]
-        try:
-            self.forward_features(pixel_values)
-        finally:
-            for hook in hooks:
-                hook.remove()
+    def forward_intermediates(
+        self,
+        pixel_values: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        *,
+        mode: str = "parallel",
+        chunk_size: int = 16,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Images (B, C, S, S) -> the blocks' outputs, their patch tokens (the class token left out) as maps
+        (B, d, S / patch_size, S / patch_size), or as tokens (B, num_patches, d) with ``output_fmt="NLC"``; in any
+        of the three forms (``mode``, ``chunk_size``: see :meth:`forward_features`). The rest as
+        :meth:`ImageClassifier.forward_intermediates`."""
+        check_output_fmt(output_fmt, ("NCHW", "NLC"))
+        take = take_indices(self.backbone.num_layers, indices)
+        depth = max(take) + 1 if stop_early else self.backbone.num_layers
+        hidden: list[Tensor] = []
+        x = self.forward_features(pixel_values, mode=mode, chunk_size=chunk_size, hidden_states=hidden, depth=depth)
         side = self.config.image_size // self.config.patch_size
-        return [outputs[i][:, :-1].transpose(1, 2).unflatten(2, (side, side)) for i in indices]  # (B, d, side, side)
+        maps = []
+        for i in take:
+            tokens = (self.backbone.norm(hidden[1 + i]) if norm else hidden[1 + i])[:, :-1]  # (B, num_patches, d)
+            maps.append(tokens.mT.unflatten(2, (side, side)) if output_fmt == "NCHW" else tokens)
+        return maps if intermediates_only else (self.backbone.norm(x), maps)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take = take_indices(self.backbone.num_layers, indices)
+        self.backbone.blocks = self.backbone.blocks[: max(take) + 1]
+        if prune_norm:
+            self.backbone.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
 
 class PreTrainedViR(PreTrainedImageClassifier):
