@@ -134,8 +134,11 @@ def test_pruned_rmt_keeps_the_stages_asked_and_says_its_head_is_gone() -> None:
     with pytest.raises(RuntimeError, match="pruned"):
         model(images)
     whole = rmt()
+    assert whole.prune_intermediate_layers(None, prune_head=False) == [0, 1, 2, 3] and whole.num_classes == 5
     assert whole.prune_intermediate_layers(None) == [0, 1, 2, 3] and whole.num_classes == 0
-    torch.testing.assert_close(whole(images).logits, whole.forward_head(whole.forward_features(images), True))
+    assert whole.num_parameters() == sum(p.numel() for p in (*whole.stem.parameters(), *whole.stages.parameters()))
+    with pytest.raises(RuntimeError, match="pruned"):
+        whole(images)
 
 
 def test_backbone_depth_runs_the_first_blocks_without_the_final_norm() -> None:

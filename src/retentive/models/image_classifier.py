@@ -36,19 +36,16 @@ def take_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
     return taken
 
 
-def check_output_fmt(output_fmt: str, formats: tuple[str, ...]) -> None:
-    if output_fmt not in formats:
-        raise ValueError(f"output_fmt must be one of {formats} for this model, got {output_fmt!r}")
-
-
 class ImageClassifier(nn.Module):
     """An image classifier: its config, logits and loss in Hugging Face's output, its parameter count.
 
     A subclass builds its layers after ``super().__init__(config)``, the classifier as ``self.head``; it defines
     ``forward_features`` (images -> the backbone's output; what the model computes on the way, in transformers'
     ``hidden_states``, appended to a list it is given), ``forward_head`` (that output -> pooled features -> logits),
-    timm's ``feature_info``, ``forward_intermediates`` and ``prune_intermediate_layers``, and its ``forward``
-    returns ``self.classify(logits, labels, hidden_states)``.
+    timm's ``feature_info`` and ``prune_intermediate_layers``, and its ``forward`` returns
+    ``self.classify(logits, labels, hidden_states)``. ``forward_features`` takes ``depth``: only the first blocks or
+    stages, the last one's output as it is (without a final norm, see :meth:`normalize`); timm's
+    ``forward_intermediates`` is built on it here.
 
     Args:
         config: the model's config, kept as ``self.config``.
@@ -56,6 +53,7 @@ class ImageClassifier(nn.Module):
 
     config_class: type[PretrainedConfig]  # set by each subclass
     pretrained_class: ClassVar[str]  # the name of its PreTrainedImageClassifier, in REMOTE_CODE
+    output_fmts: ClassVar[tuple[str, ...]] = ("NCHW",)  # forward_intermediates' layouts
     head: nn.Module
 
     def __init__(self, config: PretrainedConfig) -> None:
@@ -94,6 +92,7 @@ class ImageClassifier(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        **forward_kwargs: Any,
     ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """timm's feature extraction: images (B, C, H, W) -> the maps that ``feature_info`` lists (ViR: each block's
         output; RMT: each stage's before its merging), each (B, num_chs, H / reduction, W / reduction).
@@ -103,11 +102,31 @@ class ImageClassifier(nn.Module):
             norm: the backbone's final norm on each map, where it has one (ViR; RMT ends in none).
             stop_early: run nothing past the last map taken; the features returned are then that block's or
                 stage's output (ViR: normalized).
-            output_fmt: ``"NCHW"``, or ``"NLC"`` (B, h * w, num_chs) where the model has tokens (ViR).
+            output_fmt: one of ``output_fmts``: ``"NCHW"``, or ``"NLC"`` (B, h * w, num_chs) where the model has
+                tokens (ViR).
             intermediates_only: return the maps alone, not ``(features, maps)`` with the features of
                 ``forward_features``.
+            forward_kwargs: more arguments of ``forward_features`` (ViR: its form, ``mode`` and ``chunk_size``).
         """
-        raise NotImplementedError
+        if output_fmt not in self.output_fmts:
+            raise ValueError(f"output_fmt must be one of {self.output_fmts} for this model, got {output_fmt!r}")
+        take = take_indices(len(self.feature_info), indices)
+        depth = max(take) + 1 if stop_early else len(self.feature_info)
+        hidden: list[Tensor] = []
+        x = self.forward_features(pixel_values, hidden_states=hidden, depth=depth, **forward_kwargs)
+        maps = [self.feature_map(hidden[1 + i], norm) for i in take]  # hidden: the stem's output first
+        if output_fmt == "NLC":
+            maps = [m.flatten(2).mT for m in maps]  # (B, h * w, C)
+        return maps if intermediates_only else (self.normalize(x), maps)
+
+    def feature_map(self, hidden: Tensor, norm: bool = False) -> Tensor:
+        """One of ``forward_features``' ``hidden_states`` -> the feature map (B, C, h, w), with the backbone's final
+        norm if ``norm`` (this default: the hidden state is the map, and there is no norm)."""
+        return hidden
+
+    def normalize(self, features: Tensor) -> Tensor:
+        """The output of ``forward_features(..., depth=n)`` -> the backbone's final norm on it (this default: none)."""
+        return features
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False, prune_head: bool = True

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from ..layers.checkpointing import CheckpointedBlocks
 from ..layers.conv import ConvStem, PatchMerging
 from ..layers.rmt_block import RMTBlock
-from .image_classifier import ImageClassifier, PreTrainedImageClassifier, check_output_fmt, take_indices
+from .image_classifier import ImageClassifier, PreTrainedImageClassifier, take_indices
 from .preset_config import PresetConfig, check_positive_int
 
 # name -> the fields that differ from the defaults (the defaults are RMT-T)
@@ -183,7 +183,7 @@ class RMTForImageClassification(ImageClassifier):
         c, kw = config, {"device": device, "dtype": dtype}
         self.stem = ConvStem(c.in_channels, c.dim_model[0], **kw)
         self.stages = nn.ModuleList(RMTStage(c, i, **kw) for i in range(c.num_stages))
-        # the classifier: None once prune_intermediate_layers removes the stage it reads
+        # the classifier's projection and norm: None once prune_intermediate_layers removes it
         self.proj: nn.Linear | None = nn.Linear(c.dim_model[-1], c.projection, **kw)
         self.norm: nn.BatchNorm1d | None = nn.BatchNorm1d(c.projection, **kw)
         self.head = nn.Linear(c.projection, c.num_classes, **kw)
@@ -220,8 +220,8 @@ class RMTForImageClassification(ImageClassifier):
         features (B, projection): projection, BatchNorm over (B, projection, h * w), swish, mean."""
         if self.proj is None:
             raise RuntimeError(
-                "the stages the classifier reads were pruned (prune_intermediate_layers): this model gives "
-                "feature maps alone, through forward_intermediates"
+                "the classifier was pruned (prune_intermediate_layers): this model gives feature maps alone, "
+                "through forward_intermediates"
             )
         x = self.proj(features.flatten(2).transpose(1, 2))  # (B, h * w, projection)
         x = F.silu(self.norm(x.transpose(1, 2))).mean(-1)  # (B, projection)
@@ -243,36 +243,19 @@ class RMTForImageClassification(ImageClassifier):
             for i in range(len(self.stages))
         ]
 
-    def forward_intermediates(
-        self,
-        pixel_values: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Images (B, C, H, W), any H and W -> the stages' maps before their merging, (B, dim_model[i], H_i, W_i) at
-        strides 4, 8, 16, 32 (``ceil`` of the size at each step). ``norm`` changes nothing: RMT ends in no norm.
-        The rest as :meth:`ImageClassifier.forward_intermediates`."""
-        check_output_fmt(output_fmt, ("NCHW",))
-        take = take_indices(len(self.stages), indices)
-        hidden: list[Tensor] = []
-        x = self.forward_features(pixel_values, hidden, depth=max(take) + 1 if stop_early else None)
-        maps = [hidden[1 + i] for i in take]  # the stem's map first
-        return maps if intermediates_only else (x, maps)
-
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
+        """Here the classifier is the projection, its norm and the head (what ``forward_head`` runs), and it goes
+        with the last stage, which it reads. See :meth:`ImageClassifier.prune_intermediate_layers`."""
         take = take_indices(len(self.stages), indices)
-        pruned_end = max(take) + 1 < len(self.stages)
-        if pruned_end:  # the classifier reads the last stage: it goes with it
+        if max(take) + 1 < len(self.stages):
             self.stages = self.stages[: max(take) + 1]
             self.stages[-1].downsample = None
-            self.proj = self.norm = None
-        if prune_head or pruned_end:
+            prune_head = True
+        if prune_head:
             self.reset_classifier(0)
+            self.proj = self.norm = None
         return take
 
     def _check(self, pixel_values: Tensor) -> None:

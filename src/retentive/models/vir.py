@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..ops import MODES, check_chunk_size
-from .image_classifier import ImageClassifier, PreTrainedImageClassifier, check_output_fmt, take_indices
+from .image_classifier import ImageClassifier, PreTrainedImageClassifier, take_indices
 from .preset_config import PresetConfig, check_heads, check_positive_int
 from .retnet import RetNet
 
@@ -119,6 +119,7 @@ class ViRForImageClassification(ImageClassifier):
     _no_split_modules: ClassVar[list[str]] = ["RetNetBlock"]  # the FSDP units (HF convention)
     config_class = ViRConfig
     pretrained_class = "PreTrainedViR"
+    output_fmts = ("NCHW", "NLC")
 
     def __init__(
         self, config: ViRConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -248,33 +249,14 @@ class ViRForImageClassification(ImageClassifier):
             for i in range(self.backbone.num_layers)
         ]
 
-    def forward_intermediates(
-        self,
-        pixel_values: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        *,
-        mode: str = "parallel",
-        chunk_size: int = 16,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Images (B, C, S, S) -> the blocks' outputs, their patch tokens (the class token left out) as maps
-        (B, d, S / patch_size, S / patch_size), or as tokens (B, num_patches, d) with ``output_fmt="NLC"``; in any
-        of the three forms (``mode``, ``chunk_size``: see :meth:`forward_features`). The rest as
-        :meth:`ImageClassifier.forward_intermediates`."""
-        check_output_fmt(output_fmt, ("NCHW", "NLC"))
-        take = take_indices(self.backbone.num_layers, indices)
-        depth = max(take) + 1 if stop_early else self.backbone.num_layers
-        hidden: list[Tensor] = []
-        x = self.forward_features(pixel_values, mode=mode, chunk_size=chunk_size, hidden_states=hidden, depth=depth)
+    def feature_map(self, hidden: Tensor, norm: bool = False) -> Tensor:
+        """Tokens (B, num_patches + 1, d) -> the patches as a map (B, d, S / patch_size, S / patch_size) (the class
+        token left out), with the final norm if ``norm``."""
         side = self.config.image_size // self.config.patch_size
-        maps = []
-        for i in take:
-            tokens = (self.backbone.norm(hidden[1 + i]) if norm else hidden[1 + i])[:, :-1]  # (B, num_patches, d)
-            maps.append(tokens.mT.unflatten(2, (side, side)) if output_fmt == "NCHW" else tokens)
-        return maps if intermediates_only else (self.backbone.norm(x), maps)
+        return (self.backbone.norm(hidden) if norm else hidden)[:, :-1].mT.unflatten(2, (side, side))
+
+    def normalize(self, features: Tensor) -> Tensor:
+        return self.backbone.norm(features)
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False, prune_head: bool = True
