@@ -100,10 +100,12 @@ def test_rmt_intermediates_are_the_stages_before_their_merging() -> None:
                              (want[3], want[1]), strict=True):  # fmt: skip
         torch.testing.assert_close(got, expected)  # norm: RMT ends in none
     ran = []
-    model.stages[2].register_forward_hook(lambda *_: ran.append(True))
+    model.stages[2].blocks[0].register_forward_hook(lambda *_: ran.append(True))
     features, maps = model.forward_intermediates(images, (0, 1), stop_early=True)
     assert not ran and len(maps) == 2
     torch.testing.assert_close(features, want[1])  # the last stage run, before its merging
+    model.forward_intermediates(images, (0, 1))
+    assert ran
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(images, output_fmt="NLC")
 
@@ -116,8 +118,12 @@ def test_pruned_vir_gives_the_same_maps_without_the_rest() -> None:
     assert isinstance(model.backbone.norm, torch.nn.Identity) and model.num_classes == 0
     for got, expected in zip(model.forward_intermediates(images, (0, 1), intermediates_only=True), want, strict=True):
         torch.testing.assert_close(got, expected)
-    # no head and no norm: the "logits" are the class token as the last block left it
-    torch.testing.assert_close(model(images).logits, vir_blocks(model, images)[1][:, -1])
+    assert model.cls_token is None and model.embed(images).shape == (2, 9, 32)  # the class token went with the head
+    with pytest.raises(RuntimeError, match="pruned"):
+        model(images)
+    whole = vir()
+    whole.prune_intermediate_layers(None, prune_head=False)
+    torch.testing.assert_close(whole(images).logits, vir()(images).logits)
 
 
 def test_pruned_rmt_keeps_the_stages_asked_and_says_its_head_is_gone() -> None:

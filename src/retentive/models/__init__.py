@@ -1,9 +1,11 @@
 """Models built on :mod:`retentive.layers`; they know nothing of how retention is computed."""
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
@@ -18,9 +20,9 @@ from .modeling_retnet import (
     RetNetPreTrainedModel,
 )
 from .retnet import RetNet
-from .rmt import RMT_PRESETS, PreTrainedRMT, RMTConfig, RMTForImageClassification
+from .rmt import RMT_PRESETS, PreTrainedRMT, RMTBackbone, RMTConfig, RMTForImageClassification
 from .timm_models import register_timm_models
-from .vir import VIR_PRESETS, PreTrainedViR, ViRConfig, ViRForImageClassification
+from .vir import VIR_PRESETS, PreTrainedViR, ViRBackbone, ViRConfig, ViRForImageClassification
 
 AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
 AutoConfig.register(ViRConfig.model_type, ViRConfig, exist_ok=True)
@@ -29,6 +31,10 @@ AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)
 AutoModelForCausalLM.register(RetNetConfig, RetNetForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(RetNetConfig, RetNetForSequenceClassification, exist_ok=True)
 AutoModelForTokenClassification.register(RetNetConfig, RetNetForTokenClassification, exist_ok=True)
+AutoModelForImageClassification.register(RMTConfig, PreTrainedRMT, exist_ok=True)
+AutoModelForImageClassification.register(ViRConfig, PreTrainedViR, exist_ok=True)
+AutoBackbone.register(RMTConfig, RMTBackbone, exist_ok=True)
+AutoBackbone.register(ViRConfig, ViRBackbone, exist_ok=True)
 register_timm_models()  # timm.create_model("rmt_t"), where timm is installed
 
 __all__ = [
@@ -38,6 +44,7 @@ __all__ = [
     "VIR_PRESETS",
     "PreTrainedRMT",
     "PreTrainedViR",
+    "RMTBackbone",
     "RMTConfig",
     "RMTForImageClassification",
     "RetNet",
@@ -48,6 +55,7 @@ __all__ = [
     "RetNetForTokenClassification",
     "RetNetModel",
     "RetNetPreTrainedModel",
+    "ViRBackbone",
     "ViRConfig",
     "ViRForImageClassification",
     "cache_of",

@@ -1,5 +1,6 @@
 """ImageClassifier: what the vision models (ViR, RMT) share around their own layers, timm's model interface
-included; PreTrainedImageClassifier: the same model as transformers' Auto classes and pipelines load it."""
+included; PreTrainedImageClassifier: the same model as transformers' Auto classes and pipelines load it;
+PreTrainedImageBackbone: its feature maps as transformers' backbone."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 
 from ..layers.checkpointing import TransformersCheckpointing, set_grad_checkpointing
 from .image_processing import ResizeCropImageProcessor
@@ -53,6 +55,7 @@ class ImageClassifier(nn.Module):
 
     config_class: type[PretrainedConfig]  # set by each subclass
     pretrained_class: ClassVar[str]  # the name of its PreTrainedImageClassifier, in REMOTE_CODE
+    backbone_class: ClassVar[str]  # the name of its PreTrainedImageBackbone, in REMOTE_CODE
     output_fmts: ClassVar[tuple[str, ...]] = ("NCHW",)  # forward_intermediates' layouts
     head: nn.Module
 
@@ -76,7 +79,9 @@ class ImageClassifier(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.config.num_classes
+        """The classes the head scores: 0 where there is none (``reset_classifier(0)``,
+        ``prune_intermediate_layers``)."""
+        return self.head.out_features if isinstance(self.head, nn.Linear) else 0
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -134,7 +139,8 @@ class ImageClassifier(nn.Module):
         """Drop what :meth:`forward_intermediates` no longer needs for the maps ``indices`` (as there): the blocks or
         stages past the last, the final norm if ``prune_norm``, the classifier if ``prune_head`` (then
         ``num_classes`` is 0) or if the stages it reads are gone. Returns the maps' indices, counted from the start
-        (what timm's ``features_only`` models keep). The config still describes the model before pruning."""
+        (what timm's ``features_only`` models keep). The config is left as it is: it still describes the model
+        before pruning."""
         raise NotImplementedError
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
@@ -211,7 +217,11 @@ class ImageClassifier(nn.Module):
             )
         config.label2id = {name: int(i) for i, name in config.id2label.items()}
         config.auto_map = (
-            remote_code_map(AutoConfig=type(config).__name__, AutoModelForImageClassification=self.pretrained_class)
+            remote_code_map(
+                AutoConfig=type(config).__name__,
+                AutoModelForImageClassification=self.pretrained_class,
+                AutoBackbone=self.backbone_class,
+            )
             if remote_code
             else None
         )
@@ -296,4 +306,63 @@ class PreTrainedImageClassifier(TransformersCheckpointing, PreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         out = self.classifier(pixel_values, labels, output_hidden_states=output_hidden_states)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+
+class PreTrainedImageBackbone(BackboneMixin, PreTrainedImageClassifier):
+    """An :class:`ImageClassifier` as transformers' backbone: ``AutoBackbone``, and the ``backbone_config`` of
+    UperNet, DETR, Mask2Former and the other models built on ``load_backbone``. Its ``feature_maps`` are those of
+    ``config.out_features`` among ``stage_names`` (:class:`~retentive.models.preset_config.BackboneConfig`): the
+    stem's output (``"stem"``) and each stage's, as ``forward_intermediates`` gives them, each (B, C, H / stride,
+    W / stride); ViR's carry its final norm, as DINOv2's backbone does.
+
+    The classifier is pruned away (``prune_intermediate_layers``), so that a trained classifier's folder loads as a
+    backbone and every parameter gets a gradient (DDP refuses parameters that get none).
+    """
+
+    has_attentions = False  # transformers' forward_with_filtered_kwargs then drops output_attentions
+
+    def __init__(self, config: PretrainedConfig, classifier: ImageClassifier | None = None) -> None:
+        super().__init__(config, classifier)
+        self.classifier.prune_intermediate_layers(None, prune_head=True)  # the config keeps its classes
+        info = self.classifier.feature_info
+        self.num_features = [info[0]["num_chs"], *(i["num_chs"] for i in info)]  # the stem: the first stage's width
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *args: Any,
+        out_features: list[str] | None = None,
+        out_indices: list[int] | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """:meth:`PreTrainedImageClassifier.from_pretrained`, the maps of ``out_features`` or ``out_indices`` if given
+        (as ``AutoBackbone.from_pretrained`` takes them) rather than the config's."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if out_features is not None or out_indices is not None:
+            model.config.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        return model
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BackboneOutput | tuple:
+        """Images (B, C, H, W) -> ``BackboneOutput``: ``feature_maps``, one (B, C_i, H_i, W_i) per ``out_features``;
+        with ``output_hidden_states`` (None: the config's), ``hidden_states``, what ``forward_features`` collects
+        (the stem's output and every stage's, as they are). Stages past the last map asked for are not run."""
+        if output_attentions:
+            raise ValueError(f"output_attentions=True: {type(self).__name__} computes no attention weights")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        stages = len(self.stage_names)
+        indices = sorted(i % stages for i in self.out_indices)
+        hidden: list[Tensor] = []
+        depth = stages - 1 if output_hidden_states else max(1, indices[-1])
+        self.classifier.forward_features(pixel_values, hidden_states=hidden, depth=depth)
+        maps = tuple(self.classifier.feature_map(hidden[i], norm=True) for i in indices)
+        out = BackboneOutput(feature_maps=maps, hidden_states=tuple(hidden) if output_hidden_states else None)
         return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()

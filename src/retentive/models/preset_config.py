@@ -1,5 +1,6 @@
 """PresetConfig: the ``PretrainedConfig`` base of every model config (named sizes, aliases, derived fields,
-validation), and the field checks they share.
+validation), BackboneConfig for the vision models (transformers' backbone fields), and the field checks they
+share.
 
 A subclass declares its fields (dataclass style), ``presets`` (name -> the fields that differ from the defaults),
 ``attribute_map`` (alias -> field), ``derived`` with ``complete()`` for fields that follow from others, and
@@ -12,6 +13,7 @@ import dataclasses
 from typing import Any, ClassVar, Self
 
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 
 class PresetConfig(PretrainedConfig):
@@ -25,6 +27,7 @@ class PresetConfig(PretrainedConfig):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     derived: ClassVar[dict[str, str]] = {}  # a field left None -> the field ``complete()`` derives it from
+    init_only: ClassVar[tuple[str, ...]] = ()  # arguments the constructor takes that are not fields
 
     def __post_init__(self, **kwargs: Any) -> None:
         for alias, name in self.attribute_map.items():
@@ -46,7 +49,7 @@ class PresetConfig(PretrainedConfig):
         ``ViRConfig.from_preset("vir-tiny", num_classes=5)``."""
         if name not in cls.presets:
             raise ValueError(f"unknown preset {name!r} of {cls.__name__}: choose one of {tuple(cls.presets)}")
-        known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
+        known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map) | set(cls.init_only)
         if unknown := sorted(set(overrides) - known):
             raise ValueError(f"unknown config field(s) {unknown}: {cls.__name__} has {sorted(known)}")
         return cls(**cls.merge(cls.presets[name], overrides))
@@ -65,6 +68,29 @@ class PresetConfig(PretrainedConfig):
     def validate(self) -> None:
         """Raise ValueError naming the field if this config cannot build a working model (subclasses say how)."""
         raise NotImplementedError
+
+
+class BackboneConfig(BackboneConfigMixin, PresetConfig):
+    """A :class:`PresetConfig` whose model also serves as transformers' backbone (``AutoBackbone``, the
+    ``backbone_config`` of UperNet, DETR, Mask2Former...): ``stage_names`` are ``"stem"``, then ``"stage1"`` to
+    ``"stage{num_stages}"``, and ``out_features`` (those names) or ``out_indices`` (their indices) choose the maps the
+    backbone returns, the last stage by default. A subclass defines ``num_stages``.
+    """
+
+    init_only: ClassVar[tuple[str, ...]] = ("out_features", "out_indices")
+
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+
+    @property
+    def num_stages(self) -> int:
+        raise NotImplementedError
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        super().__post_init__(**kwargs)
+        self.stage_names = ["stem", *(f"stage{i}" for i in range(1, self.num_stages + 1))]
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
 
 
 def check_positive_int(name: str, value: Any) -> None:

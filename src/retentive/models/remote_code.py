@@ -16,7 +16,9 @@ from retentive.models import (
     RetNetForSequenceClassification,
     RetNetForTokenClassification,
     RetNetModel,
+    RMTBackbone,
     RMTConfig,
+    ViRBackbone,
     ViRConfig,
 )
 from retentive.models.image_processing import ResizeCropImageProcessor
@@ -24,6 +26,7 @@ from retentive.models.image_processing import ResizeCropImageProcessor
 __all__ = [
     "PreTrainedRMT",
     "PreTrainedViR",
+    "RMTBackbone",
     "RMTConfig",
     "ResizeCropImageProcessor",
     "RetNetConfig",
@@ -31,6 +34,7 @@ __all__ = [
     "RetNetForSequenceClassification",
     "RetNetForTokenClassification",
     "RetNetModel",
+    "ViRBackbone",
     "ViRConfig",
 ]
 '''

@@ -19,8 +19,8 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from ..layers.checkpointing import CheckpointedBlocks
 from ..layers.conv import ConvStem, PatchMerging
 from ..layers.rmt_block import RMTBlock
-from .image_classifier import ImageClassifier, PreTrainedImageClassifier, take_indices
-from .preset_config import PresetConfig, check_positive_int
+from .image_classifier import ImageClassifier, PreTrainedImageBackbone, PreTrainedImageClassifier, take_indices
+from .preset_config import BackboneConfig, check_positive_int
 
 # name -> the fields that differ from the defaults (the defaults are RMT-T)
 RMT_PRESETS: dict[str, dict[str, Any]] = {
@@ -64,7 +64,7 @@ RMT_PRESETS["rmt-tiny-32"] = {**RMT_PRESETS["rmt-tiny"], "in_channels": 3, "imag
 STAGE_FIELDS = ("dim_model", "num_layers", "num_heads", "heads_range", "ffn_ratio", "decomposed", "layer_scales")
 
 
-class RMTConfig(PresetConfig):
+class RMTConfig(BackboneConfig):
     """Configuration of :class:`RMTForImageClassification` (model_type ``"rmt"``).
 
     Each field of ``STAGE_FIELDS`` is a tuple with one entry per stage, in the library's names: ``dim_model`` (the
@@ -175,6 +175,7 @@ class RMTForImageClassification(ImageClassifier):
     _no_split_modules: ClassVar[list[str]] = ["RMTBlock"]  # the FSDP units (HF convention)
     config_class = RMTConfig
     pretrained_class = "PreTrainedRMT"
+    backbone_class = "RMTBackbone"
 
     def __init__(
         self, config: RMTConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -254,8 +255,7 @@ class RMTForImageClassification(ImageClassifier):
             self.stages[-1].downsample = None
             prune_head = True
         if prune_head:
-            self.reset_classifier(0)
-            self.proj = self.norm = None
+            self.proj, self.norm, self.head = None, None, nn.Identity()
         return take
 
     def _check(self, pixel_values: Tensor) -> None:
@@ -281,6 +281,13 @@ class RMTForImageClassification(ImageClassifier):
 
 class PreTrainedRMT(PreTrainedImageClassifier):
     """:class:`RMTForImageClassification` for transformers' Auto classes and pipelines."""
+
+    config_class = RMTConfig
+    classifier_class = RMTForImageClassification
+
+
+class RMTBackbone(PreTrainedImageBackbone):
+    """RMT's feature maps as transformers' backbone (``AutoBackbone``, UperNet's ``backbone_config``...)."""
 
     config_class = RMTConfig
     classifier_class = RMTForImageClassification

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..ops import MODES, check_chunk_size
-from .image_classifier import ImageClassifier, PreTrainedImageClassifier, take_indices
-from .preset_config import PresetConfig, check_heads, check_positive_int
+from .image_classifier import ImageClassifier, PreTrainedImageBackbone, PreTrainedImageClassifier, take_indices
+from .preset_config import BackboneConfig, check_heads, check_positive_int
 from .retnet import RetNet
 
 # name -> the fields that differ from the defaults
@@ -44,7 +44,7 @@ VIR_PRESETS: dict[str, dict[str, Any]] = {
 VIR_PRESETS["vir-tiny-32"] = {**VIR_PRESETS["vir-tiny"], "image_size": 32, "patch_size": 4, "in_channels": 3}
 
 
-class ViRConfig(PresetConfig):
+class ViRConfig(BackboneConfig):
     """Configuration of :class:`ViRForImageClassification` (model_type ``"vir"``).
 
     Fields in the library's names: ``dim_model``, ``num_layers``, ``num_heads``, and ``ffn_ratio`` for the FFN
@@ -85,6 +85,11 @@ class ViRConfig(PresetConfig):
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_stages(self) -> int:
+        """The backbone's stages (``stage_names`` after the stem): its blocks, as for transformers' ViTs (DINOv2)."""
+        return self.num_layers
+
+    @property
     def ffn_dim(self) -> int:
         """The FFN hidden width, round(ffn_ratio * d), as the backbone builds it."""
         return round(self.ffn_ratio * self.dim_model)
@@ -119,6 +124,7 @@ class ViRForImageClassification(ImageClassifier):
     _no_split_modules: ClassVar[list[str]] = ["RetNetBlock"]  # the FSDP units (HF convention)
     config_class = ViRConfig
     pretrained_class = "PreTrainedViR"
+    backbone_class = "ViRBackbone"
     output_fmts = ("NCHW", "NLC")
 
     def __init__(
@@ -128,7 +134,8 @@ class ViRForImageClassification(ImageClassifier):
         c, kw = config, {"device": device, "dtype": dtype}
         self.patch_embed = nn.Conv2d(c.in_channels, c.dim_model, c.patch_size, c.patch_size, **kw)
         self.pos_embed = nn.Parameter(torch.empty(1, c.num_patches, c.dim_model, **kw))
-        self.cls_token = nn.Parameter(torch.empty(1, 1, c.dim_model, **kw))
+        # the class token: None once prune_intermediate_layers removes the classifier (the patches never read it)
+        self.cls_token: nn.Parameter | None = nn.Parameter(torch.empty(1, 1, c.dim_model, **kw))
         self.backbone = RetNet.from_options(
             c.num_layers,
             c.num_heads,
@@ -154,7 +161,8 @@ class ViRForImageClassification(ImageClassifier):
             nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def embed(self, pixel_values: Tensor) -> Tensor:
-        """Images (B, C, S, S) -> tokens (B, num_patches + 1, d): patches + position, then the class token."""
+        """Images (B, C, S, S) -> tokens (B, num_patches + 1, d): patches + position, then the class token (where
+        the classifier has not been pruned)."""
         c = self.config
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(
@@ -163,6 +171,8 @@ class ViRForImageClassification(ImageClassifier):
             )
         x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # (B, N, d), raster order
         x = x + self.pos_embed
+        if self.cls_token is None:
+            return x
         return torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)  # (B, N + 1, d)
 
     def forward_features(
@@ -229,6 +239,11 @@ class ViRForImageClassification(ImageClassifier):
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, num_patches + 1, d) -> logits (B, num_classes) from the last (class) token, or with
         ``pre_logits`` that token (B, d)."""
+        if self.cls_token is None:
+            raise RuntimeError(
+                "the classifier was pruned (prune_intermediate_layers): this model gives feature maps alone, "
+                "through forward_intermediates"
+            )
         x = features[:, -1]
         return x if pre_logits else self.head(x)
 
@@ -252,8 +267,9 @@ class ViRForImageClassification(ImageClassifier):
     def feature_map(self, hidden: Tensor, norm: bool = False) -> Tensor:
         """Tokens (B, num_patches + 1, d) -> the patches as a map (B, d, S / patch_size, S / patch_size) (the class
         token left out), with the final norm if ``norm``."""
-        side = self.config.image_size // self.config.patch_size
-        return (self.backbone.norm(hidden) if norm else hidden)[:, :-1].mT.unflatten(2, (side, side))
+        c = self.config
+        patches = (self.backbone.norm(hidden) if norm else hidden)[:, : c.num_patches]  # (B, N, d)
+        return patches.mT.unflatten(2, (c.image_size // c.patch_size,) * 2)
 
     def normalize(self, features: Tensor) -> Tensor:
         return self.backbone.norm(features)
@@ -261,17 +277,26 @@ class ViRForImageClassification(ImageClassifier):
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
+        """Here the classifier is the head and the class token it reads: causal, the patches never read the class
+        token (last), so their maps stay the same without it. See :meth:`ImageClassifier.prune_intermediate_layers`."""
         take = take_indices(self.backbone.num_layers, indices)
         self.backbone.blocks = self.backbone.blocks[: max(take) + 1]
         if prune_norm:
             self.backbone.norm = nn.Identity()
         if prune_head:
-            self.reset_classifier(0)
+            self.cls_token, self.head = None, nn.Identity()
         return take
 
 
 class PreTrainedViR(PreTrainedImageClassifier):
     """:class:`ViRForImageClassification` for transformers' Auto classes and pipelines."""
+
+    config_class = ViRConfig
+    classifier_class = ViRForImageClassification
+
+
+class ViRBackbone(PreTrainedImageBackbone):
+    """ViR's feature maps as transformers' backbone (``AutoBackbone``, UperNet's ``backbone_config``...)."""
 
     config_class = ViRConfig
     classifier_class = ViRForImageClassification

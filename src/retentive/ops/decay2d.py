@@ -20,13 +20,14 @@ def rmt_log_gamma(num_heads: int, initial_value: float = 2.0, heads_range: float
         initial_value: the exponent of the first head (the official code uses 2 at every stage).
         heads_range: how far the exponent grows across the heads of a stage (4 to 6 officially).
     Returns:
-        (H,) float64, all negative.
+        (H,) float64, all negative, on the CPU even under a meta-device context (as transformers' from_pretrained
+        builds models): a constant the layers hold, not a buffer, that no state dict fills.
     """
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
     if initial_value <= 0 or heads_range < 0:
         raise ValueError(f"need initial_value > 0 and heads_range >= 0, got {initial_value} and {heads_range}")
-    h = torch.arange(num_heads, dtype=torch.float64)
+    h = torch.arange(num_heads, dtype=torch.float64, device="cpu")
     return torch.log1p(-torch.pow(2.0, -(initial_value + heads_range * h / num_heads)))
 
 
