@@ -136,7 +136,8 @@ class RetNet(CheckpointedBlocks, nn.Module):
             raise ValueError(f"depth must be an integer from 1 to num_layers ({self.num_layers}), got {depth!r}")
         blocks = self.blocks if depth is None else self.blocks[:depth]
         if state is not None and len(state) != len(blocks):
-            raise ValueError(f"state must hold one RetentionState per block run ({len(blocks)}), got {len(state)}")
+            at = "" if depth is None else f" at depth {depth}"
+            raise ValueError(f"state must hold one RetentionState per block ({len(blocks)}{at}), got {len(state)}")
         decoding = form.steps_one_token(x) and state is not None and return_state and padding_mask is None
         decoding = decoding and hidden_states is None and starts is None and depth is None
         if decoding and not (self.training or torch.is_grad_enabled()):
