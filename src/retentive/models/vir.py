@@ -265,8 +265,8 @@ class ViRForImageClassification(ImageClassifier):
         ]
 
     def feature_map(self, hidden: Tensor, norm: bool = False) -> Tensor:
-        """Tokens (B, num_patches + 1, d) -> the patches as a map (B, d, S / patch_size, S / patch_size) (the class
-        token left out), with the final norm if ``norm``."""
+        """Tokens (B, num_patches + 1, d), or (B, num_patches, d) once the class token is pruned -> the patches as a
+        map (B, d, S / patch_size, S / patch_size), with the final norm if ``norm``."""
         c = self.config
         patches = (self.backbone.norm(hidden) if norm else hidden)[:, : c.num_patches]  # (B, N, d)
         return patches.mT.unflatten(2, (c.image_size // c.patch_size,) * 2)
