@@ -169,3 +169,23 @@ def test_upernet_segments_on_our_backbone_trains_every_parameter_and_reloads(nam
     again = UperNetForSemanticSegmentation.from_pretrained(str(tmp_path / "upernet")).eval()
     assert type(again.backbone).__name__ == type(model.backbone).__name__
     torch.testing.assert_close(again(images).logits, model(images).logits)
+
+
+def test_detr_detects_on_rmts_last_stage() -> None:
+    """DETR (transformers' load_backbone, its batch norms frozen) on RMT's last stage: boxes, a loss, and a backward
+    pass that reaches every parameter that trains."""
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    torch.manual_seed(0)
+    config = DetrConfig(
+        backbone_config=rmt_config(out_indices=[4]), use_timm_backbone=False, use_pretrained_backbone=False,
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
+        num_labels=3,
+    )  # fmt: skip
+    model = DetrForObjectDetection(config)
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
+    with torch.enable_grad():
+        out = model(torch.randn(2, 3, 64, 64), labels=labels)
+        out.loss.backward()
+    assert out.logits.shape == (2, 10, 4) and out.pred_boxes.shape == (2, 10, 4) and out.loss.isfinite()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
