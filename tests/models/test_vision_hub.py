@@ -256,3 +256,24 @@ def test_rmt_hidden_states_are_the_stems_map_and_each_stages() -> None:
     torch.testing.assert_close(out.logits, model(images).logits)
     wrapped = PreTrainedRMT(config, model).eval()
     assert len(wrapped(images, output_hidden_states=True).hidden_states) == len(config.dim_model) + 1
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_auto_classes_build_and_load_the_models_in_a_process_that_imported_retentive(name: str, tmp_path: Path) -> None:
+    """Importing retentive registers the vision configs with AutoModelForImageClassification and AutoBackbone:
+    no trust_remote_code needed in the same process."""
+    from transformers import AutoBackbone, AutoModelForImageClassification
+
+    from retentive.models import PreTrainedRMT, PreTrainedViR, RMTBackbone, ViRBackbone
+
+    cls, config = MODELS[name]
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "saved"))
+    assert type(loaded) is {"rmt": PreTrainedRMT, "vir": PreTrainedViR}[name]
+    images = torch.randn(2, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, model(images).logits)
+    assert type(AutoModelForImageClassification.from_config(config)) is type(loaded)
+    assert type(AutoBackbone.from_config(config)) is {"rmt": RMTBackbone, "vir": ViRBackbone}[name]
