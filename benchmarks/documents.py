@@ -64,12 +64,12 @@ def scenes(limit: int | None = None, seed: int = 0) -> list[str]:
     return found[:limit]
 
 
-def train(name: str, folder: Path, out: Path, cfg: dict) -> subprocess.Popen:
+def train(name: str, folder: Path, out: Path, cfg: dict, seed: int) -> subprocess.Popen:
     """Start ``retentive train`` for the run ``name`` on one thread."""
     command = [
         sys.executable, "-m", "retentive.cli", "train", "--data", str(folder), "--out", str(out),
         "--preset", cfg["preset"], "--steps", str(cfg["steps"]), "--seq-len", str(cfg["seq_len"]),
-        "--batch-size", str(cfg["batch"]), "--val-fraction", "0", "--seed", "0", "--eval-interval",
+        "--batch-size", str(cfg["batch"]), "--val-fraction", "0", "--seed", str(seed), "--eval-interval",
         str(10 * cfg["steps"]), "--no-progress", *RUNS[name],
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -112,7 +112,8 @@ def markdown(env: dict, host: str, cfg: dict, counts: dict, results: dict) -> st
     )
     return (
         f"Command: `{env['command']}` ({host}; torch {env['versions']['torch']}; {env['date']}). {cfg['preset']}, "
-        f"{cfg['steps']:,} steps of {cfg['batch']} windows of {cfg['seq_len']} tokens; {counts['train']:,} training "
+        f"seed {cfg['seed']}, {cfg['steps']:,} steps of {cfg['batch']} windows of {cfg['seq_len']} tokens; "
+        f"{counts['train']:,} training "
         f"scenes, {counts['test']:,} held out. Mean loss per token (nats).\n\n{table}\n"
     )
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (what the test runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     parser.add_argument("--work", type=Path, default=Path("runs/documents"), help="where the runs are written")
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (the documents stay the same)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     started, host = time.time(), benchkit.machine()
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, text in enumerate(train_docs):  # read in the order of their names: the shuffled order
         (folder / f"{i:05d}.txt").write_text(text + "\n", encoding="utf-8")
     names = {name: args.work / ("documents" if RUNS[name] else "stream") for name in RUNS}
-    jobs = {name: train(name, folder, names[name], cfg) for name in RUNS}
+    jobs = {name: train(name, folder, names[name], cfg, args.seed) for name in RUNS}
     for name, job in jobs.items():
         log, _ = job.communicate()
         if job.returncode:
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: evaluate(names[name], held_out, cfg["seq_len"]) for name in RUNS}
     env = benchkit.environment("documents.py", started, args.quick, sys.argv[1:] if argv is None else argv)
     counts = {"train": len(train_docs), "test": len(held_out)}
-    text = markdown(env, host, cfg, counts, results)
+    text = markdown(env, host, cfg | {"seed": args.seed}, counts, results)
     benchkit.write_section(args.out, SECTION, text, name="documents")
     print(text)
 
