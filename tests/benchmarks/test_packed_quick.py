@@ -1,20 +1,14 @@
 """benchmarks/packed.py keeps working: a --quick run writes its table and states its claim."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "packed.py"
+from benchscript import load_script
 
 
 @pytest.fixture(scope="module")
 def packed():
-    spec = importlib.util.spec_from_file_location("bench_packed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("packed")
 
 
 def test_quick_run_writes_its_section_and_keeps_the_others(packed, tmp_path):

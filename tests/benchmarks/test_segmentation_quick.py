@@ -1,22 +1,16 @@
 """benchmarks/segmentation.py keeps working: its scenes carry the masks they claim, its scores are IoU and pixel
 accuracy, and a --quick run trains UperNet on each backbone and writes its table."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "segmentation.py"
+from benchscript import load_script
 
 
 @pytest.fixture(scope="module")
 def segmentation():
-    spec = importlib.util.spec_from_file_location("bench_segmentation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("segmentation")
 
 
 def test_scenes_label_each_items_ink_with_its_class(segmentation):

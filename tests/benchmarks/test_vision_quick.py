@@ -1,22 +1,16 @@
 """benchmarks/vision.py keeps working: a --quick run writes its table and plot, and MaSA costs more than MaSAD;
 benchmarks/vision_compare.py builds the models its table names and measures one."""
 
-import importlib.util
 import re
 import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vision.py"
+from benchscript import load_script
 
 
 @pytest.fixture(scope="module")
 def vision():
-    spec = importlib.util.spec_from_file_location("bench_vision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("vision")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory is read from /proc (Linux only)")
@@ -39,9 +33,7 @@ def test_quick_run_writes_its_section_and_plot(vision, tmp_path):
 
 
 def test_vision_compare_builds_the_models_of_the_table_and_measures_one():
-    spec = importlib.util.spec_from_file_location("vision_compare", SCRIPT.with_name("vision_compare.py"))
-    vision_compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vision_compare)
+    vision_compare = load_script("vision_compare")
     counts = {
         name: sum(p.numel() for p in vision_compare.build(name, 224).parameters()) for name in vision_compare.MODELS
     }
